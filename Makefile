@@ -1,0 +1,45 @@
+# The README's two commands for a fresh machine: `make demo` and `make test`.
+PY      ?= python3
+VENV    ?= .venv
+BIN     := $(VENV)/bin
+PIP     := $(BIN)/python -m pip
+STAMP   := $(VENV)/.imgrec-installed
+FMNIST  := /usr/share/datasets/fashion-mnist
+RUN     ?= runs/demo
+
+.PHONY: setup data demo test test-fast bench fuzz clean
+
+setup: $(STAMP)
+
+# torch/torchvision are pinned in constraints.txt; pip takes them from the local wheel cache here.
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q -c constraints.txt torch torchvision
+	$(PIP) install -q -c constraints.txt -e '.[serve,report,export,dev]'
+	touch $(STAMP)
+
+# Fashion-MNIST from Debian's package when it is missing and apt is available;
+# elsewhere imgrec downloads it with torchvision's downloader on first use.
+data:
+	@if [ ! -e $(FMNIST)/train-images-idx3-ubyte.gz ] && command -v apt-get >/dev/null 2>&1; then \
+	  (apt-get install -y -qq dataset-fashion-mnist >/dev/null 2>&1 || \
+	   (apt-get update -qq >/dev/null 2>&1 && apt-get install -y -qq dataset-fashion-mnist >/dev/null 2>&1)) || \
+	  echo "note: could not install dataset-fashion-mnist with apt; imgrec will try to download it"; \
+	fi
+
+demo: setup data
+	$(BIN)/imgrec train --data fashion-mnist --out $(RUN) --overwrite
+	$(BIN)/imgrec eval --model $(RUN) --data fashion-mnist --split test
+	$(BIN)/imgrec export-samples --data fashion-mnist --split test --count 4 --out $(RUN)/samples
+	$(BIN)/imgrec predict --model $(RUN) $(RUN)/samples --top-k 3
+
+test: setup data
+	$(BIN)/python -m pytest -q -x --timeout=900
+
+bench: setup data
+	$(BIN)/python benchmarks/time_to_accuracy.py
+	$(BIN)/python benchmarks/throughput.py
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

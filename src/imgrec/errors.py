@@ -1,0 +1,26 @@
+"""The error types imgrec raises for bad input. The CLI prints them as one line; HTTP turns them into 4xx."""
+
+
+class ImgrecError(Exception):
+    """Base class: a problem with the user's input, files or settings (not a bug in imgrec)."""
+
+
+class ImageDecodeError(ImgrecError, ValueError):
+    """The bytes are not a usable image. ``reason`` says why; ``source`` names the file when known."""
+
+    def __init__(self, reason: str, source: str | None = None):
+        self.reason = reason
+        self.source = source
+        super().__init__(f"{source}: {reason}" if source else reason)
+
+
+class DatasetError(ImgrecError):
+    """A dataset cannot be found or read (missing files, bad IDX header, bad CSV row, empty class folder)."""
+
+
+class ModelFileError(ImgrecError):
+    """A model directory, weights file or checkpoint is missing, corrupt, unsafe or does not match."""
+
+
+class ConfigError(ImgrecError):
+    """An option or configuration value is invalid."""

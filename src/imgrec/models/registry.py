@@ -1,0 +1,70 @@
+"""One registry, one factory (torchvision's ``register_model``/``get_model``; raises on duplicates)."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch.nn as nn
+
+from imgrec.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    name: str
+    fn: Callable[..., nn.Module]
+    default_image_size: int          # pixels, square
+    pretrained: str | None = None    # torchvision weights enum name usable with --pretrained, or None
+    family: str = "cnn"              # "cnn" or "vit": tells explain which method fits
+    description: str = ""
+    tags: tuple[str, ...] = field(default_factory=tuple)
+
+
+_REGISTRY: dict[str, ModelInfo] = {}
+
+
+def register_model(name: str, *, default_image_size: int = 32, pretrained: str | None = None,
+                   family: str = "cnn", description: str = ""):
+    """Decorator: register ``fn(num_classes, in_chans, image_size, **kwargs) -> nn.Module`` under ``name``."""
+
+    def wrap(fn):
+        if name in _REGISTRY:
+            raise ValueError(f"model {name!r} is already registered")
+        _REGISTRY[name] = ModelInfo(name, fn, default_image_size, pretrained, family,
+                                    description or (fn.__doc__ or "").strip().splitlines()[0] if fn.__doc__ else description)
+        return fn
+
+    return wrap
+
+
+def list_models() -> list[str]:
+    _ensure_loaded()
+    return sorted(_REGISTRY)
+
+
+def model_info(name: str) -> ModelInfo:
+    _ensure_loaded()
+    if name not in _REGISTRY:
+        raise ConfigError(f"unknown model {name!r}; choose one of: {', '.join(sorted(_REGISTRY))}")
+    return _REGISTRY[name]
+
+
+def create_model(name: str, num_classes: int = 10, in_chans: int = 3, image_size: int | None = None,
+                 **kwargs) -> nn.Module:
+    """Build a registered model for ``num_classes`` classes, ``in_chans`` (1 or 3) channels and square ``image_size``."""
+    info = model_info(name)
+    if in_chans not in (1, 3):
+        raise ConfigError(f"in_chans must be 1 or 3, got {in_chans}")
+    if num_classes < 1:
+        raise ConfigError(f"num_classes must be at least 1, got {num_classes}")
+    size = int(image_size or info.default_image_size)
+    if not 16 <= size <= 512:
+        raise ConfigError(f"image_size must be between 16 and 512, got {size}")
+    return info.fn(num_classes=num_classes, in_chans=in_chans, image_size=size, **kwargs)
+
+
+def _ensure_loaded() -> None:
+    # Importing the model modules runs their @register_model decorators.
+    import imgrec.models.small  # noqa: F401
+    import imgrec.models.zoo  # noqa: F401
+    import imgrec.models.fast  # noqa: F401
