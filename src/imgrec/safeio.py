@@ -1,0 +1,251 @@
+"""Safe, crash-proof file I/O for weights, checkpoints and metadata.
+
+Two rules from ../shared/reliability.md live here so that every writer and reader follows them:
+- nothing is unpickled: tensors go through safetensors, or ``torch.load(weights_only=True)`` for
+  foreign ``.pt``/``.pth`` files, which refuses pickles that carry code;
+- nothing half-written ever replaces a good file: write to a temporary file in the same folder,
+  fsync it, then ``os.replace`` it over the target (and fsync the folder so the rename survives a crash).
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import torch
+
+from imgrec.errors import ModelFileError
+
+
+# ----------------------------------------------------------------------------------------------
+# atomic writes
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path in the same folder as ``path``; on success fsync and rename it into place."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp = Path(tmp)
+    try:
+        yield tmp
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        _fsync_dir(path.parent)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2, sort_keys=False, default=_json_default) + "\n")
+
+
+def _json_default(o):
+    if isinstance(o, Path):
+        return str(o)
+    if isinstance(o, torch.Tensor):
+        return o.tolist()
+    if hasattr(o, "item"):
+        return o.item()
+    raise TypeError(f"cannot write {type(o).__name__} as JSON")
+
+
+def _fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def check_writable(folder: str | os.PathLike, need_bytes: int = 0) -> None:
+    """Fail early (before training) when ``folder`` cannot be created or written, or the disk is full."""
+    folder = Path(folder)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=folder, prefix=".imgrec-write-test-"):
+            pass
+    except OSError as e:
+        raise ModelFileError(f"{folder}: output folder is not writable ({e.strerror or e})") from None
+    if need_bytes:
+        st = os.statvfs(folder)
+        free = st.f_bavail * st.f_frsize
+        if free < need_bytes:
+            raise ModelFileError(f"{folder}: not enough free disk space ({free >> 20} MiB free, "
+                                 f"about {need_bytes >> 20} MiB needed)")
+
+
+# ----------------------------------------------------------------------------------------------
+# weights
+def save_weights(path: str | os.PathLike, state: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
+    """Write a flat state dict as safetensors, atomically. Shared/aliased tensors are cloned."""
+    from safetensors.torch import save_file
+
+    clean = {k: v.detach().to("cpu").contiguous().clone() for k, v in state.items()}
+    with atomic_path(path) as tmp:
+        save_file(clean, str(tmp), metadata=metadata)
+
+
+def load_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Read a state dict without running any code: safetensors, or torch.load(weights_only=True).
+
+    A pickle that carries code is refused by ``weights_only=True`` before its payload can run.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ModelFileError(f"{path}: weights file not found")
+    with open(path, "rb") as f:
+        head = f.read(16)
+    if len(head) == 0:
+        raise ModelFileError(f"{path}: weights file is empty")
+    if _looks_like_safetensors(path, head):
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+        try:
+            return load_file(str(path))
+        except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+            raise ModelFileError(f"{path}: corrupt or truncated safetensors file ({_first_line(e)})") from None
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises UnpicklingError, RuntimeError, EOFError ... for bad files
+        msg = _first_line(e)
+        if "weights_only" in msg or "Unsupported global" in msg or "GLOBAL" in msg:
+            raise ModelFileError(f"{path}: refused: the file is a pickle that is not plain weights "
+                                 f"(it may carry code); only safetensors or plain state dicts are loaded") from None
+        raise ModelFileError(f"{path}: not a readable weights file ({msg})") from None
+    if isinstance(obj, dict) and "state_dict" in obj and isinstance(obj["state_dict"], dict):
+        obj = obj["state_dict"]
+    elif isinstance(obj, dict) and "model" in obj and isinstance(obj["model"], dict):
+        obj = obj["model"]
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise ModelFileError(f"{path}: does not hold a state dict of tensors")
+    return obj
+
+
+def _looks_like_safetensors(path: Path, head: bytes) -> bool:
+    # safetensors starts with an 8-byte little-endian header length followed by '{'.
+    if path.suffix == ".safetensors":
+        return True
+    return len(head) > 8 and head[8:9] == b"{"
+
+
+def _first_line(e: BaseException) -> str:
+    s = str(e).strip().splitlines()
+    return s[0][:300] if s else type(e).__name__
+
+
+def load_state_dict_strict(model: torch.nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
+    """``load_state_dict(strict=True)`` with an error that names the mismatch instead of a page of text."""
+    own = model.state_dict()
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    shapes = [f"{k} {tuple(state[k].shape)} vs model {tuple(own[k].shape)}"
+              for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
+    if missing or unexpected or shapes:
+        parts = []
+        if shapes:
+            parts.append(f"{len(shapes)} shape mismatch(es), e.g. {shapes[0]}")
+        if missing:
+            parts.append(f"{len(missing)} missing key(s), e.g. {missing[0]}")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected key(s), e.g. {unexpected[0]}")
+        raise ModelFileError(f"{source}: weights do not match the model ({'; '.join(parts)})")
+    model.load_state_dict(state, strict=True)
+
+
+# ----------------------------------------------------------------------------------------------
+# nested training state (optimizer, scheduler, RNG...) in one safetensors file, no pickle
+def save_tree(path: str | os.PathLike, tree: Any) -> None:
+    """Save nested dicts/lists/tuples of tensors, numbers, strings, bools and None as safetensors.
+
+    Tensors are stored as tensors; the structure around them travels as JSON in the file's metadata.
+    This replaces ``torch.save`` for checkpoints so that resuming never unpickles anything.
+    """
+    tensors: dict[str, torch.Tensor] = {}
+
+    def enc(x):
+        if isinstance(x, torch.Tensor):
+            key = f"t{len(tensors)}"
+            tensors[key] = x.detach().to("cpu").contiguous().clone()
+            return {"__tensor__": key}
+        if isinstance(x, dict):
+            if all(isinstance(k, str) for k in x):
+                return {"__dict__": {k: enc(v) for k, v in x.items()}}
+            return {"__kvdict__": [[enc(k), enc(v)] for k, v in x.items()]}
+        if isinstance(x, tuple):
+            return {"__tuple__": [enc(v) for v in x]}
+        if isinstance(x, list):
+            return [enc(v) for v in x]
+        if isinstance(x, (bool, int, float, str)) or x is None:
+            return x
+        if hasattr(x, "tolist") and hasattr(x, "dtype"):  # numpy arrays and scalars
+            return {"__tensor__": enc(torch.as_tensor(x))["__tensor__"], "__numpy__": True}
+        raise TypeError(f"cannot store {type(x).__name__} in a checkpoint")
+
+    structure = json.dumps(enc(tree))
+    from safetensors.torch import save_file
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata={"imgrec_tree": structure})
+
+
+def load_tree(path: str | os.PathLike) -> Any:
+    """Inverse of :func:`save_tree`."""
+    from safetensors import SafetensorError, safe_open
+
+    path = Path(path)
+    if not path.is_file():
+        raise ModelFileError(f"{path}: checkpoint not found")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        raise ModelFileError(f"{path}: corrupt or truncated checkpoint ({_first_line(e)})") from None
+    if "imgrec_tree" not in meta:
+        raise ModelFileError(f"{path}: not an imgrec checkpoint")
+
+    def dec(x):
+        if isinstance(x, list):
+            return [dec(v) for v in x]
+        if isinstance(x, dict):
+            if "__tensor__" in x:
+                t = tensors[x["__tensor__"]]
+                return t.numpy() if x.get("__numpy__") else t
+            if "__dict__" in x:
+                return {k: dec(v) for k, v in x["__dict__"].items()}
+            if "__kvdict__" in x:
+                return {_hashable(dec(k)): dec(v) for k, v in x["__kvdict__"]}
+            if "__tuple__" in x:
+                return tuple(dec(v) for v in x["__tuple__"])
+        return x
+
+    try:
+        return dec(json.loads(meta["imgrec_tree"]))
+    except (KeyError, ValueError) as e:
+        raise ModelFileError(f"{path}: corrupt checkpoint structure ({_first_line(e)})") from None
+
+
+def _hashable(x):
+    return tuple(x) if isinstance(x, list) else x
+
+
+Writer = Callable[[Path], None]
