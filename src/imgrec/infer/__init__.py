@@ -1,0 +1,3 @@
+from imgrec.infer.predictor import Classifier
+
+__all__ = ["Classifier"]

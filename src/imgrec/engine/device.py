@@ -1,0 +1,65 @@
+"""Device, precision and thread choices: what runs fast where."""
+from __future__ import annotations
+
+import functools
+import os
+
+import torch
+
+from imgrec.errors import ConfigError
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"unknown device {name!r} (use auto, cpu, cuda, cuda:N or mps)") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device cuda requested but no CUDA GPU is available")
+    if dev.type == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise ConfigError("device mps requested but MPS is not available")
+    return dev
+
+
+@functools.lru_cache(maxsize=None)
+def cpu_has_fast_bf16() -> bool:
+    """True on CPUs with bf16 matrix instructions (AMX or AVX512-BF16), where bf16 autocast pays off.
+
+    Without them PyTorch emulates bf16 and autocast is slower than fp32, so imgrec stays in fp32.
+    """
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = f.read()
+        return "amx_bf16" in flags or "avx512_bf16" in flags
+    except OSError:
+        return False
+
+
+def amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype for ``amp`` (auto | bf16 | fp16 | none) on ``device``, or None for fp32."""
+    if amp == "none":
+        return None
+    if device.type == "cuda":
+        if amp == "fp16":
+            return torch.float16
+        if amp == "bf16" or torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        return torch.float16
+    if device.type == "mps":
+        return torch.float16 if amp in ("auto", "fp16") else torch.bfloat16
+    if amp == "fp16":
+        raise ConfigError("fp16 autocast is not supported on the CPU; use --amp bf16 or none")
+    if amp == "bf16":
+        return torch.bfloat16
+    return torch.bfloat16 if cpu_has_fast_bf16() else None
+
+
+def set_threads(threads: int | None) -> None:
+    n = threads or len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (threads or os.cpu_count() or 1)
+    torch.set_num_threads(max(1, int(n)))

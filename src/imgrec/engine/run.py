@@ -1,0 +1,154 @@
+"""``imgrec train`` as a library call: data → model → Trainer → run directory, then the final test number."""
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from imgrec.config import RunConfig, load_yaml, validate
+from imgrec.data.loader import BatchLoader, DataBundle, load_data
+from imgrec.engine.callbacks import CSVLogger, EarlyStopping, ProgressBar
+from imgrec.engine.checkpoint import CHECKPOINT_NAME, META_NAME, write_meta
+from imgrec.engine.device import amp_dtype, pick_device, set_threads
+from imgrec.engine.trainer import Trainer, seed_everything
+from imgrec.errors import ConfigError
+from imgrec.safeio import atomic_write_text, check_writable
+
+
+def resolve_config(recipe: str | None = None, config_file: str | None = None, overrides: dict | None = None,
+                   model_given: bool = False) -> RunConfig:
+    """Defaults ← recipe ← config file ← command line. Without --model the default recipe ("fast") applies."""
+    from imgrec.models.fast import RECIPES
+
+    cfg = RunConfig()
+    file_cfg = load_yaml(config_file) if config_file else {}
+    recipe = recipe or file_cfg.get("recipe")
+    overrides = dict(overrides or {})
+    if recipe is None and not model_given and "name" not in (file_cfg.get("model") or {}):
+        recipe = "fast"
+    if recipe is not None:
+        if recipe not in RECIPES:
+            raise ConfigError(f"unknown recipe {recipe!r}; choose one of: {', '.join(RECIPES)}")
+        cfg.update(RECIPES[recipe], source=f"recipe {recipe}")
+        cfg.recipe = recipe
+    cfg.update(file_cfg, source=str(config_file))
+    cfg.update(overrides, source="command line")
+    validate(cfg)
+    return cfg
+
+
+def build_loaders(bundle: DataBundle, cfg: RunConfig, device: torch.device, channels_last: bool):
+    t = cfg.train
+    pad = t.crop_padding if t.crop_padding is not None else max(1, bundle.image_size // 14)
+    flip = bundle.flip if t.flip is None else t.flip
+    n = len(bundle.train)
+    train = BatchLoader(bundle.train, t.batch_size, bundle.mean, bundle.std, shuffle=True, crop_padding=pad,
+                        flip=flip, drop_last=n >= 4 * t.batch_size, seed=t.seed, device=device,
+                        channels_last=channels_last)
+    val = BatchLoader(bundle.val, t.eval_batch_size, bundle.mean, bundle.std, device=device,
+                      channels_last=channels_last)
+    return train, val
+
+
+def model_meta(bundle: DataBundle, cfg: RunConfig, model_kwargs: dict) -> dict:
+    return {
+        "model": {"name": cfg.model.name, "kwargs": model_kwargs},
+        "classes": bundle.classes, "image_size": bundle.image_size, "channels": bundle.channels,
+        "mean": bundle.mean, "std": bundle.std,
+        "inference": {"tta_flip": bool(cfg.train.tta_flip)},
+        "data": {"name": bundle.name, "source": cfg.data.data, "counts": bundle.counts,
+                 "val_split": cfg.data.val_split, "split_seed": cfg.data.split_seed},
+        "config": cfg.to_dict(),
+    }
+
+
+def train(cfg: RunConfig, out: str | Path, *, resume: bool = False, overwrite: bool = False,
+          progress: bool = True, evaluate_test: bool = True) -> dict:
+    """Train per ``cfg`` into run directory ``out``; returns a summary (best val accuracy, test accuracy, times)."""
+    t_start = time.perf_counter()
+    out = Path(out)
+    if resume:
+        if not (out / CHECKPOINT_NAME).is_file():
+            raise ConfigError(f"{out}: nothing to resume (no {CHECKPOINT_NAME})")
+        saved = RunConfig.from_dict(load_yaml(out / "config.yaml"))
+        if cfg.train.epochs != saved.train.epochs and cfg.train.epochs > saved.train.epochs:
+            saved.train.epochs = cfg.train.epochs  # resuming may extend a run, nothing else changes
+        cfg = saved
+    elif out.exists() and any((out / n).exists() for n in (META_NAME, CHECKPOINT_NAME, "config.yaml")):
+        if not overwrite:
+            raise ConfigError(f"{out}: already holds a run; use --resume to continue it or --overwrite to replace it")
+        for n in (META_NAME, CHECKPOINT_NAME, "config.yaml", "metrics.csv", "best.safetensors", "last.safetensors"):
+            (out / n).unlink(missing_ok=True)
+    check_writable(out, need_bytes=64 << 20)
+
+    t = cfg.train
+    set_threads(t.threads)
+    seed_everything(t.seed, t.deterministic)
+    device = pick_device(t.device)
+    amp = amp_dtype(t.amp, device)
+
+    d = cfg.data
+    bundle = load_data(d.data, image_size=d.image_size, channels=d.channels, val_split=d.val_split,
+                       split_seed=d.split_seed, data_dir=d.data_dir, on_bad_image=d.on_bad_image, progress=progress)
+    d.image_size, d.channels = bundle.image_size, bundle.channels
+    if d.train_limit:
+        bundle.train = bundle.train.subset(torch.arange(min(int(d.train_limit), len(bundle.train))))
+        bundle.counts["train"] = torch.bincount(bundle.train.labels, minlength=len(bundle.classes)).tolist()
+
+    from imgrec.models import create_model, model_info
+    info = model_info(cfg.model.name)
+    model_kwargs = {"num_classes": len(bundle.classes), "in_chans": bundle.channels,
+                    "image_size": bundle.image_size, **cfg.model.kwargs}
+    torch.manual_seed(t.seed)
+    model = create_model(cfg.model.name, **model_kwargs)
+    if (cfg.model.pretrained or cfg.model.weights) and not resume:
+        from imgrec.models.pretrained import load_pretrained
+        report = load_pretrained(model, cfg.model.name, pretrained=cfg.model.pretrained, weights_file=cfg.model.weights)
+        if progress:
+            print(f"initial weights: {report}", file=sys.stderr)
+    if cfg.model.freeze_backbone:
+        from imgrec.models.pretrained import freeze_backbone
+        freeze_backbone(model)
+    channels_last = info.family != "vit" if t.channels_last is None else bool(t.channels_last)
+
+    train_loader, val_loader = build_loaders(bundle, cfg, device, channels_last)
+    meta = model_meta(bundle, cfg, model_kwargs)
+
+    def on_save(tr: Trainer) -> None:
+        best = tr.history[tr.best_epoch] if tr.best_epoch >= 0 else {}
+        write_meta(out, {**meta, "metrics": {"best_epoch": tr.best_epoch + 1, "val_acc": best.get("val_acc"),
+                                             "val_loss": best.get("val_loss"), "epochs_run": len(tr.history)},
+                         "train_time_s": round(tr.train_time_s, 3)})
+
+    callbacks = [ProgressBar(enabled=progress), CSVLogger(out / "metrics.csv")]
+    if t.patience:
+        callbacks.append(EarlyStopping(t.patience))
+    trainer = Trainer(model, t, train_loader, val_loader, device=device, amp=amp, channels_last=channels_last,
+                      run_dir=out, callbacks=callbacks, on_save=on_save)
+    if resume:
+        trainer.resume()
+        if progress:
+            print(f"resuming {out} at epoch {trainer.epoch + 1}, step {trainer.start_step}", file=sys.stderr)
+    else:
+        atomic_write_text(out / "config.yaml", cfg.to_yaml())
+    trainer.fit()
+
+    summary = {"run": str(out), "model": cfg.model.name, "epochs_run": len(trainer.history),
+               "best_epoch": trainer.best_epoch + 1, "val_acc": trainer.best_acc, "train_time_s": trainer.train_time_s}
+    if evaluate_test and bundle.test is not None:
+        # the test split is looked at once, at the end, with the best-on-validation weights
+        from imgrec.infer.predictor import Classifier
+        clf = Classifier.load(out, device=str(device), amp=t.amp)
+        res = clf.evaluate(bundle.test.images, bundle.test.labels)
+        summary.update(test_acc=res["top1"], test_top5=res["top5"], test_n=res["n"])
+        on_save(trainer)
+        from imgrec.engine.checkpoint import read_meta
+        m = read_meta(out)
+        m["metrics"].update(test_acc=res["top1"], test_top5=res["top5"])
+        write_meta(out, {k: v for k, v in m.items() if k not in ("format", "format_version", "imgrec_version", "weights")})
+    summary["wall_time_s"] = time.perf_counter() - t_start
+    return summary
+
+

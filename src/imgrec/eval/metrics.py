@@ -1,0 +1,70 @@
+"""Classification metrics as pure tensor functions (checked against scikit-learn in the tests)."""
+from __future__ import annotations
+
+import torch
+
+
+def confusion_matrix(pred: torch.Tensor, target: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """K×K counts; row = true class, column = predicted class."""
+    idx = target.long() * num_classes + pred.long()
+    return torch.bincount(idx, minlength=num_classes * num_classes).reshape(num_classes, num_classes)
+
+
+def topk_accuracy(logits: torch.Tensor, target: torch.Tensor, k: int) -> float:
+    """Fraction of samples whose true class is among the ``k`` highest logits (k is capped at K)."""
+    k = min(k, logits.shape[1])
+    top = logits.topk(k, dim=1).indices
+    return (top == target[:, None]).any(dim=1).float().mean().item()
+
+
+def per_class_prf(cm: torch.Tensor) -> dict[str, list[float]]:
+    """Per-class precision, recall, F1 and support from a confusion matrix (0 where undefined, as sklearn)."""
+    cm = cm.double()
+    tp = cm.diag()
+    pred_n, true_n = cm.sum(0), cm.sum(1)
+    precision = torch.where(pred_n > 0, tp / pred_n.clamp_min(1), torch.zeros_like(tp))
+    recall = torch.where(true_n > 0, tp / true_n.clamp_min(1), torch.zeros_like(tp))
+    denom = precision + recall
+    f1 = torch.where(denom > 0, 2 * precision * recall / denom.clamp_min(1e-12), torch.zeros_like(tp))
+    return {"precision": precision.tolist(), "recall": recall.tolist(), "f1": f1.tolist(),
+            "support": true_n.long().tolist()}
+
+
+def expected_calibration_error(probs: torch.Tensor, target: torch.Tensor, n_bins: int = 15) -> dict:
+    """ECE with equal-width confidence bins (Guo et al. 2017); also returns the per-bin table for a diagram."""
+    conf, pred = probs.max(dim=1)
+    correct = (pred == target).double()
+    conf = conf.double()
+    edges = torch.linspace(0, 1, n_bins + 1, dtype=torch.float64)
+    # bin i holds confidences in (edges[i], edges[i+1]]; a confidence of exactly 0 goes to bin 0
+    b = torch.clamp(torch.bucketize(conf, edges, right=False) - 1, 0, n_bins - 1)
+    n = len(conf)
+    count = torch.bincount(b, minlength=n_bins).double()
+    sum_conf = torch.zeros(n_bins, dtype=torch.float64).index_add_(0, b, conf)
+    sum_acc = torch.zeros(n_bins, dtype=torch.float64).index_add_(0, b, correct)
+    safe = count.clamp_min(1)
+    ece = (torch.abs(sum_acc - sum_conf).sum() / max(n, 1)).item()
+    return {"ece": ece, "bins": {"lower": edges[:-1].tolist(), "upper": edges[1:].tolist(), "count": count.long().tolist(),
+                                 "confidence": (sum_conf / safe).tolist(), "accuracy": (sum_acc / safe).tolist()}}
+
+
+def summarize(logits: torch.Tensor, target: torch.Tensor, classes: list[str], top_k: int = 5) -> dict:
+    """Everything ``imgrec eval`` reports: top-1/top-k accuracy, per-class P/R/F1/support, confusion matrix."""
+    k = len(classes)
+    logits = logits.float()
+    pred = logits.argmax(1)
+    cm = confusion_matrix(pred, target, k)
+    prf = per_class_prf(cm)
+    n = int(target.numel())
+    top1 = topk_accuracy(logits, target, 1)
+    return {
+        "n": n,
+        "top1": top1,
+        f"top{top_k}": topk_accuracy(logits, target, top_k),
+        "loss": torch.nn.functional.cross_entropy(logits, target).item() if n else float("nan"),
+        "macro_f1": float(sum(prf["f1"]) / k),
+        "classes": list(classes),
+        "per_class": [{"class": c, "precision": prf["precision"][i], "recall": prf["recall"][i], "f1": prf["f1"][i],
+                       "support": prf["support"][i]} for i, c in enumerate(classes)],
+        "confusion_matrix": cm.tolist(),
+    }

@@ -1,0 +1,75 @@
+"""Shared fixtures: small real data from Fashion-MNIST, and one small trained model for the read-only tests."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+FMNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _isolated_cache(tmp_path_factory):
+    # tests never touch the user's cache or the network
+    cache = tmp_path_factory.mktemp("xdg-cache")
+    old = {k: os.environ.get(k) for k in ("XDG_CACHE_HOME", "IMGREC_OFFLINE", "MPLBACKEND")}
+    os.environ["XDG_CACHE_HOME"] = str(cache)
+    os.environ["IMGREC_OFFLINE"] = "1"
+    os.environ["MPLBACKEND"] = "Agg"
+    yield
+    for k, v in old.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+@pytest.fixture(scope="session")
+def fmnist_arrays():
+    """(train_x, train_y, test_x, test_y) numpy arrays of the real Fashion-MNIST."""
+    from imgrec.data.datasets import load_named
+    if not (FMNIST_DIR / "train-images-idx3-ubyte.gz").exists():
+        pytest.fail("Fashion-MNIST is missing: run `apt-get install dataset-fashion-mnist` (make test does)")
+    x, y = load_named("fashion-mnist", "train")
+    xt, yt = load_named("fashion-mnist", "test")
+    return x, y, xt, yt
+
+
+def write_image_folder(root: Path, x: np.ndarray, y: np.ndarray, classes, per_class: int, offset: int = 0,
+                       fmt_cycle=("png", "jpg")) -> Path:
+    """An ImageFolder tree of real Fashion-MNIST images, alternating PNG and JPEG files."""
+    from PIL import Image
+    root.mkdir(parents=True, exist_ok=True)
+    for c, name in enumerate(classes):
+        d = root / name
+        d.mkdir(exist_ok=True)
+        idx = np.nonzero(y == c)[0][offset:offset + per_class]
+        for j, i in enumerate(idx):
+            fmt = fmt_cycle[j % len(fmt_cycle)]
+            Image.fromarray(x[i]).save(d / f"{i}.{fmt}", quality=95) if fmt == "jpg" else \
+                Image.fromarray(x[i]).save(d / f"{i}.{fmt}")
+    return root
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory, fmnist_arrays):
+    """A simple_cnn trained briefly on a Fashion-MNIST subset through the library (shared, read-only)."""
+    from imgrec.engine.run import resolve_config, train
+    out = tmp_path_factory.mktemp("runs") / "fm-simple"
+    cfg = resolve_config(None, None, {"name": "simple_cnn", "epochs": 2, "train_limit": 8000, "val_split": 2000,
+                                      "batch_size": 128, "lr": 3e-3}, model_given=True)
+    summary = train(cfg, out, progress=False)
+    return out, summary
+
+
+def run_cli(*args, cwd=None, env=None, timeout=600, input=None):
+    """Run ``imgrec`` as a subprocess; returns CompletedProcess with text output."""
+    e = dict(os.environ)
+    e.update(env or {})
+    return subprocess.run([sys.executable, "-m", "imgrec.cli", *map(str, args)], capture_output=True, text=True,
+                          cwd=cwd, env=e, timeout=timeout, input=input)
