@@ -306,15 +306,21 @@ def _read_path(path: str | bytes, max_bytes: int, source: str) -> bytes:
         raise ImageDecodeError(f"cannot open file ({e.strerror or e})", source) from None
     except ValueError:  # e.g. an embedded NUL byte
         raise ImageDecodeError("invalid path", source) from None
-    with open(fd, "rb", closefd=True) as f:
-        st = os.fstat(fd)
+    try:
+        st = os.fstat(fd)  # of what was opened: no window for the path to be swapped after a check
         if stat.S_ISDIR(st.st_mode):
             raise ImageDecodeError("is a directory", source)
         if not stat.S_ISREG(st.st_mode):
             raise ImageDecodeError("not a regular file", source)
         if st.st_size > max_bytes:  # refuse before reading a byte
             raise ImageDecodeError(_too_large(st.st_size, max_bytes), source)
-        return _read_limited(f, max_bytes, source)
+        f = open(fd, "rb", closefd=False)
+        try:
+            return _read_limited(f, max_bytes, source)
+        finally:
+            f.close()
+    finally:
+        os.close(fd)
 
 
 def _read_limited(f: BinaryIO, max_bytes: int, source: str | None) -> bytes:

@@ -129,6 +129,7 @@ def train(cfg: RunConfig, out: str | Path, *, resume: bool = False, overwrite: b
                       run_dir=out, callbacks=callbacks, on_save=on_save)
     if resume:
         trainer.resume()
+        atomic_write_text(out / "config.yaml", cfg.to_yaml())  # records an extended --epochs
         if progress:
             print(f"resuming {out} at epoch {trainer.epoch + 1}, step {trainer.start_step}", file=sys.stderr)
     else:

@@ -208,6 +208,7 @@ class Trainer:
             "scheduler": self.scheduler.state_dict(), "scaler": self.scaler.state_dict(),
             "ema": self.ema.state_dict() if self.ema is not None else None,
             "epoch": self.epoch, "start_step": self.start_step, "partial": dict(self.partial),
+            "total_steps": self.total_steps,
             "history": self.history, "best": [self.best_acc, self.best_loss, self.best_epoch],
             "train_time_s": self.train_time_s, "rng": rng,
         }
@@ -215,7 +216,13 @@ class Trainer:
     def load_state_dict(self, state: dict) -> None:
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
+        done = int(state["epoch"]) * self.steps_per_epoch + int(state["start_step"])
+        if int(state.get("total_steps", self.total_steps)) == self.total_steps:
+            self.scheduler.load_state_dict(state["scheduler"])
+        else:
+            # the run was extended (--resume with more --epochs): follow the new schedule from where we are
+            self.scheduler.last_epoch = done - 1
+            self.scheduler.step()
         if state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
         if self.ema is not None:

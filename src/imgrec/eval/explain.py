@@ -1,0 +1,329 @@
+"""Why did the model say that? Grad-CAM heat maps, and the first layers of the network made visible.
+
+``explain(clf, image)`` returns plain numpy arrays (no plotting here), so the CLI can draw them with
+matplotlib (:func:`imgrec.eval.plots.explain_figure`) and a web page can draw the heat map itself.
+
+Grad-CAM (Selvaraju et al. 2017): weight each channel of the last spatial feature map by the mean
+gradient of the target class's logit with respect to it, sum, keep the positive part, upsample to the
+input size. For CNNs that map is ``forward_features(x)`` (the head API every imgrec model shares), so no
+per-architecture layer names are needed. A ViT's ``forward_features`` returns tokens after the final
+LayerNorm, and its head reads only the class token, so the gradient reaching the patch tokens there is
+exactly zero; we take the patch tokens where the last encoder block reads them instead (the output of its
+first LayerNorm, the layer pytorch-grad-cam recommends for ViTs) and fold them back into the patch grid.
+For ViTs we also return attention rollout (Abnar & Zuidema 2020): what the class token attends to,
+through all layers, which needs no gradient and no target.
+
+The "steps" show what the textbook says a CNN does: a window of input pixels as numbers, the first
+convolution's filters, its feature maps, the same maps after the activation and after pooling, and the
+classic vertical-edge filter applied to the same image beside the learned filter that behaves most
+like it.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from imgrec.errors import ConfigError
+
+__all__ = ["explain", "resolve_target", "grad_cam", "attention_rollout", "heat_mass", "VERTICAL_EDGE"]
+
+# The classic hand-made filter: bright on the left, dark on the right gives a positive response.
+VERTICAL_EDGE = np.array([[1, 0, -1], [1, 0, -1], [1, 0, -1]], dtype=np.float32)
+
+# Modules that count as "the activation" and "the pooling" after the first convolution.
+_ACTIVATIONS = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.GELU, nn.SiLU, nn.Hardswish, nn.ELU, nn.Tanh)
+_POOLS = (nn.MaxPool2d, nn.AvgPool2d)
+PATCH = 8  # side of the window of input pixels shown as numbers
+
+
+def resolve_target(classes: list[str], target: str | int | None) -> int | None:
+    """A class index from a label (exact, then case-insensitive) or an index; ConfigError otherwise."""
+    if target is None:
+        return None
+    if isinstance(target, (int, np.integer)) and not isinstance(target, bool):
+        idx = int(target)
+    elif str(target) in classes:
+        return classes.index(str(target))
+    else:
+        lowered = [c.lower() for c in classes]
+        t = str(target).strip()
+        if t.lower() in lowered:
+            return lowered.index(t.lower())
+        if not t.lstrip("-").isdigit():
+            shown = ", ".join(classes[:20]) + (" …" if len(classes) > 20 else "")
+            raise ConfigError(f"unknown target class {target!r}; choose one of: {shown}")
+        idx = int(t)
+    if not 0 <= idx < len(classes):
+        raise ConfigError(f"target class index {idx} is outside 0..{len(classes) - 1}")
+    return idx
+
+
+# -- Grad-CAM --------------------------------------------------------------------------------------
+def _vit_parts(model: nn.Module) -> tuple[nn.Module, nn.Module, str]:
+    """(the module with the ViT's patch geometry, the last encoder block, its qualified name)."""
+    geometry = next((m for m in model.modules() if hasattr(m, "grid_size") and hasattr(m, "num_prefix_tokens")), None)
+    # torchvision's EncoderBlock: ln_1 -> self_attention -> ... (duck-typed so any such block works)
+    blocks = [(n, m) for n, m in model.named_modules() if hasattr(m, "ln_1") and hasattr(m, "self_attention")]
+    if geometry is None or not blocks:
+        raise ConfigError(f"{type(model).__name__}: a ViT needs grid_size/num_prefix_tokens and encoder blocks "
+                          "for Grad-CAM")
+    name, block = blocks[-1]
+    return geometry, block, f"{name}.ln_1" if name else "ln_1"
+
+
+def grad_cam(model: nn.Module, x: torch.Tensor, target: int | None, family: str = "cnn"
+             ) -> tuple[torch.Tensor, torch.Tensor, str]:
+    """Grad-CAM for one normalised image ``x`` (1×C×H×W).
+
+    Returns (heat map H×W in 0..1 at the input size, the logits of this un-augmented forward pass, the
+    layer's name). ``target`` None means the arg-max class of that pass. Gradients are taken with
+    ``torch.autograd.grad`` on the activations only, so no ``.grad`` is left on the model's parameters
+    (the model may be serving other requests).
+    """
+    h, w = x.shape[-2:]
+    x = x.detach().clone().requires_grad_(True)  # a graph exists even if every parameter is frozen
+    with torch.enable_grad():
+        if family == "vit":
+            geometry, block, layer = _vit_parts(model)
+            store: dict[str, torch.Tensor] = {}
+            handle = block.ln_1.register_forward_hook(lambda m, i, o: store.__setitem__("a", o))
+            try:
+                logits = model(x)
+            finally:
+                handle.remove()
+            acts = store["a"]
+        else:
+            acts = model.forward_features(x)
+            logits = model.forward_head(acts)
+            layer = "forward_features"
+        t = int(logits[0].argmax()) if target is None else int(target)
+        (grads,) = torch.autograd.grad(logits[0, t], acts)
+    a, g = acts.detach()[0].float(), grads[0].float()
+    if family == "vit":
+        # tokens T×D → drop the class token(s) → D×grid×grid, like a CNN feature map
+        n, grid = int(geometry.num_prefix_tokens), int(geometry.grid_size)
+        a = a[n:].T.reshape(-1, grid, grid)
+        g = g[n:].T.reshape(-1, grid, grid)
+    weights = g.mean(dim=(1, 2))                       # one weight per channel: its average gradient
+    cam = torch.relu((weights[:, None, None] * a).sum(0))
+    cam = _to_input_size(cam, h, w, geometry if family == "vit" else None)
+    peak = float(cam.max())
+    cam = cam / peak if peak > 0 else torch.zeros_like(cam)  # no positive evidence: an all-zero map
+    return cam, logits.detach()[0].float(), layer
+
+
+def _to_input_size(cam: torch.Tensor, h: int, w: int, vit_geometry: Any = None) -> torch.Tensor:
+    """Bilinear upsampling of a feature-grid map to the input size.
+
+    A ViT's grid covers the input zero-padded to a multiple of the patch size, so it is upsampled to the
+    padded size and the padding cut off again.
+    """
+    pad = (0, 0, 0, 0)
+    if vit_geometry is not None and hasattr(vit_geometry, "padding"):
+        pad = tuple(int(p) for p in vit_geometry.padding)  # left, right, top, bottom
+    size = (h + pad[2] + pad[3], w + pad[0] + pad[1])
+    up = F.interpolate(cam[None, None], size=size, mode="bilinear", align_corners=False)[0, 0]
+    return up[pad[2]:pad[2] + h, pad[0]:pad[0] + w].clamp_min(0)
+
+
+def attention_rollout(model: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
+    """ViT attention rollout: the class token's attention to each patch through all layers (grid×grid).
+
+    torchvision's encoder blocks call their attention with ``need_weights=False``; a forward pre-hook
+    flips that to True for this one pass so the weights come back, without copying the block's code.
+    """
+    geometry = next((m for m in model.modules() if hasattr(m, "grid_size") and hasattr(m, "num_prefix_tokens")), None)
+    attns = [m for m in model.modules() if isinstance(m, nn.MultiheadAttention)]
+    if geometry is None or not attns:
+        return None
+    weights: list[torch.Tensor] = []
+
+    def pre(module, args, kwargs):
+        return args, {**kwargs, "need_weights": True, "average_attn_weights": True}
+
+    def post(module, args, kwargs, output):
+        weights.append(output[1].detach()[0].float())  # T×T, averaged over heads
+
+    handles = [h for m in attns for h in (m.register_forward_pre_hook(pre, with_kwargs=True),
+                                          m.register_forward_hook(post, with_kwargs=True))]
+    try:
+        with torch.no_grad():
+            model(x)
+    finally:
+        for h in handles:
+            h.remove()
+    if not weights:
+        return None
+    t = weights[0].shape[0]
+    rollout = torch.eye(t)
+    for wgt in weights:
+        # the residual connection: half the signal skips attention (Abnar & Zuidema's 0.5 I + 0.5 A)
+        a = 0.5 * wgt + 0.5 * torch.eye(t)
+        rollout = (a / a.sum(-1, keepdim=True)) @ rollout
+    n, grid = int(geometry.num_prefix_tokens), int(geometry.grid_size)
+    return rollout[0, n:].reshape(grid, grid)
+
+
+# -- the first layers, step by step ---------------------------------------------------------------
+class _FirstLayers:
+    """Forward hooks that record the first convolution's output, then the first activation and the first
+    pooling applied to it, in execution order; recording stops at the next convolution or when the
+    tensors stop being image-shaped (a ViT's tokens). Outputs are cloned because in-place ReLUs would
+    otherwise overwrite the recorded convolution output."""
+
+    def __init__(self, model: nn.Module):
+        self.first_conv = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
+        self.records: dict[str, tuple[str, torch.Tensor]] = {}
+        self.done = self.first_conv is None
+        self.handles = [m.register_forward_hook(self._hook(name)) for name, m in model.named_modules()
+                        if not list(m.children())]
+
+    def _hook(self, name: str):
+        def hook(module, inputs, output):
+            if self.done or not isinstance(output, torch.Tensor):
+                return
+            if "conv" not in self.records:
+                if module is self.first_conv:
+                    self.records["conv"] = (name, output.detach().float().clone()[0])
+                return
+            if output.dim() != 4 or isinstance(module, nn.Conv2d):
+                self.done = True
+            elif isinstance(module, _ACTIVATIONS) and "activation" not in self.records:
+                self.records["activation"] = (name, output.detach().float().clone()[0])
+            elif isinstance(module, _POOLS):
+                self.records["pool"] = (name, output.detach().float().clone()[0])
+                self.done = True
+        return hook
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+
+def _busiest_window(gray: np.ndarray, k: int) -> tuple[int, int]:
+    """Top-left corner of the k×k window with the largest pixel variance: on a dark-background image the
+    literal corner is all zeros, and a window across an edge shows what an edge filter responds to."""
+    h, w = gray.shape
+    k = min(k, h, w)
+    g = torch.from_numpy(gray.astype(np.float64))[None, None]
+    mean = F.avg_pool2d(g, k, stride=1)
+    var = F.avg_pool2d(g * g, k, stride=1) - mean * mean
+    r, c = divmod(int(var[0, 0].argmax()), var.shape[-1])
+    return r, c
+
+
+def _steps(model: nn.Module, recorder: _FirstLayers, image: np.ndarray) -> dict:
+    """The arrays for the step-by-step view, from one recorded forward pass over ``image`` (H×W×C uint8)."""
+    out: dict[str, Any] = {}
+    gray = image.astype(np.float32).mean(axis=2) / 255.0
+    r, c = _busiest_window(gray, PATCH)
+    out["patch"] = image[r:r + PATCH, c:c + PATCH, :].transpose(2, 0, 1).copy()  # C×k×k uint8
+    out["patch_origin"] = (r, c)
+    conv = recorder.first_conv
+    if conv is None or "conv" not in recorder.records:
+        return out
+    out["filters"] = conv.weight.detach().float().cpu().numpy()   # O×C×kh×kw
+    out["conv_layer"], conv_map = recorder.records["conv"]
+    out["conv"] = conv_map.cpu().numpy()
+    # The network's own activation and pooling when they follow the first convolution; otherwise ReLU and
+    # 2×2 max pooling applied for illustration (e.g. a ViT's patch embedding has neither), said so.
+    if "activation" in recorder.records:
+        out["activation_layer"], act = recorder.records["activation"]
+        out["activation_note"] = f"{type(dict(model.named_modules())[out['activation_layer']]).__name__} " \
+                                 f"({out['activation_layer']})"
+    else:
+        out["activation_layer"], act = None, torch.relu(conv_map)
+        out["activation_note"] = "ReLU for illustration (not this network's next layer)"
+    if "pool" in recorder.records:
+        out["pool_layer"], pooled = recorder.records["pool"]
+        out["pool_note"] = f"{type(dict(model.named_modules())[out['pool_layer']]).__name__} ({out['pool_layer']})"
+    else:
+        out["pool_layer"], pooled = None, F.max_pool2d(act[None], 2)[0] if min(act.shape[-2:]) >= 2 else act
+        out["pool_note"] = "2×2 max pooling for illustration (not this network's next layer)"
+    out["activation"], out["pool"] = act.cpu().numpy(), pooled.cpu().numpy()
+    # The classic edge filter on the same image (grey, 0..1, zero padding like the network's 3×3 convs)...
+    edge = F.conv2d(torch.from_numpy(gray)[None, None], torch.from_numpy(VERTICAL_EDGE)[None, None], padding=1)[0, 0]
+    out["edge_filter"], out["edge_map"] = VERTICAL_EDGE.copy(), edge.numpy()
+    # ...beside the learned filter whose feature map looks most like it (correlation of the maps at the
+    # input size, so filters of any size and stride compare), sign included: a learned filter may be the
+    # mirror image (right-minus-left) of the classic one.
+    maps = F.interpolate(conv_map[None].cpu(), size=edge.shape, mode="bilinear", align_corners=False)[0]
+    m = maps.flatten(1)
+    m = m - m.mean(1, keepdim=True)
+    e = edge.flatten() - edge.mean()
+    corr = (m @ e) / (m.norm(dim=1) * e.norm()).clamp_min(1e-12)
+    best = int(corr.abs().argmax())
+    out["edge_like_channel"], out["edge_like_correlation"] = best, float(corr[best])
+    return out
+
+
+# -- the public function ---------------------------------------------------------------------------
+def explain(clf, image, target: str | int | None = None, steps: bool = True) -> dict[str, Any]:
+    """Explain one prediction of a :class:`~imgrec.infer.predictor.Classifier`.
+
+    Args:
+        clf: the loaded classifier.
+        image: anything ``clf.load_image`` takes (path, bytes, PIL image, uint8 array or tensor).
+        target: class label or index to explain; default the predicted class.
+        steps: also return the first-layer arrays (filters, feature maps, edge filter).
+
+    Returns a dict: ``image`` H×W×C uint8 (at the model's input size), ``heatmap`` H×W float32 in 0..1,
+    ``method``, ``layer``, ``classes``, ``probabilities`` (K, the same numbers ``predict`` gives, test-time
+    flip included), ``predicted``/``predicted_index``/``predicted_probability``, ``target``/``target_index``/
+    ``target_probability``; for ViTs ``attention`` (H×W in 0..1, attention rollout); with ``steps`` a
+    ``steps`` dict (see :func:`_steps`).
+    """
+    from imgrec.models import model_info
+
+    target_idx = resolve_target(clf.classes, target)
+    x_uint8 = clf.load_image(image)                       # C×H×W uint8 through the safe decoder
+    probs = clf.probabilities(x_uint8[None])[0].float()
+    pred = int(probs.argmax())
+    tgt = pred if target_idx is None else target_idx
+    try:
+        family = model_info(clf.name).family
+    except ConfigError:
+        family = "cnn"
+    model = clf.model
+    # fp32, contiguous: Grad-CAM wants exact gradients, not autocast's bf16 ones
+    x = clf.normalize(x_uint8[None]).float().contiguous()
+    recorder = _FirstLayers(model) if steps else None
+    try:
+        heat, _, layer = grad_cam(model, x, tgt, family)
+    finally:
+        if recorder is not None:
+            recorder.remove()
+    img = x_uint8.permute(1, 2, 0).cpu().numpy()
+    out: dict[str, Any] = {
+        "image": img,
+        "heatmap": heat.cpu().numpy().astype(np.float32),
+        "method": "grad-cam",
+        "layer": layer,
+        "family": family,
+        "classes": list(clf.classes),
+        "probabilities": probs.cpu().numpy(),
+        "predicted": clf.classes[pred], "predicted_index": pred, "predicted_probability": float(probs[pred]),
+        "target": clf.classes[tgt], "target_index": tgt, "target_probability": float(probs[tgt]),
+    }
+    if family == "vit":
+        roll = attention_rollout(model, x)
+        if roll is not None:
+            geometry, _, _ = _vit_parts(model)
+            roll = _to_input_size(roll.cpu(), img.shape[0], img.shape[1], geometry)
+            out["attention"] = (roll / roll.max().clamp_min(1e-12)).numpy().astype(np.float32)
+    if recorder is not None:
+        out["steps"] = _steps(model, recorder, img)
+    return out
+
+
+def heat_mass(heatmap: np.ndarray, box: tuple[int, int, int, int]) -> float:
+    """Fraction of a heat map's total mass inside ``box`` = (top, left, height, width); 0 for an empty map."""
+    t, l, h, w = box
+    total = float(heatmap.sum())
+    return float(heatmap[t:t + h, l:l + w].sum()) / total if total > 0 else 0.0
+
+

@@ -1,0 +1,659 @@
+"""The HTTP API and web page: ``create_app(Classifier.load("runs/x"), ServeSettings())``.
+
+Endpoints (see /docs, served offline):
+
+    POST /v1/predict   one or more images → top-k {label, score} per image
+    GET  /v1/model     name, classes, input size, metrics, request limits
+    GET  /healthz      liveness: the process answers
+    GET  /readyz       readiness: the model is loaded, warmed up, and its worker runs
+    GET  /             the web page (static/index.html, app.js, style.css; no external URLs)
+
+A request's way through the server, and what bounds each step (the server faces strangers):
+
+    admission    at most ``max_concurrent`` predict requests in progress; more → 503 at once
+    body         Content-Length checked before reading; streamed bytes counted → 413 past the limit;
+                 all requests' bodies together stay under ``max_buffered_mb`` → 503; slow senders → 408
+    multipart    parsed as it streams, in memory (nothing is written to disk), at most ``max_files``
+                 files and a few other fields → 400 past that, before the rest is read
+    decode       imgrec's safe decoder, in worker threads (never on the event loop), at most
+                 ``decode_threads`` at once so pixel buffers stay bounded → 415 for anything not an image
+    batch        the Batcher (batcher.py) runs one forward pass for many requests; its queue is bounded
+                 → 503 with Retry-After when full
+    timeout      ``timeout_s`` from arrival to answer → 504; the worker finishes its pass and lives on
+
+Every error is JSON ``{"detail": "<message in words>"}`` with a 4xx status for bad input; uploads are
+never stored, logged or echoed back. No endpoint takes a path, URL or model name: the model is chosen
+when the server starts, and the static files are read once at start-up from the package.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import os
+import time
+import dataclasses
+from dataclasses import dataclass
+from importlib import resources
+from typing import Any
+
+import anyio
+import anyio.to_thread
+import torch
+from fastapi import FastAPI, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import HTMLResponse, JSONResponse, Response
+from pydantic import BaseModel, Field
+from python_multipart.exceptions import FormParserError, MultipartParseError
+from python_multipart.multipart import MultipartParser, parse_options_header
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
+
+from imgrec.errors import ConfigError, ImageDecodeError
+from imgrec.serve.batcher import Batcher, BatcherStopped, QueueFull
+
+__all__ = ["ServeSettings", "create_app"]
+
+log = logging.getLogger("imgrec.serve")
+
+MAX_TOP_K = 1000
+MAX_OTHER_FIELDS = 16  # multipart parts besides `files` (ignored, but counted so thousands cost nothing)
+
+
+@dataclass
+class ServeSettings:
+    """Serving limits. The defaults suit a small model on a laptop; every one is a CLI flag."""
+
+    max_batch: int = 32  # images per forward pass; 1 turns dynamic batching off
+    max_wait_ms: float = 5.0  # how long the oldest request waits for others to fill its batch
+    max_upload_mb: float = 10.0  # one request's body, multipart framing included
+    max_files: int = 32  # images in one request
+    queue_size: int = 128  # images waiting for the model; more → 503
+    max_concurrent: int | None = None  # predict requests in progress (reading, decoding, waiting); None: queue_size
+    timeout_s: float = 10.0  # per request, from arrival to answer → 504
+    read_timeout_s: float = 30.0  # to receive a request body (slow or stalled senders) → 408
+    decode_threads: int | None = None  # images decoded at once; None: the number of CPU cores
+    max_buffered_mb: float | None = None  # all bodies in memory together; None: max(4 × max_upload_mb, 64)
+
+    def __post_init__(self) -> None:
+        def positive(name: str, integer: bool = True, zero_ok: bool = False) -> None:
+            v = getattr(self, name)
+            if v is None:
+                return
+            bad = (not isinstance(v, (int, float)) or isinstance(v, bool) or not math.isfinite(v)
+                   or (integer and int(v) != v) or (v < 0 if zero_ok else v <= 0))
+            if bad:
+                raise ConfigError(f"{name.replace('_', '-')} must be a {'whole ' if integer else ''}number "
+                                  f"{'≥ 0' if zero_ok else '> 0'}, got {v!r}")
+
+        for name in ("max_batch", "max_files", "queue_size", "max_concurrent", "decode_threads"):
+            positive(name)
+        for name in ("max_upload_mb", "timeout_s", "read_timeout_s", "max_buffered_mb"):
+            positive(name, integer=False)
+        positive("max_wait_ms", integer=False, zero_ok=True)
+
+    @property
+    def max_upload_bytes(self) -> int:
+        return int(self.max_upload_mb * 1024 * 1024)
+
+    @property
+    def max_buffered_bytes(self) -> int:
+        mb = self.max_buffered_mb if self.max_buffered_mb is not None else max(4 * self.max_upload_mb, 64.0)
+        return max(int(mb * 1024 * 1024), self.max_upload_bytes)
+
+
+# -- response models (they document the API; responses are built as plain JSON for speed) ------------
+class Prediction(BaseModel):
+    label: str
+    score: float = Field(ge=0, le=1)
+
+
+class PredictResponse(BaseModel):
+    model: str = Field(description="architecture of the served model")
+    predictions: list[list[Prediction]] = Field(description="one list per image, in upload order, best first")
+    time_ms: float = Field(description="time the server spent on the request")
+
+
+class Limits(BaseModel):
+    max_upload_bytes: int
+    max_files: int
+    max_batch: int
+    max_top_k: int
+
+
+class ModelInfo(BaseModel):
+    name: str
+    classes: list[str]
+    num_classes: int
+    image_size: int
+    channels: int
+    metrics: dict[str, float | int | bool | None]
+    limits: Limits
+
+
+class Status(BaseModel):
+    status: str
+
+
+class ErrorBody(BaseModel):
+    detail: str = Field(description="what went wrong, in words")
+
+
+def _errors(*codes: int) -> dict[int | str, dict[str, Any]]:
+    text = {400: "malformed request", 404: "not found", 408: "the body arrived too slowly",
+            413: "upload too large", 415: "not a usable image", 422: "invalid parameter",
+            503: "busy, starting or stopping: retry later", 504: "inference took longer than the timeout"}
+    return {c: {"model": ErrorBody, "description": text[c]} for c in codes}
+
+
+_BINARY = {"type": "string", "format": "binary"}
+PREDICT_BODY = {
+    "requestBody": {
+        "required": True,
+        "description": "Either multipart/form-data with one or more `files` fields (one image each), "
+                       "or one image as the raw body.",
+        "content": {
+            "multipart/form-data": {"schema": {
+                "type": "object", "required": ["files"],
+                "properties": {"files": {"type": "array", "items": _BINARY, "minItems": 1,
+                                         "description": "repeat the field for several images"}}}},
+            "application/octet-stream": {"schema": _BINARY},
+            "image/png": {"schema": _BINARY},
+            "image/jpeg": {"schema": _BINARY},
+        },
+    }
+}
+
+
+# -- request state that spans requests ----------------------------------------------------------
+class _ServerState:
+    def __init__(self, classifier, settings: ServeSettings):
+        self.classifier = classifier
+        self.settings = settings
+        self.max_concurrent = settings.max_concurrent or settings.queue_size
+        self.active = 0  # predict requests in progress (touched only on the event loop: no lock)
+        self.buffered = 0  # bytes of request bodies held in memory, all requests together
+        self.decode_limiter = anyio.CapacityLimiter(settings.decode_threads or os.cpu_count() or 1)
+        self.ready = False
+        self.batcher = Batcher(self._forward, settings.max_batch, settings.max_wait_ms / 1000, settings.queue_size)
+
+    def _forward(self, batch: torch.Tensor) -> torch.Tensor:
+        # chunks of max_batch bound memory when one request brings more images than a batch holds
+        return self.classifier.probabilities(batch, batch_size=self.settings.max_batch)
+
+    def warm_up(self) -> None:
+        """Run the shapes the server will see first, so the first real request is not the slow one."""
+        c = self.classifier
+        for n in sorted({1, self.settings.max_batch}):
+            self._forward(torch.zeros(n, c.channels, c.image_size, c.image_size, dtype=torch.uint8))
+
+
+def _http_error(status: int, detail: str, retry_after: int | None = None, close: bool = False) -> StarletteHTTPException:
+    headers = {"Retry-After": str(retry_after)} if retry_after else {}
+    if close:  # answered before the body was read: see the end of predict()
+        headers["Connection"] = "close"
+    return StarletteHTTPException(status, detail, headers=headers or None)
+
+
+# -- reading a request body: bounded, counted, in memory --------------------------------------------
+class _Body:
+    """Counts one request's bytes against its own limit and against all requests' shared budget."""
+
+    def __init__(self, state: _ServerState):
+        self.state = state
+        self.limit = state.settings.max_upload_bytes
+        self.total = 0  # bytes received
+        self.held = 0  # bytes counted into the shared budget
+        self.finished = False  # the whole body was read
+
+    def check_declared(self, request: Request) -> None:
+        declared = request.headers.get("content-length")
+        if declared is not None and declared.strip().isdigit() and int(declared) > self.limit:
+            # refused before a byte of the body is read
+            raise _http_error(413, f"upload too large: {int(declared)} bytes, limit {self.limit}")
+
+    def count(self, n: int) -> None:
+        self.total += n
+        if self.total > self.limit:  # a chunked body, or one longer than its Content-Length said
+            raise _http_error(413, f"upload too large: more than {self.limit} bytes")
+        if self.state.buffered + n > self.state.settings.max_buffered_bytes:
+            raise _http_error(503, "server busy: too many uploads in progress; retry shortly", retry_after=1)
+        self.state.buffered += n
+        self.held += n
+
+    def release(self) -> None:
+        self.state.buffered -= self.held
+        self.held = 0
+
+
+class _MultipartFiles:
+    """Collect the `files` parts of a multipart body as it streams in; refuse floods early."""
+
+    def __init__(self, boundary: bytes, max_files: int):
+        self.max_files = max_files
+        self.max_parts = max_files + MAX_OTHER_FIELDS
+        self.files: list[tuple[str | None, bytearray]] = []
+        self.parts = 0
+        self.complete = False
+        self._header_field = bytearray()
+        self._header_value = bytearray()
+        self._disposition = b""
+        self._target: bytearray | None = None
+        self.parser = MultipartParser(boundary, callbacks={
+            "on_part_begin": self._part_begin, "on_header_field": self._field, "on_header_value": self._value,
+            "on_header_end": self._header_end, "on_headers_finished": self._headers_finished,
+            "on_part_data": self._data, "on_end": self._end,
+        }, max_header_count=8, max_header_size=1024)
+
+    def write(self, chunk: bytes) -> None:
+        self.parser.write(chunk)
+
+    def _part_begin(self) -> None:
+        self.parts += 1
+        if self.parts > self.max_parts:
+            raise _http_error(400, f"too many form fields (limit {self.max_parts})")
+        self._disposition = b""
+        self._target = None
+
+    def _field(self, data: bytes, start: int, end: int) -> None:
+        self._header_field += data[start:end]
+
+    def _value(self, data: bytes, start: int, end: int) -> None:
+        self._header_value += data[start:end]
+
+    def _header_end(self) -> None:
+        if bytes(self._header_field).strip().lower() == b"content-disposition":
+            self._disposition = bytes(self._header_value)
+        self._header_field.clear()
+        self._header_value.clear()
+
+    def _headers_finished(self) -> None:
+        _, params = parse_options_header(self._disposition)
+        if params.get(b"name") != b"files":
+            return  # another field: its bytes are counted by the body limit and dropped
+        if len(self.files) >= self.max_files:
+            raise _http_error(400, f"too many files (limit {self.max_files} per request)")
+        filename = params.get(b"filename")
+        name = filename.decode("utf-8", "replace") if filename else None
+        self._target = bytearray()
+        self.files.append((name, self._target))
+
+    def _data(self, data: bytes, start: int, end: int) -> None:
+        if self._target is not None:
+            self._target += data[start:end]
+
+    def _end(self) -> None:
+        self.complete = True
+
+
+def _describe_upload(index: int, name: str | None, multipart: bool) -> str:
+    if not multipart:
+        return "request body"
+    if name:  # a client-chosen name: printable, short, and only ever inside a JSON string
+        name = "".join(ch if ch.isprintable() else "?" for ch in name)[:80]
+        return f"files[{index}] ({name!r})"
+    return f"files[{index}]"
+
+
+async def _read_uploads(request: Request, body: _Body, max_files: int) -> tuple[list[tuple[str | None, bytearray]], bool]:
+    """The request's images as (client file name, bytes), and whether they came as multipart."""
+    ctype, params = parse_options_header(request.headers.get("content-type"))
+    if ctype == b"multipart/form-data":
+        boundary = params.get(b"boundary")
+        if not boundary:
+            raise _http_error(400, "multipart/form-data without a boundary")
+        try:
+            form = _MultipartFiles(boundary, max_files)
+        except FormParserError as e:  # e.g. a boundary longer than the parser allows
+            raise _http_error(400, f"malformed multipart body ({e})") from None
+        try:
+            async for chunk in request.stream():
+                if chunk:
+                    body.count(len(chunk))
+                    form.write(chunk)
+            body.finished = True
+        except MultipartParseError as e:
+            raise _http_error(400, f"malformed multipart body ({str(e)[:120]})") from None
+        if not form.complete:
+            raise _http_error(400, "malformed multipart body (it ends before its closing boundary)")
+        if not form.files:
+            raise _http_error(400, "no image: send one or more multipart fields named 'files'")
+        return form.files, True
+    data = bytearray()
+    async for chunk in request.stream():
+        if chunk:
+            body.count(len(chunk))
+            data += chunk
+    body.finished = True
+    return [(None, data)], False
+
+
+def _decode_all(classifier, uploads: list[tuple[str | None, bytearray]], multipart: bool) -> torch.Tensor:
+    """Decode every upload to the model's size and channels (runs in a worker thread)."""
+    images = []
+    for i, (name, data) in enumerate(uploads):
+        try:
+            images.append(classifier.load_image(bytes(data)))
+        except ImageDecodeError as e:
+            raise _http_error(415, f"{_describe_upload(i, name, multipart)}: {e.reason}") from None
+        data.clear()  # the encoded bytes are no longer needed: free them while the rest decode
+    return torch.stack(images)
+
+
+# -- static files: read once from the package, served from memory ---------------------------------
+_MEDIA_TYPES = {".html": "text/html; charset=utf-8", ".js": "text/javascript; charset=utf-8",
+                ".css": "text/css; charset=utf-8", ".png": "image/png", ".svg": "image/svg+xml"}
+
+
+def _load_static() -> dict[str, tuple[bytes, str]]:
+    files = {}
+    root = resources.files("imgrec.serve") / "static"
+    for entry in root.iterdir():
+        suffix = os.path.splitext(entry.name)[1]
+        if entry.is_file() and suffix in _MEDIA_TYPES:
+            files[entry.name] = (entry.read_bytes(), _MEDIA_TYPES[suffix])
+    return files
+
+
+def _load_swagger_assets() -> dict[str, tuple[bytes, str]]:
+    """Swagger UI's script and stylesheet from the fastapi-offline package, when it is installed.
+
+    FastAPI's own /docs page loads them from a CDN, which fails offline; fastapi-offline ships the same
+    swagger-ui-dist@5 files (version 5 is needed to read FastAPI's OpenAPI 3.1 schema).
+    """
+    try:
+        root = resources.files("fastapi_offline") / "static"
+        return {"swagger-ui-bundle.js": ((root / "swagger-ui-bundle.js").read_bytes(), _MEDIA_TYPES[".js"]),
+                "swagger-ui.css": ((root / "swagger-ui.css").read_bytes(), _MEDIA_TYPES[".css"])}
+    except (ModuleNotFoundError, FileNotFoundError, OSError):
+        return {}
+
+
+_DOCS_UNAVAILABLE = """<!doctype html><html lang="en"><head><meta charset="utf-8"><title>imgrec API</title>
+<link rel="stylesheet" href="/static/style.css"></head><body><main class="page"><h1>imgrec API</h1>
+<p>The interactive documentation needs the <code>fastapi-offline</code> package, which ships Swagger UI for use
+without internet access: <code>pip install 'imgrec[serve]'</code>.</p>
+<p>The machine-readable schema is at <a href="/openapi.json">/openapi.json</a>.</p></main></body></html>"""
+
+# The page and the docs run only scripts from this server; uploads are shown from blob: URLs.
+_CSP = ("default-src 'self'; img-src 'self' blob: data:; script-src 'self'; style-src 'self'; "
+        "connect-src 'self'; object-src 'none'; base-uri 'none'; form-action 'self'; frame-ancestors 'none'")
+_DOCS_CSP = _CSP.replace("style-src 'self'", "style-src 'self' 'unsafe-inline'")  # Swagger UI injects styles
+
+
+class _SecurityHeaders:
+    """Plain ASGI middleware (cheaper than BaseHTTPMiddleware on every request): hardening headers."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        csp = (_DOCS_CSP if scope["path"] == "/docs" else _CSP).encode()
+
+        async def send_with_headers(message):
+            if message["type"] == "http.response.start":
+                message["headers"] = list(message.get("headers", [])) + [
+                    (b"x-content-type-options", b"nosniff"), (b"referrer-policy", b"no-referrer"),
+                    (b"x-frame-options", b"DENY"), (b"content-security-policy", csp),
+                    (b"cache-control", b"no-store")]
+            await send(message)
+
+        await self.app(scope, receive, send_with_headers)
+
+
+# -- the app -------------------------------------------------------------------------------------
+def create_app(classifier, settings: ServeSettings | None = None) -> FastAPI:
+    """A FastAPI app serving ``classifier`` (an ``imgrec.infer.predictor.Classifier``).
+
+    The batcher's worker starts, after a warm-up pass, in the app's lifespan: run the app with an
+    ASGI server (uvicorn) or ``httpx``/Starlette test clients that run the lifespan.
+    """
+    settings = settings or ServeSettings()
+    state = _ServerState(classifier, settings)
+    static = _load_static()
+    swagger = _load_swagger_assets()
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI):
+        # warm-up failures abort start-up: the server never listens half-loaded
+        await anyio.to_thread.run_sync(state.warm_up)
+        state.batcher.start()
+        state.ready = True
+        try:
+            yield
+        finally:
+            state.ready = False
+            await anyio.to_thread.run_sync(state.batcher.stop)
+
+    app = FastAPI(title="imgrec", version=_version(), lifespan=lifespan, docs_url=None, redoc_url=None,
+                  description="Image classification with an imgrec model. The web page is at `/`.")
+    app.state.imgrec = state  # for tests and benchmarks
+
+    # -- errors: always JSON {"detail": "..."} ---------------------------------------------------
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException):
+        return JSONResponse({"detail": str(exc.detail)}, status_code=exc.status_code, headers=exc.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, exc: RequestValidationError):
+        parts = []
+        for err in exc.errors()[:5]:
+            where = ".".join(str(x) for x in err.get("loc", ()) if x not in ("query", "body", "path"))
+            parts.append(f"{where}: {err.get('msg', 'invalid')}" if where else str(err.get("msg", "invalid")))
+        return JSONResponse({"detail": "; ".join(parts) or "invalid request"}, status_code=422)
+
+    @app.exception_handler(Exception)
+    async def internal_error(request: Request, exc: Exception):
+        log.exception("internal error on %s %s", request.method, request.url.path)
+        return JSONResponse({"detail": "internal server error"}, status_code=500)
+
+    # -- API -------------------------------------------------------------------------------------
+    @app.post("/v1/predict", response_model=PredictResponse, openapi_extra=PREDICT_BODY, tags=["predict"],
+              responses=_errors(400, 408, 413, 415, 422, 503, 504), summary="Classify one or more images")
+    async def predict(request: Request,
+                      top_k: int = Query(5, ge=1, le=MAX_TOP_K, description="labels per image (capped at the "
+                                                                               "number of classes)")):
+        t0 = time.perf_counter()
+        if not state.ready or not state.batcher.alive:
+            raise _http_error(503, "the model is not ready", retry_after=1, close=True)
+        if state.active >= state.max_concurrent:
+            raise _http_error(503, f"server busy: {state.active} requests in progress; retry shortly", retry_after=1,
+                              close=True)
+        state.active += 1
+        state.batcher.announce()  # the batcher may hold a batch open for this request
+        announced = True
+        body = _Body(state)
+        try:
+            body.check_declared(request)
+            try:
+                uploads, multipart = await asyncio.wait_for(_read_uploads(request, body, settings.max_files),
+                                                            settings.read_timeout_s)
+            except TimeoutError:
+                raise _http_error(408, f"the request body did not arrive within {settings.read_timeout_s:g} s") from None
+            except ClientDisconnect:
+                raise _http_error(400, "the client disconnected before sending the whole body") from None
+            images = await anyio.to_thread.run_sync(_decode_all, classifier, uploads, multipart,
+                                                    limiter=state.decode_limiter)
+            del uploads
+            body.release()
+            try:
+                announced = False
+                result = state.batcher.enqueue(images, announced=True)
+            except QueueFull:
+                raise _http_error(503, "server busy: the model's queue is full; retry shortly", retry_after=1) from None
+            except BatcherStopped as e:
+                raise _http_error(503, str(e), retry_after=1) from None
+            remaining = settings.timeout_s - (time.perf_counter() - t0)
+            try:
+                # on timeout wait_for cancels the future: the worker skips it, or drops its finished rows
+                probs = await asyncio.wait_for(result, max(remaining, 0.0))
+            except TimeoutError:
+                raise _http_error(504, f"inference did not finish within {settings.timeout_s:g} s") from None
+            except BatcherStopped as e:
+                raise _http_error(503, str(e), retry_after=1) from None
+        except StarletteHTTPException as e:
+            if not body.finished:
+                # The rest of the body is still coming: close the connection after this answer rather than
+                # keep reading (and discarding) whatever a client streams at us.
+                e.headers = {**(e.headers or {}), "Connection": "close"}
+            raise
+        finally:
+            if announced:
+                state.batcher.withdraw()
+            body.release()
+            state.active -= 1
+        predictions = classifier.topk(probs, top_k)
+        return JSONResponse({"model": classifier.name, "predictions": predictions,
+                             "time_ms": round((time.perf_counter() - t0) * 1000, 3)})
+
+    @app.get("/v1/model", response_model=ModelInfo, tags=["model"], summary="The served model")
+    async def model_info():
+        metrics = {k: v for k, v in (classifier.meta.get("metrics") or {}).items()
+                   if v is None or isinstance(v, (int, float, bool))}  # numbers only: no paths or free text
+        return JSONResponse({
+            "name": classifier.name, "classes": list(classifier.classes), "num_classes": len(classifier.classes),
+            "image_size": classifier.image_size, "channels": classifier.channels, "metrics": metrics,
+            "limits": {"max_upload_bytes": settings.max_upload_bytes, "max_files": settings.max_files,
+                       "max_batch": settings.max_batch, "max_top_k": MAX_TOP_K}})
+
+    @app.get("/healthz", response_model=Status, tags=["health"], summary="Liveness: the server answers")
+    async def healthz():
+        return {"status": "ok"}
+
+    @app.get("/readyz", response_model=Status, responses=_errors(503), tags=["health"],
+             summary="Readiness: the model is loaded, warmed up, and its worker runs")
+    async def readyz():
+        if state.ready and state.batcher.alive:
+            return {"status": "ready"}
+        raise _http_error(503, "not ready: the model worker is starting, stopping or stopped", retry_after=1)
+
+    # -- the page, its files, and the offline API docs ---------------------------------------------
+    def asset(name: str) -> Response:
+        content, media_type = static[name]
+        return Response(content, media_type=media_type)
+
+    @app.get("/", include_in_schema=False)
+    async def index():
+        return asset("index.html")
+
+    @app.get("/static/{name}", include_in_schema=False)
+    async def static_file(name: str):
+        if name not in static or name.endswith(".html"):
+            raise _http_error(404, "not found")
+        return asset(name)
+
+    @app.get("/static/swagger/{name}", include_in_schema=False)
+    async def swagger_file(name: str):
+        if name not in swagger:
+            raise _http_error(404, "not found")
+        content, media_type = swagger[name]
+        return Response(content, media_type=media_type)
+
+    @app.get("/docs", include_in_schema=False)
+    async def docs():
+        return asset("docs.html") if swagger else HTMLResponse(_DOCS_UNAVAILABLE)
+
+    app.add_middleware(_SecurityHeaders)
+    return app
+
+
+def _version() -> str:
+    from imgrec import __version__
+    return __version__
+
+
+# -- running it ----------------------------------------------------------------------------------
+_ENV_CONFIG = "IMGREC_SERVE_CONFIG"  # how the parent hands the model and settings to --workers processes
+_LOOPBACK = ("127.0.0.1", "::1", "localhost")
+
+
+def load_classifier(model_dir: str | os.PathLike, which: str = "best", device: str = "auto"):
+    """Load a model directory and run one image through it, so a broken model fails before listening."""
+    from imgrec.errors import ModelFileError
+    from imgrec.infer.predictor import Classifier
+
+    clf = Classifier.load(model_dir, which=which, device=device)
+    try:
+        clf.probabilities(torch.zeros(1, clf.channels, clf.image_size, clf.image_size, dtype=torch.uint8))
+    except Exception as e:  # noqa: BLE001 - any failure here means the directory cannot serve
+        raise ModelFileError(f"{model_dir}: the model fails on a test image ({str(e).splitlines()[0][:200]})") from None
+    return clf
+
+
+def _set_threads(threads: int | None, workers: int) -> None:
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    torch.set_num_threads(max(1, int(threads or cores // max(1, workers))))
+
+
+def app_from_env() -> FastAPI:
+    """App factory for ``--workers N`` (uvicorn imports it in each worker process)."""
+    import json
+    cfg = json.loads(os.environ[_ENV_CONFIG])
+    _set_threads(cfg["threads"], cfg["workers"])
+    clf = load_classifier(cfg["model"], cfg["which"], cfg["device"])
+    return create_app(clf, ServeSettings(**cfg["settings"]))
+
+
+def _uvicorn_options(host: str, port: int, settings: ServeSettings, log_level: str, access_log: bool) -> dict:
+    return dict(
+        host=host, port=port, log_level=log_level, access_log=access_log, lifespan="on", ws="none",
+        server_header=False,  # do not advertise the server software
+        proxy_headers=False,  # no client may claim another address through X-Forwarded-For
+        timeout_keep_alive=5,
+        h11_max_incomplete_event_size=16 * 1024,  # request line and headers: 16 KiB at most
+        # a backstop behind our own admission control, for floods of connections that never send a request
+        limit_concurrency=max(1024, 4 * (settings.max_concurrent or settings.queue_size)))
+
+
+def serve(model_dir: str | os.PathLike, settings: ServeSettings | None = None, *, host: str = "127.0.0.1",
+          port: int = 8000, workers: int = 1, which: str = "best", device: str = "auto",
+          threads: int | None = None, log_level: str = "info", access_log: bool = True) -> None:
+    """Load ``model_dir``, check it, and serve it until interrupted (``imgrec serve``).
+
+    Raises ModelFileError/ConfigError before listening when the model or the settings are unusable.
+    """
+    import socket
+
+    import uvicorn
+
+    settings = settings or ServeSettings()
+    if not 0 <= int(port) <= 65535:
+        raise ConfigError(f"port must be in 0..65535, got {port}")
+    if workers < 1:
+        raise ConfigError(f"workers must be at least 1, got {workers}")
+    if threads is not None and threads < 1:
+        raise ConfigError(f"threads must be at least 1, got {threads}")
+    _set_threads(threads, workers)
+    clf = load_classifier(model_dir, which, device)
+    if host not in _LOOPBACK:
+        log.warning("listening on %s: anyone who can reach this address can use the model", host)
+
+    # bind here so that a busy port is a one-line error, not a log message from deep inside uvicorn
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, int(port)))
+    except (OSError, UnicodeError) as e:  # address in use, not this machine's, unknown host name
+        sock.close()
+        raise ConfigError(f"cannot listen on {host}:{port}: {getattr(e, 'strerror', None) or e}") from None
+    bound_port = sock.getsockname()[1]
+    print(f"imgrec: serving {clf.name} ({len(clf.classes)} classes) from {model_dir} on "
+          f"http://{host if ':' not in host else f'[{host}]'}:{bound_port}/ (API docs at /docs)", flush=True)
+
+    options = _uvicorn_options(host, bound_port, settings, log_level, access_log)
+    if workers == 1:
+        server = uvicorn.Server(uvicorn.Config(create_app(clf, settings), **options))
+        server.run(sockets=[sock])
+        return
+    # several processes, each with its own model and batcher; uvicorn's supervisor binds its own socket
+    import json
+    sock.close()
+    del clf
+    os.environ[_ENV_CONFIG] = json.dumps({"model": os.fspath(model_dir), "which": which, "device": device,
+                                          "threads": threads, "workers": workers,
+                                          "settings": dataclasses.asdict(settings)})
+    uvicorn.run("imgrec.serve.app:app_from_env", factory=True, workers=workers, **options)

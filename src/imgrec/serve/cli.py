@@ -1,0 +1,48 @@
+"""``imgrec serve``: the HTTP API and web page for a model directory (found by imgrec.cli)."""
+from __future__ import annotations
+
+import argparse
+
+
+def add_parsers(sub) -> None:
+    p = sub.add_parser(
+        "serve", help="serve a model over HTTP: a JSON API and a web page",
+        description="Serve a model directory: POST /v1/predict, GET /v1/model, /healthz, /readyz, "
+                    "the web page at / and API docs at /docs. Concurrent requests are batched.")
+    p.add_argument("--model", required=True, help="model directory (a run directory)")
+    p.add_argument("--which", default="best", choices=("best", "last"), help="which weights (default best)")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to listen on (default 127.0.0.1: this machine only; 0.0.0.0 opens it to the network)")
+    p.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 picks a free one)")
+    g = p.add_argument_group("batching")
+    g.add_argument("--max-batch", type=int, default=32, help="images per forward pass (1 turns batching off)")
+    g.add_argument("--max-wait-ms", type=float, default=5.0,
+                   help="how long a request may wait for others to join its batch (default 5)")
+    g = p.add_argument_group("limits")
+    g.add_argument("--max-upload-mb", type=float, default=10.0, help="largest request body in MB (default 10)")
+    g.add_argument("--max-files", type=int, default=32, help="images in one request (default 32)")
+    g.add_argument("--queue-size", type=int, default=128,
+                   help="images waiting for the model before requests get 503 (default 128)")
+    g.add_argument("--timeout-s", type=float, default=10.0, help="per-request time limit → 504 (default 10)")
+    g = p.add_argument_group("processes")
+    g.add_argument("--workers", type=int, default=1, help="server processes, each with its own model (default 1)")
+    g.add_argument("--threads", type=int, help="PyTorch threads per worker (default: CPU cores / workers)")
+    g.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:N, mps")
+    g.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
+    g.add_argument("--access-log", action=argparse.BooleanOptionalAction, default=True,
+                   help="log one line per request (method, path, status; never bodies)")
+    p.set_defaults(func=cmd_serve)
+
+
+def cmd_serve(args) -> int:
+    from imgrec.errors import ConfigError
+    try:
+        from imgrec.serve.app import ServeSettings, serve
+    except ModuleNotFoundError as e:
+        raise ConfigError(f"serving needs {e.name}: pip install 'imgrec[serve]'") from None
+
+    settings = ServeSettings(max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, max_upload_mb=args.max_upload_mb,
+                             max_files=args.max_files, queue_size=args.queue_size, timeout_s=args.timeout_s)
+    serve(args.model, settings, host=args.host, port=args.port, workers=args.workers, which=args.which,
+          device=args.device, threads=args.threads, log_level=args.log_level, access_log=args.access_log)
+    return 0

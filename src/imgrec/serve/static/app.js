@@ -1,0 +1,168 @@
+// The imgrec web page: pick, drop or paste an image; show it, the top-5 labels and the time taken.
+// Plain JavaScript with no dependencies, loaded from this server only (the page must work offline).
+// Text from the server (labels, error messages) is always inserted with textContent, never as HTML.
+"use strict";
+
+const TOP_K = 5;
+const $ = (id) => document.getElementById(id);
+
+let maxUploadBytes = null; // from /v1/model; the server enforces it anyway
+let previewUrl = null;
+let requestId = 0; // only the latest image's answer is shown
+
+function formatBytes(n) {
+  return n >= 1024 * 1024 ? `${(n / (1024 * 1024)).toFixed(n % (1024 * 1024) ? 1 : 0)} MB`
+    : n >= 1024 ? `${Math.round(n / 1024)} KB` : `${n} bytes`;
+}
+
+async function loadModelInfo() {
+  try {
+    const res = await fetch("/v1/model");
+    if (!res.ok) throw new Error(`HTTP ${res.status}`);
+    const info = await res.json();
+    const n = info.classes.length;
+    const names = info.classes.slice(0, 6).join(", ") + (n > 6 ? ", …" : "");
+    $("model-line").textContent =
+      `Model ${info.name}: ${n} classes (${names}), ${info.image_size}×${info.image_size} px input.`;
+    maxUploadBytes = info.limits.max_upload_bytes;
+    $("size-limit").textContent = `, up to ${formatBytes(maxUploadBytes)}`;
+  } catch (err) {
+    $("model-line").textContent = "The model's details could not be loaded; predictions may still work.";
+  }
+}
+
+function showError(message) {
+  $("status").hidden = true;
+  $("predictions").hidden = true;
+  $("timing").hidden = true;
+  $("error").textContent = message;
+  $("error").hidden = false;
+}
+
+function showStatus(message) {
+  $("error").hidden = true;
+  $("predictions").hidden = true;
+  $("timing").hidden = true;
+  $("status").textContent = message;
+  $("status").hidden = false;
+}
+
+function showPreview(file) {
+  if (previewUrl) URL.revokeObjectURL(previewUrl);
+  previewUrl = URL.createObjectURL(file); // shown from the browser's own copy: the server echoes nothing
+  const img = $("preview");
+  img.alt = file.name ? `The chosen image, ${file.name}` : "The chosen image";
+  img.src = previewUrl;
+  $("preview-caption").textContent = `${file.name || "pasted image"} · ${formatBytes(file.size)}`;
+  $("preview-figure").hidden = false;
+}
+
+function showPredictions(predictions, serverMs, totalMs) {
+  const list = $("predictions");
+  list.replaceChildren();
+  for (const p of predictions) {
+    const pct = p.score * 100;
+    const li = document.createElement("li");
+    const row = document.createElement("div");
+    row.className = "row";
+    const label = document.createElement("span");
+    label.className = "label";
+    label.textContent = p.label;
+    const value = document.createElement("span");
+    value.className = "pct";
+    value.textContent = `${pct < 0.1 && pct > 0 ? "<0.1" : pct.toFixed(1)}%`;
+    row.append(label, value);
+    const bar = document.createElement("div");
+    bar.className = "bar";
+    bar.setAttribute("aria-hidden", "true"); // the percentage text says the same to screen readers
+    const fill = document.createElement("div");
+    fill.className = "fill";
+    fill.style.width = `${Math.max(pct, 0.5)}%`; // CSSOM, allowed by the page's Content-Security-Policy
+    bar.append(fill);
+    li.append(row, bar);
+    list.append(li);
+  }
+  $("status").hidden = true;
+  $("error").hidden = true;
+  list.hidden = false;
+  $("timing").textContent = `Took ${totalMs.toFixed(0)} ms (${serverMs.toFixed(1)} ms on the server).`;
+  $("timing").hidden = false;
+}
+
+function errorText(status, detail) {
+  switch (status) {
+    case 413: return `This image is too large for the server. ${detail}`;
+    case 415: return `This file is not an image the model can read: ${detail.replace(/^files\[0\][^:]*: /, "")}`;
+    case 503: return `The server is busy or starting. Please try again in a moment. (${detail})`;
+    case 504: return `The server took too long to answer. Please try again. (${detail})`;
+    default: return `The server could not classify this image: ${detail}`;
+  }
+}
+
+async function classify(file) {
+  if (!file) return;
+  const id = ++requestId;
+  showPreview(file);
+  if (maxUploadBytes !== null && file.size > maxUploadBytes) {
+    showError(`This image is ${formatBytes(file.size)}; the server accepts up to ${formatBytes(maxUploadBytes)}.`);
+    return;
+  }
+  showStatus("Classifying…");
+  $("result").setAttribute("aria-busy", "true");
+  const form = new FormData();
+  form.append("files", file, file.name || "pasted-image");
+  const started = performance.now();
+  try {
+    const res = await fetch(`/v1/predict?top_k=${TOP_K}`, { method: "POST", body: form });
+    let body = null;
+    try { body = await res.json(); } catch (err) { body = null; }
+    if (id !== requestId) return; // a newer image was chosen meanwhile
+    if (!res.ok) {
+      const detail = body && typeof body.detail === "string" ? body.detail : `HTTP ${res.status}`;
+      showError(errorText(res.status, detail));
+      return;
+    }
+    showPredictions(body.predictions[0], body.time_ms, performance.now() - started);
+  } catch (err) {
+    if (id === requestId) showError("The server could not be reached. Is it still running?");
+  } finally {
+    if (id === requestId) $("result").removeAttribute("aria-busy");
+  }
+}
+
+function firstImageFile(dataTransfer) {
+  if (!dataTransfer) return null;
+  for (const file of dataTransfer.files || []) return file;
+  for (const item of dataTransfer.items || []) {
+    if (item.kind === "file") return item.getAsFile();
+  }
+  return null;
+}
+
+function setUp() {
+  const input = $("file-input");
+  const zone = $("drop-zone");
+  input.addEventListener("change", () => {
+    classify(input.files[0]);
+    input.value = ""; // choosing the same file again classifies it again
+  });
+  // a drop anywhere on the page counts; without this the browser would open the file instead
+  document.addEventListener("dragover", (e) => { e.preventDefault(); zone.classList.add("dragging"); });
+  document.addEventListener("dragleave", (e) => {
+    if (e.relatedTarget === null) zone.classList.remove("dragging");
+  });
+  document.addEventListener("drop", (e) => {
+    e.preventDefault();
+    zone.classList.remove("dragging");
+    const file = firstImageFile(e.dataTransfer);
+    if (file) classify(file); else showError("Nothing to classify: drop an image file.");
+  });
+  document.addEventListener("paste", (e) => {
+    const file = firstImageFile(e.clipboardData);
+    if (file) { e.preventDefault(); classify(file); }
+  });
+  $("preview").addEventListener("error", () => { $("preview-figure").hidden = true; });
+  loadModelInfo();
+}
+
+setUp();

@@ -1,0 +1,292 @@
+"""Models: every registered model against the shared head API (walks ``list_models()``, so a new
+model is tested without anyone remembering), the registry's errors, and weight transfer with weight
+files the tests write themselves (never the network)."""
+from __future__ import annotations
+
+import pickle
+import urllib.error
+
+import pytest
+import torch
+import torch.nn as nn
+import torchvision
+from safetensors.torch import save_file
+
+from imgrec.errors import ConfigError, ModelFileError
+from imgrec.models import create_model, list_models, model_info, register_model
+from imgrec.models.base import count_params
+from imgrec.models.pretrained import freeze_backbone, load_pretrained
+from imgrec.safeio import save_weights
+
+NUM_CLASSES = 7
+
+# Every model at 28 px and 64 px, 1 and 3 channels ...
+CONTRACT_CASES = [(name, in_chans, size) for name in list_models() for in_chans in (1, 3) for size in (28, 64)]
+# ... plus the large-image variants (ImageNet stems and MLP heads) and odd sizes, for models cheap
+# enough there on a 2-core CPU (vgg16/resnet50/vit_b_16 at 224 would cost seconds each).
+CONTRACT_CASES += [("resnet18", 1, 224), ("efficientnet_b0", 3, 224), ("alexnet", 1, 224),
+                   ("vit_tiny", 3, 224), ("vgg11", 1, 96), ("resnet50", 3, 96), ("vit_b_16", 1, 112),
+                   ("vit_tiny", 1, 30), ("simple_cnn", 3, 31), ("lenet5", 1, 224)]
+
+
+def _case_id(case) -> str:
+    name, in_chans, size = case
+    return f"{name}-c{in_chans}-{size}px"
+
+
+# ----------------------------------------------------------------------------------------------
+# the head API, for every registered model
+@pytest.mark.parametrize("case", CONTRACT_CASES, ids=_case_id)
+def test_model_contract(case):
+    name, in_chans, size = case
+    torch.manual_seed(0)
+    model = create_model(name, num_classes=NUM_CLASSES, in_chans=in_chans, image_size=size)
+    x = torch.randn(2, in_chans, size, size)
+
+    # forward + backward in training mode: right shape, finite gradients for every trainable tensor
+    model.train()
+    logits = model(x)
+    assert logits.shape == (2, NUM_CLASSES)
+    loss = nn.functional.cross_entropy(logits, torch.tensor([0, NUM_CLASSES - 1]))
+    loss.backward()
+    assert torch.isfinite(loss)
+    for pname, p in model.named_parameters():
+        if p.requires_grad:
+            assert p.grad is not None, f"{name}: {pname} gets no gradient"
+            assert torch.isfinite(p.grad).all(), f"{name}: {pname} has a non-finite gradient"
+
+    # forward == forward_head(forward_features); features are a map (CNN) or tokens (ViT)
+    model.eval()
+    with torch.no_grad():
+        feats = model.forward_features(x)
+        expected_ndim = 3 if model_info(name).family == "vit" else 4
+        assert feats.ndim == expected_ndim, f"{name}: forward_features gave {tuple(feats.shape)}"
+        assert torch.allclose(model(x), model.forward_head(feats), atol=1e-5, rtol=1e-4)
+        assert model.forward_head(feats, pre_logits=True).shape == (2, model.num_features)
+
+    # the classifier is the final nn.Linear, and reset_classifier replaces it
+    head = model.get_classifier()
+    assert isinstance(head, nn.Linear) and head.out_features == NUM_CLASSES
+    assert head.in_features == model.num_features
+    assert [m for m in model.modules() if isinstance(m, nn.Linear)][-1] is head
+    model.reset_classifier(3)
+    assert model.get_classifier() is not head and model.get_classifier().out_features == 3
+    with torch.no_grad():
+        assert model(x).shape == (2, 3)
+
+    # freezing leaves exactly the classifier trainable
+    trainable = freeze_backbone(model)
+    assert trainable == count_params(model.get_classifier())
+    assert {id(p) for p in model.parameters() if p.requires_grad} == \
+        {id(p) for p in model.get_classifier().parameters()}
+
+
+@pytest.mark.parametrize("name", list_models())
+def test_registry_metadata(name):
+    info = model_info(name)
+    assert info.name == name and info.family in ("cnn", "vit")
+    assert 16 <= info.default_image_size <= 512
+    assert info.description
+    if info.pretrained is not None:
+        torchvision.models.get_weight(info.pretrained)  # resolves the enum name; no download
+
+
+def test_unknown_model_lists_choices():
+    with pytest.raises(ConfigError) as err:
+        create_model("resnet19")
+    for name in ("resnet18", "simple_cnn", "vit_tiny"):
+        assert name in str(err.value)
+
+
+def test_duplicate_registration_raises():
+    original = model_info("resnet18").fn
+    with pytest.raises(ValueError, match="already registered"):
+        register_model("resnet18")(lambda **kwargs: nn.Linear(1, 1))
+    assert model_info("resnet18").fn is original
+
+
+def test_bad_arguments():
+    with pytest.raises(ConfigError):
+        create_model("lenet5", in_chans=2)
+    with pytest.raises(ConfigError):
+        create_model("lenet5", num_classes=0)
+    with pytest.raises(ConfigError):
+        create_model("lenet5", image_size=8)
+
+
+def test_parameter_counts_match_independent_counts():
+    # LeNet-5 by hand: C1 6*1*25+6, C3 16*6*25+16, FC 400*120+120, 120*84+84, 84*10+10.
+    assert count_params(create_model("lenet5", num_classes=10, in_chans=1, image_size=28)) == 61706
+    # At ImageNet settings our rearranged ResNet-18 / EfficientNet-B0 are exactly torchvision's.
+    for name in ("resnet18", "efficientnet_b0"):
+        ours = create_model(name, num_classes=1000, in_chans=3, image_size=224)
+        theirs = getattr(torchvision.models, name)()
+        assert count_params(ours) == count_params(theirs)
+        assert sorted(t.shape for t in ours.state_dict().values()) == \
+            sorted(t.shape for t in theirs.state_dict().values())
+
+
+# ----------------------------------------------------------------------------------------------
+# weight transfer
+@pytest.fixture(scope="module")
+def resnet18_files(tmp_path_factory):
+    """A torchvision resnet18 (1000 classes) state dict, saved as .pth and as .safetensors."""
+    torch.manual_seed(1)
+    state = torchvision.models.resnet18(num_classes=1000).state_dict()
+    folder = tmp_path_factory.mktemp("resnet18")
+    torch.save(state, folder / "resnet18.pth")
+    save_file({k: v.contiguous() for k, v in state.items()}, str(folder / "resnet18.safetensors"))
+    return state, {"pth": folder / "resnet18.pth", "safetensors": folder / "resnet18.safetensors"}
+
+
+@pytest.mark.parametrize("fmt", ["pth", "safetensors"])
+def test_torchvision_resnet18_into_small_gray_model(resnet18_files, fmt):
+    state, files = resnet18_files
+    model = create_model("resnet18", num_classes=5, in_chans=1, image_size=32)
+    report = load_pretrained(model, "resnet18", weights_file=files[fmt])
+    own = model.state_dict()
+    assert torch.equal(own["features.layer1.0.conv1.weight"], state["layer1.0.conv1.weight"])
+    assert torch.equal(own["features.layer4.1.bn2.running_var"], state["layer4.1.bn2.running_var"])
+    # 3x3 small-image stem vs the file's 7x7: skipped, not an error; the head is new (5 classes)
+    assert set(report.skipped) == {"features.conv1.weight", "head.weight", "head.bias"}
+    assert "stem" in report.skipped["features.conv1.weight"]
+    assert report.loaded_count == len(state) - 3
+    assert model.get_classifier().out_features == 5
+    with torch.no_grad():
+        assert model(torch.randn(2, 1, 32, 32)).shape == (2, 5)
+
+
+def test_torchvision_resnet18_into_imagenet_sized_models(resnet18_files):
+    state, files = resnet18_files
+    rgb = create_model("resnet18", num_classes=5, in_chans=3, image_size=224)
+    report = load_pretrained(rgb, "resnet18", weights_file=files["pth"])
+    assert set(report.skipped) == {"head.weight", "head.bias"}  # everything but fc loads
+    assert torch.equal(rgb.state_dict()["features.conv1.weight"], state["conv1.weight"])
+
+    gray = create_model("resnet18", num_classes=5, in_chans=1, image_size=224)
+    report = load_pretrained(gray, "resnet18", weights_file=files["safetensors"])
+    # the 7x7 stem is kept at 224 px: its RGB kernels are summed for one channel
+    assert torch.allclose(gray.state_dict()["features.conv1.weight"], state["conv1.weight"].sum(1, keepdim=True))
+    assert "features.conv1.weight" in report.adapted
+    assert set(report.skipped) == {"head.weight", "head.bias"}
+
+
+def test_own_weights_round_trip(tmp_path):
+    torch.manual_seed(2)
+    source = create_model("resnet18", num_classes=5, in_chans=1, image_size=32).eval()
+    save_weights(tmp_path / "model.safetensors", source.state_dict())
+    target = create_model("resnet18", num_classes=5, in_chans=1, image_size=32).eval()
+    report = load_pretrained(target, "resnet18", weights_file=tmp_path / "model.safetensors")
+    assert not report.skipped and report.loaded_count == len(source.state_dict())  # head too: same shape
+    x = torch.randn(2, 1, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(source(x), target(x))
+
+
+def test_vit_weights_transfer_with_position_embedding_interpolation(tmp_path):
+    # torchvision's VisionTransformer at vit_tiny's sizes, 224 px / 16 px patches (a 14 x 14 grid)
+    torch.manual_seed(3)
+    tv = torchvision.models.VisionTransformer(image_size=224, patch_size=16, num_layers=12, num_heads=3,
+                                              hidden_dim=192, mlp_dim=768)
+    state = tv.state_dict()
+    torch.save(state, tmp_path / "vit.pth")
+
+    small = create_model("vit_tiny", num_classes=5, in_chans=3, image_size=32)  # 4 px patches, 8 x 8 grid
+    report = load_pretrained(small, "vit_tiny", weights_file=tmp_path / "vit.pth")
+    own = small.state_dict()
+    key = "encoder.layers.encoder_layer_3.mlp.0.weight"
+    assert torch.equal(own["features." + key], state[key])
+    pos = own["features.encoder.pos_embedding"]
+    assert pos.shape == (1, 1 + 8 * 8, 192)
+    assert torch.equal(pos[:, 0], state["encoder.pos_embedding"][:, 0])  # class token's embedding kept
+    assert "features.encoder.pos_embedding" in report.adapted
+    assert set(report.skipped) == {"features.conv_proj.weight", "head.weight", "head.bias"}  # 16 px vs 4 px patches
+
+    full = create_model("vit_tiny", num_classes=5, in_chans=3, image_size=224)
+    report = load_pretrained(full, "vit_tiny", weights_file=tmp_path / "vit.pth")
+    assert set(report.skipped) == {"head.weight", "head.bias"} and not report.adapted
+    assert torch.equal(full.state_dict()["features.encoder.pos_embedding"], state["encoder.pos_embedding"])
+
+
+def test_pretrained_offline_is_one_clear_error(monkeypatch, tmp_path):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+
+    def offline(self, *args, **kwargs):
+        raise urllib.error.URLError("[Errno -3] Temporary failure in name resolution")
+
+    monkeypatch.setattr(torchvision.models.WeightsEnum, "get_state_dict", offline)
+    model = create_model("resnet18", num_classes=5, in_chans=1, image_size=32)
+    with pytest.raises(ModelFileError) as err:
+        load_pretrained(model, "resnet18", pretrained=True)
+    message = str(err.value)
+    assert "could not be downloaded" in message and "--weights FILE" in message and "\n" not in message
+
+
+def test_pretrained_download_path_uses_safe_loading(monkeypatch, resnet18_files):
+    state, _ = resnet18_files
+    calls = []
+
+    def fake_fetch(self, *args, **kwargs):
+        calls.append((str(self), kwargs))
+        return dict(state)
+
+    monkeypatch.setattr(torchvision.models.WeightsEnum, "get_state_dict", fake_fetch)
+    model = create_model("resnet18", num_classes=5, in_chans=3, image_size=224)
+    report = load_pretrained(model, "resnet18", pretrained=True)
+    assert calls == [("ResNet18_Weights.IMAGENET1K_V1", {"progress": True, "check_hash": True, "weights_only": True})]
+    assert report.source == "ResNet18_Weights.IMAGENET1K_V1" and set(report.skipped) == {"head.weight", "head.bias"}
+
+
+def test_pretrained_argument_errors(tmp_path):
+    with pytest.raises(ConfigError, match="no pretrained"):
+        load_pretrained(create_model("vit_tiny", num_classes=5), "vit_tiny", pretrained=True)
+    with pytest.raises(ConfigError):
+        load_pretrained(create_model("lenet5"), "lenet5", pretrained=True, weights_file=tmp_path / "x.pth")
+    with pytest.raises(ModelFileError, match="not found"):
+        load_pretrained(create_model("lenet5"), "lenet5", weights_file=tmp_path / "missing.pth")
+
+
+class _Payload:
+    """Unpickling this creates the file ``target``: the kind of code a malicious .pth can carry."""
+
+    def __init__(self, target: str):
+        self.target = target
+
+    def __reduce__(self):
+        return (open, (self.target, "w"))
+
+
+def test_pickle_with_code_is_refused(tmp_path):
+    # the payload is real: plain pickle would run it
+    probe = tmp_path / "probe.txt"
+    pickle.loads(pickle.dumps(_Payload(str(probe)))).close()
+    assert probe.exists()
+
+    target = tmp_path / "pwned.txt"
+    torch.save({"conv.weight": torch.zeros(1), "evil": _Payload(str(target))}, tmp_path / "evil.pth")
+    with pytest.raises(ModelFileError, match="refused"):
+        load_pretrained(create_model("lenet5"), "lenet5", weights_file=tmp_path / "evil.pth")
+    assert not target.exists()
+
+
+def test_truncated_safetensors(resnet18_files, tmp_path):
+    _, files = resnet18_files
+    data = files["safetensors"].read_bytes()
+    (tmp_path / "cut.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ModelFileError, match="truncated"):
+        load_pretrained(create_model("resnet18", num_classes=5, image_size=32), "resnet18",
+                        weights_file=tmp_path / "cut.safetensors")
+
+
+def test_wrong_architecture_names_the_mismatch(resnet18_files):
+    _, files = resnet18_files
+    model = create_model("resnet34", num_classes=5, image_size=32)
+    with pytest.raises(ModelFileError) as err:
+        load_pretrained(model, "resnet34", weights_file=files["pth"])
+    assert "resnet34" in str(err.value) and "features.layer1.2." in str(err.value)
+    # an unrelated architecture: nothing fits at all
+    with pytest.raises(ModelFileError, match="no weights fit lenet5"):
+        load_pretrained(create_model("lenet5"), "lenet5", weights_file=files["pth"])
+    # strict_backbone=False loads what fits and reports the rest
+    report = load_pretrained(model, "resnet34", weights_file=files["pth"], strict_backbone=False)
+    assert "features.layer1.2.conv1.weight" in report.skipped and report.loaded_count > 0
