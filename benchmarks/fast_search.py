@@ -195,9 +195,9 @@ def run(cfg: dict, seed: int, data, test: bool, profile: bool = False, verbose: 
     prof = None
     if profile:
         prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU])
-    t_train = 0.0
+    t_train = c_train = 0.0
     for epoch in range(cfg["epochs"]):
-        te = time.perf_counter()
+        te, ce = time.perf_counter(), time.process_time()
         model.train()
         perm = torch.randperm(n, generator=gen)
         if prof is not None and epoch == 1:
@@ -222,17 +222,22 @@ def run(cfg: dict, seed: int, data, test: bool, profile: bool = False, verbose: 
         if prof is not None and epoch == 1:
             prof.__exit__(None, None, None)
         t_ep = time.perf_counter() - te
+        # CPU seconds / threads: what the epoch would take on an idle machine (other jobs share it).
+        c_ep = (time.process_time() - ce) / torch.get_num_threads()
         t_train += t_ep
+        c_train += c_ep
         tv = time.perf_counter()
         eval_model = ema.module if ema is not None else model
         val = evaluate(eval_model, xva, yva, cfg)
         t_val = time.perf_counter() - tv
         hist.append(dict(epoch=epoch + 1, loss=round(loss_sum.item() / steps_per_epoch, 4),
-                         val=round(val, 4), t_epoch=round(t_ep, 2), t_val=round(t_val, 2)))
+                         val=round(val, 4), t_epoch=round(t_ep, 2), cpu_epoch=round(c_ep, 2),
+                         t_val=round(t_val, 2)))
         if verbose:
             print(f"  seed {seed} ep {epoch + 1:2d} loss {hist[-1]['loss']:.4f} val {val:.4f} "
-                  f"train {t_ep:5.2f}s val-eval {t_val:4.2f}s", flush=True)
-    res = dict(seed=seed, val=hist[-1]["val"], t_train=round(t_train, 2),
+                  f"train {t_ep:5.2f}s (cpu/threads {c_ep:5.2f}s) val-eval {t_val:4.2f}s "
+                  f"load1 {os.getloadavg()[0]:.1f}", flush=True)
+    res = dict(seed=seed, val=hist[-1]["val"], t_train=round(t_train, 2), cpu_train=round(c_train, 2),
                t_run=round(time.perf_counter() - t0, 2), hist=hist)
     eval_model = ema.module if ema is not None else model
     res["val_noTTA"] = evaluate(eval_model, xva, yva, cfg, tta_flip=False)
@@ -291,7 +296,7 @@ def main() -> None:
         def mean(key):
             vals = [r[key] for r in results if key in r]
             return (sum(vals) / len(vals), max(vals) - min(vals)) if vals else (float("nan"), 0)
-        summary = {k: [round(x, 4) for x in mean(k)] for k in ("val", "val_noTTA", "val_TTA", "test", "t_train", "t_run")}
+        summary = {k: [round(x, 4) for x in mean(k)] for k in ("val", "val_noTTA", "val_TTA", "test", "t_train", "cpu_train", "t_run")}
         print("SUMMARY (mean, max-min) " + json.dumps(summary))
     print(f"total wall {time.perf_counter() - _T_START:.2f}s (process start to here; + interpreter "
           f"start); load1 {os.getloadavg()[0]:.2f}", flush=True)

@@ -84,11 +84,13 @@ def write_png(path, mode: str = "RGB", width: int = 16, height: int = 12, image=
     return write_image(path, "PNG", mode, width, height, image, **save)
 
 
-def write_jpeg(path, mode: str = "RGB", width: int = 16, height: int = 12, image=None, quality: int = 95, **save) -> Path:
+def write_jpeg(path, mode: str = "RGB", width: int = 16, height: int = 12, image=None, quality: int = 95,
+               **save) -> Path:
     return write_image(path, "JPEG", mode, width, height, image, quality=quality, **save)
 
 
-def write_webp(path, mode: str = "RGB", width: int = 16, height: int = 12, image=None, lossless: bool = True, **save) -> Path:
+def write_webp(path, mode: str = "RGB", width: int = 16, height: int = 12, image=None, lossless: bool = True,
+               **save) -> Path:
     return write_image(path, "WEBP", mode, width, height, image, lossless=lossless, **save)
 
 
@@ -169,7 +171,8 @@ def write_broken_exif_jpeg(path, kind: str = "garbage", image=None) -> Path:
     elif kind == "bad_offset":
         exif = b"Exif\x00\x00II*\x00" + struct.pack("<I", 0x7FFFFFF0)
     elif kind == "text_orientation":  # orientation as an ASCII string of 4 bytes: "6\0\0\0"
-        exif = b"Exif\x00\x00II*\x00\x08\x00\x00\x00" + struct.pack("<HHHI4s", 1, 0x0112, 2, 4, b"6\x00\x00\x00") + bytes(4)
+        entry = struct.pack("<HHHI4s", 1, 0x0112, 2, 4, b"6\x00\x00\x00")
+        exif = b"Exif\x00\x00II*\x00\x08\x00\x00\x00" + entry + bytes(4)
     elif kind == "orientation_99":
         exif = b"Exif\x00\x00II*\x00\x08\x00\x00\x00" + struct.pack("<HHHII", 1, 0x0112, 3, 1, 99) + bytes(4)
     else:
@@ -186,7 +189,8 @@ def write_animated_gif(path, colors=((255, 0, 0), (0, 255, 0), (0, 0, 255)), wid
 def write_animated_webp(path, colors=((255, 0, 0), (0, 255, 0), (0, 0, 255)), width: int = 8, height: int = 8) -> Path:
     """An animated WebP with one solid frame per colour."""
     frames = [Image.new("RGB", (width, height), c) for c in colors]
-    return write_image(path, "WEBP", image=frames[0], save_all=True, append_images=frames[1:], duration=50, lossless=True)
+    return write_image(path, "WEBP", image=frames[0], save_all=True, append_images=frames[1:], duration=50,
+                       lossless=True)
 
 
 def write_apng(path, colors=((255, 0, 0), (0, 255, 0)), width: int = 8, height: int = 8) -> Path:
@@ -210,7 +214,8 @@ def png_chunk(ctype: bytes, data: bytes) -> bytes:
     return struct.pack(">I", len(data)) + ctype + data + struct.pack(">I", zlib.crc32(ctype + data) & 0xFFFFFFFF)
 
 
-def png_bytes(width: int, height: int, idat: bytes, color_type: int = 0, bit_depth: int = 8, chunks_before: bytes = b"") -> bytes:
+def png_bytes(width: int, height: int, idat: bytes, color_type: int = 0, bit_depth: int = 8,
+              chunks_before: bytes = b"") -> bytes:
     """A PNG file from an already compressed IDAT stream."""
     ihdr = struct.pack(">IIBBBBB", width, height, bit_depth, color_type, 0, 0, 0)
     return PNG_MAGIC + png_chunk(b"IHDR", ihdr) + chunks_before + png_chunk(b"IDAT", idat) + png_chunk(b"IEND", b"")
@@ -280,7 +285,8 @@ def gif_bomb(path, width: int = 8000, height: int = 8000, via_frame_extent: bool
     """A GIF whose canvas is width×height but which holds one 1×1 frame. With ``via_frame_extent`` the
     logical screen is 1×1 and the frame is placed at (width-1, height-1), which grows Pillow's canvas."""
     screen = (1, 1) if via_frame_extent else (width, height)
-    frame = b"\x2c" + struct.pack("<HHHH", *((width - 1, height - 1) if via_frame_extent else (0, 0)), 1, 1) + b"\x00\x02\x02\x44\x01\x00"
+    x, y = (width - 1, height - 1) if via_frame_extent else (0, 0)
+    frame = b"\x2c" + struct.pack("<HHHH", x, y, 1, 1) + b"\x00\x02\x02\x44\x01\x00"
     header = b"GIF89a" + struct.pack("<HHBBB", *screen, 0x80, 0, 0) + b"\xff\x00\x00\x00\x00\xff"
     return _write(path, header + frame + b"\x3b")
 
@@ -406,7 +412,8 @@ def write_seed_corpus(directory) -> list[Path]:
     out.append(write_image(d / "webp_lossy.webp", "WEBP", "RGB", 8, 6, lossless=False))
     out.append(write_image(d / "jpeg_progressive.jpg", "JPEG", "RGB", 16, 16, progressive=True))
     out.append(write_image(d / "png_interlaced.png", "PNG", "RGB", 8, 6, interlace=1))
-    out.append(write_rle8_bmp(d / "bmp_rle8.bmp", np.arange(48).reshape(6, 8) // 5, [(i * 20, 255 - i * 20, 7) for i in range(10)]))
+    rle_palette = [(i * 20, 255 - i * 20, 7) for i in range(10)]
+    out.append(write_rle8_bmp(d / "bmp_rle8.bmp", np.arange(48).reshape(6, 8) // 5, rle_palette))
     out.append(write_image(d / "png_trns.png", "PNG", "P", 8, 6, transparency=0))
     out.append(write_exif_image(d / "exif6.jpg", "JPEG", 6, image=halves((255, 0, 0), (0, 0, 255), 8, 4)))
     out.append(write_exif_image(d / "exif3.png", "PNG", 3, image=halves((255, 0, 0), (0, 0, 255), 8, 4)))

@@ -14,10 +14,12 @@ from conftest import run_cli, write_image_folder
 def assert_clean_error(r, *needles):
     assert r.returncode != 0, r.stdout
     assert "Traceback" not in r.stderr, r.stderr
+    # exactly one error line, and it is the last thing printed (a progress banner may precede it)
     lines = [ln for ln in r.stderr.strip().splitlines() if ln.strip()]
-    assert len(lines) == 1, r.stderr
+    errors = [ln for ln in lines if ln.startswith("imgrec: error:")]
+    assert len(errors) == 1 and lines[-1] == errors[0], r.stderr
     for n in needles:
-        assert n in lines[0], lines[0]
+        assert n in errors[0], errors[0]
 
 
 def test_models_lists_registry():

@@ -29,6 +29,16 @@ CONTRACT_CASES += [("resnet18", 1, 224), ("efficientnet_b0", 3, 224), ("alexnet"
                    ("vit_tiny", 1, 30), ("simple_cnn", 3, 31), ("lenet5", 1, 224)]
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    # One intra-op thread: on a small shared CPU, OpenMP threads spinning against other processes
+    # made these tests several times slower (measured: resnet18 backward 4.7 s -> 0.2 s under load).
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def _case_id(case) -> str:
     name, in_chans, size = case
     return f"{name}-c{in_chans}-{size}px"
@@ -264,8 +274,9 @@ def test_pickle_with_code_is_refused(tmp_path):
 
     target = tmp_path / "pwned.txt"
     torch.save({"conv.weight": torch.zeros(1), "evil": _Payload(str(target))}, tmp_path / "evil.pth")
-    with pytest.raises(ModelFileError, match="refused"):
+    with pytest.raises(ModelFileError) as err:
         load_pretrained(create_model("lenet5"), "lenet5", weights_file=tmp_path / "evil.pth")
+    assert "evil.pth" in str(err.value)
     assert not target.exists()
 
 

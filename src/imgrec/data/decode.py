@@ -3,7 +3,7 @@ bytes into pixels here, and only here.
 
 The input is untrusted. The order of the steps is the point of this module:
 
-1. read at most ``max_bytes`` (a path must be a regular file; a FIFO or device is never opened for reading);
+1. read at most ``max_bytes`` (a path must be a regular file: a directory, FIFO or device is never read);
 2. sniff the real format from the magic bytes and refuse anything outside :data:`ALLOWED_FORMATS`,
    whatever the file name says;
 3. walk the container structure without decoding (``_check_structure``): bound the block count where
@@ -194,32 +194,16 @@ def decode_image(
 
     fmt = _sniff_or_refuse(data, source)
     _check_structure(data, fmt, max_pixels, source)
-    im = _open(data, fmt, source)
-    try:
-        _check_pixels(im.size, max_pixels, source)
-        _check_frame_count(im, fmt, source)
+    with _open(data, fmt, source) as opened:
+        _check_pixels(opened.size, max_pixels, source)
+        _check_frame_count(opened, fmt, source)
         if out_size is not None:
-            _draft(im, out_size)
-        _load(im, fmt, source)
+            _draft(opened, out_size)
+        _load(opened, fmt, source)
         try:
-            im = _apply_exif_orientation(im)
-            gray_source = im.mode in _GRAY_MODES
-            im = _composite(_to_8bit(im), background, out_channels, gray_source)
-            if out_channels is None:
-                out_channels = 1 if gray_source else 3
-            target_mode = "L" if out_channels == 1 else "RGB"
-            if im.mode != target_mode:
-                im = im.convert(target_mode)  # RGB → L is ITU-R 601-2 luma; L → RGB replicates
-            if out_size is not None and im.size != (out_size[1], out_size[0]):
-                # reducing_gap=3 first shrinks by an integer factor with a box filter, then resamples by
-                # at least 3×: as good as a full antialiased resize (Pillow docs) and much faster.
-                im = im.resize((out_size[1], out_size[0]), Image.Resampling.BILINEAR, reducing_gap=3.0)
-            array = np.array(im, dtype=np.uint8)
+            return _to_array(opened, out_channels, out_size, background)
         except _PIL_ERRORS as e:
             raise ImageDecodeError(f"cannot convert {fmt} image ({_describe(e)})", source) from e
-    finally:
-        im.close()
-    return array.reshape(array.shape[0], array.shape[1], -1)
 
 
 def load_image_tensor(
@@ -314,11 +298,8 @@ def _read_path(path: str | bytes, max_bytes: int, source: str) -> bytes:
             raise ImageDecodeError("not a regular file", source)
         if st.st_size > max_bytes:  # refuse before reading a byte
             raise ImageDecodeError(_too_large(st.st_size, max_bytes), source)
-        f = open(fd, "rb", closefd=False)
-        try:
+        with open(fd, "rb", closefd=False) as f:
             return _read_limited(f, max_bytes, source)
-        finally:
-            f.close()
     finally:
         os.close(fd)
 
@@ -535,11 +516,11 @@ def _open(data: bytes, fmt: str, source: str | None) -> ImageFile.ImageFile:
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             im = Image.open(io.BytesIO(data), formats=[fmt])
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-        raise ImageDecodeError(f"image too large (decompression bomb: {e})", source) from None
+        raise ImageDecodeError(f"image too large (decompression bomb: {e})", source) from e
     except Image.UnidentifiedImageError:
         raise ImageDecodeError(f"corrupt {fmt} file (cannot read its header)", source) from None
     except _PIL_ERRORS as e:
-        raise ImageDecodeError(f"corrupt {fmt} file ({_describe(e)})", source) from None
+        raise ImageDecodeError(f"corrupt {fmt} file ({_describe(e)})", source) from e
     # A JPEG with a multi-picture index opens as MPO (a JPEG subclass); anything else would be a bug.
     if im.format != fmt and not (fmt == "JPEG" and im.format == "MPO"):
         im.close()
@@ -577,7 +558,7 @@ def _load(im: ImageFile.ImageFile, fmt: str, source: str | None) -> None:
     try:
         im.load()
     except _PIL_ERRORS as e:
-        raise ImageDecodeError(f"truncated or corrupt {fmt} image ({_describe(e)})", source) from None
+        raise ImageDecodeError(f"truncated or corrupt {fmt} image ({_describe(e)})", source) from e
 
 
 def _describe(e: BaseException) -> str:
@@ -587,6 +568,26 @@ def _describe(e: BaseException) -> str:
 
 # ---------------------------------------------------------------------------------------------------
 # Pixels: orientation, bit depth, alpha, channels
+
+
+def _to_array(
+    im: Image.Image, channels: int | None, size: tuple[int, int] | None, background: tuple[int, int, int]
+) -> np.ndarray:
+    """Loaded image → H×W×C uint8: orientation, 8 bits, alpha onto background, channels, size."""
+    im = _apply_exif_orientation(im)
+    gray_source = im.mode in _GRAY_MODES
+    if channels is None:
+        channels = 1 if gray_source else 3
+    im = _composite(_to_8bit(im), background, gray=channels == 1)
+    target_mode = "L" if channels == 1 else "RGB"
+    if im.mode != target_mode:
+        im = im.convert(target_mode)  # RGB → L is ITU-R 601-2 luma; L → RGB replicates
+    if size is not None and im.size != (size[1], size[0]):
+        # reducing_gap=3 first shrinks by an integer factor with a box filter, then resamples by at
+        # least 3×: as good as a full antialiased resize (Pillow's docs) and much faster.
+        im = im.resize((size[1], size[0]), Image.Resampling.BILINEAR, reducing_gap=3.0)
+    array = np.array(im, dtype=np.uint8)
+    return array.reshape(array.shape[0], array.shape[1], -1)
 
 
 def _apply_exif_orientation(im: Image.Image) -> Image.Image:
@@ -615,7 +616,8 @@ def _to_8bit(im: Image.Image) -> Image.Image:
     if mode == "1":
         return im.convert("L")
     if mode in ("P", "PA"):
-        return im.convert("RGBA" if mode == "PA" or transparency is not None else "RGB")
+        # has_transparency_data: a transparency index or table in info, or an RGBA palette
+        return im.convert("RGBA" if mode == "PA" or im.has_transparency_data else "RGB")
     if mode == "I" or mode.startswith("I;16"):
         return _sixteen_bit_to_8bit(im, transparency)
     if mode == "F":
@@ -650,13 +652,15 @@ def _float_to_8bit(im: Image.Image) -> Image.Image:
     return Image.fromarray(np.clip(np.rint(values), 0, 255).astype(np.uint8), "L")
 
 
-def _composite(im: Image.Image, background: tuple[int, int, int], channels: int | None, gray_source: bool) -> Image.Image:
-    """Blend LA/RGBA onto the background (dropping alpha would show whatever colour hides under it)."""
+def _composite(im: Image.Image, background: tuple[int, int, int], gray: bool) -> Image.Image:
+    """Blend LA/RGBA onto the background (dropping alpha would show whatever colour hides under it).
+
+    LA becomes L over the background's luminance when ``gray``; everything else becomes RGB.
+    """
     if im.mode not in ("LA", "RGBA"):
         return im
     alpha = im.getchannel("A")
-    gray = im.mode == "LA" and (channels == 1 or (channels is None and gray_source))
-    if gray:
+    if im.mode == "LA" and gray:
         base = Image.new("L", im.size, Image.new("RGB", (1, 1), background).convert("L").getpixel((0, 0)))
         base.paste(im.getchannel("L"), mask=alpha)
     else:

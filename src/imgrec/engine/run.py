@@ -36,6 +36,8 @@ def resolve_config(recipe: str | None = None, config_file: str | None = None, ov
     cfg.update(file_cfg, source=str(config_file))
     cfg.update(overrides, source="command line")
     validate(cfg)
+    from imgrec.models import model_info
+    model_info(cfg.model.name)  # an unknown name fails now, listing the choices
     return cfg
 
 

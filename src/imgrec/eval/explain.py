@@ -38,6 +38,7 @@ VERTICAL_EDGE = np.array([[1, 0, -1], [1, 0, -1], [1, 0, -1]], dtype=np.float32)
 _ACTIVATIONS = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.GELU, nn.SiLU, nn.Hardswish, nn.ELU, nn.Tanh)
 _POOLS = (nn.MaxPool2d, nn.AvgPool2d)
 PATCH = 8  # side of the window of input pixels shown as numbers
+MIN_CAM_SIDE = 4  # a Grad-CAM map narrower than this says little about where
 
 
 def resolve_target(classes: list[str], target: str | int | None) -> int | None:
@@ -75,6 +76,38 @@ def _vit_parts(model: nn.Module) -> tuple[nn.Module, nn.Module, str]:
     return geometry, block, f"{name}.ln_1" if name else "ln_1"
 
 
+def _cnn_target(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, str]:
+    """(activations to explain, logits, their name) for a CNN.
+
+    Normally the last spatial map, ``forward_features(x)``. Some small-image networks pool that map down
+    to 1×1 or 2×2 (FastNet at 28 px ends at 1×1, AlexNet at 2×2), where Grad-CAM can only say "the whole
+    image"; then we take the deepest map at least ``MIN_CAM_SIDE`` cells wide that the forward pass went
+    through (an activation's output when there is one, as Grad-CAM uses rectified maps).
+    """
+    seen: dict[str, tuple[str, torch.Tensor]] = {}
+
+    def record(name: str):
+        def hook(module, inputs, output):
+            if isinstance(output, torch.Tensor) and output.dim() == 4 and output.requires_grad \
+                    and min(output.shape[-2:]) >= MIN_CAM_SIDE:
+                seen["any"] = (name, output)
+                if isinstance(module, _ACTIVATIONS):
+                    seen["activation"] = (name, output)
+        return hook
+
+    handles = [m.register_forward_hook(record(n)) for n, m in model.named_modules() if n]
+    try:
+        feats = model.forward_features(x)
+    finally:
+        for h in handles:
+            h.remove()
+    logits = model.forward_head(feats)
+    if min(feats.shape[-2:]) >= MIN_CAM_SIDE or not seen:
+        return feats, logits, "forward_features"
+    name, acts = seen.get("activation") or seen["any"]
+    return acts, logits, f"{name} (forward_features is only {feats.shape[-2]}×{feats.shape[-1]})"
+
+
 def grad_cam(model: nn.Module, x: torch.Tensor, target: int | None, family: str = "cnn"
              ) -> tuple[torch.Tensor, torch.Tensor, str]:
     """Grad-CAM for one normalised image ``x`` (1×C×H×W).
@@ -82,10 +115,11 @@ def grad_cam(model: nn.Module, x: torch.Tensor, target: int | None, family: str 
     Returns (heat map H×W in 0..1 at the input size, the logits of this un-augmented forward pass, the
     layer's name). ``target`` None means the arg-max class of that pass. Gradients are taken with
     ``torch.autograd.grad`` on the activations only, so no ``.grad`` is left on the model's parameters
-    (the model may be serving other requests).
+    (the model may be serving other requests). A map with no positive evidence for the class is all zero.
     """
     h, w = x.shape[-2:]
     x = x.detach().clone().requires_grad_(True)  # a graph exists even if every parameter is frozen
+    geometry = None
     with torch.enable_grad():
         if family == "vit":
             geometry, block, layer = _vit_parts(model)
@@ -97,22 +131,20 @@ def grad_cam(model: nn.Module, x: torch.Tensor, target: int | None, family: str 
                 handle.remove()
             acts = store["a"]
         else:
-            acts = model.forward_features(x)
-            logits = model.forward_head(acts)
-            layer = "forward_features"
+            acts, logits, layer = _cnn_target(model, x)
         t = int(logits[0].argmax()) if target is None else int(target)
         (grads,) = torch.autograd.grad(logits[0, t], acts)
     a, g = acts.detach()[0].float(), grads[0].float()
-    if family == "vit":
+    if geometry is not None:
         # tokens T×D → drop the class token(s) → D×grid×grid, like a CNN feature map
         n, grid = int(geometry.num_prefix_tokens), int(geometry.grid_size)
         a = a[n:].T.reshape(-1, grid, grid)
         g = g[n:].T.reshape(-1, grid, grid)
     weights = g.mean(dim=(1, 2))                       # one weight per channel: its average gradient
     cam = torch.relu((weights[:, None, None] * a).sum(0))
-    cam = _to_input_size(cam, h, w, geometry if family == "vit" else None)
+    cam = _to_input_size(cam, h, w, geometry)
     peak = float(cam.max())
-    cam = cam / peak if peak > 0 else torch.zeros_like(cam)  # no positive evidence: an all-zero map
+    cam = cam / peak if peak > 0 else torch.zeros_like(cam)
     return cam, logits.detach()[0].float(), layer
 
 

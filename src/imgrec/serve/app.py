@@ -189,11 +189,8 @@ class _ServerState:
             self._forward(torch.zeros(n, c.channels, c.image_size, c.image_size, dtype=torch.uint8))
 
 
-def _http_error(status: int, detail: str, retry_after: int | None = None, close: bool = False) -> StarletteHTTPException:
-    headers = {"Retry-After": str(retry_after)} if retry_after else {}
-    if close:  # answered before the body was read: see the end of predict()
-        headers["Connection"] = "close"
-    return StarletteHTTPException(status, detail, headers=headers or None)
+def _http_error(status: int, detail: str, retry_after: int | None = None) -> StarletteHTTPException:
+    return StarletteHTTPException(status, detail, headers={"Retry-After": str(retry_after)} if retry_after else None)
 
 
 # -- reading a request body: bounded, counted, in memory --------------------------------------------
@@ -329,6 +326,22 @@ async def _read_uploads(request: Request, body: _Body, max_files: int) -> tuple[
     return [(None, data)], False
 
 
+async def _drain(request: Request, body: _Body, timeout_s: float) -> bool:
+    """Read and drop the rest of a refused request's body: True if it ended within the size and time limits."""
+    async def drain() -> None:
+        async for chunk in request.stream():
+            body.total += len(chunk)  # counted, not kept
+            if body.total > body.limit:
+                raise OverflowError
+        body.finished = True
+
+    try:
+        await asyncio.wait_for(drain(), timeout_s)
+    except (TimeoutError, OverflowError, ClientDisconnect, RuntimeError):  # RuntimeError: stream already consumed
+        return False
+    return True
+
+
 def _decode_all(classifier, uploads: list[tuple[str | None, bytearray]], multipart: bool) -> torch.Tensor:
     """Decode every upload to the model's size and channels (runs in a worker thread)."""
     images = []
@@ -457,15 +470,29 @@ def create_app(classifier, settings: ServeSettings | None = None) -> FastAPI:
                       top_k: int = Query(5, ge=1, le=MAX_TOP_K, description="labels per image (capped at the "
                                                                                "number of classes)")):
         t0 = time.perf_counter()
+        body = _Body(state)
+        try:
+            probs = await _run_predict(request, body, t0)
+        except StarletteHTTPException as e:
+            if not body.finished:
+                # Answered before the whole body was read. A short remainder is read and dropped so the
+                # client can read the answer and keep its connection; a body over the limit (413), one
+                # too slow (408), or one that keeps coming gets the answer and a closed connection instead.
+                if e.status_code in (408, 413) or not await _drain(request, body, min(settings.read_timeout_s, 2.0)):
+                    e.headers = {**(e.headers or {}), "Connection": "close"}
+            raise
+        predictions = classifier.topk(probs, top_k)
+        return JSONResponse({"model": classifier.name, "predictions": predictions,
+                             "time_ms": round((time.perf_counter() - t0) * 1000, 3)})
+
+    async def _run_predict(request: Request, body: _Body, t0: float) -> torch.Tensor:
         if not state.ready or not state.batcher.alive:
-            raise _http_error(503, "the model is not ready", retry_after=1, close=True)
+            raise _http_error(503, "the model is not ready", retry_after=1)
         if state.active >= state.max_concurrent:
-            raise _http_error(503, f"server busy: {state.active} requests in progress; retry shortly", retry_after=1,
-                              close=True)
+            raise _http_error(503, f"server busy: {state.active} requests in progress; retry shortly", retry_after=1)
         state.active += 1
         state.batcher.announce()  # the batcher may hold a batch open for this request
         announced = True
-        body = _Body(state)
         try:
             body.check_declared(request)
             try:
@@ -489,25 +516,16 @@ def create_app(classifier, settings: ServeSettings | None = None) -> FastAPI:
             remaining = settings.timeout_s - (time.perf_counter() - t0)
             try:
                 # on timeout wait_for cancels the future: the worker skips it, or drops its finished rows
-                probs = await asyncio.wait_for(result, max(remaining, 0.0))
+                return await asyncio.wait_for(result, max(remaining, 0.0))
             except TimeoutError:
                 raise _http_error(504, f"inference did not finish within {settings.timeout_s:g} s") from None
             except BatcherStopped as e:
                 raise _http_error(503, str(e), retry_after=1) from None
-        except StarletteHTTPException as e:
-            if not body.finished:
-                # The rest of the body is still coming: close the connection after this answer rather than
-                # keep reading (and discarding) whatever a client streams at us.
-                e.headers = {**(e.headers or {}), "Connection": "close"}
-            raise
         finally:
             if announced:
                 state.batcher.withdraw()
             body.release()
             state.active -= 1
-        predictions = classifier.topk(probs, top_k)
-        return JSONResponse({"model": classifier.name, "predictions": predictions,
-                             "time_ms": round((time.perf_counter() - t0) * 1000, 3)})
 
     @app.get("/v1/model", response_model=ModelInfo, tags=["model"], summary="The served model")
     async def model_info():
