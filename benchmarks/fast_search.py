@@ -32,7 +32,8 @@ import torch.nn as nn  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "src"))
-from imgrec.models.fast import RECIPES, FastNet, param_groups_no_decay  # noqa: E402
+from imgrec.models.fast import (FASTNET_CFG, FASTNET_WIDE_CFG, RECIPES, FastNet,  # noqa: E402
+                               param_groups_no_decay)  # noqa: E402
 
 _T_IMPORTS = time.perf_counter()
 
@@ -96,12 +97,8 @@ def batch_augment(x_u8: torch.Tensor, pad: int, flip: bool, gen: torch.Generator
 
 # ---------------------------------------------------------------------------------------- model
 def build_model(cfg: dict) -> nn.Module:
-    if cfg["model"] == "fastnet":
-        kw = dict(stem_width=32, stem_stride=2, widths=(64, 128, 256), depths=(1, 1, 1))
-    elif cfg["model"] == "fastnet_wide":
-        kw = dict(stem_width=64, stem_stride=2, widths=(128, 256, 512), depths=(2, 2, 2))
-    else:
-        raise ValueError(cfg["model"])
+    # model_kw overrides the registered variant's sizes, so the search can try shapes freely.
+    kw = dict({"fastnet": FASTNET_CFG, "fastnet_wide": FASTNET_WIDE_CFG}[cfg["model"]])
     kw.update(cfg.get("model_kw") or {})
     return FastNet(num_classes=10, in_chans=1, **kw)
 

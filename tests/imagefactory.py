@@ -21,7 +21,7 @@ from PIL import Image
 __all__ = [
     "pattern", "write_image", "write_png", "write_jpeg", "write_webp", "write_bmp", "write_gif",
     "write_png16", "write_rle8_bmp", "rle8_bmp_bytes", "write_cmyk_jpeg", "write_exif_image", "write_broken_exif_jpeg",
-    "write_animated_gif", "write_animated_webp", "write_apng", "write_many_frames_gif", "write_apng_declaring",
+    "write_animated_gif", "write_animated_webp", "write_apng", "write_mpo", "write_many_frames_gif", "write_apng_declaring",
     "truncated_jpeg", "truncated_png", "truncate", "png_bomb", "gif_bomb", "bmp_bomb", "jpeg_bomb", "webp_bomb",
     "write_tiff", "write_eps", "write_pdf", "write_psd", "write_fits", "write_ico", "write_other_format",
     "png_with_appended_zip", "png_with_appended_html", "zero_byte", "random_bytes", "text_file",
@@ -197,6 +197,12 @@ def write_apng(path, colors=((255, 0, 0), (0, 255, 0)), width: int = 8, height: 
     """An animated PNG with one solid frame per colour."""
     frames = [Image.new("RGB", (width, height), c) for c in colors]
     return write_image(path, "PNG", image=frames[0], save_all=True, append_images=frames[1:], duration=50)
+
+
+def write_mpo(path, colors=((255, 0, 0), (0, 255, 0)), width: int = 8, height: int = 8) -> Path:
+    """A multi-picture JPEG (MPO, as stereo cameras write them) with one solid picture per colour."""
+    frames = [Image.new("RGB", (width, height), c) for c in colors]
+    return write_image(path, "MPO", image=frames[0], save_all=True, append_images=frames[1:])
 
 
 # The smallest GIF frame: 1×1 pixel, palette index 0, LZW minimum code size 2 (clear, 0, end).
@@ -421,6 +427,7 @@ def write_seed_corpus(directory) -> list[Path]:
     out.append(write_animated_gif(d / "anim.gif", width=4, height=4))
     out.append(write_animated_webp(d / "anim.webp", width=4, height=4))
     out.append(write_apng(d / "anim.png", width=4, height=4))
+    out.append(write_mpo(d / "multi.jpg", width=4, height=4))
     out.append(write_apng_declaring(d / "apng_5000.png", 5000))
     out.append(write_many_frames_gif(d / "frames_20.gif", 20))
     out.append(truncated_jpeg(d / "truncated.jpg"))

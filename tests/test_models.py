@@ -22,10 +22,11 @@ NUM_CLASSES = 7
 
 # Every model at 28 px and 64 px, 1 and 3 channels ...
 CONTRACT_CASES = [(name, in_chans, size) for name in list_models() for in_chans in (1, 3) for size in (28, 64)]
-# ... plus the large-image variants (ImageNet stems and MLP heads) and odd sizes, for models cheap
-# enough there on a 2-core CPU (vgg16/resnet50/vit_b_16 at 224 would cost seconds each).
+# ... plus the large-image variants (ImageNet stems, 16 px ViT patches, the AlexNet MLP head) and odd
+# sizes, for models cheap enough there on a 2-core CPU (vgg16/resnet50/vit_b_16 at 224 cost seconds
+# each; VGG's 120 M-parameter MLP head gets a forward-only check below).
 CONTRACT_CASES += [("resnet18", 1, 224), ("efficientnet_b0", 3, 224), ("alexnet", 1, 224),
-                   ("vit_tiny", 3, 224), ("vgg11", 1, 96), ("resnet50", 3, 96), ("vit_b_16", 1, 112),
+                   ("vit_tiny", 3, 224), ("resnet50", 3, 96),
                    ("vit_tiny", 1, 30), ("simple_cnn", 3, 31), ("lenet5", 1, 224)]
 
 
@@ -82,13 +83,23 @@ def test_model_contract(case):
     model.reset_classifier(3)
     assert model.get_classifier() is not head and model.get_classifier().out_features == 3
     with torch.no_grad():
-        assert model(x).shape == (2, 3)
+        assert model.forward_head(feats).shape == (2, 3)
 
     # freezing leaves exactly the classifier trainable
     trainable = freeze_backbone(model)
     assert trainable == count_params(model.get_classifier())
     assert {id(p) for p in model.parameters() if p.requires_grad} == \
         {id(p) for p in model.get_classifier().parameters()}
+
+
+def test_vgg_imagenet_head_from_96px():
+    # From 96 px VGG keeps torchvision's 25088-4096-4096 MLP (so ImageNet weights load in full).
+    model = create_model("vgg11", num_classes=NUM_CLASSES, in_chans=1, image_size=96).eval()
+    assert model.num_features == 4096 and model.neck[0].in_features == 512 * 7 * 7
+    with torch.no_grad():
+        feats = model.forward_features(torch.randn(1, 1, 96, 96))
+        assert feats.shape == (1, 512, 6, 6)  # 4 of the 5 pools kept: 96 / 16
+        assert model.forward_head(feats).shape == (1, NUM_CLASSES)
 
 
 @pytest.mark.parametrize("name", list_models())

@@ -28,7 +28,7 @@ httpx = pytest.importorskip("httpx")
 
 from PIL import Image  # noqa: E402
 
-from imgrec.serve.app import ServeSettings, _uvicorn_options, create_app, load_classifier  # noqa: E402
+from imgrec.serve.app import ServeSettings, _uvicorn_options, bind_socket, create_app, load_classifier  # noqa: E402
 from imgrec.serve.batcher import Batcher, BatcherStopped, QueueFull  # noqa: E402
 
 from conftest import run_cli  # noqa: E402
@@ -42,8 +42,7 @@ class LiveServer:
 
     def __init__(self, app, settings: ServeSettings):
         import uvicorn
-        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self.sock.bind(("127.0.0.1", 0))
+        self.sock = bind_socket("127.0.0.1", 0)
         self.port = self.sock.getsockname()[1]
         self.url = f"http://127.0.0.1:{self.port}"
         self.app = app
@@ -507,7 +506,7 @@ def slow_server(classifier):
 
 def test_more_requests_than_the_queue_holds_get_503_quickly(slow_server, classifier, images):
     server, slow = slow_server
-    slow.delay = 0.15  # two images per 0.15 s pass: 24 requests need far longer than the queue allows
+    slow.delay = 0.5  # two images per 0.5 s pass: 24 requests need far longer than the queue allows
 
     def one(i):
         with httpx.Client(base_url=server.url, timeout=30) as c:
@@ -521,9 +520,14 @@ def test_more_requests_than_the_queue_holds_get_503_quickly(slow_server, classif
     assert set(statuses) <= {200, 503, 504}, statuses
     assert statuses.count(503) >= 8, statuses
     assert statuses.count(200) >= 2, statuses
+    refused = sorted(elapsed for _, r, elapsed in results if r.status_code == 503)
+    served = sorted(elapsed for _, r, elapsed in results if r.status_code == 200)
+    # refusals come at once, while an accepted request waits for one or more 0.5 s passes (generous bounds:
+    # this machine may be busy with other work, and 24 client threads share the process with the server)
+    assert refused[len(refused) // 2] < 0.5 and refused[-1] < 1.5, refused
+    assert refused[len(refused) // 2] < served[-1] / 2, (refused, served)
     for i, r, elapsed in results:
         if r.status_code == 503:
-            assert elapsed < 0.75, f"a 503 took {elapsed:.2f} s"
             assert r.headers["retry-after"] == "1"
             assert "busy" in assert_json_error(r, 503)
         elif r.status_code == 200:  # accepted requests get their own, correct answer
@@ -668,10 +672,16 @@ def test_batcher_unit():
 
 
 # -- the command line ------------------------------------------------------------------------------------
-def test_cli_refuses_a_bad_model_dir_in_one_line(tmp_path, trained_run):
-    r = run_cli("serve", "--model", tmp_path / "missing", timeout=120)
-    assert r.returncode == 2 and "Traceback" not in r.stderr
-    assert r.stderr.count("\n") == 1 and "missing" in r.stderr
+def _cli(capsys, *args) -> tuple[int, str]:
+    """``imgrec`` in this process (these all fail before serving, so no subprocess start-up is needed)."""
+    from imgrec.cli import main
+    code = main([str(a) for a in args])
+    return code, capsys.readouterr().err
+
+
+def test_cli_refuses_bad_models_and_settings_in_one_line(tmp_path, trained_run, capsys):
+    code, err = _cli(capsys, "serve", "--model", tmp_path / "missing")
+    assert code == 2 and err.count("\n") == 1 and "missing" in err and err.startswith("imgrec: error:")
 
     broken = tmp_path / "broken"
     broken.mkdir()
@@ -680,23 +690,25 @@ def test_cli_refuses_a_bad_model_dir_in_one_line(tmp_path, trained_run):
             (broken / f.name).write_bytes(f.read_bytes())
     weights = broken / "best.safetensors"
     weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
-    r = run_cli("serve", "--model", broken, "--port", "0", timeout=120)
-    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
-    assert r.stderr.count("\n") == 1 and "best.safetensors" in r.stderr
+    code, err = _cli(capsys, "serve", "--model", broken, "--port", "0")
+    assert code == 2 and err.count("\n") == 1 and "best.safetensors" in err
 
-    r = run_cli("serve", "--model", trained_run[0], "--max-batch", "0", timeout=120)
-    assert r.returncode == 2 and "max-batch" in r.stderr and "Traceback" not in r.stderr
+    for flag, value in (("--max-batch", "0"), ("--max-upload-mb", "-1"), ("--timeout-s", "nan"),
+                        ("--queue-size", "0"), ("--workers", "0"), ("--port", "70000")):
+        code, err = _cli(capsys, "serve", "--model", trained_run[0], flag, value)
+        assert code == 2 and err.count("\n") == 1, (flag, err)
+        assert flag.lstrip("-").split("-")[0] in err, (flag, err)
 
 
-def test_cli_port_in_use_is_one_line(trained_run):
+def test_cli_port_in_use_is_one_line(trained_run, capsys):
     taken = socket.socket()
     taken.bind(("127.0.0.1", 0))
     taken.listen()
     try:
-        r = run_cli("serve", "--model", trained_run[0], "--port", taken.getsockname()[1], timeout=120)
+        code, err = _cli(capsys, "serve", "--model", trained_run[0], "--port", taken.getsockname()[1])
     finally:
         taken.close()
-    assert r.returncode == 2 and "cannot listen" in r.stderr and "Traceback" not in r.stderr
+    assert code == 2 and "cannot listen" in err and err.count("\n") == 1
 
 
 def test_cli_serves_on_loopback_and_stops_cleanly(trained_run, images):
@@ -735,26 +747,34 @@ def test_cli_serves_on_loopback_and_stops_cleanly(trained_run, images):
 
 
 # -- schemathesis over the OpenAPI schema ---------------------------------------------------------------------
-schemathesis = pytest.importorskip("schemathesis")
-from hypothesis import HealthCheck, settings  # noqa: E402
+def test_schemathesis(server):
+    """Random valid and invalid requests to every operation: never a 5xx, always the documented shapes.
 
-from schemathesis import checks as st_checks  # noqa: E402
+    Driven through Hypothesis directly: schemathesis' pytest plugin (from_fixture) does not run under pytest 9.
+    """
+    schemathesis = pytest.importorskip("schemathesis")
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis.errors import Unsatisfiable
+    from schemathesis import GenerationMode
+    from schemathesis import checks as sc
 
-
-@pytest.fixture(scope="module")
-def api_schema(server):
+    checks = [sc.not_a_server_error, sc.status_code_conformance, sc.content_type_conformance,
+              sc.response_schema_conformance, sc.response_headers_conformance, sc.negative_data_rejection]
     schema = schemathesis.openapi.from_url(f"{server.url}/openapi.json")
-    return schema
+    tested = []
+    for result in schema.get_all_operations():
+        operation = result.ok()
+        for mode in (GenerationMode.POSITIVE, GenerationMode.NEGATIVE):
+            @given(case=operation.as_strategy(generation_mode=mode))
+            @settings(max_examples=30, deadline=None, derandomize=True, database=None,
+                      suppress_health_check=list(HealthCheck))
+            def run(case):
+                case.call_and_validate(checks=checks)
 
-
-api = schemathesis.pytest.from_fixture("api_schema")
-
-
-@api.parametrize()
-@settings(max_examples=25, deadline=None, derandomize=True,
-          suppress_health_check=[HealthCheck.too_slow, HealthCheck.filter_too_much, HealthCheck.function_scoped_fixture])
-def test_schemathesis(case):
-    """Random valid and invalid requests to every operation: never a 5xx, always the documented shapes."""
-    case.call_and_validate(checks=[st_checks.not_a_server_error, st_checks.status_code_conformance,
-                                   st_checks.content_type_conformance, st_checks.response_schema_conformance,
-                                   st_checks.response_headers_conformance, st_checks.negative_data_rejection])
+            try:
+                run()
+            except Unsatisfiable:  # nothing invalid to send (an operation without parameters or body)
+                continue
+            tested.append((operation.label, mode.name))
+    assert {label for label, _ in tested} == {"GET /healthz", "GET /readyz", "GET /v1/model", "POST /v1/predict"}
+    assert ("POST /v1/predict", "NEGATIVE") in tested

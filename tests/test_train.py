@@ -47,7 +47,7 @@ def test_resume_extends_a_finished_run(tmp_path):
     # the schedule must be the 2-epoch one, so run b was configured for 1 epoch: extend it
     cfg_b = RunConfig.from_dict(yaml.safe_load((b / "config.yaml").read_text()))
     assert cfg_b.train.epochs == 1
-    s = train(small_cfg(epochs=2), b, resume=True, progress=False, evaluate_test=False)
+    s = train(small_cfg(epochs=5), b, resume=True, progress=False, evaluate_test=False, extend_epochs=2)
     assert s["epochs_run"] == 2
     rows = list(csv.DictReader((b / "metrics.csv").open()))
     assert [r["epoch"] for r in rows] == ["1", "2"]
@@ -108,6 +108,13 @@ def test_existing_run_needs_resume_or_overwrite(tmp_path, trained_run):
 def test_resume_without_checkpoint(tmp_path):
     with pytest.raises(ConfigError, match="nothing to resume"):
         train(small_cfg(), tmp_path / "none", resume=True)
+    # stopped before the first checkpoint: --resume starts over with the saved config
+    from imgrec.config import RunConfig
+    (tmp_path / "early").mkdir()
+    cfg = small_cfg(epochs=1, train_limit=300, val_split=100)
+    (tmp_path / "early" / "config.yaml").write_text(cfg.to_yaml())
+    s = train(small_cfg(epochs=9), tmp_path / "early", resume=True, progress=False, evaluate_test=False)
+    assert s["epochs_run"] == 1
 
 
 def test_early_stopping(tmp_path, monkeypatch):

@@ -3,16 +3,36 @@
     from imgrec import Classifier
     clf = Classifier.load("runs/fm-fastnet")
     clf.predict("shoe.jpg")   # [{"label": "Sneaker", "score": 0.97}, ...]
+
+The public names below are imported on first use, so that ``import imgrec.data.decode`` (the fuzzer, the
+server's workers) does not pay for importing the whole package.
 """
+from __future__ import annotations
+
+import importlib
+
 __version__ = "0.1.0"
 
-from imgrec.errors import ConfigError, DatasetError, ImageDecodeError, ImgrecError, ModelFileError  # noqa: E402
-from imgrec.infer.predictor import Classifier  # noqa: E402
-from imgrec.models.registry import create_model, list_models, model_info, register_model  # noqa: E402
-from imgrec.data.loader import load_data  # noqa: E402
-from imgrec.config import RunConfig  # noqa: E402
-from imgrec.engine.run import resolve_config, train  # noqa: E402
+_EXPORTS = {
+    "Classifier": "imgrec.infer.predictor",
+    "ConfigError": "imgrec.errors", "DatasetError": "imgrec.errors", "ImageDecodeError": "imgrec.errors",
+    "ImgrecError": "imgrec.errors", "ModelFileError": "imgrec.errors",
+    "RunConfig": "imgrec.config",
+    "create_model": "imgrec.models.registry", "list_models": "imgrec.models.registry",
+    "model_info": "imgrec.models.registry", "register_model": "imgrec.models.registry",
+    "load_data": "imgrec.data.loader",
+    "resolve_config": "imgrec.engine.run", "train": "imgrec.engine.run",
+}
+__all__ = sorted(_EXPORTS) + ["__version__"]
 
-__all__ = ["Classifier", "ConfigError", "DatasetError", "ImageDecodeError", "ImgrecError", "ModelFileError",
-           "RunConfig", "create_model", "list_models", "load_data", "model_info", "register_model",
-           "resolve_config", "train", "__version__"]
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(_EXPORTS[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'imgrec' has no attribute {name!r}")
+
+
+def __dir__():
+    return __all__

@@ -77,13 +77,15 @@ def cmd_train(args) -> int:
     overrides = {TRAIN_OPTIONS[k]: v for k, v in vars(args).items() if k in TRAIN_OPTIONS and v is not None}
     if args.no_augment:
         overrides["crop_padding"], overrides["flip"] = 0, False
-    cfg = resolve_config(args.recipe, args.config, overrides, model_given=args.model is not None)
+    # on --resume the run's saved config.yaml governs (only a larger --epochs is taken from the command line)
+    cfg = resolve_config(args.recipe, args.config, overrides, model_given=args.model is not None or args.resume)
     out = Path(args.out) if args.out else _default_out(cfg.data.data, cfg.model.name)
     args.out = str(out)  # for the resume hint after Ctrl-C
     if not args.quiet and not args.json:
         print(f"training {cfg.model.name} on {cfg.data.data} → {out}"
               + (f" (recipe {cfg.recipe})" if cfg.recipe else ""), file=sys.stderr)
-    summary = train(cfg, out, resume=args.resume, overwrite=args.overwrite, progress=not (args.quiet or args.json))
+    summary = train(cfg, out, resume=args.resume, overwrite=args.overwrite, progress=not (args.quiet or args.json),
+                    extend_epochs=args.epochs)
     if args.json:
         _print_json(summary)
     else:

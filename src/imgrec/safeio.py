@@ -32,6 +32,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     tmp = Path(tmp)
     try:
         yield tmp
+        _fault_point(path)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -39,6 +40,25 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+_fault_counts: dict[str, int] = {}
+
+
+def _fault_point(path: Path) -> None:
+    """Fault injection for the crash tests: ``IMGREC_FAULT_KILL_SAVE=<file name>:<n>`` makes the process
+    SIGKILL itself on the n-th write of that file, after the temporary file is written and before the
+    rename — the worst moment for a crash. Unset (always, outside tests) this does nothing."""
+    spec = os.environ.get("IMGREC_FAULT_KILL_SAVE")
+    if not spec:
+        return
+    name, _, n = spec.rpartition(":")
+    if path.name != name:
+        return
+    _fault_counts[name] = _fault_counts.get(name, 0) + 1
+    if _fault_counts[name] == int(n):
+        import signal
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
@@ -125,10 +145,14 @@ def load_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         except (SafetensorError, OSError, ValueError, RuntimeError) as e:
             raise ModelFileError(f"{path}: corrupt or truncated safetensors file ({_first_line(e)})") from None
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        import warnings
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch's notes on pickle protocols: noise for the user
+            obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises UnpicklingError, RuntimeError, EOFError ... for bad files
         msg = _first_line(e)
-        if "weights_only" in msg or "Unsupported global" in msg or "GLOBAL" in msg:
+        import pickle
+        if isinstance(e, pickle.UnpicklingError) or "Weights only load failed" in str(e) or "weights_only" in msg:
             raise ModelFileError(f"{path}: refused: the file is a pickle that is not plain weights "
                                  f"(it may carry code); only safetensors or plain state dicts are loaded") from None
         raise ModelFileError(f"{path}: not a readable weights file ({msg})") from None

@@ -1,3 +1,1 @@
-from imgrec.data.loader import BatchLoader, DataBundle, ImageData, load_data
-
-__all__ = ["BatchLoader", "DataBundle", "ImageData", "load_data"]
+"""Data sources, the safe decoder and the in-memory loader (import the submodules you need)."""

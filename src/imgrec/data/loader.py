@@ -206,13 +206,13 @@ def _load_files(path: Path, kind: str, image_size, channels, val_split, split_se
 
 def _guess_channels(paths: list[Path], probe: int = 32) -> int:
     """1 when the first images are all grayscale, else 3 (a colour dataset decoded as colour)."""
-    from PIL import Image
+    from imgrec.data.decode import decode_image
+    from imgrec.errors import ImageDecodeError
     for p in paths[:probe]:
         try:
-            with Image.open(p) as im:
-                if im.mode not in ("1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "F"):
-                    return 3
-        except Exception:  # bad files are reported by the decoder, not here
+            if decode_image(p, channels=None, size=8).shape[2] == 3:
+                return 3
+        except ImageDecodeError:  # bad files are reported when the whole set is decoded
             continue
     return 1
 

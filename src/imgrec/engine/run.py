@@ -67,23 +67,32 @@ def model_meta(bundle: DataBundle, cfg: RunConfig, model_kwargs: dict) -> dict:
 
 
 def train(cfg: RunConfig, out: str | Path, *, resume: bool = False, overwrite: bool = False,
-          progress: bool = True, evaluate_test: bool = True) -> dict:
-    """Train per ``cfg`` into run directory ``out``; returns a summary (best val accuracy, test accuracy, times)."""
+          progress: bool = True, evaluate_test: bool = True, extend_epochs: int | None = None) -> dict:
+    """Train per ``cfg`` into run directory ``out``; returns a summary (best val accuracy, test accuracy, times).
+
+    With ``resume`` the run's saved config.yaml governs and ``cfg`` is ignored, except that
+    ``extend_epochs`` may raise the number of epochs of a run (a finished one included).
+    """
     t_start = time.perf_counter()
     out = Path(out)
+    has_checkpoint = (out / CHECKPOINT_NAME).is_file()
     if resume:
-        if not (out / CHECKPOINT_NAME).is_file():
-            raise ConfigError(f"{out}: nothing to resume (no {CHECKPOINT_NAME})")
+        if not (out / "config.yaml").is_file():
+            raise ConfigError(f"{out}: nothing to resume (no config.yaml; start it without --resume)")
         saved = RunConfig.from_dict(load_yaml(out / "config.yaml"))
-        if cfg.train.epochs != saved.train.epochs and cfg.train.epochs > saved.train.epochs:
-            saved.train.epochs = cfg.train.epochs  # resuming may extend a run, nothing else changes
+        if extend_epochs and extend_epochs > saved.train.epochs:
+            saved.train.epochs = int(extend_epochs)  # resuming may extend a run, nothing else changes
         cfg = saved
+        if not has_checkpoint and progress:
+            print(f"{out}: no checkpoint yet (stopped during the first epoch); starting over", file=sys.stderr)
     elif out.exists() and any((out / n).exists() for n in (META_NAME, CHECKPOINT_NAME, "config.yaml")):
         if not overwrite:
             raise ConfigError(f"{out}: already holds a run; use --resume to continue it or --overwrite to replace it")
         for n in (META_NAME, CHECKPOINT_NAME, "config.yaml", "metrics.csv", "best.safetensors", "last.safetensors"):
             (out / n).unlink(missing_ok=True)
     check_writable(out, need_bytes=64 << 20)
+    for stale in out.glob(".*.tmp"):  # temporary files left by a crash mid-write; the real files are intact
+        stale.unlink(missing_ok=True)
 
     t = cfg.train
     set_threads(t.threads)
@@ -129,7 +138,7 @@ def train(cfg: RunConfig, out: str | Path, *, resume: bool = False, overwrite: b
         callbacks.append(EarlyStopping(t.patience))
     trainer = Trainer(model, t, train_loader, val_loader, device=device, amp=amp, channels_last=channels_last,
                       run_dir=out, callbacks=callbacks, on_save=on_save)
-    if resume:
+    if resume and has_checkpoint:
         trainer.resume()
         atomic_write_text(out / "config.yaml", cfg.to_yaml())  # records an extended --epochs
         if progress:

@@ -221,8 +221,11 @@ class Trainer:
             self.scheduler.load_state_dict(state["scheduler"])
         else:
             # the run was extended (--resume with more --epochs): follow the new schedule from where we are
+            import warnings
             self.scheduler.last_epoch = done - 1
-            self.scheduler.step()
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # "scheduler.step() before optimizer.step()": intended here
+                self.scheduler.step()
         if state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
         if self.ema is not None:

@@ -105,7 +105,8 @@ def reliability_diagram(bins: dict[str, list], ece: float) -> bytes:
             label="accuracy")
     # the gap between accuracy and mean confidence is what ECE averages (weighted by the bin's count)
     top.bar(lower[filled], conf[filled] - acc[filled], bottom=acc[filled], width=width[filled], align="edge",
-            color="#dd8452", alpha=0.45, edgecolor="#dd8452", label="gap to mean confidence")
+            facecolor=(0.87, 0.2, 0.2, 0.18), edgecolor="#c03030", hatch="//", lw=0.8,
+            label="gap to the bin's mean confidence")
     top.set_xlim(0, 1)
     top.set_ylim(0, 1)
     top.set_ylabel("accuracy")
@@ -121,20 +122,21 @@ def reliability_diagram(bins: dict[str, list], ece: float) -> bytes:
 
 
 def class_counts(counts: dict[str, Sequence[int]], classes: Sequence[str]) -> bytes:
-    """Images per class in each split, as grouped horizontal bars."""
-    splits = [s for s in ("train", "val", "test") if s in counts] + [s for s in counts if s not in ("train", "val", "test")]
+    """Images per class in each split, as grouped bars (classes along the x axis)."""
+    splits = list(counts)
     k = len(classes)
-    fig = Figure(figsize=(7, max(2.5, 0.32 * k * max(1, len(splits)) ** 0.5 + 1)))
+    fig = Figure(figsize=(min(14.0, max(6.0, 0.28 * k * len(splits) + 2)), 3.2))
     ax = fig.subplots()
-    h = 0.8 / max(1, len(splits))
-    y = np.arange(k)
+    w = 0.8 / max(1, len(splits))
+    x = np.arange(k)
     for i, s in enumerate(splits):
-        ax.barh(y + (i - (len(splits) - 1) / 2) * h, counts[s], height=h, label=s)
-    ax.set_yticks(y, [_short(c, 20) for c in classes], fontsize=8)
-    ax.invert_yaxis()
-    ax.set_xlabel("images")
-    ax.legend(fontsize=8)
-    ax.grid(axis="x", alpha=0.3)
+        ax.bar(x + (i - (len(splits) - 1) / 2) * w, counts[s], width=w, label=s)
+    ax.set_xticks(x, [_short(c, 16) for c in classes], rotation=35 if k > 6 else 0, ha="right" if k > 6 else "center",
+                  fontsize=8)
+    ax.set_ylabel("images")
+    ax.legend(fontsize=8, ncols=len(splits), loc="upper center", bbox_to_anchor=(0.5, 1.15), frameon=False)
+    ax.grid(axis="y", alpha=0.3)
+    ax.set_xlim(-0.6, k - 0.4)
     fig.tight_layout()
     return to_png(fig)
 

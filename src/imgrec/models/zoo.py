@@ -267,7 +267,7 @@ def _vit(num_classes: int, in_chans: int, image_size: int, *, depth: int, heads:
 @register_model("vit_tiny", default_image_size=32, family="vit",
                 description="ViT-Tiny (DeiT-Ti sizes: dim 192, depth 12, 3 heads) with patch size from image size")
 def vit_tiny(num_classes: int = 10, in_chans: int = 3, image_size: int = 32, drop_rate: float = 0.0):
-    """ViT for small images: DeiT-Tiny's proven width/depth (5.5 M parameters), 4 px patches at 28-32 px.
+    """ViT for small images: DeiT-Tiny's proven width/depth (5.4 M parameters at 32 px), 4 px patches at 28-32 px.
 
     No torchvision ImageNet weights exist at this width, so it trains from scratch.
     """

@@ -178,9 +178,17 @@ class _ServerState:
         self.ready = False
         self.batcher = Batcher(self._forward, settings.max_batch, settings.max_wait_ms / 1000, settings.queue_size)
 
-    def _forward(self, batch: torch.Tensor) -> torch.Tensor:
+    def _forward(self, batch: torch.Tensor) -> list[tuple[list[float], list[int]]]:
+        """Per image: (scores, class indices), best first, as Python lists (runs in the batcher's thread).
+
+        Sorting and ``tolist`` once per batch here, instead of a ``topk`` per request on the event loop,
+        keeps torch calls (and their GIL hand-offs) off the thread that answers every connection.
+        """
         # chunks of max_batch bound memory when one request brings more images than a batch holds
-        return self.classifier.probabilities(batch, batch_size=self.settings.max_batch)
+        probs = self.classifier.probabilities(batch, batch_size=self.settings.max_batch)
+        scores, idx = probs.sort(dim=1, descending=True, stable=True)
+        k = min(MAX_TOP_K, probs.shape[1])
+        return list(zip(scores[:, :k].tolist(), idx[:, :k].tolist()))
 
     def warm_up(self) -> None:
         """Run the shapes the server will see first, so the first real request is not the slow one."""
@@ -425,6 +433,9 @@ def create_app(classifier, settings: ServeSettings | None = None) -> FastAPI:
     ASGI server (uvicorn) or ``httpx``/Starlette test clients that run the lifespan.
     """
     settings = settings or ServeSettings()
+    # python-multipart logs a warning for each malformed header it meets; we answer those with 400, and
+    # a client sending thousands must not be able to fill the server's log.
+    logging.getLogger("python_multipart").setLevel(logging.ERROR)
     state = _ServerState(classifier, settings)
     static = _load_static()
     swagger = _load_swagger_assets()
@@ -472,7 +483,7 @@ def create_app(classifier, settings: ServeSettings | None = None) -> FastAPI:
         t0 = time.perf_counter()
         body = _Body(state)
         try:
-            probs = await _run_predict(request, body, t0)
+            rows = await _run_predict(request, body, t0)
         except StarletteHTTPException as e:
             if not body.finished:
                 # Answered before the whole body was read. A short remainder is read and dropped so the
@@ -481,11 +492,13 @@ def create_app(classifier, settings: ServeSettings | None = None) -> FastAPI:
                 if e.status_code in (408, 413) or not await _drain(request, body, min(settings.read_timeout_s, 2.0)):
                     e.headers = {**(e.headers or {}), "Connection": "close"}
             raise
-        predictions = classifier.topk(probs, top_k)
+        classes = classifier.classes
+        predictions = [[{"label": classes[j], "score": sc} for sc, j in zip(scores[:top_k], idx[:top_k])]
+                       for scores, idx in rows]
         return JSONResponse({"model": classifier.name, "predictions": predictions,
                              "time_ms": round((time.perf_counter() - t0) * 1000, 3)})
 
-    async def _run_predict(request: Request, body: _Body, t0: float) -> torch.Tensor:
+    async def _run_predict(request: Request, body: _Body, t0: float) -> list[tuple[list[float], list[int]]]:
         if not state.ready or not state.batcher.alive:
             raise _http_error(503, "the model is not ready", retry_after=1)
         if state.active >= state.max_concurrent:
@@ -626,6 +639,28 @@ def _uvicorn_options(host: str, port: int, settings: ServeSettings, log_level: s
         limit_concurrency=max(1024, 4 * (settings.max_concurrent or settings.queue_size)))
 
 
+def bind_socket(host: str, port: int):
+    """A listening TCP socket for uvicorn; ConfigError when the address cannot be used.
+
+    The protocol must be given as IPPROTO_TCP: asyncio sets TCP_NODELAY only on sockets that say so, and
+    without it the response body waits behind Nagle's algorithm and the client's delayed ACK (a 40 ms
+    stall on every keep-alive request, measured here).
+    """
+    import socket
+
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    try:
+        sock.bind((host, int(port)))
+    except (OSError, UnicodeError, OverflowError) as e:  # address in use, not this machine's, unknown host name
+        sock.close()
+        raise ConfigError(f"cannot listen on {host}:{port}: {getattr(e, 'strerror', None) or e}") from None
+    sock.set_inheritable(True)  # for --workers: the worker processes share it
+    return sock
+
+
 def serve(model_dir: str | os.PathLike, settings: ServeSettings | None = None, *, host: str = "127.0.0.1",
           port: int = 8000, workers: int = 1, which: str = "best", device: str = "auto",
           threads: int | None = None, log_level: str = "info", access_log: bool = True) -> None:
@@ -633,8 +668,6 @@ def serve(model_dir: str | os.PathLike, settings: ServeSettings | None = None, *
 
     Raises ModelFileError/ConfigError before listening when the model or the settings are unusable.
     """
-    import socket
-
     import uvicorn
 
     settings = settings or ServeSettings()
@@ -649,15 +682,7 @@ def serve(model_dir: str | os.PathLike, settings: ServeSettings | None = None, *
     if host not in _LOOPBACK:
         log.warning("listening on %s: anyone who can reach this address can use the model", host)
 
-    # bind here so that a busy port is a one-line error, not a log message from deep inside uvicorn
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    try:
-        sock.bind((host, int(port)))
-    except (OSError, UnicodeError) as e:  # address in use, not this machine's, unknown host name
-        sock.close()
-        raise ConfigError(f"cannot listen on {host}:{port}: {getattr(e, 'strerror', None) or e}") from None
+    sock = bind_socket(host, port)  # here, so that a busy port is a one-line error rather than a uvicorn log line
     bound_port = sock.getsockname()[1]
     print(f"imgrec: serving {clf.name} ({len(clf.classes)} classes) from {model_dir} on "
           f"http://{host if ':' not in host else f'[{host}]'}:{bound_port}/ (API docs at /docs)", flush=True)
@@ -667,11 +692,14 @@ def serve(model_dir: str | os.PathLike, settings: ServeSettings | None = None, *
         server = uvicorn.Server(uvicorn.Config(create_app(clf, settings), **options))
         server.run(sockets=[sock])
         return
-    # several processes, each with its own model and batcher; uvicorn's supervisor binds its own socket
+    # Several processes, each with its own model and batcher, sharing our socket (uvicorn.run would bind
+    # its own, without TCP_NODELAY): what uvicorn.run does for workers > 1, with that one difference.
     import json
-    sock.close()
+
+    from uvicorn.supervisors import Multiprocess
     del clf
     os.environ[_ENV_CONFIG] = json.dumps({"model": os.fspath(model_dir), "which": which, "device": device,
                                           "threads": threads, "workers": workers,
                                           "settings": dataclasses.asdict(settings)})
-    uvicorn.run("imgrec.serve.app:app_from_env", factory=True, workers=workers, **options)
+    config = uvicorn.Config("imgrec.serve.app:app_from_env", factory=True, workers=workers, **options)
+    Multiprocess(config, target=uvicorn.Server(config).run, sockets=[sock]).run()

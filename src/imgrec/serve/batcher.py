@@ -29,7 +29,7 @@ import collections
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Sequence
 
 import torch
 
@@ -78,14 +78,14 @@ class Batcher:
     """Gather concurrent ``submit`` calls into batches for one worker thread.
 
     Args:
-        forward: N×C×H×W uint8 → N×K tensor (probabilities); called only from the worker thread.
+        forward: N×C×H×W uint8 → N results (a tensor or list, sliced by rows); called only from the worker thread.
         max_batch: the most images in one pass (1 turns batching off: one request per pass).
             A single request with more images is run alone, in chunks of ``max_batch`` inside ``forward``.
         max_wait_s: how long the oldest waiting request may wait for others to join its batch.
         max_queue: the most images waiting for the worker; more makes ``submit`` raise QueueFull.
     """
 
-    def __init__(self, forward: Callable[[torch.Tensor], torch.Tensor], max_batch: int = 32,
+    def __init__(self, forward: Callable[[torch.Tensor], Sequence], max_batch: int = 32,
                  max_wait_s: float = 0.005, max_queue: int = 128):
         if max_batch < 1 or max_queue < 1 or max_wait_s < 0:
             raise ValueError("max_batch and max_queue must be at least 1 and max_wait_s at least 0")
@@ -145,7 +145,7 @@ class Batcher:
             self._cond.notify()
 
     def enqueue(self, images: torch.Tensor, announced: bool = False) -> asyncio.Future:
-        """Queue an N×C×H×W uint8 batch; the returned future (of this event loop) gets its N×K output.
+        """Queue an N×C×H×W uint8 batch; the returned future (of this event loop) gets its N rows of output.
 
         Call on the event loop's thread. Raises QueueFull at once when the queue is full and
         BatcherStopped when not running. Cancelling the future (``asyncio.wait_for`` timing out)
@@ -168,7 +168,7 @@ class Batcher:
             self._cond.notify()
         return item.future
 
-    async def submit(self, images: torch.Tensor) -> torch.Tensor:
+    async def submit(self, images: torch.Tensor):
         """``enqueue`` and wait for the output."""
         return await self.enqueue(images)
 

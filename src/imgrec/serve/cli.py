@@ -43,6 +43,9 @@ def cmd_serve(args) -> int:
 
     settings = ServeSettings(max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, max_upload_mb=args.max_upload_mb,
                              max_files=args.max_files, queue_size=args.queue_size, timeout_s=args.timeout_s)
-    serve(args.model, settings, host=args.host, port=args.port, workers=args.workers, which=args.which,
-          device=args.device, threads=args.threads, log_level=args.log_level, access_log=args.access_log)
+    try:
+        serve(args.model, settings, host=args.host, port=args.port, workers=args.workers, which=args.which,
+              device=args.device, threads=args.threads, log_level=args.log_level, access_log=args.access_log)
+    except KeyboardInterrupt:  # uvicorn re-raises Ctrl-C after its graceful shutdown: a normal end for a server
+        pass
     return 0

@@ -37,6 +37,7 @@ function showError(message) {
   $("timing").hidden = true;
   $("error").textContent = message;
   $("error").hidden = false;
+  revealResult();
 }
 
 function showStatus(message) {
@@ -87,12 +88,21 @@ function showPredictions(predictions, serverMs, totalMs) {
   list.hidden = false;
   $("timing").textContent = `Took ${totalMs.toFixed(0)} ms (${serverMs.toFixed(1)} ms on the server).`;
   $("timing").hidden = false;
+  revealResult();
 }
 
-function errorText(status, detail) {
+// On a narrow screen the result is under the image: bring its top label into view if it is not.
+function revealResult() {
+  const box = $("result-heading").getBoundingClientRect();
+  if (box.top > window.innerHeight - 120) $("result-heading").scrollIntoView({ block: "start", behavior: "smooth" });
+}
+
+function errorText(status, detail, file) {
+  const name = file.name || "The pasted image";
   switch (status) {
-    case 413: return `This image is too large for the server. ${detail}`;
-    case 415: return `This file is not an image the model can read: ${detail.replace(/^files\[0\][^:]*: /, "")}`;
+    case 413: return `${name} is too large for the server (${detail}).`;
+    // the server names the part ("files[0] ('x.png'): reason"); the page says it in its own words
+    case 415: return `${name} could not be read as an image: ${detail.replace(/^files\[\d+\][^:]*: /, "")}.`;
     case 503: return `The server is busy or starting. Please try again in a moment. (${detail})`;
     case 504: return `The server took too long to answer. Please try again. (${detail})`;
     default: return `The server could not classify this image: ${detail}`;
@@ -119,7 +129,7 @@ async function classify(file) {
     if (id !== requestId) return; // a newer image was chosen meanwhile
     if (!res.ok) {
       const detail = body && typeof body.detail === "string" ? body.detail : `HTTP ${res.status}`;
-      showError(errorText(res.status, detail));
+      showError(errorText(res.status, detail, file));
       return;
     }
     showPredictions(body.predictions[0], body.time_ms, performance.now() - started);

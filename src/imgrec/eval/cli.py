@@ -1,0 +1,106 @@
+"""``imgrec report`` and ``imgrec explain``: parse, call imgrec.eval.report / imgrec.eval.explain, print.
+
+Found by ``imgrec.cli`` through ``add_parsers``. matplotlib and jinja2 (the ``report`` extra) are imported
+only when a command runs, so ``imgrec --help`` and the other commands work without them.
+"""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+
+def _need_report_extra() -> None:
+    """A one-line error instead of a traceback when the optional plotting/templating packages are missing."""
+    from imgrec.errors import ConfigError
+    for module in ("matplotlib", "jinja2"):
+        try:
+            __import__(module)
+        except ModuleNotFoundError:
+            raise ConfigError(f"this command needs {module}: pip install 'imgrec[report]'") from None
+
+
+def cmd_report(args) -> int:
+    from imgrec.cli import _load_eval_data  # the loading `imgrec eval` uses: same data, same numbers
+    from imgrec.errors import ConfigError
+    from imgrec.infer.predictor import Classifier
+
+    _need_report_extra()
+    from imgrec.eval.report import build_report
+
+    if args.top_k < 1:
+        raise ConfigError("--top-k must be at least 1")
+    clf = Classifier.load(args.model, which=args.which, device=args.device)
+    bundle, data = _load_eval_data(clf.meta, args.data, args.data_dir, args.split, args.on_bad_image)
+    report = build_report(clf, data, bundle=bundle, split=args.split,
+                          data_name=args.data or clf.meta["data"].get("source"), model_dir=args.model,
+                          top_k=args.top_k, max_gallery=args.max_gallery)
+    out = report.save(args.out)
+    acc, ece = report.numbers["accuracy"]["top1"], report.numbers["calibration"]["ece"]
+    if args.json:
+        print(json.dumps({"report": str(out), **report.numbers}, indent=2))
+    else:
+        print(f"wrote {out} ({len(report.html) / 1e6:.1f} MB): top-1 {acc['value']:.4f} "
+              f"[{acc['ci_low']:.4f}, {acc['ci_high']:.4f}]  ECE {ece:.4f}  n={report.numbers['eval']['n']}")
+    return 0
+
+
+def cmd_explain(args) -> int:
+    from imgrec.infer.predictor import Classifier
+
+    _need_report_extra()
+    from imgrec.eval import plots
+    from imgrec.eval.explain import explain
+    from imgrec.safeio import atomic_write_bytes
+
+    clf = Classifier.load(args.model, which=args.which, device=args.device)
+    result = explain(clf, args.image, target=args.target, steps=args.steps)
+    out = Path(args.out) if args.out else Path(f"{Path(args.image).stem}-explain.png")
+    atomic_write_bytes(out, plots.steps_figure(result) if args.steps else plots.explain_figure(result))
+    summary = {"image": str(args.image), "out": str(out), "predicted": result["predicted"],
+               "probability": result["predicted_probability"], "target": result["target"],
+               "target_probability": result["target_probability"], "method": result["method"],
+               "layer": result["layer"]}
+    if args.json:
+        print(json.dumps(summary, indent=2))
+    else:
+        about = "" if result["target_index"] == result["predicted_index"] else \
+            f"; explaining {result['target']} ({result['target_probability'] * 100:.1f}%)"
+        print(f"{args.image}: {result['predicted']} ({result['predicted_probability'] * 100:.1f}%){about} → {out}")
+    if not result["heatmap"].any():
+        print(f"imgrec: note: no positive evidence for {result['target']} in {result['layer']}; the heat map is empty",
+              file=sys.stderr)
+    return 0
+
+
+def add_parsers(sub) -> None:
+    p = sub.add_parser("report", help="write an HTML evaluation report",
+                       description="Evaluate a model on a dataset split and write one self-contained HTML report: "
+                                   "training curves, accuracy with confidence intervals, per-class metrics, confusion "
+                                   "matrix, misclassified images, calibration and the dataset.")
+    p.add_argument("--model", required=True, help="model directory (a run directory)")
+    p.add_argument("--data", help="dataset (default: the one it was trained on)")
+    p.add_argument("--data-dir")
+    p.add_argument("--split", default="test", choices=("test", "val", "train"))
+    p.add_argument("--out", default="report.html", help="HTML file to write (default report.html)")
+    p.add_argument("--top-k", type=int, default=5)
+    p.add_argument("--max-gallery", type=int, default=60, help="misclassified images shown (default 60)")
+    p.add_argument("--which", default="best", choices=("best", "last"))
+    p.add_argument("--device", default="auto")
+    p.add_argument("--on-bad-image", default="fail", choices=("fail", "skip"))
+    p.add_argument("--json", action="store_true", help="print the report's numbers as JSON")
+    p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("explain", help="show where the model looked (Grad-CAM) and what its first layers do",
+                       description="Draw a Grad-CAM heat map over the image for the predicted class (or --target); "
+                                   "with --steps, the whole pipeline: pixels as numbers, first-layer filters, feature "
+                                   "maps after convolution, activation and pooling, a classic edge filter, softmax.")
+    p.add_argument("--model", required=True, help="model directory")
+    p.add_argument("image", help="an image file")
+    p.add_argument("--out", help="PNG file to write (default <image name>-explain.png)")
+    p.add_argument("--target", help="class to explain (label or index; default the predicted class)")
+    p.add_argument("--steps", action="store_true", help="show the pipeline step by step")
+    p.add_argument("--which", default="best", choices=("best", "last"))
+    p.add_argument("--device", default="auto")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_explain)

@@ -1,0 +1,297 @@
+"""The evaluation report: one self-contained HTML file that shows how a model does and where it fails.
+
+``build_report(clf, data, ...)`` runs the model once over a labelled split and renders
+``templates/report.html.j2`` with jinja2 (autoescaped: class names and file names come from the user's
+folders). Every figure is a PNG embedded as a ``data:`` URI, the little JavaScript that sorts tables is
+inline, and nothing refers to a network address, so the file opens anywhere, offline, and can be mailed.
+
+Numbers: accuracy, loss, per-class precision/recall/F1/support and the confusion matrix come from
+:func:`imgrec.eval.metrics.summarize` over logits computed exactly as ``Classifier.evaluate`` computes them,
+so they equal ``imgrec eval --json`` for the same model and data (the tests check this). The page also embeds
+all of its numbers as JSON (``<script id="report-numbers" type="application/json">``) for other tools.
+"""
+from __future__ import annotations
+
+import base64
+import csv
+import io
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from imgrec.eval.metrics import expected_calibration_error, summarize
+
+__all__ = ["Report", "build_report", "wilson_interval", "read_metrics_csv", "png_data_uri", "image_data_uri"]
+
+Z95 = 1.959963984540054  # two-sided 95% normal quantile
+THUMB_MAX = 96           # px: larger images are shrunk for the galleries (the report stays a few MB)
+EVAL_BATCH = 1024        # the batch size Classifier.evaluate uses, so the logits are bit-for-bit the same
+
+
+@dataclass
+class Report:
+    """A rendered report: ``html`` (the page) and ``numbers`` (every number on it, JSON-ready)."""
+    html: str
+    numbers: dict[str, Any]
+
+    def save(self, path: str | Path) -> Path:
+        from imgrec.safeio import atomic_write_text
+        atomic_write_text(path, self.html)
+        return Path(path)
+
+
+def wilson_interval(successes: int, n: int, z: float = Z95) -> tuple[float, float]:
+    """Wilson score interval for a binomial proportion (Wilson 1927).
+
+    Unlike the normal approximation p ± z·sqrt(p(1-p)/n) it stays inside [0, 1] and does not collapse to a
+    zero-width interval at 0% or 100% accuracy, which matters for small test sets and near-perfect models.
+    """
+    if n <= 0:
+        return (0.0, 1.0)
+    p = successes / n
+    denom = 1 + z * z / n
+    centre = (p + z * z / (2 * n)) / denom
+    half = z / denom * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+    return (max(0.0, centre - half), min(1.0, centre + half))
+
+
+def read_metrics_csv(path: str | Path) -> list[dict[str, float]]:
+    """Rows of a run's ``metrics.csv`` as floats (``epoch`` as int); [] when there is no such file."""
+    path = Path(path)
+    if not path.is_file():
+        return []
+    rows = []
+    with path.open(newline="", encoding="utf-8") as f:
+        for row in csv.DictReader(f):
+            out: dict[str, float] = {}
+            for k, v in row.items():
+                try:
+                    out[k] = int(v) if k == "epoch" else float(v)
+                except (TypeError, ValueError):
+                    continue  # an unparseable cell is left out of the curves, not fatal
+            if "epoch" in out:
+                rows.append(out)
+    return rows
+
+
+def png_data_uri(png: bytes) -> str:
+    return "data:image/png;base64," + base64.b64encode(png).decode("ascii")
+
+
+def image_data_uri(image: torch.Tensor | np.ndarray, max_side: int = THUMB_MAX) -> str:
+    """A C×H×W (or H×W×C) uint8 image as a PNG data URI, shrunk to ``max_side`` when larger."""
+    from PIL import Image
+    arr = image.numpy() if isinstance(image, torch.Tensor) else np.asarray(image)
+    if arr.ndim == 3 and arr.shape[0] in (1, 3) and arr.shape[-1] not in (1, 3):
+        arr = arr.transpose(1, 2, 0)
+    im = Image.fromarray(arr[:, :, 0] if arr.ndim == 3 and arr.shape[2] == 1 else arr)
+    if max(im.size) > max_side:
+        im.thumbnail((max_side, max_side), Image.LANCZOS)
+    buf = io.BytesIO()
+    im.save(buf, format="PNG", optimize=True)
+    return png_data_uri(buf.getvalue())
+
+
+def _confused_pairs(cm: np.ndarray, limit: int) -> list[tuple[int, int, int]]:
+    """(true, predicted, count) of the largest off-diagonal cells, largest first (ties by class index)."""
+    k = cm.shape[0]
+    cells = [(int(cm[i, j]), i, j) for i in range(k) for j in range(k) if i != j and cm[i, j] > 0]
+    cells.sort(key=lambda c: (-c[0], c[1], c[2]))
+    return [(i, j, n) for n, i, j in cells[:limit]]
+
+
+def _example(i: int, data, classes: list[str], pred: np.ndarray, conf: np.ndarray, probs: np.ndarray) -> dict:
+    true = int(data.labels[i])
+    return {"index": i, "image": image_data_uri(data.images[i]), "true": classes[true], "pred": classes[int(pred[i])],
+            "confidence": float(conf[i]), "true_prob": float(probs[i, true]),
+            "file": Path(data.paths[i]).name if data.paths is not None else None,
+            "path": data.paths[i] if data.paths is not None else None}
+
+
+def _class_samples(split, classes: list[str], per_class: int) -> list[dict]:
+    """The first ``per_class`` images of each class of a split (first, not random: the report is reproducible)."""
+    labels = split.labels.numpy()
+    rows = []
+    for c, name in enumerate(classes):
+        idx = np.nonzero(labels == c)[0][:per_class]
+        rows.append({"class": name, "images": [image_data_uri(split.images[i]) for i in idx]})
+    return rows
+
+
+def _run_info(clf, model_dir: Path | None, data_name: str | None, split: str, n: int) -> dict[str, Any]:
+    from imgrec.models.base import count_params
+
+    meta = clf.meta
+    d = meta.get("data") or {}
+    m = meta.get("metrics") or {}
+    config_text = None
+    if model_dir is not None and (model_dir / "config.yaml").is_file():
+        config_text = (model_dir / "config.yaml").read_text(encoding="utf-8", errors="replace")
+    elif meta.get("config"):
+        import yaml
+        config_text = yaml.safe_dump(meta["config"], sort_keys=False)
+    return {
+        "model_dir": str(model_dir) if model_dir is not None else None,
+        "architecture": clf.name,
+        "kwargs": (meta.get("model") or {}).get("kwargs") or {},
+        "params": count_params(clf.model),
+        "classes": len(clf.classes),
+        "image_size": clf.image_size,
+        "channels": clf.channels,
+        "mean": meta.get("mean"),
+        "std": meta.get("std"),
+        "tta_flip": clf.tta_flip,
+        "trained_on": d.get("source") or d.get("name"),
+        "data": data_name,
+        "split": split,
+        "n": n,
+        "train_time_s": meta.get("train_time_s"),
+        "epochs_run": m.get("epochs_run"),
+        "best_epoch": m.get("best_epoch"),
+        "val_acc": m.get("val_acc"),
+        "imgrec_version": meta.get("imgrec_version"),
+        "config": config_text,
+    }
+
+
+def build_report(clf, data, *, bundle=None, split: str = "test", data_name: str | None = None,
+                 model_dir: str | Path | None = None, top_k: int = 5, n_bins: int = 15, max_gallery: int = 60,
+                 max_pairs: int = 8, per_pair: int = 6, samples_per_class: int = 10) -> Report:
+    """Evaluate ``clf`` on ``data`` (an ImageData: uint8 images, labels, optional paths) and render the report.
+
+    Args:
+        clf: a loaded :class:`~imgrec.infer.predictor.Classifier`.
+        data: the labelled split to evaluate.
+        bundle: the DataBundle it came from (for the class counts and sample grid of every split); optional.
+        split: the split's name, as shown. data_name: the dataset, as shown (default: what the model was trained on).
+        model_dir: the run directory, for ``metrics.csv`` (training curves) and ``config.yaml``.
+        top_k: the second accuracy reported (as ``imgrec eval --top-k``). n_bins: calibration bins.
+        max_gallery: misclassified images shown. max_pairs / per_pair: most-confused pairs and examples each.
+        samples_per_class: images per class in the dataset's sample grid.
+    """
+    from imgrec.eval import plots
+
+    model_dir = Path(model_dir) if model_dir is not None else None
+    data_name = data_name or (clf.meta.get("data") or {}).get("source")
+    classes = list(clf.classes)
+    labels = data.labels.long()
+    t0 = time.perf_counter()
+    # The same call and batch size as Classifier.evaluate, then the same summarize(): one forward pass gives
+    # both the numbers of `imgrec eval` and the probabilities for calibration and the galleries.
+    logits = clf.logits(data.images, EVAL_BATCH)
+    results = summarize(logits, labels, classes, top_k)
+    eval_seconds = time.perf_counter() - t0
+    results.update(model=str(model_dir) if model_dir is not None else clf.name, data=data_name, split=split)
+
+    probs_t = torch.softmax(logits.float(), dim=1)
+    calibration = expected_calibration_error(probs_t, labels, n_bins)
+    probs = probs_t.numpy()
+    pred = probs.argmax(axis=1)
+    conf = probs[np.arange(len(pred)), pred]
+    y = labels.numpy()
+    n = results["n"]
+    cm = np.asarray(results["confusion_matrix"], dtype=np.int64)
+
+    accuracy = {}
+    for key, k in (("top1", 1), (f"top{top_k}", top_k)):
+        # count the hits (k capped at K, as topk_accuracy does) rather than rounding the float32 fraction back
+        top = logits.float().topk(min(k, len(classes)), dim=1).indices
+        hits = int((top == labels[:, None]).any(dim=1).sum())
+        lo, hi = wilson_interval(hits, n)
+        accuracy[key] = {"value": results[key], "correct": hits, "ci_low": lo, "ci_high": hi}
+
+    wrong = np.nonzero(pred != y)[0]
+    # worst first: the most confident mistakes are the most surprising ones (ties: lower index first)
+    wrong = wrong[np.lexsort((wrong, -conf[wrong]))]
+    gallery = [_example(int(i), data, classes, pred, conf, probs) for i in wrong[:max_gallery]]
+    pairs = []
+    for i, j, count in _confused_pairs(cm, max_pairs):
+        idx = np.nonzero((y == i) & (pred == j))[0]
+        idx = idx[np.lexsort((idx, -conf[idx]))][:per_pair]
+        pairs.append({"true": classes[i], "pred": classes[j], "count": count,
+                      "share": count / max(1, int(cm[i].sum())),
+                      "examples": [_example(int(e), data, classes, pred, conf, probs) for e in idx]})
+
+    counts = _split_counts(clf.meta, bundle, data_name, split, results["per_class"])
+    sample_split = bundle.train if bundle is not None and len(bundle.train) else data
+    curves = read_metrics_csv(model_dir / "metrics.csv") if model_dir is not None else []
+
+    figures = {
+        "curves": png_data_uri(plots.training_curves(curves)) if curves else None,
+        "confusion": png_data_uri(plots.confusion_heatmaps(cm, classes)),
+        "reliability": png_data_uri(plots.reliability_diagram(calibration["bins"], calibration["ece"])),
+        "counts": png_data_uri(plots.class_counts(counts, classes)) if counts else None,
+    }
+    row_sums = cm.sum(axis=1, keepdims=True)
+    cm_norm = np.divide(cm, row_sums, out=np.zeros(cm.shape, dtype=float), where=row_sums > 0)
+    numbers = {
+        "eval": results,
+        "accuracy": accuracy,
+        "calibration": calibration,
+        "confused_pairs": [{k: p[k] for k in ("true", "pred", "count", "share")} for p in pairs],
+        "misclassified": int(len(wrong)),
+        "counts": counts,
+    }
+    context = {
+        "title": f"{clf.name} on {data_name} ({split})",
+        "run": _run_info(clf, model_dir, data_name, split, n),
+        "r": results, "top_k": top_k, "accuracy": accuracy, "calibration": calibration, "n_bins": n_bins,
+        "classes": classes, "cm": cm.tolist(), "cm_norm": cm_norm.tolist(),
+        "pairs": pairs, "gallery": gallery, "misclassified": int(len(wrong)), "max_gallery": max_gallery,
+        "counts": counts, "count_splits": list(counts), "samples": _class_samples(sample_split, classes, samples_per_class),
+        "sample_split": "train" if sample_split is not data else split,
+        "curves": curves, "figures": figures, "numbers": numbers,
+        "generated": time.strftime("%Y-%m-%d %H:%M:%S"), "eval_seconds": eval_seconds,
+    }
+    return Report(_render(context), numbers)
+
+
+def _split_counts(meta: dict, bundle, data_name: str | None, split: str, per_class: list[dict]) -> dict[str, list[int]]:
+    """Images per class in each split. The evaluated split's counts are its supports (the numbers of the
+    report); train and val are what ``model.json`` recorded at training time when the data is the model's
+    own (they include --train-limit), else what the loaded bundle holds."""
+    d = meta.get("data") or {}
+    counts: dict[str, list[int]] = {}
+    if bundle is not None:
+        counts.update({s: list(map(int, c)) for s, c in bundle.counts.items()})
+    if data_name == d.get("source") and isinstance(d.get("counts"), dict):
+        counts.update({s: list(map(int, c)) for s, c in d["counts"].items() if s != split})
+    counts[split] = [int(row["support"]) for row in per_class]
+    order = [s for s in ("train", "val", "test") if s in counts]
+    return {s: counts[s] for s in order + [s for s in counts if s not in order]}
+
+
+def _render(context: dict[str, Any]) -> str:
+    from jinja2 import Environment, FileSystemLoader, StrictUndefined
+
+    env = Environment(
+        loader=FileSystemLoader(str(Path(__file__).parent / "templates")),
+        autoescape=True,                   # class and file names come from the user's folders
+        undefined=StrictUndefined,         # a typo in the template fails loudly instead of printing nothing
+        trim_blocks=True, lstrip_blocks=True,
+    )
+    env.filters.update(
+        pct=lambda v, d=2: f"{v * 100:.{d}f}%",
+        f4=lambda v: f"{v:.4f}",
+        exact=lambda v: repr(float(v)),    # full precision for data-sort attributes (float repr round-trips)
+        duration=_duration,
+    )
+    return env.get_template("report.html.j2").render(**context)
+
+
+def _duration(seconds: float | None) -> str:
+    if seconds is None:
+        return "unknown"
+    seconds = float(seconds)
+    if seconds < 60:
+        return f"{seconds:.1f} s"
+    minutes, s = divmod(int(round(seconds)), 60)
+    if minutes < 60:
+        return f"{minutes} min {s:02d} s"
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours} h {minutes:02d} min"
