@@ -68,15 +68,34 @@ async def _load(port: int, request: bytes, concurrency: int, max_requests: int, 
     return latencies, errors, time.perf_counter() - start
 
 
-def run_level(port: int, request: bytes, concurrency: int, max_requests: int, max_seconds: float) -> dict:
-    asyncio.run(_load(port, request, concurrency, min(4 * concurrency, 64), 10))  # warm-up, not measured
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process, all its threads (Linux /proc): less sensitive to other load than req/s."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        return float("nan")
+
+
+def run_once(pid: int, port: int, request: bytes, concurrency: int, max_requests: int, max_seconds: float) -> dict:
+    cpu0 = cpu_seconds(pid)
     latencies, errors, elapsed = asyncio.run(_load(port, request, concurrency, max_requests, max_seconds))
-    lat = sorted(latencies)
+    return {"latencies": latencies, "errors": errors, "seconds": elapsed, "cpu_s": cpu_seconds(pid) - cpu0}
+
+
+def summarize(runs: list[dict], concurrency: int) -> dict:
+    """Pool the repetitions of one level: req/s over their total time, percentiles over all their latencies."""
+    lat = sorted(x for r in runs for x in r["latencies"])
+    errors = [e for r in runs for e in r["errors"]]
+    seconds = sum(r["seconds"] for r in runs)
     pct = lambda q: lat[min(len(lat) - 1, int(q * len(lat)))] * 1000 if lat else float("nan")  # noqa: E731
-    return {"concurrency": concurrency, "requests": len(latencies), "errors": len(errors),
-            "error_examples": sorted(set(errors))[:3], "seconds": elapsed,
-            "rps": len(latencies) / elapsed if elapsed else 0.0, "p50_ms": pct(0.50), "p99_ms": pct(0.99),
-            "mean_ms": statistics.fmean(lat) * 1000 if lat else float("nan")}
+    each = [len(r["latencies"]) / r["seconds"] for r in runs if r["seconds"]]
+    return {"concurrency": concurrency, "requests": len(lat), "errors": len(errors),
+            "error_examples": sorted(set(errors))[:3], "seconds": seconds,
+            "rps": len(lat) / seconds if seconds else 0.0, "rps_min": min(each), "rps_max": max(each),
+            "p50_ms": pct(0.50), "p99_ms": pct(0.99), "mean_ms": statistics.fmean(lat) * 1000 if lat else float("nan"),
+            "cpu_ms_per_req": 1000 * sum(r["cpu_s"] for r in runs) / max(1, len(lat))}
 
 
 # -- servers and models ---------------------------------------------------------------------------------
@@ -166,17 +185,22 @@ def report(results: list[dict], info: dict, load_before: str, load_after: str, a
         "# Serving load test (`benchmarks/serve_load.py`)", "",
         f"- machine: {info['cpu']}, {info['cores']} cores; torch {info['torch']}, Python {info['python']}",
         f"- date: {info['date']}; load average (1/5/15 min) before: {load_before}, after: {load_after}",
-        f"- per level: at most {args.requests} requests or {args.seconds:g} s after a short warm-up; one 28×28 "
-        "Fashion-MNIST PNG per request as the raw body; closed loop (each connection waits for its answer)",
+        f"- per level: at most {args.requests} requests or {args.seconds:g} s per server after a short warm-up, in "
+        f"{args.repeat} runs that alternate between the batching-on and batching-off servers (both running, "
+        "order swapped each time), pooled; "
+        "one 28×28 Fashion-MNIST PNG per request as the raw body; closed loop (each connection waits for its "
+        "answer); server CPU = user + system time of the server process per answered request",
         f"- batching on: `--max-batch {args.max_batch} --max-wait-ms {args.max_wait_ms:g}`; off: `--max-batch 1`. "
         "One server process (`--workers 1`), default threads, `--no-access-log`, `--timeout-s 60`; "
         "client and server share the machine's cores over 127.0.0.1", "",
-        "| model | batching | concurrency | requests | req/s | p50 ms | p99 ms | errors |",
-        "|---|---|---:|---:|---:|---:|---:|---:|",
+        "| model | batching | concurrency | requests | req/s | (runs: min–max) | p50 ms | p99 ms | server CPU ms/req "
+        "| errors |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in results:
         lines.append(f"| {r['model']} | {r['batching']} | {r['concurrency']} | {r['requests']} | {r['rps']:.1f} | "
-                     f"{r['p50_ms']:.1f} | {r['p99_ms']:.1f} | {r['errors']} |")
+                     f"{r['rps_min']:.0f}–{r['rps_max']:.0f} | {r['p50_ms']:.1f} | {r['p99_ms']:.1f} | "
+                     f"{r['cpu_ms_per_req']:.2f} | {r['errors']} |")
     lines += ["", "Speed-up from batching (req/s on ÷ off):", "", "| model | concurrency | on ÷ off |", "|---|---:|---:|"]
     for model in dict.fromkeys(r["model"] for r in results):
         for c in args.concurrency:
@@ -184,6 +208,9 @@ def report(results: list[dict], info: dict, load_before: str, load_after: str, a
             off = [r for r in results if r["model"] == model and r["batching"] == "off" and r["concurrency"] == c]
             if on and off and off[0]["rps"]:
                 lines.append(f"| {model} | {c} | {on[0]['rps'] / off[0]['rps']:.2f}× |")
+    lines += ["", "Reading the numbers: \"server CPU ms/req\" is the server process's own CPU time per answer, so it "
+              "moves much less than req/s when other programs share the machine; req/s and latency depend on how "
+              "much of the machine the server got (see the load average)."]
     errs = [r for r in results if r["errors"]]
     if errs:
         lines += ["", "Errors seen:"] + [f"- {r['model']} batching {r['batching']} c={r['concurrency']}: "
@@ -198,7 +225,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--models", nargs="+", default=["simple", "resnet"], choices=("simple", "resnet"))
     p.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
     p.add_argument("--requests", type=int, default=600, help="most requests per level")
-    p.add_argument("--seconds", type=float, default=20.0, help="most seconds per level")
+    p.add_argument("--seconds", type=float, default=20.0, help="most seconds per level (all repetitions)")
+    p.add_argument("--repeat", type=int, default=3, help="alternating on/off runs per level, pooled")
     p.add_argument("--max-batch", type=int, default=32)
     p.add_argument("--max-wait-ms", type=float, default=5.0)
     p.add_argument("--threads", type=int, help="passed to imgrec serve --threads")
@@ -217,17 +245,31 @@ def main(argv: list[str] | None = None) -> int:
     print(f"load average before: {load_before}", file=sys.stderr)
     results = []
     for name, model_dir in models.items():
-        for batching, max_batch in (("on", args.max_batch), ("off", 1)):
-            proc, port = start_server(model_dir, max_batch, args.max_wait_ms, extra)
-            try:
-                for c in args.concurrency:
-                    r = run_level(port, request, c, args.requests, args.seconds)
+        # Both servers run side by side and their runs alternate, so that other work on the machine
+        # falls on both alike; each level is repeated and pooled.
+        servers = {"on": start_server(model_dir, args.max_batch, args.max_wait_ms, extra),
+                   "off": start_server(model_dir, 1, args.max_wait_ms, extra)}
+        try:
+            for c in args.concurrency:
+                runs: dict[str, list[dict]] = {"on": [], "off": []}
+                for batching, (proc, port) in servers.items():  # warm-up, not measured
+                    asyncio.run(_load(port, request, c, min(4 * c, 64), 10))
+                for rep in range(args.repeat):
+                    order = ("on", "off") if rep % 2 == 0 else ("off", "on")  # neither always goes first
+                    for batching in order:
+                        proc, port = servers[batching]
+                        runs[batching].append(run_once(proc.pid, port, request, c, args.requests // args.repeat,
+                                                       args.seconds / args.repeat))
+                for batching in ("on", "off"):
+                    r = summarize(runs[batching], c)
                     r.update(model=name, batching=batching)
                     results.append(r)
                     print(f"{name:18s} batching {batching:3s} c={c:<3d} {r['requests']:5d} req "
-                          f"{r['rps']:8.1f} req/s  p50 {r['p50_ms']:7.1f} ms  p99 {r['p99_ms']:7.1f} ms  "
-                          f"errors {r['errors']}", file=sys.stderr, flush=True)
-            finally:
+                          f"{r['rps']:8.1f} req/s ({r['rps_min']:.0f}-{r['rps_max']:.0f})  p50 {r['p50_ms']:7.1f} ms  "
+                          f"p99 {r['p99_ms']:7.1f} ms  cpu {r['cpu_ms_per_req']:.2f} ms/req  errors {r['errors']}",
+                          file=sys.stderr, flush=True)
+        finally:
+            for proc, _ in servers.values():
                 stop_server(proc)
     text = report(results, info, load_before, loadavg(), args)
     if args.out:

@@ -128,7 +128,7 @@ def test_gradcam_equals_cam_for_a_global_average_pool_model(patch_model):
             acts = clf.model.forward_features(x)[0]
             cam = torch.relu(torch.einsum("c,chw->hw", clf.model.head.weight[t], acts))
         cam = F.interpolate(cam[None, None], size=(SIZE, SIZE), mode="bilinear", align_corners=False)[0, 0]
-        cam = cam / cam.max()
+        cam = (cam - cam.min()) / (cam.max() - cam.min())
         assert layer == "forward_features"
         torch.testing.assert_close(heat, cam, atol=1e-5, rtol=1e-4)
         torch.testing.assert_close(logits, clf.model(x)[0].detach())
@@ -158,9 +158,10 @@ def test_explain_steps_are_the_networks_own_layers(trained_run, fmnist_arrays):
     r0, c0 = s["patch_origin"]
     np.testing.assert_array_equal(s["patch"][0], image[r0:r0 + 8, c0:c0 + 8])
     assert s["patch"].std() > 0  # the busiest window, not a blank corner
-    # the classic edge filter, checked against scipy's cross-correlation (what conv2d computes)
+    # the classic edge filter, checked against scipy's cross-correlation (what conv2d computes); a 1-pixel
+    # symmetric border repeats the edge pixels
     from scipy.signal import correlate2d
-    expected = correlate2d(image.astype(np.float32) / 255, VERTICAL_EDGE, mode="same", boundary="fill")
+    expected = correlate2d(image.astype(np.float32) / 255, VERTICAL_EDGE, mode="same", boundary="symm")
     np.testing.assert_allclose(s["edge_map"], expected, atol=1e-5)
     assert s["edge_map"].max() > 0.5  # an ankle boot has vertical edges
     assert -1 <= s["edge_like_correlation"] <= 1 and abs(s["edge_like_correlation"]) > 0.3
@@ -191,22 +192,26 @@ def test_explain_every_registered_model(name, one_thread):
     assert r["steps"]["filters"].shape == tuple(first_conv.weight.shape)
     assert r["steps"]["conv"].shape[0] == first_conv.out_channels
     assert r["family"] == info.family
+    if info.family == "cnn":
+        with torch.no_grad():
+            side = min(model.forward_features(clf.normalize(torch.from_numpy(image).permute(2, 0, 1)[None])).shape[-2:])
+        assert ("forward_features is only" in r["layer"]) == (side < 4), r["layer"]
     if info.family == "vit":
         att = r["attention"]
         assert att.shape == (size, size) and att.max() == pytest.approx(1) and att.min() >= 0
     assert all(p.grad is None for p in model.parameters())
 
 
-def test_small_final_maps_fall_back_to_a_wider_layer():
-    """FastNet at 28 px pools down to a 1×1 map, where Grad-CAM can only say "everywhere"."""
-    model = create_model("fastnet", num_classes=3, in_chans=1, image_size=28)
-    meta = {"model": {"name": "fastnet"}, "classes": CLASSES, "image_size": 28, "channels": 1,
-            "mean": [0.5], "std": [0.5]}
-    clf = Classifier(model, meta, device="cpu", amp="none")
-    with torch.no_grad():
-        assert model.forward_features(torch.zeros(1, 1, 28, 28)).shape[-1] == 1
-    r = explain(clf, patch_images(1, 0)[0][0], steps=False)
-    assert "forward_features is only 1×1" in r["layer"]
+def test_small_final_maps_fall_back_to_a_wider_layer(one_thread):
+    """A network that pools its last map down to 1×1 (as FastNet and AlexNet do on small images) gives a
+    Grad-CAM that can only say "everywhere"; the deepest activation at least 4×4 wide is used instead."""
+    clf = tiny_classifier(0)
+    clf.model.features.append(nn.AdaptiveMaxPool2d(1))  # forward_features: N×32×1×1
+    image = patch_images(1, 0)[0][0]
+    r = explain(clf, image, steps=False)
+    assert r["layer"] == "features.6 (forward_features is only 1×1)"  # the last ReLU, 14×14
+    heat = r["heatmap"]
+    assert heat.max() == 1.0 and heat.min() < 0.5  # a map with a where, not a constant
 
 
 def test_unknown_target_is_a_clear_error(patch_model):

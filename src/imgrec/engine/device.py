@@ -41,8 +41,13 @@ def cpu_has_fast_bf16() -> bool:
         return False
 
 
-def amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype for ``amp`` (auto | bf16 | fp16 | none) on ``device``, or None for fp32."""
+def amp_dtype(amp: str, device: torch.device, model_name: str | None = None) -> torch.dtype | None:
+    """The autocast dtype for ``amp`` (auto | bf16 | fp16 | none) on ``device``, or None for fp32.
+
+    On a CPU, "auto" means bf16 where the CPU has bf16 instructions *and* the model gains from it: memory-bound
+    networks (depthwise convolutions, tiny channel counts) run slower in bf16 there, measured per model by
+    benchmarks/throughput.py and recorded as ``cpu_bf16`` in the registry.
+    """
     if amp == "none":
         return None
     if device.type == "cuda":
@@ -57,7 +62,13 @@ def amp_dtype(amp: str, device: torch.device) -> torch.dtype | None:
         raise ConfigError("fp16 autocast is not supported on the CPU; use --amp bf16 or none")
     if amp == "bf16":
         return torch.bfloat16
-    return torch.bfloat16 if cpu_has_fast_bf16() else None
+    if not cpu_has_fast_bf16():
+        return None
+    if model_name is not None:
+        from imgrec.models.registry import model_info
+        if not model_info(model_name).cpu_bf16:
+            return None
+    return torch.bfloat16
 
 
 def set_threads(threads: int | None) -> None:

@@ -31,7 +31,7 @@ def resolve_config(recipe: str | None = None, config_file: str | None = None, ov
     if recipe is not None:
         if recipe not in RECIPES:
             raise ConfigError(f"unknown recipe {recipe!r}; choose one of: {', '.join(RECIPES)}")
-        cfg.update(RECIPES[recipe], source=f"recipe {recipe}")
+        cfg.update(recipe_overrides(RECIPES[recipe]), source=f"recipe {recipe}")
         cfg.recipe = recipe
     cfg.update(file_cfg, source=str(config_file))
     cfg.update(overrides, source="command line")
@@ -39,6 +39,19 @@ def resolve_config(recipe: str | None = None, config_file: str | None = None, ov
     from imgrec.models import model_info
     model_info(cfg.model.name)  # an unknown name fails now, listing the choices
     return cfg
+
+
+def recipe_overrides(recipe: dict) -> dict:
+    """A recipe from ``imgrec.models.fast.RECIPES`` as flat config settings."""
+    out = {}
+    for k, v in recipe.items():
+        if k == "model":
+            out["name"] = v
+        elif k == "augment":
+            out.update({kk: vv for kk, vv in (v or {}).items()})
+        else:
+            out[k] = v
+    return out
 
 
 def build_loaders(bundle: DataBundle, cfg: RunConfig, device: torch.device, channels_last: bool):
@@ -98,7 +111,7 @@ def train(cfg: RunConfig, out: str | Path, *, resume: bool = False, overwrite: b
     set_threads(t.threads)
     seed_everything(t.seed, t.deterministic)
     device = pick_device(t.device)
-    amp = amp_dtype(t.amp, device)
+    amp = amp_dtype(t.amp, device, cfg.model.name)
 
     d = cfg.data
     bundle = load_data(d.data, image_size=d.image_size, channels=d.channels, val_split=d.val_split,

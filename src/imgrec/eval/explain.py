@@ -5,7 +5,7 @@ matplotlib (:func:`imgrec.eval.plots.explain_figure`) and a web page can draw th
 
 Grad-CAM (Selvaraju et al. 2017): weight each channel of the last spatial feature map by the mean
 gradient of the target class's logit with respect to it, sum, keep the positive part, upsample to the
-input size. For CNNs that map is ``forward_features(x)`` (the head API every imgrec model shares), so no
+input size, scale from its minimum to its maximum. For CNNs that map is ``forward_features(x)`` (the head API every imgrec model shares), so no
 per-architecture layer names are needed. A ViT's ``forward_features`` returns tokens after the final
 LayerNorm, and its head reads only the class token, so the gradient reaching the patch tokens there is
 exactly zero; we take the patch tokens where the last encoder block reads them instead (the output of its
@@ -115,7 +115,8 @@ def grad_cam(model: nn.Module, x: torch.Tensor, target: int | None, family: str 
     Returns (heat map H×W in 0..1 at the input size, the logits of this un-augmented forward pass, the
     layer's name). ``target`` None means the arg-max class of that pass. Gradients are taken with
     ``torch.autograd.grad`` on the activations only, so no ``.grad`` is left on the model's parameters
-    (the model may be serving other requests). A map with no positive evidence for the class is all zero.
+    (the model may be serving other requests). A map with no positive evidence for the class, or the same
+    evidence everywhere, is all zero.
     """
     h, w = x.shape[-2:]
     x = x.detach().clone().requires_grad_(True)  # a graph exists even if every parameter is frozen
@@ -143,8 +144,11 @@ def grad_cam(model: nn.Module, x: torch.Tensor, target: int | None, family: str 
     weights = g.mean(dim=(1, 2))                       # one weight per channel: its average gradient
     cam = torch.relu((weights[:, None, None] * a).sum(0))
     cam = _to_input_size(cam, h, w, geometry)
-    peak = float(cam.max())
-    cam = cam / peak if peak > 0 else torch.zeros_like(cam)
+    # Scaled from its minimum to its maximum, as the Grad-CAM authors' code does: the map says where
+    # relative to the rest of this image. Without subtracting the minimum a ViT's map is a near-constant
+    # 0.9-1.0 (every token shares a component after LayerNorm) that shows nothing.
+    lo, hi = float(cam.min()), float(cam.max())
+    cam = (cam - lo) / (hi - lo) if hi > lo else torch.zeros_like(cam)
     return cam, logits.detach()[0].float(), layer
 
 
@@ -209,7 +213,7 @@ class _FirstLayers:
 
     def __init__(self, model: nn.Module):
         self.first_conv = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
-        self.records: dict[str, tuple[str, torch.Tensor]] = {}
+        self.records: dict[str, tuple[str, nn.Module, torch.Tensor]] = {}  # step -> (name, module, output)
         self.done = self.first_conv is None
         self.handles = [m.register_forward_hook(self._hook(name)) for name, m in model.named_modules()
                         if not list(m.children())]
@@ -220,14 +224,14 @@ class _FirstLayers:
                 return
             if "conv" not in self.records:
                 if module is self.first_conv:
-                    self.records["conv"] = (name, output.detach().float().clone()[0])
+                    self.records["conv"] = (name, module, output.detach().float().clone()[0])
                 return
             if output.dim() != 4 or isinstance(module, nn.Conv2d):
                 self.done = True
             elif isinstance(module, _ACTIVATIONS) and "activation" not in self.records:
-                self.records["activation"] = (name, output.detach().float().clone()[0])
+                self.records["activation"] = (name, module, output.detach().float().clone()[0])
             elif isinstance(module, _POOLS):
-                self.records["pool"] = (name, output.detach().float().clone()[0])
+                self.records["pool"] = (name, module, output.detach().float().clone()[0])
                 self.done = True
         return hook
 
@@ -248,7 +252,7 @@ def _busiest_window(gray: np.ndarray, k: int) -> tuple[int, int]:
     return r, c
 
 
-def _steps(model: nn.Module, recorder: _FirstLayers, image: np.ndarray) -> dict:
+def _steps(recorder: _FirstLayers, image: np.ndarray) -> dict:
     """The arrays for the step-by-step view, from one recorded forward pass over ``image`` (H×W×C uint8)."""
     out: dict[str, Any] = {}
     gray = image.astype(np.float32).mean(axis=2) / 255.0
@@ -259,26 +263,28 @@ def _steps(model: nn.Module, recorder: _FirstLayers, image: np.ndarray) -> dict:
     if conv is None or "conv" not in recorder.records:
         return out
     out["filters"] = conv.weight.detach().float().cpu().numpy()   # O×C×kh×kw
-    out["conv_layer"], conv_map = recorder.records["conv"]
+    out["conv_layer"], _, conv_map = recorder.records["conv"]
     out["conv"] = conv_map.cpu().numpy()
     # The network's own activation and pooling when they follow the first convolution; otherwise ReLU and
-    # 2×2 max pooling applied for illustration (e.g. a ViT's patch embedding has neither), said so.
+    # 2×2 max pooling applied for illustration only (a ViT's patch embedding has neither; ResNet's small-image
+    # stem has no pooling), and the note says so.
     if "activation" in recorder.records:
-        out["activation_layer"], act = recorder.records["activation"]
-        out["activation_note"] = f"{type(dict(model.named_modules())[out['activation_layer']]).__name__} " \
-                                 f"({out['activation_layer']})"
+        out["activation_layer"], module, act = recorder.records["activation"]
+        out["activation_note"] = f"{type(module).__name__} ({out['activation_layer']})"
     else:
         out["activation_layer"], act = None, torch.relu(conv_map)
-        out["activation_note"] = "ReLU for illustration (not this network's next layer)"
+        out["activation_note"] = "ReLU, for illustration only"
     if "pool" in recorder.records:
-        out["pool_layer"], pooled = recorder.records["pool"]
-        out["pool_note"] = f"{type(dict(model.named_modules())[out['pool_layer']]).__name__} ({out['pool_layer']})"
+        out["pool_layer"], module, pooled = recorder.records["pool"]
+        out["pool_note"] = f"{type(module).__name__} ({out['pool_layer']})"
     else:
         out["pool_layer"], pooled = None, F.max_pool2d(act[None], 2)[0] if min(act.shape[-2:]) >= 2 else act
-        out["pool_note"] = "2×2 max pooling for illustration (not this network's next layer)"
+        out["pool_note"] = "2×2 max pooling, for illustration only"
     out["activation"], out["pool"] = act.cpu().numpy(), pooled.cpu().numpy()
-    # The classic edge filter on the same image (grey, 0..1, zero padding like the network's 3×3 convs)...
-    edge = F.conv2d(torch.from_numpy(gray)[None, None], torch.from_numpy(VERTICAL_EDGE)[None, None], padding=1)[0, 0]
+    # The classic edge filter on the same image (grey, 0..1). The border is padded by repeating the edge
+    # pixels, not with zeros: zeros would make a bright image's outline the strongest "edge" in the map.
+    padded = F.pad(torch.from_numpy(gray)[None, None], (1, 1, 1, 1), mode="replicate")
+    edge = F.conv2d(padded, torch.from_numpy(VERTICAL_EDGE)[None, None])[0, 0]
     out["edge_filter"], out["edge_map"] = VERTICAL_EDGE.copy(), edge.numpy()
     # ...beside the learned filter whose feature map looks most like it (correlation of the maps at the
     # input size, so filters of any size and stride compare), sign included: a learned filter may be the
@@ -307,7 +313,12 @@ def explain(clf, image, target: str | int | None = None, steps: bool = True) -> 
     ``method``, ``layer``, ``classes``, ``probabilities`` (K, the same numbers ``predict`` gives, test-time
     flip included), ``predicted``/``predicted_index``/``predicted_probability``, ``target``/``target_index``/
     ``target_probability``; for ViTs ``attention`` (H×W in 0..1, attention rollout); with ``steps`` a
-    ``steps`` dict (see :func:`_steps`).
+    ``steps`` dict: ``patch`` (C×8×8 uint8, the busiest window of the input) and ``patch_origin`` (row, col);
+    ``filters`` (the first convolution's weights, O×C×kh×kw); ``conv``, ``activation``, ``pool`` (O×h×w
+    feature maps after that convolution, the activation and the pooling that follow it, with ``*_layer``
+    names and ``*_note`` texts; ReLU / 2×2 max pooling for illustration where the network has none there);
+    ``edge_filter`` (3×3) and ``edge_map`` (H×W, the filter over the grey input); ``edge_like_channel`` and
+    ``edge_like_correlation`` (the learned filter whose map is most like the edge map).
     """
     from imgrec.models import model_info
 
@@ -346,9 +357,10 @@ def explain(clf, image, target: str | int | None = None, steps: bool = True) -> 
         if roll is not None:
             geometry, _, _ = _vit_parts(model)
             roll = _to_input_size(roll.cpu(), img.shape[0], img.shape[1], geometry)
-            out["attention"] = (roll / roll.max().clamp_min(1e-12)).numpy().astype(np.float32)
+            lo, hi = roll.min(), roll.max()  # min to max, like the Grad-CAM map beside it
+            out["attention"] = ((roll - lo) / (hi - lo).clamp_min(1e-12)).numpy().astype(np.float32)
     if recorder is not None:
-        out["steps"] = _steps(model, recorder, img)
+        out["steps"] = _steps(recorder, img)
     return out
 
 

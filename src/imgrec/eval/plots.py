@@ -70,7 +70,8 @@ def confusion_heatmaps(cm: np.ndarray, classes: Sequence[str]) -> bytes:
     axes = fig.subplots(1, 2)
     annotate = k <= 20  # more cells than that and the numbers are unreadable; the table has them
     labels = [_short(c) for c in classes]
-    for ax, data, title, fmt in ((axes[0], cm, "counts", "d"), (axes[1], norm, "row-normalised (recall on the diagonal)", ".2f")):
+    panels = ((axes[0], cm, "counts", "d"), (axes[1], norm, "row-normalised (recall on the diagonal)", ".2f"))
+    for ax, data, title, fmt in panels:
         vmax = max(float(data.max()), 1e-12)
         im = ax.imshow(data, cmap="Blues", vmin=0, vmax=vmax)
         ax.set_title(title)
@@ -114,7 +115,9 @@ def reliability_diagram(bins: dict[str, list], ece: float) -> bytes:
     top.legend(loc="upper left", fontsize=8)
     top.grid(alpha=0.3)
     bottom.bar(lower, count, width=width, align="edge", color="#8c8c8c", edgecolor="white")
-    bottom.set_yscale("log" if count.max(initial=0) > 50 * max(1, np.median(count[filled]) if filled.any() else 1) else "linear")
+    # log scale when one bin (usually the most confident) dwarfs the typical bin and would flatten the rest
+    typical = float(np.median(count[filled])) if filled.any() else 1.0
+    bottom.set_yscale("log" if count.max(initial=0) > 50 * max(1.0, typical) else "linear")
     bottom.set_xlabel("confidence (top-1 probability)")
     bottom.set_ylabel("predictions")
     fig.tight_layout()
@@ -153,8 +156,11 @@ def _show_image(ax, image: np.ndarray) -> None:
 
 
 def _overlay(ax, image: np.ndarray, heat: np.ndarray, title: str) -> None:
+    """The heat map over the image. Opacity grows with the heat, so the image stays visible where there is
+    no evidence instead of disappearing under the colour map's dark blue."""
     _show_image(ax, image)
-    ax.imshow(heat, cmap=HEAT_CMAP, alpha=0.5, vmin=0, vmax=1, interpolation="bilinear")
+    heat = np.clip(np.asarray(heat, dtype=np.float32), 0, 1)
+    ax.imshow(heat, cmap=HEAT_CMAP, alpha=0.1 + 0.55 * heat, vmin=0, vmax=1, interpolation="nearest")
     ax.set_title(title, fontsize=9)
 
 
@@ -223,7 +229,8 @@ def _rgb_mosaic(filters: np.ndarray, ncols: int, pad: int = 1) -> np.ndarray:
     return out
 
 
-def _numbers(ax, values: np.ndarray, cmap: str, vmin: float, vmax: float, fmt: str, title: str, fontsize: int = 7) -> None:
+def _numbers(ax, values: np.ndarray, cmap: str, vmin: float, vmax: float, fmt: str, title: str,
+             fontsize: int = 7) -> None:
     """A small matrix drawn as coloured cells with its numbers written in them."""
     ax.imshow(values, cmap=cmap, vmin=vmin, vmax=vmax, interpolation="nearest")
     mid = (vmin + vmax) / 2
@@ -331,7 +338,8 @@ def steps_figure(result: dict[str, Any], n_maps: int = 8) -> bytes:
     ax.imshow(fmap, cmap=SIGNED_CMAP, vmin=-lim, vmax=lim, interpolation="nearest")
     ax.set_xticks([])
     ax.set_yticks([])
-    ax.set_title(f"10. channel {best}'s feature map\n(the network's own edge detector)", fontsize=9)
+    what = "the network's own edge detector" if abs(corr) >= 0.5 else "the nearest it has to an edge detector"
+    ax.set_title(f"10. channel {best}'s feature map\n({what})", fontsize=9)
 
     # row 4: the path as text, so the figure reads without a teacher
     ax = fig.add_subplot(grid[3, :])
@@ -345,7 +353,8 @@ def steps_figure(result: dict[str, Any], n_maps: int = 8) -> bytes:
         "rest; (6) pooling keeps the strongest answer in each small neighbourhood, halving the size. Deeper layers "
         "repeat this on the feature maps, the last layer turns them into one score per class, and softmax turns "
         "the scores into probabilities that sum to 1 (top right). Grad-CAM (top, third) colours the places whose "
-        f"features raised the score of \"{result['target']}\" the most (layer: {result['layer']})."
+        f"features raised the score of \"{result['target']}\" the most (layer: {result['layer']}). Steps marked "
+        "\"for illustration only\" show what a textbook CNN does there; this network does something else."
     )
     ax.text(0.0, 1.0, text, ha="left", va="top", fontsize=10, wrap=True, transform=ax.transAxes)
     fig.suptitle(f"Inside the network: predicted {result['predicted']} "

@@ -123,7 +123,8 @@ def _class_samples(split, classes: list[str], per_class: int) -> list[dict]:
     return rows
 
 
-def _run_info(clf, model_dir: Path | None, data_name: str | None, split: str, n: int) -> dict[str, Any]:
+def _run_info(clf, model_dir: Path | None, model_label: str, data_name: str | None, split: str,
+              n: int) -> dict[str, Any]:
     from imgrec.models.base import count_params
 
     meta = clf.meta
@@ -136,7 +137,7 @@ def _run_info(clf, model_dir: Path | None, data_name: str | None, split: str, n:
         import yaml
         config_text = yaml.safe_dump(meta["config"], sort_keys=False)
     return {
-        "model_dir": str(model_dir) if model_dir is not None else None,
+        "model_dir": model_label if model_dir is not None else None,
         "architecture": clf.name,
         "kwargs": (meta.get("model") or {}).get("kwargs") or {},
         "params": count_params(clf.model),
@@ -176,6 +177,10 @@ def build_report(clf, data, *, bundle=None, split: str = "test", data_name: str 
     """
     from imgrec.eval import plots
 
+    if len(data) == 0:
+        from imgrec.errors import DatasetError
+        raise DatasetError(f"the {split} split holds no images to evaluate")
+    model_label = str(model_dir) if model_dir is not None else clf.name  # as given, like `imgrec eval` prints it
     model_dir = Path(model_dir) if model_dir is not None else None
     data_name = data_name or (clf.meta.get("data") or {}).get("source")
     classes = list(clf.classes)
@@ -186,12 +191,12 @@ def build_report(clf, data, *, bundle=None, split: str = "test", data_name: str 
     logits = clf.logits(data.images, EVAL_BATCH)
     results = summarize(logits, labels, classes, top_k)
     eval_seconds = time.perf_counter() - t0
-    results.update(model=str(model_dir) if model_dir is not None else clf.name, data=data_name, split=split)
+    results.update(model=model_label, data=data_name, split=split)
 
     probs_t = torch.softmax(logits.float(), dim=1)
     calibration = expected_calibration_error(probs_t, labels, n_bins)
     probs = probs_t.numpy()
-    pred = probs.argmax(axis=1)
+    pred = logits.float().argmax(dim=1).numpy()  # exactly summarize's predictions (the confusion matrix's)
     conf = probs[np.arange(len(pred)), pred]
     y = labels.numpy()
     n = results["n"]
@@ -205,6 +210,11 @@ def build_report(clf, data, *, bundle=None, split: str = "test", data_name: str 
         lo, hi = wilson_interval(hits, n)
         accuracy[key] = {"value": results[key], "correct": hits, "ci_low": lo, "ci_high": hi}
 
+    # Tied top logits (common with bf16 inference) are broken differently by topk (top-1 accuracy) and by
+    # argmax (the confusion matrix) inside summarize; the page says so when that makes their counts differ.
+    tie_gap = accuracy["top1"]["correct"] - int(np.trace(cm))
+    top2 = np.sort(probs, axis=1)[:, -2:]
+    ties = int((top2[:, 0] == top2[:, 1]).sum()) if len(classes) > 1 else 0
     wrong = np.nonzero(pred != y)[0]
     # worst first: the most confident mistakes are the most surprising ones (ties: lower index first)
     wrong = wrong[np.lexsort((wrong, -conf[wrong]))]
@@ -227,23 +237,24 @@ def build_report(clf, data, *, bundle=None, split: str = "test", data_name: str 
         "reliability": png_data_uri(plots.reliability_diagram(calibration["bins"], calibration["ece"])),
         "counts": png_data_uri(plots.class_counts(counts, classes)) if counts else None,
     }
-    row_sums = cm.sum(axis=1, keepdims=True)
-    cm_norm = np.divide(cm, row_sums, out=np.zeros(cm.shape, dtype=float), where=row_sums > 0)
     numbers = {
         "eval": results,
         "accuracy": accuracy,
         "calibration": calibration,
         "confused_pairs": [{k: p[k] for k in ("true", "pred", "count", "share")} for p in pairs],
         "misclassified": int(len(wrong)),
+        "tied_top_scores": ties,
         "counts": counts,
     }
     context = {
         "title": f"{clf.name} on {data_name} ({split})",
-        "run": _run_info(clf, model_dir, data_name, split, n),
+        "run": _run_info(clf, model_dir, model_label, data_name, split, n),
         "r": results, "top_k": top_k, "accuracy": accuracy, "calibration": calibration, "n_bins": n_bins,
-        "classes": classes, "cm": cm.tolist(), "cm_norm": cm_norm.tolist(),
+        "classes": classes, "cm": cm.tolist(),
         "pairs": pairs, "gallery": gallery, "misclassified": int(len(wrong)), "max_gallery": max_gallery,
-        "counts": counts, "count_splits": list(counts), "samples": _class_samples(sample_split, classes, samples_per_class),
+        "tie_gap": tie_gap, "ties": ties,
+        "counts": counts, "count_splits": list(counts),
+        "samples": _class_samples(sample_split, classes, samples_per_class),
         "sample_split": "train" if sample_split is not data else split,
         "curves": curves, "figures": figures, "numbers": numbers,
         "generated": time.strftime("%Y-%m-%d %H:%M:%S"), "eval_seconds": eval_seconds,

@@ -29,7 +29,7 @@ class Classifier:
         self.image_size = int(meta["image_size"])
         self.channels = int(meta["channels"])
         self.tta_flip = bool((meta.get("inference") or {}).get("tta_flip", False))
-        self.amp = amp_dtype(amp, self.device)
+        self.amp = amp_dtype(amp, self.device, str(meta["model"]["name"]))
         c = self.channels
         self._mean = torch.tensor(meta["mean"], device=self.device).view(1, c, 1, 1) * 255
         self._std = torch.tensor(meta["std"], device=self.device).view(1, c, 1, 1) * 255

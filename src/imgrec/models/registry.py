@@ -17,6 +17,7 @@ class ModelInfo:
     pretrained: str | None = None    # torchvision weights enum name usable with --pretrained, or None
     family: str = "cnn"              # "cnn" or "vit": tells explain which method fits
     description: str = ""
+    cpu_bf16: bool = True            # bf16 autocast is faster than fp32 on bf16-capable CPUs (see benchmarks/throughput.py)
     tags: tuple[str, ...] = field(default_factory=tuple)
 
 
@@ -24,14 +25,15 @@ _REGISTRY: dict[str, ModelInfo] = {}
 
 
 def register_model(name: str, *, default_image_size: int = 32, pretrained: str | None = None,
-                   family: str = "cnn", description: str = ""):
+                   family: str = "cnn", description: str = "", cpu_bf16: bool = True):
     """Decorator: register ``fn(num_classes, in_chans, image_size, **kwargs) -> nn.Module`` under ``name``."""
 
     def wrap(fn):
         if name in _REGISTRY:
             raise ValueError(f"model {name!r} is already registered")
+        doc = (fn.__doc__ or "").strip()
         _REGISTRY[name] = ModelInfo(name, fn, default_image_size, pretrained, family,
-                                    description or (fn.__doc__ or "").strip().splitlines()[0] if fn.__doc__ else description)
+                                    description or (doc.splitlines()[0] if doc else ""), cpu_bf16)
         return fn
 
     return wrap

@@ -29,11 +29,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import math
 import os
 import time
-import dataclasses
 from dataclasses import dataclass
 from importlib import resources
 from typing import Any
@@ -45,7 +45,7 @@ from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from pydantic import BaseModel, Field
-from python_multipart.exceptions import FormParserError, MultipartParseError
+from python_multipart.exceptions import FormParserError
 from python_multipart.multipart import MultipartParser, parse_options_header
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
@@ -318,7 +318,7 @@ async def _read_uploads(request: Request, body: _Body, max_files: int) -> tuple[
                     body.count(len(chunk))
                     form.write(chunk)
             body.finished = True
-        except MultipartParseError as e:
+        except FormParserError as e:  # MultipartParseError and its relatives
             raise _http_error(400, f"malformed multipart body ({str(e)[:120]})") from None
         if not form.complete:
             raise _http_error(400, "malformed multipart body (it ends before its closing boundary)")
@@ -519,14 +519,14 @@ def create_app(classifier, settings: ServeSettings | None = None) -> FastAPI:
                                                     limiter=state.decode_limiter)
             del uploads
             body.release()
+            remaining = settings.timeout_s - (time.perf_counter() - t0)
             try:
                 announced = False
-                result = state.batcher.enqueue(images, announced=True)
+                result = state.batcher.enqueue(images, announced=True, within=remaining)
             except QueueFull:
                 raise _http_error(503, "server busy: the model's queue is full; retry shortly", retry_after=1) from None
             except BatcherStopped as e:
                 raise _http_error(503, str(e), retry_after=1) from None
-            remaining = settings.timeout_s - (time.perf_counter() - t0)
             try:
                 # on timeout wait_for cancels the future: the worker skips it, or drops its finished rows
                 return await asyncio.wait_for(result, max(remaining, 0.0))
@@ -694,6 +694,7 @@ def serve(model_dir: str | os.PathLike, settings: ServeSettings | None = None, *
         return
     # Several processes, each with its own model and batcher, sharing our socket (uvicorn.run would bind
     # its own, without TCP_NODELAY): what uvicorn.run does for workers > 1, with that one difference.
+    import inspect
     import json
 
     from uvicorn.supervisors import Multiprocess
@@ -702,4 +703,6 @@ def serve(model_dir: str | os.PathLike, settings: ServeSettings | None = None, *
                                           "threads": threads, "workers": workers,
                                           "settings": dataclasses.asdict(settings)})
     config = uvicorn.Config("imgrec.serve.app:app_from_env", factory=True, workers=workers, **options)
-    Multiprocess(config, target=uvicorn.Server(config).run, sockets=[sock]).run()
+    # uvicorn < 0.30 wanted the server's run method as `target`; later versions build it themselves
+    target = {"target": uvicorn.Server(config).run} if "target" in inspect.signature(Multiprocess).parameters else {}
+    Multiprocess(config, sockets=[sock], **target).run()

@@ -17,7 +17,9 @@ Design:
   admitted (before its upload is read and decoded); when no announced request is still on its way,
   the worker runs the batch at once, so a lone request never waits ``max_wait_s`` for company.
 * The queue is bounded in images. ``submit`` raises :class:`QueueFull` at once rather than letting
-  latency grow without limit; the HTTP layer turns that into 503 with ``Retry-After``.
+  latency grow without limit; the HTTP layer turns that into 503 with ``Retry-After``. A request with a
+  deadline is also refused when the passes already queued ahead of it would, at the recent pace, not
+  finish in time: better a quick 503 than accepting work that ends in a timeout.
 * A request that gives up (timeout, client gone) cancels its future; the worker skips cancelled
   requests that have not started, and a pass that is already running finishes and is thrown away,
   so a slow pass never kills the worker.
@@ -99,9 +101,10 @@ class Batcher:
         self._cond = threading.Condition()
         self._stopping = False
         self._thread: threading.Thread | None = None
-        # counters for /v1/model-style introspection and the tests (written by the worker only)
+        # statistics for benchmarks and tests (written by the worker thread only)
         self.batches_run = 0
         self.images_run = 0
+        self.pass_seconds: float | None = None  # moving average of one forward pass (after warm-up passes)
         self.batch_sizes: collections.deque[int] = collections.deque(maxlen=1000)
 
     # -- lifecycle -------------------------------------------------------------------------------
@@ -144,12 +147,19 @@ class Batcher:
             self._announced -= 1
             self._cond.notify()
 
-    def enqueue(self, images: torch.Tensor, announced: bool = False) -> asyncio.Future:
+    def expected_wait(self, n: int) -> float | None:
+        """Seconds until ``n`` more images would be answered, at the recent pace (None before any pass)."""
+        if self.pass_seconds is None:
+            return None
+        passes_ahead = -(-(self._queued_images + n) // self.max_batch)  # ceil
+        return (1 + passes_ahead) * self.pass_seconds  # + 1: the pass that may be running now
+
+    def enqueue(self, images: torch.Tensor, announced: bool = False, within: float | None = None) -> asyncio.Future:
         """Queue an N×C×H×W uint8 batch; the returned future (of this event loop) gets its N rows of output.
 
-        Call on the event loop's thread. Raises QueueFull at once when the queue is full and
-        BatcherStopped when not running. Cancelling the future (``asyncio.wait_for`` timing out)
-        withdraws the request.
+        Call on the event loop's thread. Raises QueueFull at once when the queue is full, or when
+        ``within`` seconds are not expected to be enough, and BatcherStopped when not running.
+        Cancelling the future (``asyncio.wait_for`` timing out) withdraws the request.
         """
         loop = asyncio.get_running_loop()
         item = _Item(images, loop.create_future(), loop)
@@ -163,6 +173,10 @@ class Batcher:
                 # an oversize request is still accepted into an empty queue, or it could never run
                 self._cond.notify()
                 raise QueueFull(f"{self._queued_images} images already waiting (limit {self.max_queue})")
+            expected = self.expected_wait(item.n) if within is not None and self._queue else None
+            if expected is not None and expected > within:
+                self._cond.notify()
+                raise QueueFull(f"the {self._queued_images} images waiting need about {expected:.1f} s")
             self._queue.append(item)
             self._queued_images += item.n
             self._cond.notify()
@@ -209,7 +223,10 @@ class Batcher:
                 continue
             try:
                 x = live[0].images if len(live) == 1 else torch.cat([it.images for it in live])
+                started = time.monotonic()
                 out = self.forward(x)
+                took = time.monotonic() - started
+                self.pass_seconds = took if self.pass_seconds is None else 0.8 * self.pass_seconds + 0.2 * took
             except Exception as e:  # noqa: BLE001 - reported to every waiting request; the worker lives on
                 for it in live:
                     _post(it, error=e)
