@@ -1,4 +1,4 @@
-"""imgrec: image recognition in PyTorch — train, evaluate, explain, predict, serve and export classifiers.
+"""imgrec: image recognition in PyTorch — train, evaluate, explain, predict and serve classifiers.
 
     from imgrec import Classifier
     clf = Classifier.load("runs/fm-fastnet")

@@ -309,8 +309,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _add_extensions(sub) -> None:
-    """Subcommands whose modules need optional dependencies (serving, reports, export)."""
-    for module in ("imgrec.serve.cli", "imgrec.eval.cli", "imgrec.infer.export_cli"):
+    """Subcommands whose modules need optional dependencies (serving, reports)."""
+    for module in ("imgrec.serve.cli", "imgrec.eval.cli"):
         try:
             mod = __import__(module, fromlist=["add_parsers"])
         except ModuleNotFoundError as e:
