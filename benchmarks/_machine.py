@@ -39,3 +39,12 @@ def machine_markdown() -> str:
     return (f"- CPU: {m['cpu']} ({m['cores']} cores available; {m['isa']})\n"
             f"- GPU: {m['gpu'] or 'none'}\n- torch {m['torch']}, Python {m['python']}, {m['torch_threads']} threads\n"
             f"- date: {m['date']}; 1-minute load average when it started: {m['load_1min']}\n")
+
+
+def write_result(out: str, lines: list[str]) -> None:
+    """Print a Markdown result and write it to ``out``."""
+    from pathlib import Path
+    text = "\n".join(lines) + "\n"
+    print(text)
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    Path(out).write_text(text)

@@ -20,7 +20,7 @@ import torch
 import torch.nn as nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _machine import machine_markdown  # noqa: E402
+from _machine import machine_markdown, write_result  # noqa: E402
 
 from imgrec.engine.device import amp_dtype, set_threads  # noqa: E402
 from imgrec.engine.inference import autocast  # noqa: E402
@@ -97,10 +97,7 @@ def main() -> None:
         lines.append(f"| {name} | {setting} | {p[0]:.0f} | {e[0]:.0f} | {st:.2f}× | {p[1]:.0f} | {e[1]:.0f} | {si:.2f}× |")
     lines.append(f"\nMedian training speed-up: **{statistics.median(speed_train):.2f}×** (min {min(speed_train):.2f}×, "
                  f"max {max(speed_train):.2f}×); median inference speed-up: **{statistics.median(speed_inf):.2f}×**.")
-    text = "\n".join(lines) + "\n"
-    print(text)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(text)
+    write_result(args.out, lines)
 
 
 if __name__ == "__main__":

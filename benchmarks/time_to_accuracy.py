@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _machine import machine_markdown  # noqa: E402
+from _machine import machine_markdown, write_result  # noqa: E402
 
 TARGET = 0.925
 FMNIST = Path("/usr/share/datasets/fashion-mnist")
@@ -137,10 +137,7 @@ def main() -> None:
         else:
             lines.append(f"| tutorial loop | best {max(a for _, a, _ in tut['history']):.4f} | did not reach "
                          f"{TARGET:.1%} in {args.tutorial_epochs} epochs | |")
-    text = "\n".join(lines) + "\n"
-    print(text)
-    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(text)
+    write_result(args.out, lines)
 
 
 if __name__ == "__main__":

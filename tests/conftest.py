@@ -73,3 +73,15 @@ def run_cli(*args, cwd=None, env=None, timeout=600, input=None):
     e.update(env or {})
     return subprocess.run([sys.executable, "-m", "imgrec.cli", *map(str, args)], capture_output=True, text=True,
                           cwd=cwd, env=e, timeout=timeout, input=input)
+
+
+def assert_clean_error(r, *needles):
+    """A CLI failure as reliability.md wants it: non-zero exit, no traceback, exactly one error line, last."""
+    assert r.returncode != 0, r.stdout
+    assert "Traceback" not in r.stderr, r.stderr
+    # a progress banner may precede the error line
+    lines = [ln for ln in r.stderr.strip().splitlines() if ln.strip()]
+    errors = [ln for ln in lines if ln.startswith("imgrec: error:")]
+    assert len(errors) == 1 and lines[-1] == errors[0], r.stderr
+    for n in needles:
+        assert n in errors[0], errors[0]

@@ -8,18 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import run_cli, write_image_folder
-
-
-def assert_clean_error(r, *needles):
-    assert r.returncode != 0, r.stdout
-    assert "Traceback" not in r.stderr, r.stderr
-    # exactly one error line, and it is the last thing printed (a progress banner may precede it)
-    lines = [ln for ln in r.stderr.strip().splitlines() if ln.strip()]
-    errors = [ln for ln in lines if ln.startswith("imgrec: error:")]
-    assert len(errors) == 1 and lines[-1] == errors[0], r.stderr
-    for n in needles:
-        assert n in errors[0], errors[0]
+from conftest import assert_clean_error, run_cli, write_image_folder
 
 
 def test_models_lists_registry():

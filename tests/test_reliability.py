@@ -13,23 +13,13 @@ import pytest
 import torch
 
 import imagefactory as fac
-from conftest import run_cli
+from conftest import assert_clean_error, run_cli
 from imgrec import Classifier
 from imgrec.errors import ModelFileError
 from imgrec.safeio import atomic_write_bytes, check_writable, load_tree, load_weights
 
 TRAIN = ["train", "--model", "simple_cnn", "--train-limit", "1200", "--val-split", "300", "--batch-size", "100",
          "--lr", "3e-3", "--eval-batch-size", "1000", "--deterministic", "--quiet"]
-
-
-def assert_clean_error(r, *needles):
-    assert r.returncode != 0, r.stdout
-    assert "Traceback" not in r.stderr, r.stderr
-    lines = [ln for ln in r.stderr.strip().splitlines() if ln.strip()]
-    errors = [ln for ln in lines if ln.startswith("imgrec: error:")]
-    assert len(errors) == 1 and lines[-1] == errors[0], r.stderr
-    for n in needles:
-        assert n in errors[0], errors[0]
 
 
 # -- model files --------------------------------------------------------------------------------------
