@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import io
-import json
 import os
 import re
 import signal
@@ -31,7 +30,6 @@ from PIL import Image  # noqa: E402
 from imgrec.serve.app import ServeSettings, _uvicorn_options, bind_socket, create_app, load_classifier  # noqa: E402
 from imgrec.serve.batcher import Batcher, BatcherStopped, QueueFull  # noqa: E402
 
-from conftest import run_cli  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -362,7 +360,8 @@ def test_too_many_files_is_400(client, images):
 @pytest.mark.parametrize("field", ["files", "other"])
 def test_thousands_of_parts_are_400_with_flat_memory(server, client, field):
     boundary = "b0undary"
-    part = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"{field}\"; filename=\"a.png\"\r\n\r\nx\r\n").encode()
+    part = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"{field}\"; filename=\"a.png\"\r\n\r\n"
+            "x\r\n").encode()
     body = part * 10_000 + f"--{boundary}--\r\n".encode()  # 10k parts in ~0.9 MB: under the size limit
     assert len(body) < 1024 * 1024
     with PeakMemory() as mem:
@@ -421,7 +420,8 @@ def test_requests_cannot_name_files_or_models(client, images):
     assert "root:" not in detail
     assert_json_error(client.post("/v1/predict", content=str(ROOT / "README.md").encode()), 415)
     # unknown query parameters are ignored: the model was chosen when the server started
-    r = client.post("/v1/predict", content=images[0], params={"model": "/tmp", "path": "/etc/passwd", "url": "http://x"})
+    r = client.post("/v1/predict", content=images[0],
+                    params={"model": "/tmp", "path": "/etc/passwd", "url": "http://x"})
     assert r.status_code == 200 and r.json()["model"] == "simple_cnn"
     for path in ("/static/../../../../etc/passwd", "/static/%2e%2e%2f%2e%2e%2fetc%2fpasswd", "/static/index.html",
                  "/static/..%2fapp.py", "/static/swagger/..%2f..%2fapp.py", "/v1/model/../../etc/passwd"):

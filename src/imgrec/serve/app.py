@@ -310,7 +310,10 @@ def _describe_upload(index: int, name: str | None, multipart: bool) -> str:
     return f"files[{index}]"
 
 
-async def _read_uploads(request: Request, body: _Body, max_files: int) -> tuple[list[tuple[str | None, bytearray]], bool]:
+Uploads = list[tuple[str | None, bytearray]]  # (client file name, encoded bytes) per image
+
+
+async def _read_uploads(request: Request, body: _Body, max_files: int) -> tuple[Uploads, bool]:
     """The request's images as (client file name, bytes), and whether they came as multipart."""
     ctype, params = parse_options_header(request.headers.get("content-type"))
     if ctype == b"multipart/form-data":
@@ -359,7 +362,7 @@ async def _drain(request: Request, body: _Body, timeout_s: float) -> bool:
     return True
 
 
-def _decode_all(classifier, uploads: list[tuple[str | None, bytearray]], multipart: bool) -> torch.Tensor:
+def _decode_all(classifier, uploads: Uploads, multipart: bool) -> torch.Tensor:
     """Decode every upload to the model's size and channels (runs in a worker thread)."""
     images = []
     for i, (name, data) in enumerate(uploads):
@@ -521,7 +524,8 @@ def create_app(classifier, settings: ServeSettings | None = None) -> FastAPI:
                 uploads, multipart = await _with_timeout(_read_uploads(request, body, settings.max_files),
                                                          settings.read_timeout_s)
             except TimeoutError:
-                raise _http_error(408, f"the request body did not arrive within {settings.read_timeout_s:g} s") from None
+                raise _http_error(408, f"the request body did not arrive within {settings.read_timeout_s:g} s") \
+                    from None
             except ClientDisconnect:
                 raise _http_error(400, "the client disconnected before sending the whole body") from None
             images = await anyio.to_thread.run_sync(_decode_all, classifier, uploads, multipart,
