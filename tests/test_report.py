@@ -139,10 +139,10 @@ def test_report_numbers_equal_eval_json(report_and_eval):
     counts = rows(page.ids["class-counts"])
     col = [text(c) for c in counts[0]].index("test")
     assert [int(text(r[col])) for r in counts[1:-1]] == [row["support"] for row in ev["per_class"]]
-    # the counts beside them: top-1 hits as top-1 accuracy counts them, mistakes as the matrix counts them
-    # (the two differ only where tied top logits are broken differently by topk and argmax)
-    assert numbers["accuracy"]["top1"]["correct"] == round(ev["top1"] * ev["n"])
-    assert numbers["misclassified"] == ev["n"] - sum(ev["confusion_matrix"][i][i] for i in range(len(cm)))
+    # the counts beside them: top-1 hits and mistakes both agree with the matrix and with top-1 accuracy
+    diagonal = sum(ev["confusion_matrix"][i][i] for i in range(len(cm)))
+    assert numbers["accuracy"]["top1"]["correct"] == diagonal == round(ev["top1"] * ev["n"])
+    assert numbers["misclassified"] == ev["n"] - diagonal
 
 
 def test_report_is_valid_self_contained_html(report_and_eval):

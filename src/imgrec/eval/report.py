@@ -204,15 +204,16 @@ def build_report(clf, data, *, bundle=None, split: str = "test", data_name: str 
 
     accuracy = {}
     for key, k in (("top1", 1), (f"top{top_k}", top_k)):
-        # count the hits (k capped at K, as topk_accuracy does) rather than rounding the float32 fraction back
-        top = logits.float().topk(min(k, len(classes)), dim=1).indices
-        hits = int((top == labels[:, None]).any(dim=1).sum())
+        # count the hits rather than rounding the float fraction back: top-1 is the confusion matrix's diagonal
+        # (summarize takes top-1 from the same argmax), top-k caps k at K as topk_accuracy does
+        if k == 1:
+            hits = int(np.trace(cm))
+        else:
+            top = logits.float().topk(min(k, len(classes)), dim=1).indices
+            hits = int((top == labels[:, None]).any(dim=1).sum())
         lo, hi = wilson_interval(hits, n)
         accuracy[key] = {"value": results[key], "correct": hits, "ci_low": lo, "ci_high": hi}
 
-    # Tied top logits (common with bf16 inference) are broken differently by topk (top-1 accuracy) and by
-    # argmax (the confusion matrix) inside summarize; the page says so when that makes their counts differ.
-    tie_gap = accuracy["top1"]["correct"] - int(np.trace(cm))
     top2 = np.sort(probs, axis=1)[:, -2:]
     ties = int((top2[:, 0] == top2[:, 1]).sum()) if len(classes) > 1 else 0
     wrong = np.nonzero(pred != y)[0]
@@ -252,7 +253,6 @@ def build_report(clf, data, *, bundle=None, split: str = "test", data_name: str 
         "r": results, "top_k": top_k, "accuracy": accuracy, "calibration": calibration, "n_bins": n_bins,
         "classes": classes, "cm": cm.tolist(),
         "pairs": pairs, "gallery": gallery, "misclassified": int(len(wrong)), "max_gallery": max_gallery,
-        "tie_gap": tie_gap, "ties": ties,
         "counts": counts, "count_splits": list(counts),
         "samples": _class_samples(sample_split, classes, samples_per_class),
         "sample_split": "train" if sample_split is not data else split,
