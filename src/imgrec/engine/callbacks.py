@@ -28,7 +28,8 @@ class ProgressBar(Callback):
         self.bar = None
 
     def on_epoch_begin(self, trainer, epoch):
-        if not self.enabled:
+        # the live bar only on a terminal; logs (CI, `make demo > log`) get the one line per epoch below
+        if not self.enabled or not sys.stderr.isatty():
             return
         from tqdm import tqdm
         self.bar = tqdm(total=trainer.steps_per_epoch, initial=trainer.start_step, leave=False, file=sys.stderr,
