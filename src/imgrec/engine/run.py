@@ -140,11 +140,11 @@ def train(cfg: RunConfig, out: str | Path, *, resume: bool = False, overwrite: b
     train_loader, val_loader = build_loaders(bundle, cfg, device, channels_last)
     meta = model_meta(bundle, cfg, model_kwargs)
 
-    def on_save(tr: Trainer) -> None:
+    def on_save(tr: Trainer, test_metrics: dict | None = None) -> None:
         best = tr.history[tr.best_epoch] if tr.best_epoch >= 0 else {}
-        write_meta(out, {**meta, "metrics": {"best_epoch": tr.best_epoch + 1, "val_acc": best.get("val_acc"),
-                                             "val_loss": best.get("val_loss"), "epochs_run": len(tr.history)},
-                         "train_time_s": round(tr.train_time_s, 3)})
+        metrics = {"best_epoch": tr.best_epoch + 1, "val_acc": best.get("val_acc"), "val_loss": best.get("val_loss"),
+                   "epochs_run": len(tr.history), **(test_metrics or {})}
+        write_meta(out, {**meta, "metrics": metrics, "train_time_s": round(tr.train_time_s, 3)})
 
     callbacks = [ProgressBar(enabled=progress), CSVLogger(out / "metrics.csv")]
     if t.patience:
@@ -168,11 +168,7 @@ def train(cfg: RunConfig, out: str | Path, *, resume: bool = False, overwrite: b
         clf = Classifier.load(out, device=str(device), amp=t.amp)
         res = clf.evaluate(bundle.test.images, bundle.test.labels)
         summary.update(test_acc=res["top1"], test_top5=res["top5"], test_n=res["n"])
-        on_save(trainer)
-        from imgrec.engine.checkpoint import read_meta
-        m = read_meta(out)
-        m["metrics"].update(test_acc=res["top1"], test_top5=res["top5"])
-        write_meta(out, {k: v for k, v in m.items() if k not in ("format", "format_version", "imgrec_version", "weights")})
+        on_save(trainer, {"test_acc": res["top1"], "test_top5": res["top5"]})
     summary["wall_time_s"] = time.perf_counter() - t_start
     return summary
 

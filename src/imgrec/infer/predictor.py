@@ -74,7 +74,7 @@ class Classifier:
 
     def normalize(self, batch_uint8: torch.Tensor) -> torch.Tensor:
         x = (batch_uint8.to(self.device, torch.float32) - self._mean) / self._std
-        return x.contiguous(memory_format=torch.channels_last) if x.shape[1] > 0 else x
+        return x.contiguous(memory_format=torch.channels_last)
 
     # -- outputs -------------------------------------------------------------------------------
     def logits(self, batch_uint8: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
