@@ -96,30 +96,12 @@ def cmd_train(args) -> int:
     return 0
 
 
-def _load_eval_data(meta: dict, data: str | None, data_dir: str | None, split: str, on_bad_image: str):
-    from imgrec.data.loader import load_data
-    d = meta.get("data") or {}
-    spec = data or d.get("source")
-    if not spec:
-        from imgrec.errors import ConfigError
-        raise ConfigError("--data is required (the model directory does not say what it was trained on)")
-    splits = ("train", "val", "test") if split == "test" else ("train", "val")
-    same_source = spec == d.get("source")
-    bundle = load_data(spec, image_size=int(meta["image_size"]), channels=int(meta["channels"]),
-                       val_split=d.get("val_split") if same_source else None,
-                       split_seed=int(d.get("split_seed") or 0), data_dir=data_dir, on_bad_image=on_bad_image,
-                       splits=splits, progress=False)
-    if list(bundle.classes) != list(meta["classes"]):
-        from imgrec.errors import DatasetError
-        raise DatasetError(f"{spec}: its classes ({', '.join(bundle.classes[:5])}…) differ from the model's")
-    return bundle, bundle.split(split)
-
-
 def cmd_eval(args) -> int:
     from imgrec.infer.predictor import Classifier
 
     clf = Classifier.load(args.model, which=args.which, device=args.device)
-    _, data = _load_eval_data(clf.meta, args.data, args.data_dir, args.split, args.on_bad_image)
+    from imgrec.data.loader import load_eval_split
+    _, data = load_eval_split(clf.meta, args.data, args.data_dir, args.split, args.on_bad_image)
     res = clf.evaluate(data.images, data.labels, top_k=args.top_k)
     res.update(model=str(args.model), data=args.data or clf.meta["data"].get("source"), split=args.split)
     if args.json:

@@ -19,7 +19,7 @@ from imgrec.data import csv as csv_source
 from imgrec.data import datasets as named
 from imgrec.data import folder as folder_source
 from imgrec.data.files import decode_files
-from imgrec.errors import DatasetError
+from imgrec.errors import ConfigError, DatasetError
 
 
 @dataclass
@@ -221,6 +221,24 @@ def _bundle(name, classes, train, val, test, chans, size, mean, std, flip) -> Da
     k = len(classes)
     counts = {s: torch.bincount(d.labels, minlength=k).tolist() for s, d in (("train", train), ("val", val), ("test", test)) if d is not None}
     return DataBundle(name, classes, train, val, test, chans, size, mean, std, flip, counts)
+
+
+def load_eval_split(meta: dict, data: str | None, data_dir: str | None, split: str, on_bad_image: str = "fail"):
+    """The data a model directory was trained on (or ``data``), with the same validation split, at the model's
+    size and channels; returns (bundle, the requested split). Used by ``imgrec eval`` and ``imgrec report``."""
+    d = meta.get("data") or {}
+    spec = data or d.get("source")
+    if not spec:
+        raise ConfigError("--data is required (the model directory does not say what it was trained on)")
+    splits = ("train", "val", "test") if split == "test" else ("train", "val")
+    same_source = spec == d.get("source")
+    bundle = load_data(spec, image_size=int(meta["image_size"]), channels=int(meta["channels"]),
+                       val_split=d.get("val_split") if same_source else None,
+                       split_seed=int(d.get("split_seed") or 0), data_dir=data_dir, on_bad_image=on_bad_image,
+                       splits=splits, progress=False)
+    if list(bundle.classes) != list(meta["classes"]):
+        raise DatasetError(f"{spec}: its classes ({', '.join(bundle.classes[:5])}…) differ from the model's")
+    return bundle, bundle.split(split)
 
 
 # ----------------------------------------------------------------------------------------------

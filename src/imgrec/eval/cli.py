@@ -21,7 +21,7 @@ def _need_report_extra() -> None:
 
 
 def cmd_report(args) -> int:
-    from imgrec.cli import _load_eval_data  # the loading `imgrec eval` uses: same data, same numbers
+    from imgrec.data.loader import load_eval_split  # the loading `imgrec eval` uses: same data, same numbers
     from imgrec.errors import ConfigError
     from imgrec.infer.predictor import Classifier
 
@@ -31,7 +31,7 @@ def cmd_report(args) -> int:
     if args.top_k < 1:
         raise ConfigError("--top-k must be at least 1")
     clf = Classifier.load(args.model, which=args.which, device=args.device)
-    bundle, data = _load_eval_data(clf.meta, args.data, args.data_dir, args.split, args.on_bad_image)
+    bundle, data = load_eval_split(clf.meta, args.data, args.data_dir, args.split, args.on_bad_image)
     report = build_report(clf, data, bundle=bundle, split=args.split,
                           data_name=args.data or clf.meta["data"].get("source"), model_dir=args.model,
                           top_k=args.top_k, max_gallery=args.max_gallery)

@@ -25,12 +25,12 @@ import numpy as np
 import torch
 
 from imgrec.eval.metrics import expected_calibration_error, summarize
+from imgrec.infer.predictor import EVAL_BATCH_SIZE
 
 __all__ = ["Report", "build_report", "wilson_interval", "read_metrics_csv", "png_data_uri", "image_data_uri"]
 
 Z95 = 1.959963984540054  # two-sided 95% normal quantile
 THUMB_MAX = 96           # px: larger images are shrunk for the galleries (the report stays a few MB)
-EVAL_BATCH = 1024        # the batch size Classifier.evaluate uses, so the logits are bit-for-bit the same
 
 
 @dataclass
@@ -188,7 +188,7 @@ def build_report(clf, data, *, bundle=None, split: str = "test", data_name: str 
     t0 = time.perf_counter()
     # The same call and batch size as Classifier.evaluate, then the same summarize(): one forward pass gives
     # both the numbers of `imgrec eval` and the probabilities for calibration and the galleries.
-    logits = clf.logits(data.images, EVAL_BATCH)
+    logits = clf.logits(data.images, EVAL_BATCH_SIZE)
     results = summarize(logits, labels, classes, top_k)
     eval_seconds = time.perf_counter() - t0
     results.update(model=model_label, data=data_name, split=split)

@@ -14,6 +14,8 @@ from imgrec.engine.device import amp_dtype, pick_device
 from imgrec.engine.inference import predict_logits
 from imgrec.errors import ConfigError, ImageDecodeError
 
+EVAL_BATCH_SIZE = 1024  # evaluate() and the report use the same batches, so their logits are bit-for-bit equal
+
 ImageLike = Any  # path, bytes, PIL.Image, numpy H×W(×C) uint8, or torch uint8 C×H×W
 
 
@@ -106,7 +108,7 @@ class Classifier:
     def evaluate(self, images_uint8: torch.Tensor, labels: torch.Tensor, top_k: int = 5) -> dict:
         """Metrics on a labelled uint8 set (same forward pass as predict)."""
         from imgrec.eval.metrics import summarize
-        return summarize(self.logits(images_uint8, 1024), labels.long(), self.classes, top_k)
+        return summarize(self.logits(images_uint8, EVAL_BATCH_SIZE), labels.long(), self.classes, top_k)
 
     def explain(self, image: ImageLike, target: str | None = None) -> dict:
         from imgrec.eval.explain import explain as _explain
