@@ -302,11 +302,27 @@ def _add_extensions(sub) -> None:
         mod.add_parsers(sub)
 
 
+def _take_sigint() -> None:
+    """Make SIGINT (Ctrl-C, ``kill -INT``) raise KeyboardInterrupt even when imgrec was started with it ignored.
+
+    A shell without job control starts background commands (``imgrec train ... &`` in a script, CI runners)
+    with SIGINT set to "ignore", and Python keeps that disposition: Ctrl-C or ``kill -INT`` would then be
+    lost and a training run would go on to the end instead of leaving a resumable checkpoint. imgrec's
+    commands are meant to stop on SIGINT wherever they run, so the handler is installed explicitly.
+    """
+    import signal
+    try:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    except ValueError:  # not the main thread (main() called from a library caller's thread): leave it
+        pass
+
+
 def main(argv: list[str] | None = None) -> int:
     from imgrec.errors import ImgrecError
 
     parser = build_parser()
     args = parser.parse_args(argv)
+    _take_sigint()
     try:
         return int(args.func(args) or 0)
     except ImgrecError as e:

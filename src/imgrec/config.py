@@ -1,6 +1,6 @@
 """Typed settings for data, model and training; YAML in, YAML out (the resolved config is saved with every run).
 
-Precedence, lowest first: the dataclass defaults, a ``--recipe`` (see ``imgrec.models.fast.RECIPES``),
+Precedence, lowest first: the dataclass defaults, a ``--recipe`` (see ``imgrec.engine.recipes``),
 a ``--config`` YAML file, then explicit command-line options.
 """
 from __future__ import annotations

@@ -19,19 +19,17 @@ from imgrec.safeio import atomic_write_text, check_writable
 
 def resolve_config(recipe: str | None = None, config_file: str | None = None, overrides: dict | None = None,
                    model_given: bool = False) -> RunConfig:
-    """Defaults ← recipe ← config file ← command line. Without --model the default recipe ("fast") applies."""
-    from imgrec.models.fast import RECIPES
+    """Defaults ← recipe ← config file ← command line. Without --model the default recipe applies."""
+    from imgrec.engine.recipes import DEFAULT_RECIPE, get_recipe
 
     cfg = RunConfig()
     file_cfg = load_yaml(config_file) if config_file else {}
     recipe = recipe or file_cfg.get("recipe")
     overrides = dict(overrides or {})
     if recipe is None and not model_given and "name" not in (file_cfg.get("model") or {}):
-        recipe = "fast"
+        recipe = DEFAULT_RECIPE
     if recipe is not None:
-        if recipe not in RECIPES:
-            raise ConfigError(f"unknown recipe {recipe!r}; choose one of: {', '.join(RECIPES)}")
-        cfg.update(recipe_overrides(RECIPES[recipe]), source=f"recipe {recipe}")
+        cfg.update(get_recipe(recipe), source=f"recipe {recipe}")
         cfg.recipe = recipe
     cfg.update(file_cfg, source=str(config_file))
     cfg.update(overrides, source="command line")
@@ -39,19 +37,6 @@ def resolve_config(recipe: str | None = None, config_file: str | None = None, ov
     from imgrec.models import model_info
     model_info(cfg.model.name)  # an unknown name fails now, listing the choices
     return cfg
-
-
-def recipe_overrides(recipe: dict) -> dict:
-    """A recipe from ``imgrec.models.fast.RECIPES`` as flat config settings."""
-    out = {}
-    for k, v in recipe.items():
-        if k == "model":
-            out["name"] = v
-        elif k == "augment":
-            out.update({kk: vv for kk, vv in (v or {}).items()})
-        else:
-            out[k] = v
-    return out
 
 
 def build_loaders(bundle: DataBundle, cfg: RunConfig, device: torch.device, channels_last: bool):

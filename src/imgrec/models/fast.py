@@ -28,9 +28,7 @@ Every model implements imgrec's head API: ``forward_features`` -> N x C x h x w 
 ``forward_head(feats, pre_logits=False)``, ``get_classifier``, ``reset_classifier`` and
 ``num_features``.
 
-``RECIPES`` holds the training recipes for ``imgrec train --recipe``; hyperparameters are chosen
-on the 5,000-image validation split carved from the 60k Fashion-MNIST training set only (the
-status of each recipe is noted beside it).
+The training recipes that use these networks live in ``imgrec.engine.recipes``.
 """
 from __future__ import annotations
 
@@ -41,7 +39,7 @@ import torch.nn as nn
 
 from imgrec.models.registry import register_model
 
-__all__ = ["FastNet", "RECIPES", "param_groups_no_decay", "fastnet", "fastnet_wide"]
+__all__ = ["FastNet", "param_groups_no_decay", "fastnet", "fastnet_wide"]
 
 
 def _conv3x3(cin: int, cout: int) -> nn.Conv2d:
@@ -205,45 +203,3 @@ def fastnet(num_classes: int = 10, in_chans: int = 1, image_size: int = 28, **kw
                 description="Wider/deeper FastNet (max-pool stages, residual convs) for higher accuracy")
 def fastnet_wide(num_classes: int = 10, in_chans: int = 1, image_size: int = 28, **kw) -> nn.Module:
     return FastNet(num_classes=num_classes, in_chans=in_chans, **{**FASTNET_WIDE_CFG, **kw})
-
-
-# Training recipes for ``imgrec train --recipe NAME``.  Keys: the engine's settings (model → the
-# architecture, augment → crop_padding / flip).  lr is the peak learning rate of the "onecycle"
-# schedule (linear warm-up over ``warmup`` of all steps, then linear decay); tta_flip averages the
-# logits of the image and its mirror image.  Every choice below was made on the 5,000-image
-# validation split carved from the 60k training set (split_seed 0); the test split was not used.
-#
-# Measured on the 2-core Zen 4 (benchmarks/results/time_to_accuracy.md and the note in
-# benchmarks/fast_search.py), fastnet, batch 512, SGD lr 0.4, seed 0, validation accuracy with TTA:
-#   stride-2 stages, no crop, 4 epochs        91.8%
-#   max-pool stages, no crop, 4 epochs        92.5%   (~13 s per epoch)
-#   max-pool stages, no crop, 6 epochs        93.3%
-# Random crops cost accuracy in runs this short (+1.7 points without them at 4 epochs) and pay
-# off only in long runs; flips help at every length, and flip-TTA adds 0.2-0.4 points.
-RECIPES: dict[str, dict] = {
-    "fast": dict(
-        model="fastnet", epochs=6, batch_size=512,
-        optimizer="sgd", lr=0.4, momentum=0.9, weight_decay=5e-4,
-        scheduler="onecycle", warmup=0.2, label_smoothing=0.1,
-        augment=dict(crop_padding=0, flip=True), ema=None, tta_flip=True,
-        # "auto": bf16 autocast where the CPU has bf16 instructions (1.5x here), fp32 elsewhere
-        amp="auto", channels_last=True,
-        # torch.compile: ~35 s of compiling measured before (perf-notes) > the whole run's budget.
-        compile=False,
-    ),
-    "accurate": dict(
-        model="fastnet", epochs=16, batch_size=512,
-        optimizer="sgd", lr=0.4, momentum=0.9, weight_decay=5e-4,
-        scheduler="onecycle", warmup=0.2, label_smoothing=0.1,
-        augment=dict(crop_padding=2, flip=True), ema=None, tta_flip=True,
-        amp="auto", channels_last=True, compile=False,
-    ),
-    # not validated yet (see the closing note of the speed issue): a wider network for long runs
-    "best": dict(
-        model="fastnet_wide", epochs=40, batch_size=256,
-        optimizer="sgd", lr=0.1, momentum=0.9, weight_decay=5e-4,
-        scheduler="onecycle", warmup=0.15, label_smoothing=0.1,
-        augment=dict(crop_padding=2, flip=True), ema=None, tta_flip=True,
-        amp="auto", channels_last=True, compile=False,
-    ),
-}
