@@ -35,6 +35,7 @@ demo: setup data
 	$(BIN)/imgrec predict --model $(RUN) $(RUN)/samples --top-k 3
 
 test: setup data
+	$(BIN)/lint-imports
 	$(BIN)/python -m pytest -q -x --timeout=900
 
 bench: setup data

@@ -148,7 +148,7 @@ def train(model: str, out: Path, train_limit: int) -> Path:
 def sample_request() -> bytes:
     from PIL import Image
 
-    from imgrec.data.datasets import load_named
+    from imgrec.data.named import load_named
     x, _ = load_named("fashion-mnist", "test")
     buf = io.BytesIO()
     Image.fromarray(x[0]).save(buf, format="PNG")

@@ -4,7 +4,7 @@
 
 "Plain" is what a user gets from a textbook loop: fp32, contiguous (NCHW) tensors, eager mode.
 "Engine" is what ``imgrec train`` does with ``--amp auto`` and the default memory format on this machine:
-the autocast dtype chosen by ``imgrec.engine.device.amp_dtype`` for that model, and channels_last for CNNs.
+the autocast dtype chosen by ``imgrec.infer.runtime.resolve_amp`` for that model, and channels_last for CNNs.
 Each model runs at its small-image configuration (28 px, 1 channel, 10 classes — Fashion-MNIST's shape);
 the numbers are medians over ``--steps`` timed steps after 2 warm-up steps.
 """
@@ -22,8 +22,9 @@ import torch.nn as nn
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _machine import machine_markdown, write_result  # noqa: E402
 
-from imgrec.engine.device import amp_dtype, set_threads  # noqa: E402
-from imgrec.engine.inference import autocast  # noqa: E402
+from imgrec.device import set_threads  # noqa: E402
+from imgrec.infer.runtime import resolve_amp  # noqa: E402
+from imgrec.infer.runtime import autocast  # noqa: E402
 from imgrec.models import create_model, list_models, model_info  # noqa: E402
 
 
@@ -79,7 +80,7 @@ def main() -> None:
         torch.manual_seed(0)
         plain = measure(create_model(name, 10, 1, args.size), x, y, None, False, args.steps)
         torch.manual_seed(0)
-        amp = amp_dtype("auto", dev, name)
+        amp = resolve_amp("auto", dev, name)
         cl = info.family != "vit"
         eng = measure(create_model(name, 10, 1, args.size), x, y, amp, cl, args.steps)
         setting = f"{'bf16' if amp == torch.bfloat16 else 'fp32'}{' + channels_last' if cl else ''}"

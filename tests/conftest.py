@@ -32,7 +32,7 @@ def _isolated_cache(tmp_path_factory):
 @pytest.fixture(scope="session")
 def fmnist_arrays():
     """(train_x, train_y, test_x, test_y) numpy arrays of the real Fashion-MNIST."""
-    from imgrec.data.datasets import load_named
+    from imgrec.data.named import load_named
     if not (FMNIST_DIR / "train-images-idx3-ubyte.gz").exists():
         pytest.fail("Fashion-MNIST is missing: run `apt-get install dataset-fashion-mnist` (make test does)")
     x, y = load_named("fashion-mnist", "train")
@@ -59,7 +59,7 @@ def write_image_folder(root: Path, x: np.ndarray, y: np.ndarray, classes, per_cl
 @pytest.fixture(scope="session")
 def trained_run(tmp_path_factory, fmnist_arrays):
     """A simple_cnn trained briefly on a Fashion-MNIST subset through the library (shared, read-only)."""
-    from imgrec.engine.run import resolve_config, train
+    from imgrec.engine.train import resolve_config, train
     out = tmp_path_factory.mktemp("runs") / "fm-simple"
     cfg = resolve_config(None, None, {"name": "simple_cnn", "epochs": 2, "train_limit": 8000, "val_split": 2000,
                                       "batch_size": 128, "lr": 3e-3}, model_given=True)

@@ -9,9 +9,10 @@ import pytest
 import torch
 
 from conftest import write_image_folder
-from imgrec.data import datasets as named
+from imgrec.data import named
 from imgrec.data.idx import read_idx, read_idx_pair
-from imgrec.data.loader import BatchLoader, ImageData, load_data, split_off
+from imgrec.data.dataset import ImageData, load_data, split_off
+from imgrec.data.memory import BatchLoader
 from imgrec.errors import DatasetError
 
 
@@ -212,7 +213,7 @@ def test_csv_label_not_in_class_list(tmp_path, fmnist_arrays):
 
 
 def test_decoded_folder_is_cached(tmp_path, fmnist_arrays, monkeypatch):
-    import imgrec.data.files as files
+    import imgrec.data.batchdecode as files
     root = small_folder(tmp_path, fmnist_arrays, per_class=5)
     a = load_data(str(root), image_size=28, val_split=3)
     monkeypatch.setattr(files, "_decode_all", lambda *a, **k: pytest.fail("decoded again despite the cache"))

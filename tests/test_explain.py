@@ -16,6 +16,7 @@ from conftest import run_cli
 from imgrec.eval.explain import VERTICAL_EDGE, explain, grad_cam, heat_mass
 from imgrec.infer.predictor import Classifier
 from imgrec.models import create_model, list_models, model_info
+from imgrec.modeldir import ModelMeta
 
 # -- a task whose answer sits in a known place ------------------------------------------------------
 SIZE, PATCH, TOP, LEFT = 28, 10, 4, 14          # the class is decided by the 10×10 patch at (4, 14)
@@ -61,8 +62,8 @@ class TinyCNN(nn.Module):
 
 def tiny_classifier(seed: int) -> Classifier:
     torch.manual_seed(seed)
-    meta = {"model": {"name": "tiny_test_cnn"}, "classes": CLASSES, "image_size": SIZE, "channels": 1,
-            "mean": [0.5], "std": [0.5]}
+    meta = ModelMeta(model={"name": "tiny_test_cnn"}, classes=CLASSES, image_size=SIZE, channels=1,
+                     mean=[0.5], std=[0.5])
     return Classifier(TinyCNN(), meta, device="cpu", amp="none")
 
 
@@ -177,8 +178,8 @@ def test_explain_every_registered_model(name, one_thread):
     model = create_model(name, num_classes=4, in_chans=3, image_size=size)
     # a non-zero head: ViTs start with a zero classifier, which gives every class a zero gradient
     nn.init.normal_(model.get_classifier().weight, std=0.05)
-    meta = {"model": {"name": name}, "classes": list("abcd"), "image_size": size, "channels": 3,
-            "mean": [0.5] * 3, "std": [0.25] * 3}
+    meta = ModelMeta(model={"name": name}, classes=list("abcd"), image_size=size, channels=3,
+                     mean=[0.5] * 3, std=[0.25] * 3)
     clf = Classifier(model, meta, device="cpu", amp="none")
     image = np.random.RandomState(0).randint(0, 256, (size, size, 3), dtype=np.uint8)
     r = explain(clf, image, target="c")

@@ -8,7 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from imgrec import Classifier
+from imgrec import Classifier, evaluate
 from imgrec.errors import ImageDecodeError, ModelFileError
 
 
@@ -83,6 +83,6 @@ def test_eval_matches_logits(trained_run, fmnist_arrays):
     out, summary = trained_run
     _, _, xt, yt = fmnist_arrays
     clf = Classifier.load(out)
-    res = clf.evaluate(torch.from_numpy(xt)[:, None], torch.from_numpy(yt))
+    res = evaluate(clf, torch.from_numpy(xt)[:, None], torch.from_numpy(yt)).metrics
     assert res["top1"] == pytest.approx(summary["test_acc"])
     assert res["n"] == 10000 and sum(sum(r) for r in res["confusion_matrix"]) == 10000

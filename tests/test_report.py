@@ -14,7 +14,7 @@ import torch
 
 from conftest import run_cli
 
-from imgrec.data.loader import ImageData
+from imgrec.data.dataset import ImageData
 from imgrec.eval.report import build_report, wilson_interval
 from imgrec.infer.predictor import Classifier
 
@@ -225,8 +225,9 @@ def test_report_escapes_names_and_works_without_a_run_directory(tmp_path):
     classes = ["<b>bold</b>", "a & b", 'say "hi"']
     torch.manual_seed(0)
     model = create_model("lenet5", num_classes=3, in_chans=1, image_size=28)
-    meta = {"model": {"name": "lenet5"}, "classes": classes, "image_size": 28, "channels": 1,
-            "mean": [0.5], "std": [0.5], "data": {"source": "my-folder"}}
+    from imgrec.modeldir import ModelMeta
+    meta = ModelMeta(model={"name": "lenet5"}, classes=classes, image_size=28, channels=1,
+                     mean=[0.5], std=[0.5], data={"source": "my-folder"})
     clf = Classifier(model, meta, device="cpu")
     rng = np.random.RandomState(0)
     images = torch.from_numpy(rng.randint(0, 256, (30, 1, 28, 28), dtype=np.uint8))

@@ -9,7 +9,7 @@ import torch
 import yaml
 
 from imgrec.config import RunConfig
-from imgrec.engine.run import resolve_config, train
+from imgrec.engine.train import resolve_config, train
 from imgrec.errors import ConfigError
 from imgrec.safeio import load_weights
 
@@ -119,14 +119,14 @@ def test_resume_without_checkpoint(tmp_path):
 
 def test_early_stopping(tmp_path, monkeypatch):
     from imgrec.engine.trainer import Trainer
-    orig = Trainer.evaluate
+    orig = Trainer.validate
 
     def flat(self, loader, model=None):  # validation never improves after the first epoch
         r = orig(self, loader, model)
         r["acc"], r["loss"] = 0.5, 1.0
         return r
 
-    monkeypatch.setattr(Trainer, "evaluate", flat)
+    monkeypatch.setattr(Trainer, "validate", flat)
     s = train(small_cfg(epochs=6, patience=2, train_limit=300, val_split=100), tmp_path / "es", progress=False,
               evaluate_test=False)
     assert s["epochs_run"] == 3 and s["best_epoch"] == 1

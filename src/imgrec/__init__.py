@@ -20,8 +20,10 @@ _EXPORTS = {
     "RunConfig": "imgrec.config",
     "create_model": "imgrec.models.registry", "list_models": "imgrec.models.registry",
     "model_info": "imgrec.models.registry", "register_model": "imgrec.models.registry",
-    "load_data": "imgrec.data.loader",
-    "resolve_config": "imgrec.engine.run", "train": "imgrec.engine.run",
+    "load_data": "imgrec.data.dataset",
+    "ModelMeta": "imgrec.modeldir", "RunDir": "imgrec.modeldir",
+    "evaluate": "imgrec.eval.evaluate",
+    "resolve_config": "imgrec.engine.train", "train": "imgrec.engine.train",
 }
 __all__ = sorted(_EXPORTS) + ["__version__"]
 

@@ -69,7 +69,8 @@ class RunConfig:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
-    recipe: str | None = None
+    recipe: str | None = None          # the named recipe applied (imgrec.engine.recipes), if any
+    recipe_reason: str | None = None   # why: chosen by hand, or what this machine has
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -86,8 +87,8 @@ class RunConfig:
     def update(self, d: dict, source: str = "config") -> None:
         """Apply nested ``{"train": {"lr": ...}}`` or flat ``{"lr": ...}`` overrides, checking every key."""
         for key, value in (d or {}).items():
-            if key == "recipe":
-                self.recipe = value
+            if key in ("recipe", "recipe_reason"):
+                setattr(self, key, value)
                 continue
             if key in ("data", "model", "train") and isinstance(value, dict):
                 section = getattr(self, key)

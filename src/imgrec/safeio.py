@@ -13,7 +13,7 @@ import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Iterator
 
 import torch
 
@@ -278,5 +278,3 @@ def load_tree(path: str | os.PathLike) -> Any:
 def _hashable(x):
     return tuple(x) if isinstance(x, list) else x
 
-
-Writer = Callable[[Path], None]

@@ -1,12 +1,34 @@
 """Image folders in the ImageFolder layout: ``root/<class>/<image>``, optionally under train/ val/ test/."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
-from imgrec.data.files import scan_images
+from imgrec.data.decode import IMAGE_EXTENSIONS
 from imgrec.errors import DatasetError
 
-SPLIT_NAMES = ("train", "val", "test")
+
+def is_image_name(path: str | os.PathLike) -> bool:
+    return Path(path).suffix.lower() in IMAGE_EXTENSIONS
+
+
+def scan_images(root: str | os.PathLike) -> list[Path]:
+    """All entries under ``root`` (recursively, sorted) whose names carry an image extension.
+
+    Entries that are not regular files (a folder named ``x.jpg``, a broken symlink) are kept so that
+    decoding reports them by path instead of silently dropping them.
+    """
+    root = Path(root)
+    out: list[Path] = []
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
+        dirnames.sort()
+        for name in sorted(filenames + [d for d in dirnames if is_image_name(d)]):
+            if is_image_name(name):
+                out.append(Path(dirpath) / name)
+        dirnames[:] = [d for d in dirnames if not is_image_name(d)]
+    return out
+
+
 
 
 def has_split_folders(root: Path) -> bool:

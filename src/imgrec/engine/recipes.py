@@ -55,3 +55,13 @@ def get_recipe(name: str) -> dict:
     if name not in RECIPES:
         raise ConfigError(f"unknown recipe {name!r}; choose one of: {', '.join(RECIPES)}")
     return dict(RECIPES[name])
+
+
+def choose_recipe(device_type: str, cpu_has_bf16: bool, cores: int) -> tuple[str, str]:
+    """The default recipe for this machine, and a one-line reason (printed by ``imgrec train``, kept in
+    model.json). ``device_type``: "cpu", "cuda" or "mps"; ``cpu_has_bf16``: AMX or AVX512-BF16 present."""
+    if device_type != "cpu":
+        return DEFAULT_RECIPE, f"a {device_type} device"
+    if cpu_has_bf16:
+        return DEFAULT_RECIPE, f"{cores}-core CPU with bf16 instructions (bf16 autocast)"
+    return DEFAULT_RECIPE, f"{cores}-core CPU without bf16 instructions (fp32)"

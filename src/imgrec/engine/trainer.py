@@ -1,4 +1,4 @@
-"""Exactly one training step, and the loop around it (fit / evaluate / checkpoint / resume)."""
+"""Exactly one training step, and the loop around it (fit / validate / checkpoint / resume)."""
 from __future__ import annotations
 
 import math
@@ -13,10 +13,10 @@ import torch.nn as nn
 
 from imgrec.config import TrainConfig
 from imgrec.engine.callbacks import Callback
-from imgrec.engine.checkpoint import CHECKPOINT_NAME, write_weights
-from imgrec.engine.inference import autocast, logits_in_batches
+from imgrec.engine.checkpoint import load_checkpoint, save_checkpoint, write_weights
 from imgrec.errors import ModelFileError
-from imgrec.safeio import load_tree, save_tree
+from imgrec.infer.runtime import autocast, forward_logits
+from imgrec.modeldir import RunDir
 
 
 def seed_everything(seed: int, deterministic: bool = False) -> None:
@@ -123,11 +123,17 @@ class Trainer:
     def eval_model(self) -> nn.Module:
         return self.ema.module if self.ema is not None else self.model
 
-    def evaluate(self, loader, model: nn.Module | None = None) -> dict:
+    def validate(self, loader, model: nn.Module | None = None) -> dict:
+        """Loss and accuracy on ``loader`` (the validation split) with the evaluated weights, as the model
+        directory will predict (test-time flip included); also the logits and labels."""
         model = model or self.eval_model
         was = model.training
         model.eval()
-        logits, labels = logits_in_batches(model, loader, tta_flip=self.cfg.tta_flip, amp=self.amp)
+        outs, ys = [], []
+        for x, y in loader:
+            outs.append(forward_logits(model, x, tta_flip=self.cfg.tta_flip, amp=self.amp).cpu())
+            ys.append(y.cpu())
+        logits, labels = torch.cat(outs), torch.cat(ys)
         model.train(was)
         loss = nn.functional.cross_entropy(logits, labels).item()
         return {"loss": loss, "acc": (logits.argmax(1) == labels).float().mean().item(), "logits": logits,
@@ -174,7 +180,7 @@ class Trainer:
                     and self.start_step < self.steps_per_epoch:
                 self.save_checkpoint()
         train_time = time.perf_counter() - t0
-        val = self.evaluate(self.val_loader)
+        val = self.validate(self.val_loader)
         logs = {"epoch": epoch + 1, "train_loss": p["loss_sum"] / max(p["seen"], 1),
                 "train_acc": p["correct"] / max(p["seen"], 1), "val_loss": val["loss"], "val_acc": val["acc"],
                 "lr": self.last_lr, "epoch_time_s": train_time,
@@ -248,13 +254,11 @@ class Trainer:
             torch.cuda.set_rng_state_all(rng["cuda"])
 
     def save_checkpoint(self) -> Path:
-        path = self.run_dir / CHECKPOINT_NAME
-        save_tree(path, self.state_dict())
-        return path
+        return save_checkpoint(self.run_dir, self.state_dict())
 
     def resume(self, path: str | Path | None = None) -> None:
-        path = Path(path) if path else self.run_dir / CHECKPOINT_NAME
-        state = load_tree(path)
+        path = Path(path) if path else RunDir(self.run_dir).checkpoint
+        state = load_checkpoint(path)
         try:
             self.load_state_dict(state)
         except (KeyError, RuntimeError, ValueError, TypeError) as e:

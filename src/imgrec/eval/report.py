@@ -6,8 +6,7 @@ folders). Every figure is a PNG embedded as a ``data:`` URI, the little JavaScri
 inline, and nothing refers to a network address, so the file opens anywhere, offline, and can be mailed.
 
 Numbers: accuracy, loss, per-class precision/recall/F1/support and the confusion matrix come from
-:func:`imgrec.eval.metrics.summarize` over logits computed exactly as ``Classifier.evaluate`` computes them,
-so they equal ``imgrec eval --json`` for the same model and data (the tests check this). The page also embeds
+:func:`imgrec.eval.evaluate.evaluate`, the one evaluation path, so they equal ``imgrec eval --json`` for the same model and data (the tests check this). The page also embeds
 all of its numbers as JSON (``<script id="report-numbers" type="application/json">``) for other tools.
 """
 from __future__ import annotations
@@ -24,8 +23,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from imgrec.eval.metrics import expected_calibration_error, summarize
-from imgrec.infer.predictor import EVAL_BATCH_SIZE
+from imgrec.eval.evaluate import evaluate
+from imgrec.eval.metrics import expected_calibration_error
 
 __all__ = ["Report", "build_report", "wilson_interval", "read_metrics_csv", "png_data_uri", "image_data_uri"]
 
@@ -127,35 +126,36 @@ def _run_info(clf, model_dir: Path | None, model_label: str, data_name: str | No
               n: int) -> dict[str, Any]:
     from imgrec.models.base import count_params
 
+    from imgrec.modeldir import RunDir
+
     meta = clf.meta
-    d = meta.get("data") or {}
-    m = meta.get("metrics") or {}
+    d, m = meta.data, meta.metrics
     config_text = None
-    if model_dir is not None and (model_dir / "config.yaml").is_file():
-        config_text = (model_dir / "config.yaml").read_text(encoding="utf-8", errors="replace")
-    elif meta.get("config"):
+    if model_dir is not None and RunDir(model_dir).config.is_file():
+        config_text = RunDir(model_dir).config.read_text(encoding="utf-8", errors="replace")
+    elif meta.config:
         import yaml
-        config_text = yaml.safe_dump(meta["config"], sort_keys=False)
+        config_text = yaml.safe_dump(meta.config, sort_keys=False)
     return {
         "model_dir": model_label if model_dir is not None else None,
         "architecture": clf.name,
-        "kwargs": (meta.get("model") or {}).get("kwargs") or {},
+        "kwargs": meta.kwargs,
         "params": count_params(clf.model),
         "classes": len(clf.classes),
         "image_size": clf.image_size,
         "channels": clf.channels,
-        "mean": meta.get("mean"),
-        "std": meta.get("std"),
+        "mean": meta.mean,
+        "std": meta.std,
         "tta_flip": clf.tta_flip,
         "trained_on": d.get("source") or d.get("name"),
         "data": data_name,
         "split": split,
         "n": n,
-        "train_time_s": meta.get("train_time_s"),
+        "train_time_s": meta.train_time_s,
         "epochs_run": m.get("epochs_run"),
         "best_epoch": m.get("best_epoch"),
         "val_acc": m.get("val_acc"),
-        "imgrec_version": meta.get("imgrec_version"),
+        "imgrec_version": meta.imgrec_version,
         "config": config_text,
     }
 
@@ -176,20 +176,21 @@ def build_report(clf, data, *, bundle=None, split: str = "test", data_name: str 
         samples_per_class: images per class in the dataset's sample grid.
     """
     from imgrec.eval import plots
+    from imgrec.modeldir import RunDir
 
     if len(data) == 0:
         from imgrec.errors import DatasetError
         raise DatasetError(f"the {split} split holds no images to evaluate")
     model_label = str(model_dir) if model_dir is not None else clf.name  # as given, like `imgrec eval` prints it
     model_dir = Path(model_dir) if model_dir is not None else None
-    data_name = data_name or (clf.meta.get("data") or {}).get("source")
+    data_name = data_name or clf.meta.data.get("source")
     classes = list(clf.classes)
     labels = data.labels.long()
     t0 = time.perf_counter()
-    # The same call and batch size as Classifier.evaluate, then the same summarize(): one forward pass gives
-    # both the numbers of `imgrec eval` and the probabilities for calibration and the galleries.
-    logits = clf.logits(data.images, EVAL_BATCH_SIZE)
-    results = summarize(logits, labels, classes, top_k)
+    # The evaluation `imgrec eval` runs: one forward pass gives both its numbers and the probabilities for
+    # calibration and the galleries.
+    ev = evaluate(clf, data.images, labels, top_k)
+    logits, results = ev.logits, ev.metrics
     eval_seconds = time.perf_counter() - t0
     results.update(model=model_label, data=data_name, split=split)
 
@@ -230,7 +231,7 @@ def build_report(clf, data, *, bundle=None, split: str = "test", data_name: str 
 
     counts = _split_counts(clf.meta, bundle, data_name, split, results["per_class"])
     sample_split = bundle.train if bundle is not None and len(bundle.train) else data
-    curves = read_metrics_csv(model_dir / "metrics.csv") if model_dir is not None else []
+    curves = read_metrics_csv(RunDir(model_dir).metrics) if model_dir is not None else []
 
     figures = {
         "curves": png_data_uri(plots.training_curves(curves)) if curves else None,
@@ -262,11 +263,11 @@ def build_report(clf, data, *, bundle=None, split: str = "test", data_name: str 
     return Report(_render(context), numbers)
 
 
-def _split_counts(meta: dict, bundle, data_name: str | None, split: str, per_class: list[dict]) -> dict[str, list[int]]:
+def _split_counts(meta, bundle, data_name: str | None, split: str, per_class: list[dict]) -> dict[str, list[int]]:
     """Images per class in each split. The evaluated split's counts are its supports (the numbers of the
     report); train and val are what ``model.json`` recorded at training time when the data is the model's
     own (they include --train-limit), else what the loaded bundle holds."""
-    d = meta.get("data") or {}
+    d = meta.data
     counts: dict[str, list[int]] = {}
     if bundle is not None:
         counts.update({s: list(map(int, c)) for s, c in bundle.counts.items()})

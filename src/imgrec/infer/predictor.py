@@ -1,7 +1,10 @@
 """Load a model directory and predict: ``Classifier.load("runs/x").predict("shoe.jpg")``."""
 from __future__ import annotations
 
+import io
 import os
+import sys
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -9,42 +12,58 @@ import numpy as np
 import torch
 
 from imgrec.data.decode import decode_image
-from imgrec.engine.checkpoint import load_model_dir
-from imgrec.engine.device import amp_dtype, pick_device
-from imgrec.engine.inference import predict_logits
+from imgrec.data.transforms import Preprocess, convert_channels, resize_uint8
+from imgrec.device import pick_device
 from imgrec.errors import ConfigError, ImageDecodeError
+from imgrec.infer.runtime import forward_logits, load_model, resolve_amp
+from imgrec.modeldir import ModelMeta
 
-EVAL_BATCH_SIZE = 1024  # evaluate() and the report use the same batches, so their logits are bit-for-bit equal
+__all__ = ["Classifier", "FilePredictions", "expand_inputs"]
 
 ImageLike = Any  # path, bytes, PIL.Image, numpy H×W(×C) uint8, or torch uint8 C×H×W
+ON_BAD_IMAGE = ("fail", "skip")
+
+
+@dataclass
+class FilePredictions:
+    """What ``Classifier.predict_files`` returns: one ``{"file", "predictions"}`` per readable file, and the
+    ``(file, reason)`` of each file skipped with ``on_bad_image="skip"``."""
+    results: list[dict] = field(default_factory=list)
+    skipped: list[tuple[str, str]] = field(default_factory=list)
 
 
 class Classifier:
-    """A trained model with everything prediction needs (classes, input size, channels, mean/std)."""
+    """A trained model with everything prediction needs (classes, input size, channels, mean/std).
 
-    def __init__(self, model: torch.nn.Module, meta: dict, device: str | torch.device = "auto",
+    Args:
+        model: the network (moved to ``device``, put in eval mode).
+        meta: its :class:`~imgrec.modeldir.ModelMeta`.
+        device: "auto" (CUDA, then MPS, then CPU), "cpu", "cuda", … or a torch.device.
+        amp: "auto" (bf16 where it is fast), "bf16", "fp16" (GPU) or "none".
+    """
+
+    def __init__(self, model: torch.nn.Module, meta: ModelMeta, device: str | torch.device = "auto",
                  amp: str = "auto"):
         self.meta = meta
         self.device = pick_device(device) if isinstance(device, str) else device
         self.model = model.to(self.device).eval()
-        self.classes: list[str] = list(meta["classes"])
-        self.image_size = int(meta["image_size"])
-        self.channels = int(meta["channels"])
-        self.tta_flip = bool((meta.get("inference") or {}).get("tta_flip", False))
-        self.amp = amp_dtype(amp, self.device, str(meta["model"]["name"]))
-        c = self.channels
-        self._mean = torch.tensor(meta["mean"], device=self.device).view(1, c, 1, 1) * 255
-        self._std = torch.tensor(meta["std"], device=self.device).view(1, c, 1, 1) * 255
+        self.classes: list[str] = list(meta.classes)
+        self.image_size = int(meta.image_size)
+        self.channels = int(meta.channels)
+        self.tta_flip = meta.tta_flip
+        self.amp = resolve_amp(amp, self.device, meta.name)
+        self.preprocess = Preprocess(meta.mean, meta.std, self.device, channels_last=True)
 
     @classmethod
     def load(cls, model_dir: str | os.PathLike, which: str = "best", device: str = "auto",
              amp: str = "auto") -> "Classifier":
-        model, meta = load_model_dir(model_dir, which)
+        """Load a model directory (``best`` or ``last`` weights)."""
+        model, meta = load_model(model_dir, which)
         return cls(model, meta, device=device, amp=amp)
 
     @property
     def name(self) -> str:
-        return str(self.meta["model"]["name"])
+        return self.meta.name
 
     # -- inputs --------------------------------------------------------------------------------
     def load_image(self, image: ImageLike) -> torch.Tensor:
@@ -54,7 +73,6 @@ class Classifier:
         if isinstance(image, np.ndarray):
             return self._from_uint8(torch.from_numpy(np.ascontiguousarray(image)))
         if hasattr(image, "save") and hasattr(image, "mode"):  # a PIL image: re-encode losslessly, decode safely
-            import io
             buf = io.BytesIO()
             image.save(buf, format="PNG")
             image = buf.getvalue()
@@ -62,7 +80,6 @@ class Classifier:
         return torch.from_numpy(arr).permute(2, 0, 1).contiguous()
 
     def _from_uint8(self, t: torch.Tensor) -> torch.Tensor:
-        from imgrec.data.loader import convert_channels, resize_uint8
         if t.dtype != torch.uint8:
             raise ImageDecodeError("array images must be uint8")
         if t.ndim == 2:
@@ -75,13 +92,13 @@ class Classifier:
         return convert_channels(resize_uint8(t[None], self.image_size), self.channels)[0]
 
     def normalize(self, batch_uint8: torch.Tensor) -> torch.Tensor:
-        x = (batch_uint8.to(self.device, torch.float32) - self._mean) / self._std
-        return x.contiguous(memory_format=torch.channels_last)
+        """N×C×H×W uint8 at the model's size → the model's input (``imgrec.data.transforms.Preprocess``)."""
+        return self.preprocess(batch_uint8)
 
     # -- outputs -------------------------------------------------------------------------------
     def logits(self, batch_uint8: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
         """Logits for an N×C×H×W uint8 batch already at the model's size (what eval and serve use)."""
-        outs = [predict_logits(self.model, self.normalize(chunk), tta_flip=self.tta_flip, amp=self.amp).cpu()
+        outs = [forward_logits(self.model, self.preprocess(chunk), tta_flip=self.tta_flip, amp=self.amp).cpu()
                 for chunk in batch_uint8.split(batch_size)]
         return torch.cat(outs) if outs else torch.empty(0, len(self.classes))
 
@@ -89,6 +106,7 @@ class Classifier:
         return torch.softmax(self.logits(batch_uint8, batch_size), dim=1)
 
     def topk(self, probs: torch.Tensor, top_k: int = 5) -> list[list[dict]]:
+        """``[{"label", "score"}]`` per row, highest score first."""
         k = max(1, min(int(top_k), len(self.classes)))
         scores, idx = probs.topk(k, dim=1)
         return [[{"label": self.classes[j], "score": float(s)} for s, j in zip(srow.tolist(), irow.tolist())]
@@ -105,19 +123,45 @@ class Classifier:
         out = self.topk(self.probabilities(batch, batch_size), top_k)
         return out[0] if single else out
 
-    def evaluate(self, images_uint8: torch.Tensor, labels: torch.Tensor, top_k: int = 5) -> dict:
-        """Metrics on a labelled uint8 set (same forward pass as predict)."""
-        from imgrec.eval.metrics import summarize
-        return summarize(self.logits(images_uint8, EVAL_BATCH_SIZE), labels.long(), self.classes, top_k)
+    def predict_files(self, paths: Iterable[str | os.PathLike], top_k: int = 5, batch_size: int = 64,
+                      on_bad_image: str = "fail", warn: bool = True) -> FilePredictions:
+        """Predict image files and folders (searched recursively), ``batch_size`` images per forward pass.
 
-    def explain(self, image: ImageLike, target: str | None = None) -> dict:
-        from imgrec.eval.explain import explain as _explain
-        return _explain(self, image, target=target)
+        ``on_bad_image="fail"`` raises ImageDecodeError naming the first unreadable file; ``"skip"`` leaves it
+        out (listed in ``.skipped``, and warned about on stderr when ``warn``) and goes on with the rest.
+        """
+        if top_k < 1:
+            raise ConfigError("top_k must be at least 1")
+        if batch_size < 1:
+            raise ConfigError("batch_size must be at least 1")
+        if on_bad_image not in ON_BAD_IMAGE:
+            raise ConfigError(f"on_bad_image must be one of {', '.join(ON_BAD_IMAGE)}")
+        paths = [str(p) for p in paths]
+        files = expand_inputs(paths)
+        if not files:
+            raise ConfigError(f"no images found in {', '.join(paths)} (looked for .jpg .jpeg .png .webp .bmp .gif)")
+        out = FilePredictions()
+        for start in range(0, len(files), batch_size):
+            tensors, kept = [], []
+            for f in files[start:start + batch_size]:
+                try:
+                    tensors.append(self.load_image(f))
+                    kept.append(f)
+                except ImageDecodeError as e:
+                    if on_bad_image == "fail":
+                        raise ImageDecodeError(e.reason, str(f)) from None
+                    out.skipped.append((str(f), e.reason))
+                    if warn:
+                        print(f"imgrec: warning: skipped {f}: {e.reason}", file=sys.stderr)
+            if tensors:
+                preds = self.topk(self.probabilities(torch.stack(tensors)), top_k)
+                out.results += [{"file": str(f), "predictions": p} for f, p in zip(kept, preds)]
+        return out
 
 
 def expand_inputs(paths: Iterable[str | os.PathLike]) -> list[Path]:
     """Files as given, folders expanded recursively to their image files (sorted)."""
-    from imgrec.data.files import scan_images
+    from imgrec.data.folder import scan_images
     out: list[Path] = []
     for p in paths:
         p = Path(p)

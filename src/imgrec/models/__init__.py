@@ -1,3 +1,10 @@
+"""The model registry and the architectures in it.
+
+Importing this package imports every model module, so that their ``@register_model`` decorators fill the
+registry (``imgrec.models.registry`` itself imports none of them). torchvision is imported only when a
+torchvision-based architecture is built (``zoo.py``).
+"""
+from imgrec.models import fast, small, zoo  # noqa: F401  (imported for their @register_model side effect)
 from imgrec.models.registry import ModelInfo, create_model, list_models, model_info, register_model
 
 __all__ = ["ModelInfo", "create_model", "list_models", "model_info", "register_model"]

@@ -1,7 +1,13 @@
-"""One registry, one factory (torchvision's ``register_model``/``get_model``; raises on duplicates)."""
+"""One registry, one factory (torchvision's ``register_model``/``get_model``; raises on duplicates).
+
+This module imports no model module: ``imgrec/models/__init__.py`` imports them so their ``@register_model``
+decorators run, and Python runs that package ``__init__`` before any of its submodules, so the registry is
+full whenever it can be called. A new model: a function decorated with ``@register_model`` in a module
+that ``imgrec/models/__init__.py`` imports.
+"""
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable
 
 import torch.nn as nn
@@ -18,7 +24,6 @@ class ModelInfo:
     family: str = "cnn"              # "cnn" or "vit": tells explain which method fits
     description: str = ""
     cpu_bf16: bool = True            # bf16 autocast is faster than fp32 on bf16-capable CPUs (see benchmarks/throughput.py)
-    tags: tuple[str, ...] = field(default_factory=tuple)
 
 
 _REGISTRY: dict[str, ModelInfo] = {}
@@ -40,12 +45,10 @@ def register_model(name: str, *, default_image_size: int = 32, pretrained: str |
 
 
 def list_models() -> list[str]:
-    _ensure_loaded()
     return sorted(_REGISTRY)
 
 
 def model_info(name: str) -> ModelInfo:
-    _ensure_loaded()
     if name not in _REGISTRY:
         raise ConfigError(f"unknown model {name!r}; choose one of: {', '.join(sorted(_REGISTRY))}")
     return _REGISTRY[name]
@@ -63,10 +66,3 @@ def create_model(name: str, num_classes: int = 10, in_chans: int = 3, image_size
     if not 16 <= size <= 512:
         raise ConfigError(f"image_size must be between 16 and 512, got {size}")
     return info.fn(num_classes=num_classes, in_chans=in_chans, image_size=size, **kwargs)
-
-
-def _ensure_loaded() -> None:
-    # Importing the model modules runs their @register_model decorators.
-    import imgrec.models.small  # noqa: F401
-    import imgrec.models.zoo  # noqa: F401
-    import imgrec.models.fast  # noqa: F401

@@ -35,7 +35,6 @@ from typing import Callable
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-import torchvision
 
 from imgrec.models.base import ClassTokenPool, ImageClassifier, flatten_pool, global_avg_pool, he_init
 from imgrec.models.registry import register_model
@@ -47,6 +46,14 @@ __all__ = ["SMALL_IMAGE_SIZE", "ViTFeatures", "vit_patch_size", "vgg_pool_count"
 # 96 px: with torchvision's 32x reduction a 96 px image already ends in a 3 x 3 map; anything
 # smaller ends in 1-2 px (or fails, for AlexNet and VGG).
 SMALL_IMAGE_SIZE = 96
+
+
+def _tv_models():
+    """``torchvision.models``, imported when one of these architectures is built: importing torchvision
+    costs seconds (measured 1.4 s beyond torch's own import on a 2-core CPU), which the models that do
+    not need it (fastnet, the small CNNs), ``imgrec models`` and ``imgrec predict`` should not pay."""
+    import torchvision.models
+    return torchvision.models
 
 
 def _is_small(image_size: int) -> bool:
@@ -66,7 +73,7 @@ def _new_conv(old: nn.Conv2d, in_chans: int, *, kernel_size: int | None = None, 
 
 # ----------------------------------------------------------------------------------------------
 # ResNet
-def _resnet(tv_builder: Callable[..., torchvision.models.ResNet], num_classes: int, in_chans: int,
+def _resnet(tv_builder: Callable[..., nn.Module], num_classes: int, in_chans: int,
             image_size: int, drop_rate: float) -> ImageClassifier:
     tv = tv_builder()  # random init; ImageNet weights are loaded later by pretrained.py if asked
     if _is_small(image_size):
@@ -87,20 +94,20 @@ def _resnet(tv_builder: Callable[..., torchvision.models.ResNet], num_classes: i
 @register_model("resnet18", default_image_size=224, pretrained="ResNet18_Weights.IMAGENET1K_V1",
                 description="ResNet-18 (torchvision); 3x3 stride-1 stem below 96 px")
 def resnet18(num_classes: int = 10, in_chans: int = 3, image_size: int = 224, drop_rate: float = 0.0):
-    return _resnet(torchvision.models.resnet18, num_classes, in_chans, image_size, drop_rate)
+    return _resnet(_tv_models().resnet18, num_classes, in_chans, image_size, drop_rate)
 
 
 @register_model("resnet34", default_image_size=224, pretrained="ResNet34_Weights.IMAGENET1K_V1",
                 description="ResNet-34 (torchvision); 3x3 stride-1 stem below 96 px")
 def resnet34(num_classes: int = 10, in_chans: int = 3, image_size: int = 224, drop_rate: float = 0.0):
-    return _resnet(torchvision.models.resnet34, num_classes, in_chans, image_size, drop_rate)
+    return _resnet(_tv_models().resnet34, num_classes, in_chans, image_size, drop_rate)
 
 
 @register_model("resnet50", default_image_size=224, pretrained="ResNet50_Weights.IMAGENET1K_V2",
                 description="ResNet-50 (torchvision, bottleneck blocks); 3x3 stride-1 stem below 96 px")
 def resnet50(num_classes: int = 10, in_chans: int = 3, image_size: int = 224, drop_rate: float = 0.0):
     # IMAGENET1K_V2 (80.9% top-1, torchvision's improved recipe) is torchvision's DEFAULT for ResNet-50.
-    return _resnet(torchvision.models.resnet50, num_classes, in_chans, image_size, drop_rate)
+    return _resnet(_tv_models().resnet50, num_classes, in_chans, image_size, drop_rate)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -127,7 +134,7 @@ def _mlp_classifier(tv: nn.Module, features: nn.Module, pool_size: int, num_clas
 @register_model("alexnet", default_image_size=224, pretrained="AlexNet_Weights.IMAGENET1K_V1",
                 description="AlexNet (torchvision); 3x3 stride-1 first conv and GAP head below 96 px")
 def alexnet(num_classes: int = 10, in_chans: int = 3, image_size: int = 224, drop_rate: float = 0.0):
-    tv = torchvision.models.alexnet()
+    tv = _tv_models().alexnet()
     if _is_small(image_size):
         # 11x11 stride 4 would turn 28 px into 6 px before the first pool; 3x3 stride 1 keeps 28.
         tv.features[0] = _new_conv(tv.features[0], in_chans, kernel_size=3, stride=1, padding=1)
@@ -151,9 +158,10 @@ def _vgg(cfg: str, num_classes: int, in_chans: int, image_size: int, drop_rate: 
         # Build only the conv layers: ``torchvision.models.vgg16_bn()`` would also allocate and
         # initialise the 120 M-parameter MLP that a small image never uses (4 s on a 2-core CPU).
         tv = None
-        features = he_init(torchvision.models.vgg.make_layers(torchvision.models.vgg.cfgs[cfg], batch_norm=True))
+        tvm = _tv_models()
+        features = he_init(tvm.vgg.make_layers(tvm.vgg.cfgs[cfg], batch_norm=True))
     else:
-        tv = {"A": torchvision.models.vgg11_bn, "D": torchvision.models.vgg16_bn}[cfg]()
+        tv = {"A": _tv_models().vgg11_bn, "D": _tv_models().vgg16_bn}[cfg]()
         features = tv.features
     # Drop trailing max-pools (replace by Identity: layer indices, hence weight keys, stay torchvision's).
     pools = [i for i, m in enumerate(features) if isinstance(m, nn.MaxPool2d)]
@@ -182,7 +190,7 @@ def vgg16(num_classes: int = 10, in_chans: int = 3, image_size: int = 224, drop_
                 description="EfficientNet-B0 (torchvision); stride-1 stem and first stage below 96 px")
 def efficientnet_b0(num_classes: int = 10, in_chans: int = 3, image_size: int = 224, drop_rate: float = 0.2):
     """EfficientNet-B0. ``drop_rate`` 0.2 before the classifier is torchvision's (and the paper's) default."""
-    tv = torchvision.models.efficientnet_b0()
+    tv = _tv_models().efficientnet_b0()
     if in_chans != 3:
         tv.features[0][0] = _new_conv(tv.features[0][0], in_chans)
     if _is_small(image_size):
@@ -220,7 +228,7 @@ class ViTFeatures(nn.Module):
 
     num_prefix_tokens = 1
 
-    def __init__(self, vit: torchvision.models.VisionTransformer, image_size: int):
+    def __init__(self, vit: nn.Module, image_size: int):
         super().__init__()
         self.image_size = image_size
         self.patch_size = vit.patch_size
@@ -247,7 +255,7 @@ def _vit(num_classes: int, in_chans: int, image_size: int, *, depth: int, heads:
     patch = vit_patch_size(image_size)
     grid = math.ceil(image_size / patch)
     # torchvision's VisionTransformer class, built for the padded size (a multiple of the patch).
-    tv = torchvision.models.VisionTransformer(image_size=grid * patch, patch_size=patch, num_layers=depth,
+    tv = _tv_models().VisionTransformer(image_size=grid * patch, patch_size=patch, num_layers=depth,
                                               num_heads=heads, hidden_dim=dim, mlp_dim=mlp_dim)
     if in_chans != 3:
         # torchvision hard-codes 3 input channels; same init as torchvision's patch embedding.

@@ -555,7 +555,7 @@ def create_app(classifier, settings: ServeSettings | None = None) -> FastAPI:
 
     @app.get("/v1/model", response_model=ModelInfo, tags=["model"], summary="The served model")
     async def model_info():
-        metrics = {k: v for k, v in (classifier.meta.get("metrics") or {}).items()
+        metrics = {k: v for k, v in classifier.meta.metrics.items()
                    if v is None or isinstance(v, (int, float, bool))}  # numbers only: no paths or free text
         return JSONResponse({
             "name": classifier.name, "classes": list(classifier.classes), "num_classes": len(classifier.classes),
@@ -628,8 +628,8 @@ def load_classifier(model_dir: str | os.PathLike, which: str = "best", device: s
 
 
 def _set_threads(threads: int | None, workers: int) -> None:
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    torch.set_num_threads(max(1, int(threads or cores // max(1, workers))))
+    from imgrec.device import set_threads, usable_cores
+    set_threads(threads or max(1, usable_cores() // max(1, workers)))
 
 
 def app_from_env() -> FastAPI:

@@ -131,10 +131,6 @@ class Batcher:
     def alive(self) -> bool:
         return self._thread is not None and self._thread.is_alive() and not self._stopping
 
-    @property
-    def queued_images(self) -> int:
-        return self._queued_images
-
     # -- requests --------------------------------------------------------------------------------
     def announce(self) -> None:
         """A request will ``enqueue(..., announced=True)`` or ``withdraw()`` soon: worth waiting for."""

@@ -1,4 +1,5 @@
-"""``imgrec serve``: the HTTP API and web page for a model directory (found by imgrec.cli)."""
+"""``imgrec serve``: the HTTP API and web page for a model directory (FastAPI, the ``serve`` extra, is imported
+only when the command runs)."""
 from __future__ import annotations
 
 import argparse

@@ -41,12 +41,13 @@ def cpu_has_fast_bf16() -> bool:
         return False
 
 
-def amp_dtype(amp: str, device: torch.device, model_name: str | None = None) -> torch.dtype | None:
+def amp_dtype(amp: str, device: torch.device, model_gains_from_cpu_bf16: bool = True) -> torch.dtype | None:
     """The autocast dtype for ``amp`` (auto | bf16 | fp16 | none) on ``device``, or None for fp32.
 
-    On a CPU, "auto" means bf16 where the CPU has bf16 instructions *and* the model gains from it: memory-bound
-    networks (depthwise convolutions, tiny channel counts) run slower in bf16 there, measured per model by
-    benchmarks/throughput.py and recorded as ``cpu_bf16`` in the registry.
+    On a CPU, "auto" means bf16 where the CPU has bf16 instructions *and* the model gains from it
+    (``model_gains_from_cpu_bf16``): memory-bound networks (depthwise convolutions, tiny channel counts) run
+    slower in bf16 there, measured per model by benchmarks/throughput.py and recorded as ``cpu_bf16`` in the
+    registry (the caller looks it up: this module knows nothing of models).
     """
     if amp == "none":
         return None
@@ -62,15 +63,17 @@ def amp_dtype(amp: str, device: torch.device, model_name: str | None = None) -> 
         raise ConfigError("fp16 autocast is not supported on the CPU; use --amp bf16 or none")
     if amp == "bf16":
         return torch.bfloat16
-    if not cpu_has_fast_bf16():
+    if not cpu_has_fast_bf16() or not model_gains_from_cpu_bf16:
         return None
-    if model_name is not None:
-        from imgrec.models.registry import model_info
-        if not model_info(model_name).cpu_bf16:
-            return None
     return torch.bfloat16
 
 
+def usable_cores() -> int:
+    """CPU cores this process may run on (its affinity mask, which containers and taskset narrow)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
 def set_threads(threads: int | None) -> None:
-    n = threads or len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (threads or os.cpu_count() or 1)
-    torch.set_num_threads(max(1, int(n)))
+    torch.set_num_threads(max(1, int(threads or usable_cores())))

@@ -1,4 +1,5 @@
-"""Decode lists of image files into one uint8 tensor, in parallel, reporting bad files, cached on disk."""
+"""Decode a list of image files into one uint8 N×C×H×W tensor: in parallel, through the safe decoder, reporting
+every bad file, and cached on disk so that a second run over the same files skips decoding."""
 from __future__ import annotations
 
 import hashlib
@@ -10,32 +11,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from imgrec.data.decode import IMAGE_EXTENSIONS, decode_image
+from imgrec.data.decode import decode_image
 from imgrec.errors import DatasetError, ImageDecodeError
 
 ON_BAD_IMAGE = ("fail", "skip")
 CACHE_VERSION = "1"
-
-
-def is_image_name(path: str | os.PathLike) -> bool:
-    return Path(path).suffix.lower() in IMAGE_EXTENSIONS
-
-
-def scan_images(root: str | os.PathLike) -> list[Path]:
-    """All entries under ``root`` (recursively, sorted) whose names carry an image extension.
-
-    Entries that are not regular files (a folder named ``x.jpg``, a broken symlink) are kept so that
-    decoding reports them by path instead of silently dropping them.
-    """
-    root = Path(root)
-    out: list[Path] = []
-    for dirpath, dirnames, filenames in os.walk(root, followlinks=False):
-        dirnames.sort()
-        for name in sorted(filenames + [d for d in dirnames if is_image_name(d)]):
-            if is_image_name(name):
-                out.append(Path(dirpath) / name)
-        dirnames[:] = [d for d in dirnames if not is_image_name(d)]
-    return out
 
 
 def format_bad(bad: list[tuple[str, str]], limit: int = 5) -> str:
@@ -112,7 +92,7 @@ def _cache_key(paths, channels, size) -> str | None:
 
 
 def _cache_dir() -> Path:
-    from imgrec.data.datasets import user_cache_dir
+    from imgrec.data.named import user_cache_dir
     return user_cache_dir() / "decoded"
 
 

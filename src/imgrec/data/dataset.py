@@ -1,25 +1,22 @@
-"""In-memory uint8 datasets and a batch loader that augments and normalises whole batches as tensors.
+"""Datasets as uint8 tensors in memory: ``load_data`` (named dataset, image folder or CSV list → DataBundle),
+the stratified validation split, channel statistics, and ``load_eval_split`` (the data a model was trained on).
 
-Why not torch's DataLoader with per-sample transforms: for data that fits in memory (all of the MNIST
-family, most user folders at small sizes) per-sample Python costs more than the network itself on a
-2-core CPU. Holding one uint8 tensor and cropping/flipping/normalising a whole batch at once (as airbench
-does) removes that cost. Data too big for memory would need a streaming path; imgrec does not have one yet.
+Data too big for memory would need a streaming path; imgrec does not have one yet.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
 import torch
-import torch.nn.functional as F
 
-from imgrec.data import csv as csv_source
-from imgrec.data import datasets as named
+from imgrec.data import csvlist
 from imgrec.data import folder as folder_source
-from imgrec.data.files import decode_files
+from imgrec.data import named
+from imgrec.data.batchdecode import decode_files
+from imgrec.data.transforms import convert_channels, resize_uint8
 from imgrec.errors import ConfigError, DatasetError
+from imgrec.modeldir import ModelMeta
 
 
 @dataclass
@@ -66,30 +63,6 @@ def channel_stats(images: torch.Tensor) -> tuple[list[float], list[float]]:
     mean = (x.mean(dim=(0, 2, 3)) / 255).tolist()
     std = (x.std(dim=(0, 2, 3)) / 255).clamp_min(1e-3).tolist()
     return mean, std
-
-
-def resize_uint8(images: torch.Tensor, size: int) -> torch.Tensor:
-    """Resize a uint8 N×C×H×W batch with antialiasing, in chunks to bound memory."""
-    if images.shape[-1] == size and images.shape[-2] == size:
-        return images
-    out = []
-    for chunk in images.split(4096):
-        y = F.interpolate(chunk.float(), size=(size, size), mode="bilinear", antialias=True, align_corners=False)
-        out.append(y.round_().clamp_(0, 255).to(torch.uint8))
-    return torch.cat(out)
-
-
-def convert_channels(images: torch.Tensor, channels: int) -> torch.Tensor:
-    """1 → 3 channels by replication, 3 → 1 by ITU-R 601 luminance (as Pillow's "L" conversion)."""
-    c = images.shape[1]
-    if c == channels:
-        return images
-    if c == 1 and channels == 3:
-        return images.expand(-1, 3, -1, -1).contiguous()
-    if c == 3 and channels == 1:
-        w = torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)
-        return (images.float() * w).sum(1, keepdim=True).round_().clamp_(0, 255).to(torch.uint8)
-    raise DatasetError(f"cannot convert {c}-channel images to {channels} channels")
 
 
 def split_off(data: ImageData, val_split: float, seed: int) -> tuple[ImageData, ImageData]:
@@ -178,7 +151,7 @@ def _load_files(path: Path, kind: str, image_size, channels, val_split, split_se
             p, l, classes = folder_source.scan_class_folders(path, classes)
             groups["train"] = (p, l)
     else:
-        rows = csv_source.read_csv_list(path, classes)
+        rows = csvlist.read_csv_list(path, classes)
         if classes is None:
             classes = sorted({lab for _, labs in rows.values() for lab in labs})
         for s, (p, labs) in rows.items():
@@ -223,101 +196,36 @@ def _bundle(name, classes, train, val, test, chans, size, mean, std, flip) -> Da
     return DataBundle(name, classes, train, val, test, chans, size, mean, std, flip, counts)
 
 
-def load_eval_split(meta: dict, data: str | None, data_dir: str | None, split: str, on_bad_image: str = "fail"):
+def load_eval_split(meta: ModelMeta, data: str | None, data_dir: str | None, split: str,
+                    on_bad_image: str = "fail") -> tuple[DataBundle, ImageData]:
     """The data a model directory was trained on (or ``data``), with the same validation split, at the model's
     size and channels; returns (bundle, the requested split). Used by ``imgrec eval`` and ``imgrec report``."""
-    d = meta.get("data") or {}
+    d = meta.data
     spec = data or d.get("source")
     if not spec:
         raise ConfigError("--data is required (the model directory does not say what it was trained on)")
     splits = ("train", "val", "test") if split == "test" else ("train", "val")
     same_source = spec == d.get("source")
-    bundle = load_data(spec, image_size=int(meta["image_size"]), channels=int(meta["channels"]),
+    bundle = load_data(spec, image_size=meta.image_size, channels=meta.channels,
                        val_split=d.get("val_split") if same_source else None,
                        split_seed=int(d.get("split_seed") or 0), data_dir=data_dir, on_bad_image=on_bad_image,
                        splits=splits, progress=False)
-    if list(bundle.classes) != list(meta["classes"]):
+    if list(bundle.classes) != list(meta.classes):
         raise DatasetError(f"{spec}: its classes ({', '.join(bundle.classes[:5])}…) differ from the model's")
     return bundle, bundle.split(split)
 
 
-# ----------------------------------------------------------------------------------------------
-class BatchLoader:
-    """Iterates over an :class:`ImageData` in batches of normalised float tensors, augmenting on the device.
+def export_samples(data: str, split: str, count: int, out: str | Path, data_dir: str | None = None) -> int:
+    """Write the first ``count`` images of a split as PNG files named ``<index>_<label>.png``; returns how many."""
+    from PIL import Image
 
-    Augmentation (random crop from a zero-padded image, horizontal flip) is applied to the whole uint8
-    batch at once. Randomness comes from a generator seeded by (seed, epoch, step), so any batch can be
-    reproduced exactly — which makes a resumed run identical to an uninterrupted one.
-    """
-
-    def __init__(self, data: ImageData, batch_size: int, mean, std, *, shuffle: bool = False,
-                 crop_padding: int = 0, flip: bool = False, drop_last: bool = False, seed: int = 0,
-                 device: str | torch.device = "cpu", channels_last: bool = False,
-                 dtype: torch.dtype = torch.float32):
-        self.data = data
-        self.batch_size = int(batch_size)
-        self.shuffle, self.drop_last, self.seed = shuffle, drop_last, seed
-        self.crop_padding, self.flip = int(crop_padding), bool(flip)
-        self.device = torch.device(device)
-        self.images = data.images.to(self.device)
-        self.labels = data.labels.to(self.device)
-        c = self.images.shape[1]
-        self.mean = torch.tensor(mean, device=self.device).view(1, c, 1, 1) * 255
-        self.std = torch.tensor(std, device=self.device).view(1, c, 1, 1) * 255
-        self.channels_last, self.dtype = channels_last, dtype
-        self.epoch = 0
-
-    def __len__(self) -> int:
-        n = len(self.data)
-        return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def _generator(self, *salt: int) -> torch.Generator:
-        g = torch.Generator()
-        g.manual_seed((self.seed * 1_000_003 + 7919 * self.epoch + sum(s * 104_729 for s in salt)) % (2**63))
-        return g
-
-    def order(self) -> torch.Tensor:
-        n = len(self.data)
-        return torch.randperm(n, generator=self._generator(-1)) if self.shuffle else torch.arange(n)
-
-    def __iter__(self):
-        return self.iterate(start_step=0)
-
-    def iterate(self, start_step: int = 0):
-        """Yield (x, y) from batch ``start_step`` of the current epoch onwards."""
-        order = self.order().to(self.device)
-        for step in range(start_step, len(self)):
-            idx = order[step * self.batch_size:(step + 1) * self.batch_size]
-            x = self.images.index_select(0, idx)
-            if self.crop_padding or self.flip:
-                x = self.augment(x, self._generator(step))
-            yield self.normalize(x), self.labels.index_select(0, idx)
-
-    def augment(self, x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
-        n, c, h, w = x.shape
-        if self.crop_padding:
-            p = self.crop_padding
-            padded = F.pad(x, (p, p, p, p))
-            dy = torch.randint(0, 2 * p + 1, (n,), generator=g).to(x.device)
-            dx = torch.randint(0, 2 * p + 1, (n,), generator=g).to(x.device)
-            # one slice per distinct offset ((2p+1)² of them) instead of a per-pixel gather: 2-3× faster
-            key = dy * (2 * p + 1) + dx
-            out = torch.empty_like(x)
-            for k in key.unique().tolist():
-                idx = (key == k).nonzero().squeeze(1)
-                oy, ox = divmod(k, 2 * p + 1)
-                out[idx] = padded[idx, :, oy:oy + h, ox:ox + w]
-            x = out
-        if self.flip:
-            mask = (torch.rand(n, generator=g) < 0.5).to(x.device).view(n, 1, 1, 1)
-            x = torch.where(mask, x.flip(3), x)
-        return x
-
-    def normalize(self, x: torch.Tensor) -> torch.Tensor:
-        x = (x.to(torch.float32) - self.mean) / self.std
-        if self.channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        return x.to(self.dtype) if self.dtype != torch.float32 else x
+    bundle = load_data(data, data_dir=data_dir, splits=("train", "val", "test"), progress=False)
+    part = bundle.split(split)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    n = min(int(count), len(part))
+    for i in range(n):
+        arr = part.images[i].permute(1, 2, 0).numpy()
+        label = bundle.classes[int(part.labels[i])].replace("/", "-").replace(" ", "_")
+        Image.fromarray(arr[:, :, 0] if arr.shape[2] == 1 else arr).save(out / f"{i:04d}_{label}.png")
+    return n

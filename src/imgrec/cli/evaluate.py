@@ -1,0 +1,134 @@
+"""``imgrec eval``, ``imgrec report`` and ``imgrec explain``: parse, call imgrec.eval, print.
+
+matplotlib and jinja2 (the ``report`` extra) are imported only when report/explain run, so ``imgrec --help``
+and the other commands work without them.
+"""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+from imgrec.cli.common import add_eval_data_options, add_json_option, add_model_dir_options, fmt_table, print_json
+
+
+def add_parsers(sub) -> None:
+    p = sub.add_parser("eval", help="evaluate a model on a dataset split")
+    add_model_dir_options(p)
+    add_eval_data_options(p)
+    p.add_argument("--top-k", type=int, default=5)
+    add_json_option(p)
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("report", help="write an HTML evaluation report",
+                       description="Evaluate a model on a dataset split and write one self-contained HTML report: "
+                                   "training curves, accuracy with confidence intervals, per-class metrics, confusion "
+                                   "matrix, misclassified images, calibration and the dataset.")
+    add_model_dir_options(p)
+    add_eval_data_options(p)
+    p.add_argument("--out", default="report.html", help="HTML file to write (default report.html)")
+    p.add_argument("--top-k", type=int, default=5)
+    p.add_argument("--max-gallery", type=int, default=60, help="misclassified images shown (default 60)")
+    add_json_option(p, "print the report's numbers as JSON")
+    p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("explain", help="show where the model looked (Grad-CAM) and what its first layers do",
+                       description="Draw a Grad-CAM heat map over the image for the predicted class (or --target); "
+                                   "with --steps, the whole pipeline: pixels as numbers, first-layer filters, feature "
+                                   "maps after convolution, activation and pooling, a classic edge filter, softmax.")
+    add_model_dir_options(p)
+    p.add_argument("image", help="an image file")
+    p.add_argument("--out", help="PNG file to write (default <image name>-explain.png)")
+    p.add_argument("--target", help="class to explain (label or index; default the predicted class)")
+    p.add_argument("--steps", action="store_true", help="show the pipeline step by step")
+    add_json_option(p)
+    p.set_defaults(func=cmd_explain)
+
+
+def _load_labelled(args):
+    """The classifier and the labelled split that eval and report look at (the same data, the same numbers)."""
+    from imgrec.data.dataset import load_eval_split
+    from imgrec.errors import ConfigError
+    from imgrec.infer.predictor import Classifier
+
+    if args.top_k < 1:
+        raise ConfigError("--top-k must be at least 1")
+    clf = Classifier.load(args.model, which=args.which, device=args.device)
+    bundle, data = load_eval_split(clf.meta, args.data, args.data_dir, args.split, args.on_bad_image)
+    return clf, bundle, data
+
+
+def cmd_eval(args) -> int:
+    from imgrec.eval.evaluate import evaluate
+
+    clf, _, data = _load_labelled(args)
+    res = evaluate(clf, data.images, data.labels, top_k=args.top_k).metrics
+    res.update(model=str(args.model), data=args.data or clf.meta.data.get("source"), split=args.split)
+    if args.json:
+        print_json(res)
+        return 0
+    print(f"model {args.model} ({clf.name})  data {res['data']}  split {args.split}  n={res['n']}")
+    print(f"top-1 accuracy {res['top1']:.4f}   top-{args.top_k} accuracy {res[f'top{args.top_k}']:.4f}   "
+          f"loss {res['loss']:.4f}   macro F1 {res['macro_f1']:.4f}\n")
+    print(fmt_table([[r["class"], f"{r['precision']:.4f}", f"{r['recall']:.4f}", f"{r['f1']:.4f}", r["support"]]
+                     for r in res["per_class"]], ["class", "precision", "recall", "f1", "support"]))
+    print("\nconfusion matrix (rows: true, columns: predicted)")
+    k = len(res["classes"])
+    print(fmt_table([[res["classes"][i][:12]] + [str(v) for v in res["confusion_matrix"][i]] for i in range(k)],
+                    ["true \\ pred"] + [str(j) for j in range(k)]))
+    return 0
+
+
+def _need_report_extra() -> None:
+    """A one-line error instead of a traceback when the optional plotting/templating packages are missing."""
+    from imgrec.errors import ConfigError
+    for module in ("matplotlib", "jinja2"):
+        try:
+            __import__(module)
+        except ModuleNotFoundError:
+            raise ConfigError(f"this command needs {module}: pip install 'imgrec[report]'") from None
+
+
+def cmd_report(args) -> int:
+    _need_report_extra()
+    from imgrec.eval.report import build_report
+
+    clf, bundle, data = _load_labelled(args)
+    report = build_report(clf, data, bundle=bundle, split=args.split,
+                          data_name=args.data or clf.meta.data.get("source"), model_dir=args.model,
+                          top_k=args.top_k, max_gallery=args.max_gallery)
+    out = report.save(args.out)
+    acc, ece = report.numbers["accuracy"]["top1"], report.numbers["calibration"]["ece"]
+    if args.json:
+        print(json.dumps({"report": str(out), **report.numbers}, indent=2))
+    else:
+        print(f"wrote {out} ({len(report.html) / 1e6:.1f} MB): top-1 {acc['value']:.4f} "
+              f"[{acc['ci_low']:.4f}, {acc['ci_high']:.4f}]  ECE {ece:.4f}  n={report.numbers['eval']['n']}")
+    return 0
+
+
+def cmd_explain(args) -> int:
+    _need_report_extra()
+    from imgrec.eval import plots
+    from imgrec.eval.explain import explain
+    from imgrec.infer.predictor import Classifier
+    from imgrec.safeio import atomic_write_bytes
+
+    clf = Classifier.load(args.model, which=args.which, device=args.device)
+    result = explain(clf, args.image, target=args.target, steps=args.steps)
+    out = Path(args.out) if args.out else Path(f"{Path(args.image).stem}-explain.png")
+    atomic_write_bytes(out, plots.steps_figure(result) if args.steps else plots.explain_figure(result))
+    summary = {"image": str(args.image), "out": str(out), "predicted": result["predicted"],
+               "probability": result["predicted_probability"], "target": result["target"],
+               "target_probability": result["target_probability"], "method": result["method"],
+               "layer": result["layer"]}
+    if args.json:
+        print_json(summary)
+    else:
+        about = "" if result["target_index"] == result["predicted_index"] else \
+            f"; explaining {result['target']} ({result['target_probability'] * 100:.1f}%)"
+        print(f"{args.image}: {result['predicted']} ({result['predicted_probability'] * 100:.1f}%){about} → {out}")
+    if not result["heatmap"].any():
+        print(f"imgrec: note: no positive evidence for {result['target']} in {result['layer']}; the heat map is empty",
+              file=sys.stderr)
+    return 0

@@ -1,0 +1,63 @@
+"""``imgrec predict``: ``Classifier.predict_files`` over files and folders, printed as a table, JSON or CSV.
+
+A new output format is one more writer function here and one more option.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import sys
+
+from imgrec.cli.common import add_bad_image_option, fmt_table, print_json
+
+
+def add_parsers(sub) -> None:
+    p = sub.add_parser("predict", help="predict labels for image files and folders")
+    p.add_argument("--model", required=True, help="model directory")
+    p.add_argument("inputs", nargs="+", help="image files and folders (searched recursively)")
+    p.add_argument("--top-k", type=int, default=5)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:N, mps")
+    add_bad_image_option(p)
+    p.add_argument("--json", action="store_true", help='print [{"file", "predictions": [{"label", "score"}]}]')
+    p.add_argument("--csv", help="write file,rank,label,score rows to this CSV file")
+    p.add_argument("--verbose", action="store_true", help="print the table even with --csv")
+    p.set_defaults(func=cmd_predict)
+
+
+def cmd_predict(args) -> int:
+    from imgrec.errors import ConfigError
+    from imgrec.infer.predictor import Classifier
+
+    if args.top_k < 1:
+        raise ConfigError("--top-k must be at least 1")
+    clf = Classifier.load(args.model, device=args.device)
+    results = clf.predict_files(args.inputs, top_k=args.top_k, batch_size=args.batch_size,
+                                on_bad_image=args.on_bad_image).results
+    if args.csv:
+        write_csv(args.csv, results)
+    if args.json:
+        print_json(results)
+    elif not args.csv or args.verbose:
+        print(format_table(results, args.top_k))
+    if args.csv and not args.json:
+        print(f"wrote {len(results)} predictions to {args.csv}", file=sys.stderr)
+    return 0
+
+
+def format_table(results: list[dict], top_k: int) -> str:
+    rows = [[r["file"]] + [f"{p['label']} ({p['score'] * 100:.1f}%)" for p in r["predictions"]] for r in results]
+    return fmt_table(rows, ["file"] + [f"top {i}" for i in range(1, top_k + 1)][:len(rows[0]) - 1 if rows else 1])
+
+
+def write_csv(path: str, results: list[dict]) -> None:
+    """``file,rank,label,score`` rows, written atomically."""
+    from imgrec.safeio import atomic_write_text
+
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(["file", "rank", "label", "score"])
+    for r in results:
+        for i, p in enumerate(r["predictions"], 1):
+            w.writerow([r["file"], i, p["label"], f"{p['score']:.6f}"])
+    atomic_write_text(path, buf.getvalue())

@@ -1,0 +1,93 @@
+"""Tensor transforms on whole uint8 batches: resizing, channel conversion, batched augmentation, and ``Preprocess``
+— the one place where uint8 pixels become the model's normalised input, for training, ``Classifier``, the
+server, the report and export alike.
+
+Why whole batches (airbench's ``batch_flip_lr``/``batch_crop``, timm's PrefetchLoader): on a 2-core CPU the
+per-sample Python of a PIL pipeline costs more than a small network's step; one tensor op per batch does not.
+"""
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from imgrec.errors import DatasetError
+
+__all__ = ["Preprocess", "augment_batch", "convert_channels", "resize_uint8"]
+
+
+class Preprocess:
+    """uint8 N×C×H×W pixels → float ``(x / 255 - mean) / std`` on ``device``, optionally channels_last.
+
+    Args:
+        mean, std: per channel, in 0..1 units (as ``model.json`` stores them).
+        device: where the result lives (the input is moved there first, as uint8: 4× less to copy).
+        channels_last: return an NHWC-strided tensor (faster convolutions on CPUs and tensor cores).
+        dtype: the result's dtype (float32 unless a caller trains in a lower precision without autocast).
+    """
+
+    def __init__(self, mean: Sequence[float], std: Sequence[float], device: str | torch.device = "cpu",
+                 channels_last: bool = False, dtype: torch.dtype = torch.float32):
+        self.device = torch.device(device)
+        c = len(mean)
+        # folding the 1/255 into mean and std makes normalisation one subtraction and one division
+        self.mean = torch.tensor(list(mean), dtype=torch.float32, device=self.device).view(1, c, 1, 1) * 255
+        self.std = torch.tensor(list(std), dtype=torch.float32, device=self.device).view(1, c, 1, 1) * 255
+        self.channels_last, self.dtype = bool(channels_last), dtype
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        x = (x.to(self.device).to(torch.float32) - self.mean) / self.std
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return x.to(self.dtype) if self.dtype != torch.float32 else x
+
+
+def resize_uint8(images: torch.Tensor, size: int) -> torch.Tensor:
+    """Resize a uint8 N×C×H×W batch with antialiasing, in chunks to bound memory."""
+    if images.shape[-1] == size and images.shape[-2] == size:
+        return images
+    out = []
+    for chunk in images.split(4096):
+        y = F.interpolate(chunk.float(), size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+        out.append(y.round_().clamp_(0, 255).to(torch.uint8))
+    return torch.cat(out)
+
+
+def convert_channels(images: torch.Tensor, channels: int) -> torch.Tensor:
+    """1 → 3 channels by replication, 3 → 1 by ITU-R 601 luminance (as Pillow's "L" conversion)."""
+    c = images.shape[1]
+    if c == channels:
+        return images
+    if c == 1 and channels == 3:
+        return images.expand(-1, 3, -1, -1).contiguous()
+    if c == 3 and channels == 1:
+        w = torch.tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)
+        return (images.float() * w).sum(1, keepdim=True).round_().clamp_(0, 255).to(torch.uint8)
+    raise DatasetError(f"cannot convert {c}-channel images to {channels} channels")
+
+
+def augment_batch(x: torch.Tensor, g: torch.Generator, crop_padding: int = 0, flip: bool = False) -> torch.Tensor:
+    """Random crops from a zero-padded image and random horizontal flips, for a whole uint8 batch at once.
+
+    The randomness comes from ``g`` (a CPU generator), so the same generator state gives the same batch on any
+    device — what makes a resumed run identical to an uninterrupted one.
+    """
+    n, c, h, w = x.shape
+    if crop_padding:
+        p = int(crop_padding)
+        padded = F.pad(x, (p, p, p, p))
+        dy = torch.randint(0, 2 * p + 1, (n,), generator=g).to(x.device)
+        dx = torch.randint(0, 2 * p + 1, (n,), generator=g).to(x.device)
+        # one slice per distinct offset ((2p+1)² of them) instead of a per-pixel gather: 2-3× faster
+        key = dy * (2 * p + 1) + dx
+        out = torch.empty_like(x)
+        for k in key.unique().tolist():
+            idx = (key == k).nonzero().squeeze(1)
+            oy, ox = divmod(k, 2 * p + 1)
+            out[idx] = padded[idx, :, oy:oy + h, ox:ox + w]
+        x = out
+    if flip:
+        mask = (torch.rand(n, generator=g) < 0.5).to(x.device).view(n, 1, 1, 1)
+        x = torch.where(mask, x.flip(3), x)
+    return x

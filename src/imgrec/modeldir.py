@@ -1,0 +1,239 @@
+"""The model directory: ``ModelMeta`` (the typed, versioned ``model.json``) and ``RunDir`` (every file name).
+
+This is the one module that reads and writes ``model.json``. A run directory ``runs/<name>/`` is also a
+model directory, so ``--model runs/x`` works for eval, predict, serve, report and export:
+
+    model.json              ModelMeta: architecture, task, classes, input size, channels, mean/std, resize
+                            policy, inference settings, training summary, imgrec version
+    best.safetensors        weights with the best validation accuracy (what predict/eval/serve load)
+    last.safetensors        weights after the last epoch
+    checkpoint.safetensors  resumable training state (optimizer, scheduler, EMA, RNG …), no pickle
+    config.yaml             the resolved training config
+    metrics.csv             per-epoch train/val loss and accuracy, learning rate, speed
+
+Every file is written atomically (see imgrec.safeio), so a crash never leaves a half-written file in place.
+
+Format versions: 1 (imgrec 0.1.0, untyped) and 2 (this module) are read; 2 is written. A file of a newer
+or unknown version is refused with one line rather than misread.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from imgrec.errors import ModelFileError
+from imgrec.safeio import atomic_write_json
+
+__all__ = ["FORMAT", "FORMAT_VERSION", "ModelMeta", "RunDir", "read_meta", "write_meta"]
+
+FORMAT = "imgrec-model"
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
+
+# How images are brought to the model's input size: squashed (no crop) with antialiased bilinear resampling,
+# in the decoder (imgrec.data.decode) and for arrays (imgrec.data.transforms.resize_uint8). Exporters and other
+# runtimes read this to resize the same way.
+RESIZE_POLICY = "squash-bilinear-antialias"
+
+
+@dataclass(frozen=True)
+class RunDir:
+    """The file names of a run (= model) directory; nothing else in imgrec spells them."""
+    path: Path
+
+    META = "model.json"
+    BEST = "best.safetensors"
+    LAST = "last.safetensors"
+    CHECKPOINT = "checkpoint.safetensors"
+    CONFIG = "config.yaml"
+    METRICS = "metrics.csv"
+    WEIGHTS = {"best": BEST, "last": LAST}
+
+    def __init__(self, path: str | Path):
+        object.__setattr__(self, "path", Path(path))
+
+    @property
+    def meta(self) -> Path:
+        return self.path / self.META
+
+    @property
+    def checkpoint(self) -> Path:
+        return self.path / self.CHECKPOINT
+
+    @property
+    def config(self) -> Path:
+        return self.path / self.CONFIG
+
+    @property
+    def metrics(self) -> Path:
+        return self.path / self.METRICS
+
+    def weights(self, which: str = "best") -> Path:
+        if which not in self.WEIGHTS:
+            raise ModelFileError(f"{self.path}: no {which!r} weights (have: {', '.join(self.WEIGHTS)})")
+        return self.path / self.WEIGHTS[which]
+
+    def run_files(self) -> list[Path]:
+        """Everything a training run writes (what ``--overwrite`` removes)."""
+        return [self.path / n for n in (self.META, self.CHECKPOINT, self.CONFIG, self.METRICS, self.BEST, self.LAST)]
+
+    def holds_run(self) -> bool:
+        return any((self.path / n).exists() for n in (self.META, self.CHECKPOINT, self.CONFIG))
+
+
+def default_run_dir(data: str, model: str, root: str | Path = "runs") -> Path:
+    """``runs/<data>-<model>``, or the first free ``-2``, ``-3`` … suffix: a new run never lands in an old one."""
+    base = f"{Path(data).name or data}-{model}".replace("/", "-")
+    out = Path(root) / base
+    i = 2
+    while out.exists():
+        out = Path(root) / f"{base}-{i}"
+        i += 1
+    return out
+
+
+@dataclass
+class ModelMeta:
+    """Everything prediction needs, and what the training run was. Serialised as ``model.json``.
+
+    Fields: ``model`` (``{"name", "kwargs"}``: the registry name and the architecture arguments),
+    ``task`` ("classification"), ``classes`` (index → label), ``image_size`` (square side, px), ``channels``
+    (1 or 3), ``mean``/``std`` (per channel, in 0..1 units), ``resize`` (how inputs are resized, see
+    RESIZE_POLICY), ``inference`` (``{"tta_flip": bool}``), ``training`` (recipe and how it was chosen,
+    device, precision), ``data`` (source, split counts, validation split and seed), ``config`` (the resolved
+    run config), ``metrics`` (best epoch, validation and test numbers), ``train_time_s``.
+    """
+    model: dict[str, Any]
+    classes: list[str]
+    image_size: int
+    channels: int
+    mean: list[float]
+    std: list[float]
+    task: str = "classification"
+    resize: str = RESIZE_POLICY
+    inference: dict[str, Any] = field(default_factory=lambda: {"tta_flip": False})
+    training: dict[str, Any] = field(default_factory=dict)
+    data: dict[str, Any] = field(default_factory=dict)
+    config: dict[str, Any] = field(default_factory=dict)
+    metrics: dict[str, Any] = field(default_factory=dict)
+    train_time_s: float | None = None
+    weights: dict[str, str] = field(default_factory=lambda: dict(RunDir.WEIGHTS))
+    imgrec_version: str = ""
+    format_version: int = FORMAT_VERSION
+
+    REQUIRED = ("model", "classes", "image_size", "channels", "mean", "std")
+
+    @property
+    def name(self) -> str:
+        return str(self.model["name"])
+
+    @property
+    def kwargs(self) -> dict[str, Any]:
+        return dict(self.model.get("kwargs") or {})
+
+    @property
+    def tta_flip(self) -> bool:
+        return bool(self.inference.get("tta_flip", False))
+
+    def model_kwargs(self) -> dict[str, Any]:
+        """The arguments that rebuild the architecture: ``create_model(meta.name, **meta.model_kwargs())``."""
+        kw = self.kwargs
+        kw.setdefault("num_classes", len(self.classes))
+        kw.setdefault("in_chans", int(self.channels))
+        kw.setdefault("image_size", int(self.image_size))
+        return kw
+
+    def to_dict(self) -> dict[str, Any]:
+        from imgrec import __version__
+        d = dataclasses.asdict(self)
+        d["format_version"] = FORMAT_VERSION
+        d["imgrec_version"] = __version__
+        return {"format": FORMAT, **d}
+
+    @classmethod
+    def from_dict(cls, d: Any, where: str = "model.json") -> "ModelMeta":
+        """Check and convert a parsed ``model.json``; a ModelFileError naming ``where`` for anything wrong."""
+        if not isinstance(d, dict) or d.get("format") != FORMAT:
+            raise ModelFileError(f"{where}: not imgrec model metadata")
+        try:
+            version = int(d.get("format_version", 1))
+        except (TypeError, ValueError):
+            raise ModelFileError(f"{where}: bad format_version {d.get('format_version')!r}") from None
+        if version > FORMAT_VERSION:
+            raise ModelFileError(f"{where}: written by a newer imgrec (format {version}, this one reads up to "
+                                 f"{FORMAT_VERSION}); upgrade imgrec")
+        if version not in READABLE_VERSIONS:
+            raise ModelFileError(f"{where}: unknown model format version {version}")
+        missing = [k for k in cls.REQUIRED if k not in d]
+        if missing:
+            raise ModelFileError(f"{where}: model metadata lacks {', '.join(missing)}")
+        if not isinstance(d["model"], dict) or not isinstance(d["model"].get("name"), str):
+            raise ModelFileError(f"{where}: model metadata lacks the architecture name")
+        try:
+            meta = cls(
+                model={"name": d["model"]["name"], "kwargs": dict(d["model"].get("kwargs") or {})},
+                classes=[str(c) for c in d["classes"]],
+                image_size=int(d["image_size"]), channels=int(d["channels"]),
+                mean=[float(v) for v in d["mean"]], std=[float(v) for v in d["std"]],
+                task=str(d.get("task", "classification")),
+                resize=str(d.get("resize", RESIZE_POLICY)),
+                inference=dict(d.get("inference") or {"tta_flip": False}),
+                training=dict(d.get("training") or {}),
+                data=dict(d.get("data") or {}), config=dict(d.get("config") or {}),
+                metrics=dict(d.get("metrics") or {}),
+                train_time_s=None if d.get("train_time_s") is None else float(d["train_time_s"]),
+                weights={str(k): str(v) for k, v in (d.get("weights") or RunDir.WEIGHTS).items()},
+                imgrec_version=str(d.get("imgrec_version", "")), format_version=version)
+        except (TypeError, ValueError, AttributeError) as e:
+            raise ModelFileError(f"{where}: malformed model metadata ({e})") from None
+        meta.check(where)
+        return meta
+
+    def check(self, where: str = "model.json") -> None:
+        if self.task != "classification":
+            raise ModelFileError(f"{where}: task {self.task!r} is not supported by this imgrec")
+        if self.channels not in (1, 3):
+            raise ModelFileError(f"{where}: channels must be 1 or 3, got {self.channels}")
+        if len(self.mean) != self.channels or len(self.std) != self.channels:
+            raise ModelFileError(f"{where}: mean/std need one value per channel ({self.channels})")
+        if any(s <= 0 for s in self.std):
+            raise ModelFileError(f"{where}: std values must be positive")
+        if len(self.classes) < 1:
+            raise ModelFileError(f"{where}: no classes")
+        if not 1 <= self.image_size <= 4096:
+            raise ModelFileError(f"{where}: image_size {self.image_size} out of range")
+        for name in self.weights.values():
+            # only a plain file name inside the model directory: metadata must not point elsewhere on disk
+            if Path(name).name != name or name in ("", ".", ".."):
+                raise ModelFileError(f"{where}: bad weights file name {name!r}")
+
+    def weights_path(self, model_dir: str | Path, which: str = "best") -> Path:
+        if which not in self.weights:
+            raise ModelFileError(f"{model_dir}: no {which!r} weights (have: {', '.join(self.weights)})")
+        return Path(model_dir) / self.weights[which]
+
+
+def read_meta(model_dir: str | Path) -> ModelMeta:
+    """Read and check ``model_dir/model.json``; a clear ModelFileError for anything missing or malformed."""
+    rd = RunDir(model_dir)
+    if not rd.path.exists():
+        raise ModelFileError(f"{rd.path}: no such model directory")
+    if not rd.path.is_dir():
+        raise ModelFileError(f"{rd.path}: a model is a directory holding {RunDir.META} and weights")
+    if not rd.meta.is_file():
+        raise ModelFileError(f"{rd.path}: missing {RunDir.META} (not an imgrec model directory)")
+    try:
+        d = json.loads(rd.meta.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ModelFileError(f"{rd.meta}: unreadable model metadata ({str(e).splitlines()[0]})") from None
+    return ModelMeta.from_dict(d, str(rd.meta))
+
+
+def write_meta(model_dir: str | Path, meta: ModelMeta) -> Path:
+    """Write ``model.json`` atomically."""
+    path = RunDir(model_dir).meta
+    atomic_write_json(path, meta.to_dict())
+    return path
