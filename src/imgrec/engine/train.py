@@ -169,7 +169,7 @@ def train(cfg: RunConfig, out: str | Path, *, resume: bool = False, overwrite: b
         atomic_write_text(rd.config, cfg.to_yaml())
     trainer.fit()
 
-    summary = {"run": str(out), "model": cfg.model.name, "epochs_run": len(trainer.history),
+    summary = {"run": str(out), "model": cfg.model.name, "recipe": cfg.recipe, "epochs_run": len(trainer.history),
                "best_epoch": trainer.best_epoch + 1, "val_acc": trainer.best_acc, "train_time_s": trainer.train_time_s}
     if evaluate_test and bundle.test is not None:
         # the test split is looked at once, at the end, with the best-on-validation weights, through the same
