@@ -151,3 +151,13 @@ def test_config_precedence_and_unknown_keys(tmp_path):
         resolve_config(None, None, {"optimizer": "rmsprop"}, model_given=True)
     with pytest.raises(ConfigError, match="unknown recipe"):
         resolve_config("turbo", None, {})
+
+
+def test_divergence_stops_with_a_clear_error_and_keeps_the_last_checkpoint(tmp_path):
+    """The running loss is read from the device in intervals (not every step on a GPU); a NaN still ends the run
+    with one line naming the epoch, and what was saved before stays loadable."""
+    cfg = small_cfg(epochs=1, train_limit=600, val_split=200, optimizer="sgd", lr=1e12, scheduler="none",
+                    warmup=0.0)
+    with pytest.raises(FloatingPointError, match=r"diverged at epoch 1, by step \d+ .*lower --lr"):
+        train(cfg, tmp_path / "nan", progress=False, evaluate_test=False)
+    assert not (tmp_path / "nan" / "best.safetensors").exists()  # nothing half-trained was published as "best"

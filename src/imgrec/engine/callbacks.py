@@ -15,7 +15,11 @@ class Callback:
 
     def on_train_begin(self, trainer) -> None: ...
     def on_epoch_begin(self, trainer, epoch: int) -> None: ...
-    def on_batch_end(self, trainer, step: int, loss: float, correct: int, n: int) -> None: ...
+
+    def on_batch_end(self, trainer, step: int, loss, correct, n: int) -> None:
+        """``loss`` (batch mean) and ``correct`` (count) are 0-dim tensors on the training device: reading them
+        (``float(loss)``) waits for a GPU, so do it only as often as you need."""
+
     def on_epoch_end(self, trainer, epoch: int, logs: dict) -> None: ...
     def on_train_end(self, trainer) -> None: ...
 
@@ -40,13 +44,14 @@ class ProgressBar(Callback):
         if self.bar is None:
             return
         self.seen += n
-        self.loss_sum += loss * n
-        self.correct += correct
+        self.loss_sum = self.loss_sum + loss.float() * n  # stays on the device until shown
+        self.correct = self.correct + correct
         self.bar.update(1)
         if step % self.every == 0 or step == trainer.steps_per_epoch - 1:
             dt = max(time.perf_counter() - self.t0, 1e-9)
-            self.bar.set_postfix(loss=f"{self.loss_sum / self.seen:.4f}", acc=f"{self.correct / self.seen:.4f}",
-                                 img_s=f"{self.seen / dt:.0f}", refresh=False)
+            self.bar.set_postfix(loss=f"{float(self.loss_sum) / self.seen:.4f}",
+                                 acc=f"{int(self.correct) / self.seen:.4f}", img_s=f"{self.seen / dt:.0f}",
+                                 refresh=False)
 
     def on_epoch_end(self, trainer, epoch, logs):
         if self.bar is not None:

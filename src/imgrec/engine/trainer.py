@@ -94,12 +94,17 @@ class Trainer:
         self.best_acc, self.best_loss, self.best_epoch = -1.0, math.inf, -1
         self.stop_training = False
         self.partial = {"loss_sum": 0.0, "correct": 0, "seen": 0, "time": 0.0}
+        self._pending_loss, self._pending_correct = 0.0, 0  # device-side sums not yet in partial
         self.train_time_s = 0.0
         self.last_lr = cfg.lr
 
     # -- the one step --------------------------------------------------------------------------
-    def train_step(self, x: torch.Tensor, y: torch.Tensor) -> tuple[float, int]:
-        """Forward, loss, backward, (clip), optimizer and scheduler step, EMA update. Returns (loss, #correct)."""
+    def train_step(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Forward, loss, backward, (clip), optimizer and scheduler step, EMA update.
+
+        Returns (mean loss, number correct) as 0-dim tensors on the device: turning them into Python numbers
+        here would make the host wait for a GPU at every step, so the loop reads them once per log interval.
+        """
         self.model.train()
         with autocast(self.device, self.amp):
             logits = self.forward(x)
@@ -116,8 +121,18 @@ class Trainer:
         if self.ema is not None:
             self.ema.update_parameters(self.model)
         with torch.no_grad():
-            correct = int((logits.argmax(1) == y).sum())
-        return float(loss.detach()), correct
+            correct = (logits.argmax(1) == y).sum()
+        return loss.detach(), correct
+
+    def _flush(self, step: int) -> None:
+        """Add the device-side running sums into ``partial`` (one host-device sync); check for divergence."""
+        loss_sum, correct = float(self._pending_loss), int(self._pending_correct)
+        self._pending_loss, self._pending_correct = 0.0, 0
+        if not math.isfinite(loss_sum):
+            raise FloatingPointError(f"training diverged at epoch {self.epoch + 1}, by step {step} "
+                                     f"(loss {loss_sum}); try a lower --lr")
+        self.partial["loss_sum"] += loss_sum
+        self.partial["correct"] += correct
 
     @property
     def eval_model(self) -> nn.Module:
@@ -163,22 +178,25 @@ class Trainer:
         p = self.partial
         t0 = time.perf_counter() - p["time"]
         ckpt_every = int(self.cfg.checkpoint_every or 0)
+        # on a GPU, read the running sums every 25 steps only (each read waits for the device); on a CPU the
+        # read costs nothing and a diverged loss is caught at the step it happens
+        read_every = 1 if self.device.type == "cpu" else 25
         for step, (x, y) in enumerate(self.train_loader.iterate(self.start_step), start=self.start_step):
             loss, correct = self.train_step(x, y)
             n = int(y.shape[0])
-            p["loss_sum"] += loss * n
-            p["correct"] += correct
+            self._pending_loss = self._pending_loss + loss.float() * n
+            self._pending_correct = self._pending_correct + correct
             p["seen"] += n
-            if not math.isfinite(loss):
-                raise FloatingPointError(f"training diverged at epoch {epoch + 1}, step {step} (loss {loss}); "
-                                         f"try a lower --lr")
             self.start_step = step + 1
+            if self.start_step % read_every == 0:
+                self._flush(step)
             p["time"] = time.perf_counter() - t0
             for cb in self.callbacks:
                 cb.on_batch_end(self, step, loss, correct, n)
             if ckpt_every and self.run_dir is not None and self.start_step % ckpt_every == 0 \
                     and self.start_step < self.steps_per_epoch:
                 self.save_checkpoint()
+        self._flush(self.start_step - 1)
         train_time = time.perf_counter() - t0
         val = self.validate(self.val_loader)
         logs = {"epoch": epoch + 1, "train_loss": p["loss_sum"] / max(p["seen"], 1),
@@ -206,6 +224,7 @@ class Trainer:
 
     # -- checkpoints -----------------------------------------------------------------------------
     def state_dict(self) -> dict:
+        self._flush(self.start_step - 1)
         rng = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
         if torch.cuda.is_available():
             rng["cuda"] = torch.cuda.get_rng_state_all()
