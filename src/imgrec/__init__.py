@@ -23,6 +23,7 @@ _EXPORTS = {
     "load_data": "imgrec.data.dataset",
     "ModelMeta": "imgrec.modeldir", "RunDir": "imgrec.modeldir",
     "evaluate": "imgrec.eval.evaluate",
+    "audit": "imgrec.engine.audit",
     "resolve_config": "imgrec.engine.train", "train": "imgrec.engine.train",
 }
 __all__ = sorted(_EXPORTS) + ["__version__"]

@@ -1,0 +1,378 @@
+"""``imgrec data audit``: rank the training images most likely to carry a wrong label.
+
+1. K-fold cross-fitting: the audited images are split into K class-stratified folds; for each fold a model is
+   trained with a named recipe (default ``fast``: the recipe ``imgrec train`` uses, with its settings
+   unchanged unless overridden) on the other K−1 folds and predicts the held-out fold. Every image thus gets
+   class probabilities from a model that never saw it — the "out-of-sample" probabilities confident learning
+   requires (a model that trained on a mislabelled image has partly memorised the wrong label).
+2. Confident learning (:mod:`imgrec.data.confident`, Northcutt et al., JAIR 2021) turns those probabilities
+   into per-class thresholds, the confident joint, the estimated number of label errors per (given, true)
+   class pair, and a ranked list of suspects with a suggested label.
+
+Outputs: JSON / CSV of the suspects, an HTML gallery, and a cleaned CSV list (suspects removed or relabelled)
+that ``imgrec train --data cleaned.csv`` reads. Memory: the audited images are held as one uint8 tensor at the
+training size (as ``imgrec train`` holds them), decoded file by file through the safe decoder; the original
+files are never held, so folders larger than RAM work as long as their training-size tensor fits.
+
+Use from Python: ``imgrec.engine.audit.audit("path/to/folder", folds=5)``.
+"""
+from __future__ import annotations
+
+import csv
+import html
+import io
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from imgrec.data.confident import METHODS, RANKINGS, LabelIssues, find_label_issues
+from imgrec.data.datacheck import SPLITS, Catalog, catalog, html_page, thumbnail_uri
+from imgrec.errors import ConfigError, DatasetError, ImageDecodeError
+
+__all__ = ["audit", "AuditResult", "stratified_folds", "cross_fit"]
+
+
+def stratified_folds(labels: np.ndarray, k: int, seed: int = 0) -> np.ndarray:
+    """Fold number (0..k-1) per example: each class's examples shuffled (seeded) and dealt round-robin."""
+    labels = np.asarray(labels)
+    rng = np.random.default_rng(seed)
+    fold = np.empty(len(labels), dtype=np.int64)
+    offset = 0
+    for c in np.unique(labels):
+        members = np.nonzero(labels == c)[0]
+        members = members[rng.permutation(len(members))]
+        # continue the deal where the last class stopped, so small classes do not all start in fold 0
+        fold[members] = (np.arange(len(members)) + offset) % k
+        offset += len(members)
+    return fold
+
+
+def _load_images(cat: Catalog, idx: np.ndarray, image_size: int | None, channels: int | None,
+                 progress: bool) -> tuple[torch.Tensor, np.ndarray, list[tuple[str, str]], int, int]:
+    """The audited images as an N×C×H×W uint8 tensor at the training size; returns (images, kept positions into
+    ``idx``, unreadable (path, reason), size, channels)."""
+    from imgrec.data.transforms import convert_channels, resize_uint8
+    if cat.kind == "named":
+        size = int(image_size or 28)
+        chans = int(channels or 1)
+        parts = []
+        for s in ("train", "test"):
+            sel = [int(cat.refs[i]) for i in idx if cat.splits[i] == s]
+            if sel:
+                parts.append(torch.from_numpy(cat.arrays[s][sel]).unsqueeze(1))
+        images = convert_channels(resize_uint8(torch.cat(parts), size), chans)
+        # named-data order above is train-then-test; idx is sorted by split in the same order (catalog order)
+        return images, np.arange(len(idx)), [], size, chans
+    from imgrec.data.batchdecode import decode_files
+    size = int(image_size or 32)
+    paths = [cat.refs[i] for i in idx]
+    chans = int(channels or _guess_channels(paths))
+    bad: list[tuple[str, str]] = []
+    images, kept = decode_files(paths, channels=chans, size=size, on_bad_image="skip", progress=progress)
+    if len(kept) < len(paths):
+        from imgrec.data.decode import decode_image
+        kept_set = set(int(k) for k in kept)
+        for pos, p in enumerate(paths):
+            if pos not in kept_set:
+                try:
+                    decode_image(p, channels=chans, size=8)
+                    reason = "unreadable"
+                except ImageDecodeError as e:
+                    reason = e.reason
+                bad.append((str(p), reason))
+    return images, np.asarray(kept, dtype=np.int64), bad, size, chans
+
+
+def _guess_channels(paths, probe: int = 32) -> int:
+    """1 when the first readable images are all grayscale, else 3 (as ``imgrec train`` decides)."""
+    from imgrec.data.decode import decode_image
+    for p in paths[:probe]:
+        try:
+            if decode_image(p, channels=None, size=8).shape[2] == 3:
+                return 3
+        except ImageDecodeError:
+            continue
+    return 1
+
+
+def cross_fit(images: torch.Tensor, labels: np.ndarray, classes: list[str], *, folds: int = 5,
+              recipe: str | None = "fast", overrides: dict | None = None, flip: bool = True, seed: int = 0,
+              progress: bool = True) -> tuple[np.ndarray, list[dict]]:
+    """Out-of-sample class probabilities (N, m) by K-fold cross-fitting, and per-fold statistics.
+
+    ``recipe`` and ``overrides`` are resolved exactly as ``imgrec train --recipe`` and its options are.
+    """
+    from imgrec.data.dataset import DataBundle, ImageData, channel_stats
+    from imgrec.data.memory import BatchLoader
+    from imgrec.device import pick_device, set_threads
+    from imgrec.engine.callbacks import ProgressBar
+    from imgrec.engine.train import build_loaders, resolve_config
+    from imgrec.engine.trainer import Trainer, seed_everything
+    from imgrec.infer.runtime import forward_logits, resolve_amp
+    from imgrec.models import create_model, model_info
+
+    n, m = len(labels), len(classes)
+    counts = np.bincount(labels, minlength=m)
+    if folds < 2:
+        raise ConfigError(f"--folds must be at least 2, not {folds}")
+    if (counts > 0).sum() < 2:
+        raise DatasetError("the audited images hold fewer than 2 classes")
+    if n < 2 * folds:
+        raise DatasetError(f"{n} images are too few for {folds} folds")
+    cfg = resolve_config(recipe, None, overrides, model_given=bool((overrides or {}).get("name")))
+    t = cfg.train
+    set_threads(t.threads)
+    device = pick_device(t.device)
+    amp = resolve_amp(t.amp, device, cfg.model.name)
+    info = model_info(cfg.model.name)
+    channels_last = info.family != "vit" if t.channels_last is None else bool(t.channels_last)
+    fold_of = stratified_folds(labels, folds, seed)
+    probs = np.zeros((n, m), dtype=np.float64)
+    y_all = torch.as_tensor(labels, dtype=torch.long)
+    stats = []
+    size, chans = int(images.shape[-1]), int(images.shape[1])
+    for k in range(folds):
+        t0 = time.perf_counter()
+        held = np.nonzero(fold_of == k)[0]
+        fit = np.nonzero(fold_of != k)[0]
+        train_part = ImageData(images[torch.from_numpy(fit)], y_all[torch.from_numpy(fit)])
+        held_part = ImageData(images[torch.from_numpy(held)], y_all[torch.from_numpy(held)])
+        mean, std = channel_stats(train_part.images)
+        # the per-epoch log line needs a validation set: a slice of the held-out fold (never trained on)
+        monitor = held_part.subset(torch.arange(min(len(held_part), 1024)))
+        bundle = DataBundle("audit", list(classes), train_part, monitor, None, chans, size, mean, std, flip)
+        seed_everything(t.seed + k, t.deterministic)
+        train_loader, monitor_loader = build_loaders(bundle, cfg, device, channels_last)
+        torch.manual_seed(t.seed + k)
+        model = create_model(cfg.model.name, num_classes=m, in_chans=chans, image_size=size, **cfg.model.kwargs)
+        if progress:
+            print(f"fold {k + 1}/{folds}: training {cfg.model.name} on {len(fit)} images, scoring {len(held)}",
+                  file=sys.stderr)
+        trainer = Trainer(model, t, train_loader, monitor_loader, device=device, amp=amp,
+                          channels_last=channels_last, callbacks=[ProgressBar(enabled=progress)])
+        trainer.fit()
+        loader = BatchLoader(held_part, t.eval_batch_size, mean, std, device=device, channels_last=channels_last)
+        trainer.model.eval()
+        logits = torch.cat([forward_logits(trainer.eval_model, x, tta_flip=t.tta_flip, amp=amp).cpu()
+                            for x, _ in loader])
+        p = torch.softmax(logits.double(), dim=1).numpy()
+        probs[held] = p
+        acc = float((p.argmax(1) == labels[held]).mean())
+        stats.append({"fold": k + 1, "train_images": int(len(fit)), "held_out": int(len(held)),
+                      "held_out_acc": round(acc, 4), "time_s": round(time.perf_counter() - t0, 2)})
+    return probs, stats
+
+
+@dataclass
+class AuditResult:
+    """What :func:`audit` found: the suspects (ranked), the probabilities, and how to write them out."""
+    source: str
+    catalog: Catalog
+    audited: np.ndarray              # catalog indices of the scored images
+    labels: np.ndarray               # given label per scored image
+    probs: np.ndarray                # out-of-sample probabilities per scored image
+    issues: LabelIssues
+    folds: list[dict]
+    settings: dict
+    unreadable: list[tuple[str, str]] = field(default_factory=list)
+    time_s: float = 0.0
+
+    @property
+    def suspects(self) -> list[dict]:
+        cat, out = self.catalog, []
+        for rank, pos in enumerate(self.issues.issues, start=1):
+            i = int(self.audited[pos])
+            given, sug = int(self.labels[pos]), int(self.issues.suggested[pos])
+            out.append({"rank": rank, **cat.describe(i), "given": cat.classes[given],
+                        "suggested": cat.classes[sug], "score": round(float(self.issues.quality[pos]), 5),
+                        "p_given": round(float(self.probs[pos, given]), 5),
+                        "p_suggested": round(float(self.probs[pos, sug]), 5)})
+        return out
+
+    def to_dict(self) -> dict:
+        classes = self.catalog.classes
+        acc = float((self.probs.argmax(1) == self.labels).mean()) if len(self.labels) else 0.0
+        return {
+            "source": self.source, "classes": classes, "audited": int(len(self.audited)),
+            "settings": self.settings, "folds": self.folds, "out_of_sample_acc": round(acc, 4),
+            "estimated_noise_rate": round(self.issues.estimated_noise_rate, 5),
+            "thresholds": {c: round(float(v), 5) for c, v in zip(classes, self.issues.thresholds)},
+            "confident_joint": self.issues.confident_joint.tolist(),
+            "suspects_total": int(len(self.issues.issues)), "suspects": self.suspects,
+            "unreadable": [{"path": p, "reason": r} for p, r in self.unreadable],
+            "time_s": round(self.time_s, 2),
+        }
+
+    def summary(self, limit: int = 10) -> str:
+        d = self.to_dict()
+        lines = [f"{d['source']}: audited {d['audited']} images with {len(self.folds)}-fold cross-fitting "
+                 f"({self.settings['recipe']}, {self.settings['epochs']} epochs per fold), out-of-sample accuracy "
+                 f"{d['out_of_sample_acc']:.4f} [{d['time_s']:.1f} s]",
+                 f"estimated label noise: {d['estimated_noise_rate']:.2%}; suspects ({self.settings['method']}): "
+                 f"{d['suspects_total']}"]
+        for s in d["suspects"][:limit]:
+            where = s.get("path", f"{s['split']}#{s.get('index')}")
+            lines.append(f"  {s['rank']:>4}  {where}  given {s['given']!r} → suggested {s['suggested']!r}  "
+                         f"score {s['score']:.4f}")
+        if d["suspects_total"] > limit:
+            lines.append(f"  … and {d['suspects_total'] - limit} more (--csv / --json list them all)")
+        if self.unreadable:
+            lines.append(f"{len(self.unreadable)} unreadable file(s) were not audited (imgrec data check lists them)")
+        return "\n".join(lines)
+
+    def write_json(self, path) -> Path:
+        from imgrec.safeio import atomic_write_text
+        atomic_write_text(Path(path), json.dumps(self.to_dict(), indent=2))
+        return Path(path)
+
+    def write_csv(self, path) -> Path:
+        """The suspects, one row each: rank, path (or split and index), given, suggested, score, probabilities."""
+        from imgrec.safeio import atomic_write_text
+        buf = io.StringIO()
+        w = csv.writer(buf)
+        w.writerow(["rank", "path", "split", "index", "given", "suggested", "score", "p_given", "p_suggested"])
+        for s in self.suspects:
+            w.writerow([s["rank"], s.get("path", ""), s["split"], s.get("index", ""), s["given"], s["suggested"],
+                        s["score"], s["p_given"], s["p_suggested"]])
+        atomic_write_text(Path(path), buf.getvalue())
+        return Path(path)
+
+    def write_html(self, path, limit: int = 500) -> Path:
+        """A self-contained gallery: image, given label, suggested label, score (escaped, data: URIs)."""
+        from imgrec.safeio import atomic_write_text
+        e = html.escape
+        d = self.to_dict()
+        parts = [f"<h1>Label audit: {e(self.source)}</h1>",
+                 f"<p>{d['audited']} images scored out of sample by {len(self.folds)}-fold cross-fitting "
+                 f"(recipe {e(str(self.settings['recipe']))}, model {e(self.settings['model'])}, "
+                 f"{self.settings['epochs']} epochs per fold); out-of-sample accuracy {d['out_of_sample_acc']:.2%}. "
+                 f"Confident learning ({e(self.settings['method'])}, ranked by {e(self.settings['rank_by'])}) "
+                 f"estimates {d['estimated_noise_rate']:.2%} label noise and flags {d['suspects_total']} "
+                 f"image(s). Lower score = more likely mislabelled.</p><div>"]
+        for s in d["suspects"][:limit]:
+            i = int(self.audited[self.issues.issues[s["rank"] - 1]])
+            try:
+                img = f'<img src="{thumbnail_uri(self.catalog.pixels(i))}" alt="">'
+            except ImageDecodeError:
+                img = "[unreadable]"
+            where = s.get("path", f"{s['split']} #{s.get('index')}")
+            parts.append(f'<div class="card">{img}<br>#{s["rank"]} score {s["score"]:.4f}<br>given '
+                         f'<b>{e(s["given"])}</b> ({s["p_given"]:.2f})<br>suggested <b>{e(s["suggested"])}</b> '
+                         f'({s["p_suggested"]:.2f})<br><small>{e(str(where))}</small></div>')
+        parts.append("</div>")
+        if d["suspects_total"] > limit:
+            parts.append(f"<p>… and {d['suspects_total'] - limit} more (in the CSV / JSON output).</p>")
+        rows = "".join(f"<tr><td>{f['fold']}</td><td>{f['train_images']}</td><td>{f['held_out']}</td>"
+                       f"<td>{f['held_out_acc']:.4f}</td><td>{f['time_s']}</td></tr>" for f in self.folds)
+        parts.append("<h2>Folds</h2><table><tr><th>fold</th><th>trained on</th><th>scored</th><th>accuracy</th>"
+                     f"<th>seconds</th></tr>{rows}</table>")
+        classes = self.catalog.classes
+        cj = "".join(f"<tr><th>{e(classes[i])}</th>" + "".join(f"<td>{v}</td>" for v in row) + "</tr>"
+                     for i, row in enumerate(self.issues.confident_joint.tolist()))
+        parts.append("<h2>Confident joint (rows: given label, columns: likely true label)</h2><table><tr><th></th>"
+                     + "".join(f"<th>{e(c)}</th>" for c in classes) + f"</tr>{cj}</table>")
+        atomic_write_text(Path(path), html_page(f"imgrec data audit: {self.source}", "\n".join(parts)))
+        return Path(path)
+
+    def write_clean_csv(self, path, mode: str = "remove") -> dict:
+        """A CSV list (``path,label,split``) of the whole source with the suspects removed (``mode="remove"``)
+        or given their suggested label (``"relabel"``); splits that were not audited are copied unchanged.
+        Unreadable files are left out. A named dataset's images are written as PNG files next to the CSV.
+        Returns counts of what was written."""
+        from imgrec.safeio import atomic_write_text
+        if mode not in ("remove", "relabel"):
+            raise ConfigError(f"--clean must be remove or relabel, not {mode!r}")
+        path = Path(path)
+        if path.suffix.lower() != ".csv":
+            raise ConfigError(f"{path}: the cleaned list must be a .csv file")
+        cat = self.catalog
+        path.parent.mkdir(parents=True, exist_ok=True)
+        suspect_pos = {int(self.audited[p]): int(self.issues.suggested[p]) for p in self.issues.issues}
+        bad_paths = {p for p, _ in self.unreadable}
+        image_dir = path.parent / f"{path.stem}_images"
+        buf = io.StringIO()
+        w = csv.writer(buf)
+        w.writerow(["path", "label", "split"])
+        written = removed = relabelled = 0
+        for i in range(len(cat)):
+            label = cat.labels[i]
+            if i in suspect_pos:
+                if mode == "remove":
+                    removed += 1
+                    continue
+                label = suspect_pos[i]
+                relabelled += 1
+            ref = cat.refs[i]
+            if cat.kind == "named":
+                file = image_dir / cat.splits[i] / f"{int(ref):05d}.png"
+                if not file.exists():
+                    from PIL import Image
+                    file.parent.mkdir(parents=True, exist_ok=True)
+                    Image.fromarray(cat.arrays[cat.splits[i]][int(ref)]).save(file)
+            else:
+                if str(ref) in bad_paths:
+                    continue
+                file = Path(ref)
+            try:
+                rel = os.path.relpath(Path(file).resolve(), path.parent.resolve())
+            except ValueError:  # another drive (Windows)
+                rel = str(Path(file).resolve())
+            w.writerow([rel, cat.classes[label], cat.splits[i]])
+            written += 1
+        atomic_write_text(path, buf.getvalue())
+        return {"path": str(path), "rows": written, "removed": removed, "relabelled": relabelled}
+
+
+def audit(source: str, *, folds: int = 5, recipe: str | None = "fast", overrides: dict | None = None,
+          data_dir: str | None = None, image_size: int | None = None, channels: int | None = None,
+          splits: tuple[str, ...] = ("train",), method: str = "prune_by_noise_rate",
+          rank_by: str = "self_confidence", seed: int = 0, progress: bool = True) -> AuditResult:
+    """Find likely label errors in ``source`` (named dataset, folder or CSV list) by K-fold cross-fitting and
+    confident learning.
+
+    Args:
+        folds: K; each image is scored by a model trained on the other K−1 folds (default 5).
+        recipe: the training recipe of every fold (default ``fast``); ``overrides`` are settings on top, as
+            ``imgrec train``'s options (e.g. ``{"epochs": 4, "batch_size": 256}``).
+        splits: which splits to audit (pooled); splits not audited are copied unchanged into a cleaned CSV.
+        method: how suspects are flagged (``prune_by_noise_rate`` default; see ``imgrec.data.confident``).
+        rank_by: ``self_confidence`` (default) or ``normalized_margin``.
+        seed: fixes the folds.
+    """
+    t0 = time.perf_counter()
+    if method not in METHODS:
+        raise ConfigError(f"--method must be one of {', '.join(METHODS)}")
+    if rank_by not in RANKINGS:
+        raise ConfigError(f"--rank-by must be one of {', '.join(RANKINGS)}")
+    unknown = [s for s in splits if s not in SPLITS]
+    if unknown or not splits:
+        raise ConfigError(f"--splits must name some of {', '.join(SPLITS)}, got {','.join(splits) or 'nothing'}")
+    if folds < 2:
+        raise ConfigError(f"--folds must be at least 2, not {folds}")
+    from imgrec.engine.train import resolve_config
+    # settings first: an unknown recipe, model or option fails before any image is decoded
+    cfg = resolve_config(recipe, None, overrides, model_given=bool((overrides or {}).get("name")))
+    cat = catalog(source, data_dir)
+    idx = np.array([i for i in range(len(cat)) if cat.splits[i] in splits], dtype=np.int64)
+    if len(idx) == 0:
+        raise DatasetError(f"{source}: no images in the split(s) {', '.join(splits)}")
+    images, kept, bad, size, chans = _load_images(cat, idx, image_size, channels, progress)
+    if len(kept) == 0:
+        raise DatasetError(f"{source}: none of the audited images is readable")
+    idx = idx[kept]
+    labels = np.asarray([cat.labels[i] for i in idx], dtype=np.int64)
+    probs, fold_stats = cross_fit(images, labels, cat.classes, folds=folds, recipe=recipe, overrides=overrides,
+                                  flip=cat.flip, seed=seed, progress=progress)
+    del images
+    issues = find_label_issues(labels, probs, method=method, rank_by=rank_by)
+    settings = {"folds": folds, "recipe": cfg.recipe, "model": cfg.model.name, "epochs": cfg.train.epochs,
+                "overrides": dict(overrides or {}), "method": method, "rank_by": rank_by, "seed": seed,
+                "splits": list(splits), "image_size": size, "channels": chans}
+    return AuditResult(source, cat, idx, labels, probs, issues, fold_stats, settings, bad,
+                       time.perf_counter() - t0)
