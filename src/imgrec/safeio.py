@@ -13,11 +13,12 @@ import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Iterator
-
-import torch
+from typing import TYPE_CHECKING, Any, Iterator
 
 from imgrec.errors import ModelFileError
+
+if TYPE_CHECKING:  # torch is imported where it is used: atomic writes alone must not pay for it
+    import torch
 
 
 # ----------------------------------------------------------------------------------------------
@@ -82,6 +83,7 @@ def atomic_write_json(path: str | os.PathLike, obj: Any) -> None:
 
 
 def _json_default(o):
+    import torch
     if isinstance(o, Path):
         return str(o)
     if isinstance(o, torch.Tensor):
@@ -137,6 +139,7 @@ def load_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:
 
     A pickle that carries code is refused by ``weights_only=True`` before its payload can run.
     """
+    import torch
     path = Path(path)
     if not path.is_file():
         raise ModelFileError(f"{path}: weights file not found")
@@ -211,6 +214,7 @@ def save_tree(path: str | os.PathLike, tree: Any) -> None:
     Tensors are stored as tensors; the structure around them travels as JSON in the file's metadata.
     This replaces ``torch.save`` for checkpoints so that resuming never unpickles anything.
     """
+    import torch
     tensors: dict[str, torch.Tensor] = {}
 
     def enc(x):

@@ -4,6 +4,8 @@ from __future__ import annotations
 import argparse
 import json
 
+BACKENDS = ("auto", "torch", "onnxruntime")  # imgrec.infer.backends.BACKENDS, without importing it for --help
+
 
 def print_json(obj) -> None:
     print(json.dumps(obj, indent=2))
@@ -46,3 +48,10 @@ def add_bad_image_option(p, default: str | None = "fail") -> None:
 
 def add_json_option(p, help: str = "print JSON only") -> None:
     p.add_argument("--json", action="store_true", help=help)
+
+
+def add_backend_option(p) -> None:
+    """--backend auto|torch|onnxruntime (predict, eval, serve)."""
+    p.add_argument("--backend", default="auto", choices=BACKENDS,
+                   help="auto (default: onnxruntime for a .onnx file, else torch), torch, or onnxruntime "
+                        "(runs DIR/model.onnx from `imgrec export`, without PyTorch)")

@@ -9,7 +9,8 @@ import json
 import sys
 from pathlib import Path
 
-from imgrec.cli.common import add_eval_data_options, add_json_option, add_model_dir_options, fmt_table, print_json
+from imgrec.cli.common import (add_backend_option, add_eval_data_options, add_json_option, add_model_dir_options,
+                               fmt_table, print_json)
 
 
 def add_parsers(sub) -> None:
@@ -17,6 +18,7 @@ def add_parsers(sub) -> None:
     add_model_dir_options(p)
     add_eval_data_options(p)
     p.add_argument("--top-k", type=int, default=5)
+    add_backend_option(p)
     add_json_option(p)
     p.set_defaults(func=cmd_eval)
 
@@ -49,11 +51,13 @@ def _load_labelled(args):
     """The classifier and the labelled split that eval and report look at (the same data, the same numbers)."""
     from imgrec.data.dataset import load_eval_split
     from imgrec.errors import ConfigError
-    from imgrec.infer.predictor import Classifier
+    from imgrec.infer.backends import load_classifier
 
     if args.top_k < 1:
         raise ConfigError("--top-k must be at least 1")
-    clf = Classifier.load(args.model, which=args.which, device=args.device)
+    # eval --backend onnxruntime: the exported file's metadata carries the classes, size and data source
+    clf = load_classifier(args.model, backend=getattr(args, "backend", "torch"), which=args.which,
+                          device=args.device)
     bundle, data = load_eval_split(clf.meta, args.data, args.data_dir, args.split, args.on_bad_image)
     return clf, bundle, data
 

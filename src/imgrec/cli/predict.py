@@ -1,4 +1,7 @@
-"""``imgrec predict``: ``Classifier.predict_files`` over files and folders, printed as a table, JSON or CSV.
+"""``imgrec predict``: ``predict_files`` over files and folders, printed as a table, JSON or CSV.
+
+``--backend onnxruntime`` (or ``--model x.onnx``) runs an exported file with ONNX Runtime; that path never
+imports PyTorch (imgrec.infer.backends).
 
 A new output format is one more writer function here and one more option.
 """
@@ -8,16 +11,20 @@ import csv
 import io
 import sys
 
-from imgrec.cli.common import add_bad_image_option, fmt_table, print_json
+from imgrec.cli.common import add_backend_option, add_bad_image_option, fmt_table, print_json
+
 
 
 def add_parsers(sub) -> None:
     p = sub.add_parser("predict", help="predict labels for image files and folders")
-    p.add_argument("--model", required=True, help="model directory")
+    p.add_argument("--model", required=True, help="model directory, or an exported .onnx file")
     p.add_argument("inputs", nargs="+", help="image files and folders (searched recursively)")
     p.add_argument("--top-k", type=int, default=5)
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:N, mps")
+    add_backend_option(p)
+    p.add_argument("--decode-threads", type=int,
+                   help="threads decoding images while the model runs (default: one per core; 0: no pipeline)")
     add_bad_image_option(p)
     p.add_argument("--json", action="store_true", help='print [{"file", "predictions": [{"label", "score"}]}]')
     p.add_argument("--csv", help="write file,rank,label,score rows to this CSV file")
@@ -27,13 +34,13 @@ def add_parsers(sub) -> None:
 
 def cmd_predict(args) -> int:
     from imgrec.errors import ConfigError
-    from imgrec.infer.predictor import Classifier
+    from imgrec.infer.backends import load_classifier
 
     if args.top_k < 1:
         raise ConfigError("--top-k must be at least 1")
-    clf = Classifier.load(args.model, device=args.device)
+    clf = load_classifier(args.model, backend=args.backend, device=args.device)
     results = clf.predict_files(args.inputs, top_k=args.top_k, batch_size=args.batch_size,
-                                on_bad_image=args.on_bad_image).results
+                                on_bad_image=args.on_bad_image, decode_threads=args.decode_threads).results
     if args.csv:
         write_csv(args.csv, results)
     if args.json:
@@ -51,7 +58,7 @@ def format_table(results: list[dict], top_k: int) -> str:
 
 
 def write_csv(path: str, results: list[dict]) -> None:
-    """``file,rank,label,score`` rows, written atomically."""
+    """``file,rank,label,score`` rows, written atomically (without importing PyTorch: the ONNX Runtime path)."""
     from imgrec.safeio import atomic_write_text
 
     buf = io.StringIO()

@@ -4,13 +4,16 @@ from __future__ import annotations
 
 import argparse
 
+from imgrec.cli.common import add_backend_option
+
+
 
 def add_parsers(sub) -> None:
     p = sub.add_parser(
         "serve", help="serve a model over HTTP: a JSON API and a web page",
         description="Serve a model directory: POST /v1/predict, GET /v1/model, /healthz, /readyz, "
                     "the web page at / and API docs at /docs. Concurrent requests are batched.")
-    p.add_argument("--model", required=True, help="model directory (a run directory)")
+    p.add_argument("--model", required=True, help="model directory (a run directory), or an exported .onnx file")
     p.add_argument("--which", default="best", choices=("best", "last"), help="which weights (default best)")
     p.add_argument("--host", default="127.0.0.1",
                    help="address to listen on (default 127.0.0.1: this machine only; 0.0.0.0 opens it to the network)")
@@ -29,6 +32,7 @@ def add_parsers(sub) -> None:
     g.add_argument("--workers", type=int, default=1, help="server processes, each with its own model (default 1)")
     g.add_argument("--threads", type=int, help="PyTorch threads per worker (default: CPU cores / workers)")
     g.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:N, mps")
+    add_backend_option(g)
     g.add_argument("--log-level", default="info", choices=("critical", "error", "warning", "info", "debug"))
     g.add_argument("--access-log", action=argparse.BooleanOptionalAction, default=True,
                    help="log one line per request (method, path, status; never bodies)")
@@ -46,7 +50,7 @@ def cmd_serve(args) -> int:
                              max_files=args.max_files, queue_size=args.queue_size, timeout_s=args.timeout_s)
     try:
         serve(args.model, settings, host=args.host, port=args.port, workers=args.workers, which=args.which,
-              device=args.device, threads=args.threads, log_level=args.log_level, access_log=args.access_log)
+              device=args.device, threads=args.threads, backend=args.backend, log_level=args.log_level, access_log=args.access_log)
     except KeyboardInterrupt:  # uvicorn re-raises Ctrl-C after its graceful shutdown: a normal end for a server
         pass
     return 0

@@ -1,15 +1,20 @@
-"""Prediction: the runtime (model directory → module → logits) and ``Classifier``. Imports no training code.
+"""Prediction: the runtime (model directory → module → logits), ``Classifier`` (PyTorch), ``OnnxClassifier``
+(ONNX Runtime, imgrec.infer.ort), ``load_classifier`` (either, by backend) and ``export``. Imports no training code.
 
-``Classifier`` is imported on first use, so that a submodule that needs no PyTorch can be imported alone.
+The names are imported on first use, so that a submodule that needs no PyTorch (the ONNX Runtime path:
+imgrec.infer.ort, imgrec.infer.backends, imgrec.infer.files) can be imported alone.
 """
 from __future__ import annotations
 
 import importlib
 
-__all__ = ["Classifier"]
+__all__ = ["Classifier", "OnnxClassifier", "load_classifier"]
+
+_EXPORTS = {"Classifier": "imgrec.infer.predictor", "OnnxClassifier": "imgrec.infer.ort",
+            "load_classifier": "imgrec.infer.backends"}
 
 
 def __getattr__(name: str):
-    if name == "Classifier":
-        return importlib.import_module("imgrec.infer.predictor").Classifier
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
     raise AttributeError(f"module 'imgrec.infer' has no attribute {name!r}")

@@ -3,8 +3,6 @@ from __future__ import annotations
 
 import io
 import os
-import sys
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -15,21 +13,13 @@ from imgrec.data.decode import decode_image
 from imgrec.data.transforms import Preprocess, convert_channels, resize_uint8
 from imgrec.device import pick_device
 from imgrec.errors import ConfigError, ImageDecodeError
+from imgrec.infer.files import FilePredictions, check_file_options, decoded_batches, expand_inputs
 from imgrec.infer.runtime import forward_logits, load_model, resolve_amp
 from imgrec.modeldir import ModelMeta
 
 __all__ = ["Classifier", "FilePredictions", "expand_inputs"]
 
 ImageLike = Any  # path, bytes, PIL.Image, numpy H×W(×C) uint8, or torch uint8 C×H×W
-ON_BAD_IMAGE = ("fail", "skip")
-
-
-@dataclass
-class FilePredictions:
-    """What ``Classifier.predict_files`` returns: one ``{"file", "predictions"}`` per readable file, and the
-    ``(file, reason)`` of each file skipped with ``on_bad_image="skip"``."""
-    results: list[dict] = field(default_factory=list)
-    skipped: list[tuple[str, str]] = field(default_factory=list)
 
 
 class Classifier:
@@ -56,8 +46,15 @@ class Classifier:
 
     @classmethod
     def load(cls, model_dir: str | os.PathLike, which: str = "best", device: str = "auto",
-             amp: str = "auto") -> "Classifier":
-        """Load a model directory (``best`` or ``last`` weights)."""
+             amp: str = "auto"):
+        """Load a model directory (``best`` or ``last`` weights).
+
+        An exported ``.onnx`` file (``imgrec export``) gives an :class:`imgrec.infer.ort.OnnxClassifier`
+        instead: the same ``predict``/``predict_files``/``probabilities``, run by ONNX Runtime.
+        """
+        if Path(model_dir).suffix.lower() == ".onnx" and not Path(model_dir).is_dir():
+            from imgrec.infer.ort import OnnxClassifier
+            return OnnxClassifier.load(model_dir, device=device)
         model, meta = load_model(model_dir, which)
         return cls(model, meta, device=device, amp=amp)
 
@@ -124,49 +121,19 @@ class Classifier:
         return out[0] if single else out
 
     def predict_files(self, paths: Iterable[str | os.PathLike], top_k: int = 5, batch_size: int = 64,
-                      on_bad_image: str = "fail", warn: bool = True) -> FilePredictions:
+                      on_bad_image: str = "fail", warn: bool = True,
+                      decode_threads: int | None = None) -> FilePredictions:
         """Predict image files and folders (searched recursively), ``batch_size`` images per forward pass.
 
-        ``on_bad_image="fail"`` raises ImageDecodeError naming the first unreadable file; ``"skip"`` leaves it
-        out (listed in ``.skipped``, and warned about on stderr when ``warn``) and goes on with the rest.
+        Files are decoded by ``decode_threads`` threads (None: one per core; 0: one after the other in this
+        thread) while the model runs on the batch before (imgrec.infer.files). ``on_bad_image="fail"`` raises
+        ImageDecodeError naming the first unreadable file; ``"skip"`` leaves it out (listed in ``.skipped``,
+        and warned about on stderr when ``warn``) and goes on with the rest.
         """
-        if top_k < 1:
-            raise ConfigError("top_k must be at least 1")
-        if batch_size < 1:
-            raise ConfigError("batch_size must be at least 1")
-        if on_bad_image not in ON_BAD_IMAGE:
-            raise ConfigError(f"on_bad_image must be one of {', '.join(ON_BAD_IMAGE)}")
-        paths = [str(p) for p in paths]
-        files = expand_inputs(paths)
-        if not files:
-            raise ConfigError(f"no images found in {', '.join(paths)} (looked for .jpg .jpeg .png .webp .bmp .gif)")
+        files = check_file_options(paths, top_k, batch_size, on_bad_image)
         out = FilePredictions()
-        for start in range(0, len(files), batch_size):
-            tensors, kept = [], []
-            for f in files[start:start + batch_size]:
-                try:
-                    tensors.append(self.load_image(f))
-                    kept.append(f)
-                except ImageDecodeError as e:
-                    if on_bad_image == "fail":
-                        raise ImageDecodeError(e.reason, str(f)) from None
-                    out.skipped.append((str(f), e.reason))
-                    if warn:
-                        print(f"imgrec: warning: skipped {f}: {e.reason}", file=sys.stderr)
-            if tensors:
-                preds = self.topk(self.probabilities(torch.stack(tensors)), top_k)
-                out.results += [{"file": str(f), "predictions": p} for f, p in zip(kept, preds)]
+        for kept, tensors in decoded_batches(files, self.load_image, batch_size, on_bad_image, out, warn,
+                                             decode_threads):
+            preds = self.topk(self.probabilities(torch.stack(tensors)), top_k)
+            out.results += [{"file": str(f), "predictions": p} for f, p in zip(kept, preds)]
         return out
-
-
-def expand_inputs(paths: Iterable[str | os.PathLike]) -> list[Path]:
-    """Files as given, folders expanded recursively to their image files (sorted)."""
-    from imgrec.data.folder import scan_images
-    out: list[Path] = []
-    for p in paths:
-        p = Path(p)
-        if p.is_dir():
-            out += scan_images(p)
-        else:
-            out.append(p)
-    return out

@@ -367,7 +367,8 @@ def _decode_all(classifier, uploads: Uploads, multipart: bool) -> torch.Tensor:
     images = []
     for i, (name, data) in enumerate(uploads):
         try:
-            images.append(classifier.load_image(bytes(data)))
+            # a torch tensor (PyTorch backend) or a numpy array (ONNX Runtime backend): both stack alike
+            images.append(torch.as_tensor(classifier.load_image(bytes(data))))
         except ImageDecodeError as e:
             raise _http_error(415, f"{_describe_upload(i, name, multipart)}: {e.reason}") from None
         data.clear()  # the encoded bytes are no longer needed: free them while the rest decode
@@ -614,12 +615,14 @@ _ENV_CONFIG = "IMGREC_SERVE_CONFIG"  # how the parent hands the model and settin
 _LOOPBACK = ("127.0.0.1", "::1", "localhost")
 
 
-def load_classifier(model_dir: str | os.PathLike, which: str = "best", device: str = "auto"):
-    """Load a model directory and run one image through it, so a broken model fails before listening."""
+def load_classifier(model_dir: str | os.PathLike, which: str = "best", device: str = "auto",
+                    backend: str = "auto", threads: int | None = None):
+    """Load a model directory (or an exported .onnx file with ``backend`` onnxruntime/auto) and run one image
+    through it, so a broken model fails before listening."""
     from imgrec.errors import ModelFileError
-    from imgrec.infer.predictor import Classifier
+    from imgrec.infer.backends import load_classifier as load_backend
 
-    clf = Classifier.load(model_dir, which=which, device=device)
+    clf = load_backend(model_dir, backend=backend, which=which, device=device, threads=threads)
     try:
         clf.probabilities(torch.zeros(1, clf.channels, clf.image_size, clf.image_size, dtype=torch.uint8))
     except Exception as e:  # noqa: BLE001 - any failure here means the directory cannot serve
@@ -627,17 +630,20 @@ def load_classifier(model_dir: str | os.PathLike, which: str = "best", device: s
     return clf
 
 
-def _set_threads(threads: int | None, workers: int) -> None:
+def _set_threads(threads: int | None, workers: int) -> int:
+    """Set PyTorch's threads for one worker process; returns the count (ONNX Runtime sessions get it too)."""
     from imgrec.device import set_threads, usable_cores
-    set_threads(threads or max(1, usable_cores() // max(1, workers)))
+    n = threads or max(1, usable_cores() // max(1, workers))
+    set_threads(n)
+    return n
 
 
 def app_from_env() -> FastAPI:
     """App factory for ``--workers N`` (uvicorn imports it in each worker process)."""
     import json
     cfg = json.loads(os.environ[_ENV_CONFIG])
-    _set_threads(cfg["threads"], cfg["workers"])
-    clf = load_classifier(cfg["model"], cfg["which"], cfg["device"])
+    n = _set_threads(cfg["threads"], cfg["workers"])
+    clf = load_classifier(cfg["model"], cfg["which"], cfg["device"], cfg.get("backend", "auto"), n)
     return create_app(clf, ServeSettings(**cfg["settings"]))
 
 
@@ -676,8 +682,12 @@ def bind_socket(host: str, port: int):
 
 def serve(model_dir: str | os.PathLike, settings: ServeSettings | None = None, *, host: str = "127.0.0.1",
           port: int = 8000, workers: int = 1, which: str = "best", device: str = "auto",
-          threads: int | None = None, log_level: str = "info", access_log: bool = True) -> None:
+          threads: int | None = None, log_level: str = "info", access_log: bool = True,
+          backend: str = "auto") -> None:
     """Load ``model_dir``, check it, and serve it until interrupted (``imgrec serve``).
+
+    ``backend``: "auto" (ONNX Runtime for a .onnx file, else PyTorch), "torch" or "onnxruntime" (the model
+    directory's exported model.onnx); the batching is the same for both.
 
     Raises ModelFileError/ConfigError before listening when the model or the settings are unusable.
     """
@@ -690,8 +700,8 @@ def serve(model_dir: str | os.PathLike, settings: ServeSettings | None = None, *
         raise ConfigError(f"workers must be at least 1, got {workers}")
     if threads is not None and threads < 1:
         raise ConfigError(f"threads must be at least 1, got {threads}")
-    _set_threads(threads, workers)
-    clf = load_classifier(model_dir, which, device)
+    n = _set_threads(threads, workers)
+    clf = load_classifier(model_dir, which, device, backend, n)
     if host not in _LOOPBACK:
         log.warning("listening on %s: anyone who can reach this address can use the model", host)
 
@@ -713,7 +723,7 @@ def serve(model_dir: str | os.PathLike, settings: ServeSettings | None = None, *
     from uvicorn.supervisors import Multiprocess
     del clf
     os.environ[_ENV_CONFIG] = json.dumps({"model": os.fspath(model_dir), "which": which, "device": device,
-                                          "threads": threads, "workers": workers,
+                                          "backend": backend, "threads": threads, "workers": workers,
                                           "settings": dataclasses.asdict(settings)})
     config = uvicorn.Config("imgrec.serve.app:app_from_env", factory=True, workers=workers, **options)
     # uvicorn < 0.30 wanted the server's run method as `target`; later versions build it themselves

@@ -1,0 +1,60 @@
+"""``imgrec export``: a model directory → one ONNX (fp32 or int8) or TorchScript file that takes uint8 pixels,
+checked against PyTorch before it is put in place (imgrec.infer.export)."""
+from __future__ import annotations
+
+import sys
+
+from imgrec.cli.common import add_json_option, print_json
+
+
+def add_parsers(sub) -> None:
+    p = sub.add_parser(
+        "export", help="export a model to ONNX or TorchScript with the preprocessing inside, and check it",
+        description="Write one file whose graph takes uint8 pixels (N×H×W×C, RGB or gray, any size) and does the "
+                    "resize, normalisation, network, flip-TTA and softmax; class names and input size go into its "
+                    "metadata. The export is checked against PyTorch on the validation split (or --check-data) and "
+                    "replaces --out only when top-1 agreement and probabilities are within tolerance.")
+    p.add_argument("--model", required=True, help="model directory (a run directory)")
+    p.add_argument("--which", default="best", choices=("best", "last"), help="which weights (default best)")
+    p.add_argument("--format", default="onnx", help="onnx (default) or torchscript")
+    p.add_argument("--out", help="file to write (default DIR/model.onnx, DIR/model.int8.onnx or DIR/model.torchscript.pt)")
+    p.add_argument("--int8", action="store_true",
+                   help="int8 static quantisation (ONNX Runtime, QDQ, per-channel), calibrated on training images")
+    p.add_argument("--calib-size", type=int, default=512, help="training images used to calibrate --int8 (default 512)")
+    p.add_argument("--check", action="store_true",
+                   help="only check an existing exported file (--out, default DIR/model.onnx) against PyTorch")
+    p.add_argument("--check-data", nargs="+", metavar="PATH",
+                   help="image files/folders to check on (default: the model's validation split)")
+    p.add_argument("--check-limit", type=int, help="check on at most this many images (default all)")
+    p.add_argument("--data-dir", help="folder holding the named dataset's files")
+    add_json_option(p)
+    p.set_defaults(func=cmd_export)
+
+
+def cmd_export(args) -> int:
+    from imgrec.errors import ConfigError
+    from imgrec.infer.export import check_exported, export_model
+
+    if args.check_limit is not None and args.check_limit < 1:
+        raise ConfigError("--check-limit must be at least 1")
+    if args.check:
+        res = check_exported(args.model, args.out, which=args.which, data=args.check_data, data_dir=args.data_dir,
+                             limit=args.check_limit)
+        if args.json:
+            from dataclasses import asdict
+            print_json(asdict(res))
+        else:
+            print(res.summary())
+        if not res.passed:
+            raise ConfigError(f"check failed: {'; '.join(res.failures)}")
+        return 0
+    log = None if args.json else (lambda s: print(f"imgrec: {s}", file=sys.stderr))
+    result = export_model(args.model, args.out, args.format, which=args.which, int8=args.int8,
+                          check_data=args.check_data, data_dir=args.data_dir, check_limit=args.check_limit,
+                          calib_size=args.calib_size, log=log)
+    if args.json:
+        print_json(result.to_dict())
+    else:
+        print(f"wrote {result.path} ({result.format} {result.precision}, {result.bytes / 1e6:.1f} MB)")
+        print(result.check.summary())
+    return 0

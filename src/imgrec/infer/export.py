@@ -1,0 +1,464 @@
+"""Export a model directory to one file that takes uint8 pixels: ONNX (fp32 or int8) or TorchScript.
+
+The exported graph does everything between a decoded image and the class probabilities, so a deployment
+cannot re-implement the preprocessing differently (the usual reason an exported model scores worse):
+
+    pixels  uint8 N×H×W×C, any N/H/W, C = the model's channels (RGB order for 3, gray for 1)
+      → float, N×C×H×W
+      → resize to image_size × image_size: squashed, bilinear with antialiasing, rounded to whole pixel
+        values — imgrec's resize policy ("squash-bilinear-antialias"; imgrec.data.transforms.resize_uint8)
+      → (x - 255·mean) / (255·std)                       (imgrec.data.transforms.Preprocess)
+      → the network; with flip-TTA (model.json inference.tta_flip) the logits of the image and its mirror
+        are averaged                                     (imgrec.infer.runtime.forward_logits)
+      → outputs "probabilities" (softmax) and "logits", float32 N×K
+
+The class names, input size, channels, mean/std, resize policy and the export format version go into the ONNX
+file's ``metadata_props`` (imgrec.infer.ort reads them back; see INPUT_SPEC there).
+
+**Exporter.** ``torch.onnx.export(..., dynamo=True)`` — the exporter PyTorch recommends — exports every
+registered model (tests/test_export.py walks the registry) with a dynamic batch, height and width, and
+turns the antialiased resize into ONNX ``Resize(antialias=1)`` (opset 18), which ONNX Runtime computes like
+PyTorch (max |Δprobability| about 1e-7 to 1e-5 here). The TorchScript-based exporter (``dynamo=False``) is
+deprecated and has no symbolic for ``_upsample_bilinear2d_aa``, so it cannot export the in-graph resize at all.
+``--format torchscript`` is ``torch.jit.trace`` of the same module, for C++ libtorch users (it costs a few
+lines; PyTorch has deprecated TorchScript, so ONNX is the format to ship).
+
+**Check.** Every export ends by running PyTorch (fp32) and the written file over the model's validation split
+(or the images given with ``check_data``) and comparing; the file is written to a temporary name in the target
+folder and renamed over the target only when the check passes, so a failed or interrupted export never
+replaces a good file and never leaves a partial one (imgrec.safeio.atomic_path). Tolerances (``Tolerance``):
+
+* fp32: top-1 agreement ≥ 99.9% and max |Δprobability| ≤ 1e-3. Both sides compute in fp32 and differ only
+  in kernel algorithms and summation order: measured ≤ 4e-5 for every registered model (random weights,
+  inputs from 7×9 to 100×70 px). A real mistake moves them far more (measured on fastnet trained on
+  Fashion-MNIST, 500 validation images): dropping the flip-TTA 0.29, mean 2% off 0.06, every pixel one grey
+  level brighter 0.05, a one-pixel shift 0.68. So 1e-3 sits 25× above the noise and 50× below the smallest
+  of those mistakes.
+* int8: quantisation changes probabilities by design (a few percent), so the gate is what users lose:
+  top-1 accuracy on the validation labels at most 0.5 points below fp32 PyTorch (and agreement ≥ 98%,
+  which also holds the check when the data has no labels). max |Δprobability| is reported.
+
+**int8.** ONNX Runtime's ``quantize_static``: QDQ format, per-channel int8 weights, uint8 activations,
+calibrated (MinMax) on images from the model's *training* split (never the test split), only the
+convolutions, matrix products and ``Gemm`` quantised (the pixel preprocessing stays exact). On x86 CPUs
+without VNNI, u8×s8 products go through ``VPMADDUBSW``, whose 16-bit intermediate sums can saturate; there
+the weights are quantised to 7 bits (``reduce_range``), as ONNX Runtime's documentation advises. Which
+scheme was used is recorded in the file's metadata.
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import platform
+import time
+import warnings
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from imgrec.errors import ConfigError, ModelFileError
+from imgrec.infer.ort import INPUT_NAME, INPUT_SPEC, LOGITS_NAME, ONNX_FORMAT, ONNX_FORMAT_VERSION, PROBS_NAME
+from imgrec.infer.runtime import load_model
+from imgrec.modeldir import ModelMeta
+from imgrec.safeio import atomic_path, check_writable
+
+__all__ = ["FORMATS", "CheckResult", "ExportGraph", "ExportResult", "Tolerance", "check_export", "check_exported",
+           "export_model", "has_vnni"]
+
+FORMATS = ("onnx", "torchscript")
+OPSET = 18  # the first opset whose Resize has `antialias`
+DEFAULT_NAMES = {("onnx", False): "model.onnx", ("onnx", True): "model.int8.onnx",
+                 ("torchscript", False): "model.torchscript.pt"}
+
+
+@dataclass(frozen=True)
+class Tolerance:
+    """What ``check_export`` accepts (see the module docstring for why)."""
+    min_agreement: float
+    max_dprob: float | None  # None: reported, not gated
+    max_accuracy_drop: float | None = None  # points of top-1 accuracy, when labels are known
+
+
+FP32_TOLERANCE = Tolerance(min_agreement=0.999, max_dprob=1e-3)
+INT8_TOLERANCE = Tolerance(min_agreement=0.98, max_dprob=None, max_accuracy_drop=0.5)
+
+
+class ExportGraph(nn.Module):
+    """uint8 N×H×W×C pixels → (probabilities, logits): imgrec's preprocessing, the network, flip-TTA, softmax."""
+
+    def __init__(self, model: nn.Module, meta: ModelMeta):
+        super().__init__()
+        self.model = model.eval()
+        self.size = int(meta.image_size)
+        self.tta_flip = bool(meta.tta_flip)
+        c = int(meta.channels)
+        # the same folding of 1/255 into mean and std as imgrec.data.transforms.Preprocess
+        self.register_buffer("mean255", torch.tensor(meta.mean, dtype=torch.float32).view(1, c, 1, 1) * 255)
+        self.register_buffer("std255", torch.tensor(meta.std, dtype=torch.float32).view(1, c, 1, 1) * 255)
+
+    def forward(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x = pixels.permute(0, 3, 1, 2).to(torch.float32)
+        # resize_uint8: antialiased bilinear, then rounded and clamped to whole pixel values
+        x = F.interpolate(x, size=(self.size, self.size), mode="bilinear", antialias=True, align_corners=False)
+        x = x.round().clamp(0, 255)
+        x = (x - self.mean255) / self.std255
+        logits = self.model(x)
+        if self.tta_flip:
+            logits = (logits + self.model(x.flip(3))) / 2
+        return torch.softmax(logits, dim=1), logits
+
+
+@dataclass
+class CheckResult:
+    """PyTorch fp32 against the exported file on ``n`` images."""
+    n: int
+    agreement: float            # share of images with the same top-1 class
+    max_dprob: float            # max |Δprobability| over all images and classes
+    mean_dprob: float
+    data: str                   # what was compared ("fashion-mnist val split", a folder …)
+    tolerance: dict = field(default_factory=dict)
+    accuracy_reference: float | None = None  # top-1 of PyTorch fp32 when labels are known
+    accuracy_exported: float | None = None
+    resize_agreement: float | None = None    # folder data: exported graph on the original-size pixels
+    resize_n: int = 0
+    passed: bool = True
+    failures: list[str] = field(default_factory=list)
+
+    def summary(self) -> str:
+        s = (f"check on {self.n} images ({self.data}): top-1 agreement {self.agreement * 100:.2f}%, "
+             f"max |Δprob| {self.max_dprob:.2e}")
+        if self.accuracy_reference is not None:
+            s += (f", accuracy {self.accuracy_reference * 100:.2f}% (PyTorch) vs "
+                  f"{self.accuracy_exported * 100:.2f}% (exported)")
+        if self.resize_agreement is not None:
+            s += f", in-graph resize agreement {self.resize_agreement * 100:.2f}% on {self.resize_n} originals"
+        return s
+
+
+@dataclass
+class ExportResult:
+    path: Path
+    format: str
+    precision: str
+    bytes: int
+    seconds: float
+    check: CheckResult | None = None
+    quantization: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["path"] = str(self.path)
+        return d
+
+
+def has_vnni() -> bool:
+    """Whether this x86 CPU has VNNI (AVX512-VNNI or AVX-VNNI) int8 dot products; False when unknown."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+                    return bool(flags & {"avx512_vnni", "avx_vnni", "amx_int8"})
+    except OSError:
+        pass
+    return False
+
+
+def _is_x86() -> bool:
+    return platform.machine().lower() in ("x86_64", "amd64", "i386", "i686", "x86")
+
+
+# ------------------------------------------------------------------------------------------------
+# export
+def export_model(model_dir: str | os.PathLike, out: str | os.PathLike | None = None, fmt: str = "onnx", *,
+                 which: str = "best", int8: bool = False, check_data: str | list[str] | None = None,
+                 data_dir: str | None = None, check_limit: int | None = None, calib_size: int = 512,
+                 log: Callable[[str], None] | None = None) -> ExportResult:
+    """Export ``model_dir`` to ``out`` (default ``<model_dir>/model.onnx``, ``model.int8.onnx`` or
+    ``model.torchscript.pt``) and check it against PyTorch; the file replaces ``out`` only if the check passes.
+
+    Args:
+        fmt: "onnx" or "torchscript".
+        int8: ONNX only: post-training static quantisation calibrated on ``calib_size`` training images.
+        check_data: image files/folders to check on (default: the model's validation split).
+        data_dir: where the named dataset's files are (as ``imgrec eval --data-dir``).
+        check_limit: check on at most this many images (default: all).
+        log: called with progress lines.
+
+    Raises:
+        ModelFileError: missing/corrupt model directory, unwritable output, export or check failure.
+        ConfigError: unknown format, int8 with TorchScript, missing onnx/onnxruntime.
+    """
+    log = log or (lambda s: None)
+    if fmt not in FORMATS:
+        raise ConfigError(f"unknown export format {fmt!r}; choose one of: {', '.join(FORMATS)}")
+    if int8 and fmt != "onnx":
+        raise ConfigError("--int8 needs --format onnx (int8 is ONNX Runtime's static quantisation)")
+    if calib_size < 1:
+        raise ConfigError("the calibration set needs at least 1 image")
+    if fmt == "onnx":
+        _need_onnx()
+    model, meta = load_model(model_dir, which)
+    out = Path(out) if out is not None else Path(model_dir) / DEFAULT_NAMES[(fmt, int8)]
+    if out.is_dir():
+        raise ModelFileError(f"{out}: is a directory; give a file name with --out")
+    check_writable(out.parent)
+    graph = ExportGraph(model, meta).eval()
+    t0 = time.perf_counter()
+    quant: dict[str, Any] = {}
+    with atomic_path(out) as tmp:
+        if fmt == "torchscript":
+            _export_torchscript(graph, meta, tmp)
+        elif not int8:
+            _export_onnx(graph, meta, tmp, model_dir)
+        else:
+            fp32 = tmp.with_name(tmp.name + ".fp32")
+            try:
+                _export_onnx(graph, meta, fp32, model_dir)
+                log(f"calibrating int8 on {calib_size} training images")
+                calib = _calibration_images(meta, data_dir, calib_size)
+                quant = _quantize(fp32, tmp, calib, meta)
+            finally:
+                for leftover in (fp32, fp32.with_name(fp32.name + ".pre")):
+                    if leftover.exists():
+                        leftover.unlink()
+        seconds = time.perf_counter() - t0
+        log(f"exported {meta.name} to {fmt}{' int8' if int8 else ''} in {seconds:.1f} s; checking against PyTorch")
+        result = check_export(model, meta, tmp, fmt=fmt, int8=int8, data=check_data, data_dir=data_dir,
+                              limit=check_limit)
+        if not result.passed:
+            raise ModelFileError(f"{out}: not written: the export does not match PyTorch: {'; '.join(result.failures)}"
+                                 f" ({result.summary()})")
+        size = tmp.stat().st_size
+    return ExportResult(out, fmt, "int8" if int8 else "fp32", size, seconds, result, quant)
+
+
+def check_exported(model_dir: str | os.PathLike, path: str | os.PathLike | None = None, *, which: str = "best",
+                   data=None, data_dir: str | None = None, limit: int | None = None) -> CheckResult:
+    """Check an exported file that already exists (``imgrec export --check``) against its model directory.
+
+    The format comes from the file name (``.onnx``, else TorchScript), int8 from the ONNX file's metadata.
+    """
+    model, meta = load_model(model_dir, which)
+    path = Path(path) if path is not None else Path(model_dir) / DEFAULT_NAMES[("onnx", False)]
+    if not path.is_file():
+        raise ModelFileError(f"{path}: no exported model to check (run `imgrec export --model {model_dir}` first)")
+    fmt = "onnx" if path.suffix.lower() == ".onnx" else "torchscript"
+    int8 = False
+    if fmt == "onnx":
+        _need_onnx()
+        from imgrec.infer.ort import OnnxClassifier
+        exported = OnnxClassifier(path, device="cpu")
+        int8 = exported.meta.precision == "int8"
+        if list(exported.classes) != list(meta.classes) or exported.image_size != meta.image_size:
+            raise ModelFileError(f"{path}: exported from another model (classes or input size differ from {model_dir})")
+    return check_export(model, meta, path, fmt=fmt, int8=int8, data=data, data_dir=data_dir, limit=limit)
+
+
+def _need_onnx() -> None:
+    for module in ("onnx", "onnxscript", "onnxruntime"):
+        try:
+            __import__(module)
+        except ModuleNotFoundError:
+            raise ConfigError(f"ONNX export needs {module}: pip install 'imgrec[export]'") from None
+
+
+def _metadata(meta: ModelMeta, precision: str, extra: dict | None = None) -> dict[str, str]:
+    from imgrec import __version__
+    data = {k: meta.data.get(k) for k in ("source", "val_split", "split_seed") if k in meta.data}
+    metrics = {k: v for k, v in meta.metrics.items() if isinstance(v, (int, float, bool)) or v is None}
+    return {
+        "imgrec_format": ONNX_FORMAT, "imgrec_format_version": str(ONNX_FORMAT_VERSION),
+        "imgrec_version": __version__, "model_name": meta.name, "classes": json.dumps(list(meta.classes)),
+        "image_size": str(meta.image_size), "channels": str(meta.channels),
+        "mean": json.dumps(list(meta.mean)), "std": json.dumps(list(meta.std)), "resize": meta.resize,
+        "tta_flip": "true" if meta.tta_flip else "false", "precision": precision, "input_spec": INPUT_SPEC,
+        "metrics": json.dumps(metrics), "data": json.dumps(data), "export": json.dumps(extra or {}),
+    }
+
+
+def _example(meta: ModelMeta) -> torch.Tensor:
+    # not the model's size, so the exporter cannot specialise the resize away
+    s = int(meta.image_size)
+    return torch.randint(0, 256, (2, s + 3, s + 5, int(meta.channels)), dtype=torch.uint8)
+
+
+def _export_onnx(graph: ExportGraph, meta: ModelMeta, path: Path, model_dir) -> None:
+    import onnx
+
+    dims = {0: torch.export.Dim("batch"), 1: torch.export.Dim("height"), 2: torch.export.Dim("width")}
+    noise = io.StringIO()
+    try:
+        # the exporter prints its progress to stdout and warns about internals: keep the CLI's output ours
+        with warnings.catch_warnings(), contextlib.redirect_stdout(noise), torch.no_grad():
+            warnings.simplefilter("ignore")
+            program = torch.onnx.export(graph, (_example(meta),), dynamo=True, opset_version=OPSET,
+                                        input_names=[INPUT_NAME], output_names=[PROBS_NAME, LOGITS_NAME],
+                                        dynamic_shapes={"pixels": dims}, optimize=True, verbose=False)
+            program.save(str(path), external_data=False)
+    except Exception as e:  # noqa: BLE001 - torch.export/onnx raise many types; one line for the user
+        msg = str(e).strip().splitlines()
+        raise ModelFileError(f"{model_dir}: ONNX export of {meta.name} failed ({msg[0][:300] if msg else type(e).__name__})") \
+            from None
+    proto = onnx.load(str(path))
+    _set_metadata(proto, _metadata(meta, "fp32"))
+    proto.doc_string = f"imgrec {meta.name}: {INPUT_SPEC}"
+    onnx.save(proto, str(path))
+
+
+def _set_metadata(proto, props: dict[str, str]) -> None:
+    kept = [p for p in proto.metadata_props if p.key not in props]
+    del proto.metadata_props[:]
+    proto.metadata_props.extend(kept)
+    for k, v in props.items():
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = k, v
+
+
+def _export_torchscript(graph: ExportGraph, meta: ModelMeta, path: Path) -> None:
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")
+        traced = torch.jit.trace(graph, (_example(meta),), check_trace=False)
+        torch.jit.save(traced, str(path), _extra_files={"imgrec.json": json.dumps(_metadata(meta, "fp32"))})
+
+
+# ------------------------------------------------------------------------------------------------
+# int8
+def _calibration_images(meta: ModelMeta, data_dir: str | None, n: int) -> np.ndarray:
+    """``n`` images of the model's training split (a fixed, class-mixed sample), N×H×W×C uint8."""
+    from imgrec.data.dataset import load_eval_split
+
+    bundle, train = load_eval_split(meta, None, data_dir, "train")
+    g = torch.Generator().manual_seed(0)
+    idx = torch.randperm(len(train), generator=g)[:n]
+    return train.images[idx].permute(0, 2, 3, 1).contiguous().numpy()
+
+
+def _quantize(fp32: Path, out: Path, calib: np.ndarray, meta: ModelMeta) -> dict:
+    import onnx
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    class Reader(CalibrationDataReader):
+        def __init__(self, images: np.ndarray, batch: int = 32):
+            self.batches = [images[i:i + batch] for i in range(0, len(images), batch)]
+            self.i = 0
+
+        def get_next(self):
+            if self.i >= len(self.batches):
+                return None
+            self.i += 1
+            return {INPUT_NAME: self.batches[self.i - 1]}
+
+    reduce_range = _is_x86() and not has_vnni()
+    scheme = {"format": "QDQ", "weights": "int8 per-channel", "activations": "uint8", "calibration": "MinMax",
+              "calibration_images": int(len(calib)), "calibration_split": "train", "reduce_range": reduce_range,
+              "why_reduce_range": "x86 without VNNI: 7-bit weights avoid VPMADDUBSW saturation" if reduce_range
+              else "VNNI (or not x86): full 8-bit weights"}
+    pre = fp32.with_name(fp32.name + ".pre")
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        warnings.simplefilter("ignore")
+        try:
+            quant_pre_process(str(fp32), str(pre), skip_symbolic_shape=True)
+            src = pre
+        except Exception:  # noqa: BLE001 - pre-processing only helps; quantise the plain graph without it
+            src = fp32
+        quantize_static(str(src), str(out), Reader(calib), quant_format=QuantFormat.QDQ,
+                        op_types_to_quantize=["Conv", "MatMul", "Gemm"], per_channel=True,
+                        reduce_range=reduce_range, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                        extra_options={"ActivationSymmetric": False, "WeightSymmetric": True})
+    proto = onnx.load(str(out))
+    _set_metadata(proto, _metadata(meta, "int8", {"quantization": scheme}))
+    onnx.save(proto, str(out))
+    return scheme
+
+
+# ------------------------------------------------------------------------------------------------
+# check
+def _check_images(meta: ModelMeta, data, data_dir: str | None, limit: int | None):
+    """(images N×C×S×S uint8, labels or None, description, original-size arrays or None)."""
+    if data is None:
+        from imgrec.data.dataset import load_eval_split
+        _, val = load_eval_split(meta, None, data_dir, "val")
+        images, labels = val.images, val.labels
+        if limit:
+            images, labels = images[:limit], labels[:limit]
+        return images, labels, f"{meta.data.get('source', 'training data')} validation split", None
+    from imgrec.data.decode import decode_image
+    from imgrec.errors import ImageDecodeError
+    from imgrec.infer.files import expand_inputs
+
+    paths = [data] if isinstance(data, (str, os.PathLike)) else list(data)
+    files = expand_inputs(paths)[:limit or None]
+    images, originals = [], []
+    for f in files:
+        try:
+            images.append(torch.from_numpy(decode_image(f, channels=meta.channels, size=meta.image_size))
+                          .permute(2, 0, 1))
+            originals.append(decode_image(f, channels=meta.channels))
+        except ImageDecodeError:
+            continue  # a check runs on the readable images; the count says how many that was
+    if not images:
+        raise ConfigError(f"no readable images to check on in {', '.join(map(str, paths))}")
+    return torch.stack(images), None, ", ".join(map(str, paths)), originals
+
+
+def check_export(model: nn.Module, meta: ModelMeta, path: str | os.PathLike, *, fmt: str = "onnx",
+                 int8: bool = False, data=None, data_dir: str | None = None, limit: int | None = None,
+                 batch_size: int = 256) -> CheckResult:
+    """Run PyTorch (fp32, the model directory's own forward pass) and the exported file at ``path`` over the
+    validation split (or the files in ``data``) and compare top-1 classes and probabilities."""
+    from imgrec.infer.predictor import Classifier
+
+    images, labels, what, originals = _check_images(meta, data, data_dir, limit)
+    reference = Classifier(model, meta, device="cpu", amp="none")
+    p_ref = reference.probabilities(images, batch_size)
+    run = _runner(path, fmt)
+    p_exp = run(images.permute(0, 2, 3, 1).contiguous(), batch_size)
+    tol = INT8_TOLERANCE if int8 else FP32_TOLERANCE
+    top_ref, top_exp = p_ref.argmax(1), p_exp.argmax(1)
+    diff = (p_ref - p_exp).abs()
+    res = CheckResult(n=int(images.shape[0]), agreement=float((top_ref == top_exp).float().mean()),
+                      max_dprob=float(diff.max()), mean_dprob=float(diff.mean()), data=what, tolerance=asdict(tol))
+    if labels is not None:
+        res.accuracy_reference = float((top_ref == labels).float().mean())
+        res.accuracy_exported = float((top_exp == labels).float().mean())
+    if originals:
+        # what another runtime sees: the original pixels, resized inside the graph
+        same = [int(run(torch.from_numpy(o)[None], 1).argmax(1)) == int(t) for o, t in zip(originals, top_ref)]
+        res.resize_agreement, res.resize_n = float(np.mean(same)), len(same)
+    if res.agreement < tol.min_agreement:
+        res.failures.append(f"top-1 agreement {res.agreement * 100:.2f}% < {tol.min_agreement * 100:.1f}%")
+    if tol.max_dprob is not None and res.max_dprob > tol.max_dprob:
+        res.failures.append(f"max |Δprob| {res.max_dprob:.2e} > {tol.max_dprob:.0e}")
+    if tol.max_accuracy_drop is not None and res.accuracy_reference is not None:
+        drop = (res.accuracy_reference - res.accuracy_exported) * 100
+        if drop > tol.max_accuracy_drop:
+            res.failures.append(f"accuracy drop {drop:.2f} points > {tol.max_accuracy_drop} points")
+    res.passed = not res.failures
+    return res
+
+
+def _runner(path: str | os.PathLike, fmt: str) -> Callable[[torch.Tensor, int], torch.Tensor]:
+    """N×H×W×C uint8 → probabilities with the exported file."""
+    if fmt == "torchscript":
+        module = torch.jit.load(str(path), map_location="cpu").eval()
+
+        @torch.inference_mode()
+        def run_ts(x: torch.Tensor, bs: int) -> torch.Tensor:
+            return torch.cat([module(chunk)[0] for chunk in x.split(bs)]) if len(x) else torch.empty(0)
+        return run_ts
+    from imgrec.infer.ort import OnnxClassifier
+
+    clf = OnnxClassifier(path, device="cpu")
+
+    def run_onnx(x: torch.Tensor, bs: int) -> torch.Tensor:
+        return clf.probabilities(x.permute(0, 3, 1, 2), bs)
+    return run_onnx

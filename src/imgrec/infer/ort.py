@@ -1,0 +1,298 @@
+"""The ONNX Runtime backend: ``OnnxClassifier.load("model.onnx").predict("shoe.jpg")`` with no PyTorch.
+
+A file written by ``imgrec export`` (imgrec.infer.export) is self-contained: its graph takes uint8 pixels and
+does the resize, normalisation, network, flip-TTA and softmax, and its ``metadata_props`` carry what
+prediction needs (class names, input size, channels, format version). So this module reads everything from
+the ONNX file and never imports torch, imgrec.modeldir or imgrec.safeio (which do): a deployment needs
+``onnxruntime``, ``onnx``, numpy and Pillow, not the 2 GB of PyTorch.
+
+The graph's interface (also written into the file's metadata as ``input_spec``):
+
+    input   "pixels"         uint8  N×H×W×C   any N, H, W; C = the model's channels (1: gray, 3: R,G,B order)
+    output  "probabilities"  float32 N×K      softmax over the K classes (``classes`` metadata, JSON list)
+            "logits"         float32 N×K      the network's logits (flip-averaged when the model uses flip-TTA)
+
+``OnnxClassifier`` decodes files through imgrec's safe decoder at the model's size (exactly the pixels
+``Classifier`` gets), so both backends see the same input; the in-graph resize serves other runtimes.
+Its ``probabilities``/``logits`` accept what ``Classifier``'s do (N×C×H×W uint8, numpy or torch) and return
+the same kind, so ``imgrec eval`` and the server use either backend unchanged.
+"""
+from __future__ import annotations
+
+import io
+import json
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable
+
+import numpy as np
+
+from imgrec.errors import ConfigError, ImageDecodeError, ModelFileError
+from imgrec.infer.files import FilePredictions, check_file_options, decoded_batches
+
+__all__ = ["ONNX_FORMAT", "ONNX_FORMAT_VERSION", "OnnxClassifier", "OnnxModelInfo", "check_external_data",
+           "read_onnx_info"]
+
+ONNX_FORMAT = "imgrec-onnx"
+ONNX_FORMAT_VERSION = 1
+INPUT_NAME, PROBS_NAME, LOGITS_NAME = "pixels", "probabilities", "logits"
+INPUT_SPEC = ("pixels: uint8 N×H×W×C (batch, height, width, channels), any N/H/W; C = the model's channels, "
+              "RGB order for 3, gray for 1. Outputs: probabilities float32 N×K (softmax), logits float32 N×K. "
+              "The graph resizes to image_size × image_size (squash, antialiased bilinear, as imgrec), "
+              "normalises with mean/std and applies flip-TTA when tta_flip is true.")
+REQUIRED_KEYS = ("imgrec_format", "imgrec_format_version", "classes", "image_size", "channels")
+
+
+@dataclass
+class OnnxModelInfo:
+    """What an exported file's metadata says: the ``meta`` of an :class:`OnnxClassifier` (the same attribute
+    names as ``ModelMeta`` where they exist, so eval and serve read either)."""
+    name: str
+    classes: list[str]
+    image_size: int
+    channels: int
+    mean: list[float] = field(default_factory=list)
+    std: list[float] = field(default_factory=list)
+    tta_flip: bool = False
+    precision: str = "fp32"
+    resize: str = ""
+    format_version: int = ONNX_FORMAT_VERSION
+    imgrec_version: str = ""
+    metrics: dict[str, Any] = field(default_factory=dict)
+    data: dict[str, Any] = field(default_factory=dict)
+    export: dict[str, Any] = field(default_factory=dict)
+
+
+def check_external_data(path: str | os.PathLike) -> None:
+    """Refuse an ONNX file whose tensors live in external files outside its folder (``../x``, ``/etc/x``,
+    a symbolic link out of it) before any of them is read; ModelFileError naming the location."""
+    try:
+        import onnx
+        from onnx.external_data_helper import _get_all_tensors
+    except ModuleNotFoundError as e:
+        raise ConfigError(f"the ONNX backend needs {e.name}: pip install 'imgrec[export]'") from None
+    path = Path(path)
+    try:
+        proto = onnx.load(str(path), load_external_data=False)
+    except Exception as e:  # noqa: BLE001 - protobuf raises DecodeError, RuntimeError, ... for a corrupt file
+        raise ModelFileError(f"{path}: not a readable ONNX file ({_first_line(e)})") from None
+    folder = path.resolve().parent
+    for tensor in _get_all_tensors(proto):
+        if tensor.data_location != onnx.TensorProto.EXTERNAL:
+            continue
+        location = next((e.value for e in tensor.external_data if e.key == "location"), "")
+        target = (folder / location).resolve()
+        if (not location or os.path.isabs(location) or ".." in Path(location).parts
+                or not target.is_relative_to(folder)):
+            raise ModelFileError(f"{path}: refused: tensor {tensor.name!r} points to external data outside the "
+                                 f"model's folder ({location!r})")
+
+
+def read_onnx_info(path: str | os.PathLike, metadata: dict[str, str]) -> OnnxModelInfo:
+    """Check and convert an exported file's ``metadata_props``; ModelFileError for anything missing or newer."""
+    missing = [k for k in REQUIRED_KEYS if k not in metadata]
+    if missing:
+        raise ModelFileError(f"{path}: not an imgrec export: its metadata lacks {', '.join(missing)} "
+                             f"(export it with `imgrec export`)")
+    if metadata["imgrec_format"] != ONNX_FORMAT:
+        raise ModelFileError(f"{path}: not an imgrec export (format {metadata['imgrec_format']!r})")
+    try:
+        version = int(metadata["imgrec_format_version"])
+    except ValueError:
+        raise ModelFileError(f"{path}: bad imgrec_format_version {metadata['imgrec_format_version']!r}") from None
+    if version > ONNX_FORMAT_VERSION:
+        raise ModelFileError(f"{path}: written by a newer imgrec (export format {version}, this one reads up to "
+                             f"{ONNX_FORMAT_VERSION}); upgrade imgrec")
+    if version < 1:
+        raise ModelFileError(f"{path}: unknown export format version {version}")
+    try:
+        classes = json.loads(metadata["classes"])
+        info = OnnxModelInfo(
+            name=str(metadata.get("model_name", "onnx")),
+            classes=[str(c) for c in classes],
+            image_size=int(metadata["image_size"]), channels=int(metadata["channels"]),
+            mean=[float(v) for v in json.loads(metadata.get("mean", "[]"))],
+            std=[float(v) for v in json.loads(metadata.get("std", "[]"))],
+            tta_flip=metadata.get("tta_flip", "false") == "true",
+            precision=str(metadata.get("precision", "fp32")), resize=str(metadata.get("resize", "")),
+            format_version=version, imgrec_version=str(metadata.get("imgrec_version", "")),
+            metrics=dict(json.loads(metadata.get("metrics", "{}"))),
+            data=dict(json.loads(metadata.get("data", "{}"))),
+            export=dict(json.loads(metadata.get("export", "{}"))))
+    except (TypeError, ValueError, AttributeError) as e:
+        raise ModelFileError(f"{path}: malformed imgrec metadata ({_first_line(e)})") from None
+    if not isinstance(classes, list) or not info.classes:
+        raise ModelFileError(f"{path}: the metadata lists no class names")
+    if info.channels not in (1, 3) or not 1 <= info.image_size <= 4096:
+        raise ModelFileError(f"{path}: bad channels/image_size in the metadata ({info.channels}, {info.image_size})")
+    return info
+
+
+def _first_line(e: BaseException) -> str:
+    s = str(e).strip().splitlines()
+    return s[0][:300] if s else type(e).__name__
+
+
+def _providers(device: str) -> list[str]:
+    import onnxruntime as ort
+    available = ort.get_available_providers()
+    if device in ("auto", "cuda") or device.startswith("cuda:"):
+        if "CUDAExecutionProvider" in available:
+            return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+        if device != "auto":
+            raise ConfigError(f"device {device!r}: this onnxruntime has no CUDA provider (have: {', '.join(available)})")
+    elif device != "cpu":
+        raise ConfigError(f"device {device!r} is not available with ONNX Runtime (use auto, cpu or cuda)")
+    return ["CPUExecutionProvider"]
+
+
+class OnnxClassifier:
+    """An exported model run by ONNX Runtime, with the prediction API of ``Classifier``.
+
+    Args:
+        path: an ``.onnx`` file written by ``imgrec export``.
+        device: "auto" (CUDA when this onnxruntime has it, else CPU), "cpu" or "cuda".
+        threads: ONNX Runtime intra-op threads (None: its default, one per physical core).
+    """
+    backend = "onnxruntime"
+
+    def __init__(self, path: str | os.PathLike, device: str = "auto", threads: int | None = None):
+        try:
+            import onnxruntime as ort
+        except ModuleNotFoundError as e:
+            raise ConfigError(f"the ONNX backend needs {e.name}: pip install 'imgrec[export]'") from None
+        path = Path(path)
+        if not path.exists():
+            raise ModelFileError(f"{path}: no such ONNX file")
+        if not path.is_file():
+            raise ModelFileError(f"{path}: not a file (an exported model is one .onnx file)")
+        check_external_data(path)
+        opts = ort.SessionOptions()
+        if threads:
+            opts.intra_op_num_threads = int(threads)
+        opts.log_severity_level = 3  # errors only: ORT's warnings about unused initializers are noise here
+        try:
+            self.session = ort.InferenceSession(str(path), opts, providers=_providers(device))
+        except Exception as e:  # noqa: BLE001 - ORT raises its own Fail/InvalidGraph/... types
+            raise ModelFileError(f"{path}: ONNX Runtime cannot load it ({_first_line(e)})") from None
+        self.path = path
+        self.meta = read_onnx_info(path, dict(self.session.get_modelmeta().custom_metadata_map))
+        inputs = {i.name: i for i in self.session.get_inputs()}
+        outputs = {o.name for o in self.session.get_outputs()}
+        if INPUT_NAME not in inputs or PROBS_NAME not in outputs:
+            raise ModelFileError(f"{path}: the graph lacks the '{INPUT_NAME}' input or '{PROBS_NAME}' output")
+        self._has_logits = LOGITS_NAME in outputs
+        self.classes: list[str] = list(self.meta.classes)
+        self.image_size = int(self.meta.image_size)
+        self.channels = int(self.meta.channels)
+        self.tta_flip = self.meta.tta_flip
+        self.device = device
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, device: str = "auto", threads: int | None = None) -> "OnnxClassifier":
+        return cls(path, device=device, threads=threads)
+
+    @property
+    def name(self) -> str:
+        return self.meta.name
+
+    # -- inputs --------------------------------------------------------------------------------
+    def load_image(self, image: Any) -> np.ndarray:
+        """One image → C×H×W uint8 numpy array in the model's channels. Files, bytes and PIL images go through
+        imgrec's safe decoder at the model's size (the pixels ``Classifier`` gets); arrays keep their size
+        (the graph resizes them as ``Classifier`` resizes arrays)."""
+        if hasattr(image, "save") and hasattr(image, "mode"):  # PIL: re-encode losslessly, decode safely
+            buf = io.BytesIO()
+            image.save(buf, format="PNG")
+            image = buf.getvalue()
+        if isinstance(image, (str, os.PathLike, bytes, bytearray, memoryview)) or hasattr(image, "read"):
+            from imgrec.data.decode import decode_image
+            return np.ascontiguousarray(decode_image(image, channels=self.channels, size=self.image_size)
+                                        .transpose(2, 0, 1))
+        arr = np.asarray(image)  # numpy, or a CPU torch tensor (which converts without importing torch here)
+        if arr.dtype != np.uint8:
+            raise ImageDecodeError("array images must be uint8")
+        if arr.ndim == 2:
+            arr = arr[None]
+        elif arr.ndim == 3 and arr.shape[-1] in (1, 3, 4) and arr.shape[0] not in (1, 3):
+            arr = arr.transpose(2, 0, 1)
+        if arr.ndim != 3 or arr.shape[0] not in (1, 3, 4):
+            raise ImageDecodeError(f"expected an H×W, H×W×C or C×H×W image, got shape {tuple(arr.shape)}")
+        return np.ascontiguousarray(_convert_channels(arr[:3], self.channels))
+
+    # -- outputs -------------------------------------------------------------------------------
+    def _run(self, batch: Any, batch_size: int, output: str):
+        torch_in = type(batch).__module__.startswith("torch")
+        arr = batch.numpy() if torch_in else np.asarray(batch)
+        if arr.dtype != np.uint8 or arr.ndim != 4 or arr.shape[1] != self.channels:
+            raise ImageDecodeError(f"expected an N×{self.channels}×H×W uint8 batch, got {arr.dtype} "
+                                   f"{tuple(arr.shape)}")
+        k = len(self.classes)
+        name = LOGITS_NAME if output == LOGITS_NAME and self._has_logits else PROBS_NAME
+        outs = []
+        for start in range(0, arr.shape[0], max(1, int(batch_size))):
+            pixels = np.ascontiguousarray(arr[start:start + batch_size].transpose(0, 2, 3, 1))
+            out = self.session.run([name], {INPUT_NAME: pixels})[0]
+            if output == LOGITS_NAME and not self._has_logits:
+                out = np.log(np.maximum(out, np.finfo(np.float32).tiny))  # logits up to a per-row constant
+            outs.append(out.astype(np.float32, copy=False))
+        result = np.concatenate(outs) if outs else np.empty((0, k), np.float32)
+        if torch_in:
+            return sys.modules["torch"].from_numpy(result)
+        return result
+
+    def probabilities(self, batch_uint8: Any, batch_size: int = 256):
+        """Softmax probabilities for an N×C×H×W uint8 batch (numpy in → numpy out, torch in → torch out)."""
+        return self._run(batch_uint8, batch_size, PROBS_NAME)
+
+    def logits(self, batch_uint8: Any, batch_size: int = 256):
+        """Logits for an N×C×H×W uint8 batch (what ``imgrec eval`` uses), the type of the input."""
+        return self._run(batch_uint8, batch_size, LOGITS_NAME)
+
+    def topk(self, probs: Any, top_k: int = 5) -> list[list[dict]]:
+        """``[{"label", "score"}]`` per row, highest score first."""
+        probs = np.asarray(probs)
+        k = max(1, min(int(top_k), len(self.classes)))
+        idx = np.argsort(-probs, axis=1, kind="stable")[:, :k]
+        return [[{"label": self.classes[j], "score": float(row[j])} for j in irow] for row, irow in zip(probs, idx)]
+
+    def predict(self, images: Any, top_k: int = 5, batch_size: int = 64):
+        """Top-k ``[{"label", "score"}]`` sorted by score; a list of such lists when given a list of images."""
+        single = not isinstance(images, (list, tuple))
+        items = [images] if single else list(images)
+        if top_k < 1:
+            raise ConfigError("top_k must be at least 1")
+        arrays = [self.load_image(im) for im in items]
+        probs = np.empty((len(arrays), len(self.classes)), np.float32)
+        by_shape: dict[tuple, list[int]] = {}
+        for i, a in enumerate(arrays):  # arrays of other sizes are resized in the graph, one size at a time
+            by_shape.setdefault(a.shape, []).append(i)
+        for idx in by_shape.values():
+            probs[idx] = self.probabilities(np.stack([arrays[i] for i in idx]), batch_size)
+        out = self.topk(probs, top_k)
+        return out[0] if single else out
+
+    def predict_files(self, paths: Iterable[str | os.PathLike], top_k: int = 5, batch_size: int = 64,
+                      on_bad_image: str = "fail", warn: bool = True,
+                      decode_threads: int | None = None) -> FilePredictions:
+        """As ``Classifier.predict_files``: files decoded in parallel while the model runs, in batches."""
+        files = check_file_options(paths, top_k, batch_size, on_bad_image)
+        out = FilePredictions()
+        for kept, arrays in decoded_batches(files, self.load_image, batch_size, on_bad_image, out, warn,
+                                            decode_threads):
+            preds = self.topk(self.probabilities(np.stack(arrays), batch_size), top_k)
+            out.results += [{"file": str(f), "predictions": p} for f, p in zip(kept, preds)]
+        return out
+
+
+def _convert_channels(arr: np.ndarray, channels: int) -> np.ndarray:
+    """C×H×W uint8: 1 → 3 by replication, 3 → 1 by ITU-R 601 luminance (as imgrec.data.transforms does)."""
+    c = arr.shape[0]
+    if c == channels:
+        return arr
+    if c == 1 and channels == 3:
+        return np.repeat(arr, 3, axis=0)
+    w = np.array([0.299, 0.587, 0.114], np.float32).reshape(3, 1, 1)
+    return np.clip(np.round((arr.astype(np.float32) * w).sum(0, keepdims=True)), 0, 255).astype(np.uint8)
