@@ -1,323 +1,172 @@
-"""Time-to-accuracy search for FastNet on Fashion-MNIST, on CPU (standalone; no imgrec engine).
+"""Recipe search for the fast recipes, on imgrec's own engine (loader, models, Trainer, ``train()``).
 
-Everything is timed: IDX loading, the split, training, per-epoch validation and the final eval.
-Model selection uses only the 5,000-image validation split (fixed seed) carved from the 60k
-training set; the 10k test split is evaluated only with ``--test`` (for the final configs).
+Every run is ``imgrec.engine.train.train(cfg, ...)`` — the code ``imgrec train`` runs — with a recipe plus
+overrides; model selection looks at the 5,000-image validation split only (split_seed 0), the test split is
+evaluated only with ``--test`` (for the final confirmation of a chosen recipe). Three engine features that do
+not exist yet are prototyped here by wrapping the engine (see benchmarks/results/fast_search.md for what they
+bought and what integrating them would take):
+
+* ``--val-last N``: validate only in the last N epochs (the best epoch is then chosen among those).
+* ``--sizes 20,24,28,...``: progressive resizing, the training batches of epoch i resized to sizes[i].
+* ``--whiten``: an airbench-style frozen PCA patch-whitening stem computed from the training images.
 
 Examples::
 
-    .venv/bin/python benchmarks/fast_search.py --recipe fast --seeds 0 1 2 --test
-    .venv/bin/python benchmarks/fast_search.py --recipe fast --set epochs=6 lr=0.3 --seeds 0
-    .venv/bin/python benchmarks/fast_search.py --recipe fast --set amp=null channels_last=false
-    .venv/bin/python benchmarks/fast_search.py --recipe fast --profile   # torch.profiler, one epoch
+    .venv/bin/python benchmarks/fast_search.py --recipe fast-bf16 --val-last 2
+    .venv/bin/python benchmarks/fast_search.py --recipe fast-bf16 --set '{"epochs": 5, "kwargs": {"act": "relu"}}'
+    .venv/bin/python benchmarks/fast_search.py --recipe fast-fp32 --seed 1 --set '{"threads": 1}'
+    ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2 .venv/bin/python benchmarks/fast_search.py --recipe fast-fp32
 
-Each run prints one line per epoch and a summary line ``RESULT {json}``.  ``cpu/threads`` is the
-process CPU time divided by the thread count: a load-independent estimate of the idle-machine time
-(use it when other jobs share the CPU; under oversubscription, 2 OpenMP threads lose far more than
-1 thread does, so run ``--threads 1`` on a busy machine and read the CPU column).
-
-Findings so far (2-core EPYC Zen 4 + AVX512_BF16, no AMX; machine at load 4-9 from other jobs for
-most of the session, so wall times below are marked with the load they were taken at):
-
-* Microbenchmarks (conv fwd+bwd, batch 512, load < 1): 3x3 conv 64->128 at 14x14 fp32 238 ms
-  (channels_last) / 332 ms; bf16 autocast 147 / 167 ms (~300 GFLOP/s).  1->32 3x3 stem at 28x28:
-  45 ms (!) against 2-7 ms for a stride-2 stem -> stride-2 stem.
-* Whole epoch, fastnet (5.2 M MACs), 1 thread CPU-seconds: bf16+channels_last 16.4, fp32+CL 24.7,
-  bf16 NCHW 20.4, fp32 NCHW 30.3.
-* Profile (pool variant, 10 M MACs, 2 threads, load < 1, 12 s/epoch): conv backward 39%, conv
-  forward 16%, fill_ 8.5% (max-pool backward zero-fill), BN fwd+bwd 10%, GELU fwd+bwd 6%,
-  max-pool 6%.
-* Accuracy, fastnet, bs 512, onecycle, LS 0.1, crop 2 + flip: 4 epochs val 88.7% (lr 0.1),
-  89.4% (lr 0.4), 89.5% (AdamW 3e-3); 10 epochs (lr 0.4) 91.7% val (92.0% flip-TTA).
-  Without the random crop (flip only), 4 epochs: 91.1% (91.3% TTA).  Max-pool variant (10 M MACs,
-  24 CPU-s/epoch) with crop 2, 4 epochs: 91.4%; flip only: 91.9% (92.2% TTA).  No augmentation
-  at all (stride net): 91.4% (TTA then hurts: 84.5%).
-* RECIPES["fast"], seed 0, --threads 1: val 91.3% (TTA), TEST 90.4%; 66 CPU-s of training.
+Each run prints ``RESULT {json}`` (validation accuracy per validated epoch, training/eval/wall seconds, process
+CPU seconds, load average) and appends it to ``--log`` (JSON lines). On a shared machine compare runs by
+``cpu_s`` at ``"threads": 1``: 2 OpenMP threads on an oversubscribed machine lose far more than 1 thread does.
 """
 from __future__ import annotations
 
 import argparse
-import contextlib
-import gzip
+import csv
 import json
-import math
 import os
+import resource
 import sys
+import tempfile
 import time
 
-_T_START = time.perf_counter()
-
-import numpy as np  # noqa: E402
+T0 = time.perf_counter()
 import torch  # noqa: E402
-import torch.nn as nn  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "src"))
-from imgrec.models.fast import (FASTNET_CFG, FASTNET_WIDE_CFG, RECIPES, FastNet,  # noqa: E402
-                               param_groups_no_decay)  # noqa: E402
+try:  # the training entry point (imgrec.engine.train; imgrec.engine.run before the package was restructured)
+    import imgrec.engine.train as run_mod  # noqa: E402
+except ImportError:  # pragma: no cover
+    import imgrec.engine.run as run_mod  # noqa: E402
+import imgrec.engine.trainer as trainer_mod  # noqa: E402
 
-_T_IMPORTS = time.perf_counter()
-
-DATA_DIR = "/usr/share/datasets/fashion-mnist"
-MEAN, STD = 0.2860, 0.3530  # Fashion-MNIST training-set pixel statistics (0..1 scale)
-VAL_SIZE, SPLIT_SEED = 5000, 0
-
-# Defaults for any key a recipe leaves out.
-BASE = dict(model="fastnet", model_kw={}, epochs=8, batch_size=512, optimizer="sgd", lr=0.2,
-            momentum=0.9, weight_decay=5e-4, scheduler="onecycle", warmup=0.2, label_smoothing=0.1,
-            augment=dict(crop_padding=2, flip=True), ema=None, tta_flip=False, amp="bf16",
-            channels_last=True, compile=False, no_decay_bn=False, eval_batch_size=2500)
+T_IMPORT = time.perf_counter() - T0
 
 
-# ---------------------------------------------------------------------------------------- data
-def read_idx(path: str) -> np.ndarray:
-    """Read a gzipped IDX file into a numpy array (big-endian header, uint8 payload)."""
-    with gzip.open(path, "rb") as f:
-        data = f.read()
-    ndim = data[3]
-    shape = tuple(int.from_bytes(data[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim))
-    return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape)
+class ResizingLoader:
+    """Progressive resizing prototype: the train loader's batches resized to sizes[epoch] (bilinear, antialias)."""
+
+    def __init__(self, inner, sizes):
+        self.inner, self.sizes = inner, sizes
+
+    def __len__(self):
+        return len(self.inner)
+
+    def set_epoch(self, epoch):
+        self.inner.set_epoch(epoch)
+        self.epoch = epoch
+
+    def __iter__(self):
+        return self.iterate(0)
+
+    def iterate(self, start_step=0):
+        size = self.sizes[min(self.epoch, len(self.sizes) - 1)]
+        for x, y in self.inner.iterate(start_step):
+            if size and size != x.shape[-1]:
+                x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+                x = x.contiguous(memory_format=torch.channels_last)
+            yield x, y
+
+    def __getattr__(self, k):
+        return getattr(self.inner, k)
 
 
-def load_fashion_mnist():
-    """Return uint8 (N,1,28,28) images and int64 labels: train (55k), val (5k), test (10k)."""
-    x = torch.from_numpy(read_idx(f"{DATA_DIR}/train-images-idx3-ubyte.gz").copy()).unsqueeze(1)
-    y = torch.from_numpy(read_idx(f"{DATA_DIR}/train-labels-idx1-ubyte.gz").astype(np.int64))
-    xt = torch.from_numpy(read_idx(f"{DATA_DIR}/t10k-images-idx3-ubyte.gz").copy()).unsqueeze(1)
-    yt = torch.from_numpy(read_idx(f"{DATA_DIR}/t10k-labels-idx1-ubyte.gz").astype(np.int64))
-    perm = torch.randperm(len(x), generator=torch.Generator().manual_seed(SPLIT_SEED))
-    val_idx, tr_idx = perm[:VAL_SIZE], perm[VAL_SIZE:]
-    return (x[tr_idx], y[tr_idx]), (x[val_idx], y[val_idx]), (xt, yt)
-
-
-def normalize(x_u8: torch.Tensor, channels_last: bool) -> torch.Tensor:
-    x = (x_u8.float() * (1.0 / 255.0) - MEAN) * (1.0 / STD)
-    return x.contiguous(memory_format=torch.channels_last) if channels_last else x
-
-
-def batch_augment(x_u8: torch.Tensor, pad: int, flip: bool, gen: torch.Generator) -> torch.Tensor:
-    """Random crop (zero padding + per-sample offsets, one gather) and random horizontal flip.
-
-    Works on a whole uint8 batch at once: no per-sample Python.
-    """
-    n, c, h, w = x_u8.shape
-    if pad > 0:
-        xp = F.pad(x_u8, (pad, pad, pad, pad))                     # N,C,H+2p,W+2p (zeros)
-        wp = w + 2 * pad
-        dy = torch.randint(0, 2 * pad + 1, (n,), generator=gen)
-        dx = torch.randint(0, 2 * pad + 1, (n,), generator=gen)
-        rows = torch.arange(h).view(1, h, 1) + dy.view(n, 1, 1)       # N,H,1
-        cols = torch.arange(w).view(1, 1, w) + dx.view(n, 1, 1)       # N,1,W
-        idx = (rows * wp + cols).view(n, 1, h * w).expand(n, c, h * w)
-        x_u8 = xp.view(n, c, -1).gather(2, idx).view(n, c, h, w)
-    if flip:
-        mask = torch.rand(n, generator=gen) < 0.5
-        x_u8 = torch.where(mask.view(n, 1, 1, 1), x_u8.flip(3), x_u8)
-    return x_u8
-
-
-# ---------------------------------------------------------------------------------------- model
-def build_model(cfg: dict) -> nn.Module:
-    # model_kw overrides the registered variant's sizes, so the search can try shapes freely.
-    kw = dict({"fastnet": FASTNET_CFG, "fastnet_wide": FASTNET_WIDE_CFG}[cfg["model"]])
-    kw.update(cfg.get("model_kw") or {})
-    return FastNet(num_classes=10, in_chans=1, **kw)
-
-
-def count_macs(model: nn.Module, size: int = 28) -> float:
-    """Multiply-adds per image of the conv and linear layers (forward)."""
-    macs = 0
-
-    def hook(m, inp, out):
-        nonlocal macs
-        if isinstance(m, nn.Conv2d):
-            macs += out.numel() // out.shape[0] * m.in_channels // m.groups * m.kernel_size[0] * m.kernel_size[1]
-        elif isinstance(m, nn.Linear):
-            macs += m.in_features * m.out_features
-
-    hs = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
-    model.eval()
+def whiten_stem(model, bundle, n=10000, eps=5e-3):
+    """Set the stem conv to +/- PCA-whitening filters of its patches (from training images) and freeze it."""
+    conv = model.stem[0]
+    k, st, pd = conv.kernel_size[0], conv.stride[0], conv.padding[0]
+    x = bundle.train.images[:n].float() / 255
+    mean = torch.tensor(bundle.mean).view(1, -1, 1, 1)
+    std = torch.tensor(bundle.std).view(1, -1, 1, 1)
+    x = (x - mean) / std
+    patches = F.unfold(x, k, padding=pd, stride=st).transpose(1, 2).reshape(-1, x.shape[1] * k * k).double()
+    patches = patches - patches.mean(0)
+    cov = patches.T @ patches / len(patches)
+    evals, evecs = torch.linalg.eigh(cov)
+    evals, evecs = evals.flip(0), evecs.flip(1)
+    w = (evecs / torch.sqrt(evals + eps)).T  # d x d, rows = filters
+    d = w.shape[0]
+    out = conv.out_channels
+    filt = torch.cat([w, -w])[:out] if out <= 2 * d else torch.cat([w, -w, torch.randn(out - 2 * d, d) * 0.1])
     with torch.no_grad():
-        model(torch.zeros(1, 1, size, size))
-    for h in hs:
-        h.remove()
-    return macs
+        conv.weight.copy_(filt.view(out, x.shape[1], k, k).float())
+    conv.weight.requires_grad_(False)
 
 
-def lr_factor(step: int, total: int, scheduler: str, warmup: float) -> float:
-    """Multiplier of the peak lr at ``step`` (0-based) of ``total`` optimizer steps."""
-    t = step / max(total, 1)
-    w = warmup if scheduler in ("onecycle", "cosine") else 0.0
-    if scheduler == "none":
-        return 1.0
-    if t < w:
-        return t / w
-    u = (t - w) / max(1 - w, 1e-9)                     # 0..1 over the decay phase
-    if scheduler == "cosine":
-        return 0.5 * (1 + math.cos(math.pi * u))
-    return 1.0 - u                                     # onecycle / linear: straight line to 0
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--recipe", default="fast-bf16")
+    ap.add_argument("--set", default="{}", help="JSON overrides (RunConfig keys; model kwargs under 'kwargs')")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--sizes", default=None, help="comma list of per-epoch train image sizes (progressive resizing)")
+    ap.add_argument("--val-last", type=int, default=0, help="validate only the last N epochs (0 = every epoch)")
+    ap.add_argument("--test", action="store_true")
+    ap.add_argument("--tag", default="")
+    ap.add_argument("--whiten", action="store_true", help="PCA patch-whitening stem, frozen (airbench)")
+    ap.add_argument("--log", default=os.path.join(tempfile.gettempdir(), "fast_search.jsonl"))
+    a = ap.parse_args()
+    over = json.loads(a.set)
+    over["seed"] = a.seed
+    cfg = run_mod.resolve_config(a.recipe, None, over)
+    sizes = [int(s) for s in a.sizes.split(",")] if a.sizes else None
 
+    if sizes:
+        orig = run_mod.build_loaders
 
-# ---------------------------------------------------------------------------------------- eval
-@torch.no_grad()
-def evaluate(model, x_u8, y, cfg, tta_flip: bool | None = None):
-    tta = cfg["tta_flip"] if tta_flip is None else tta_flip
-    model.eval()
-    correct, bs = 0, cfg["eval_batch_size"]
-    amp = torch.autocast("cpu", dtype=torch.bfloat16) if cfg["amp"] == "bf16" else contextlib.nullcontext()
-    with amp:
-        for i in range(0, len(x_u8), bs):
-            xb = normalize(x_u8[i:i + bs], cfg["channels_last"])
-            logits = model(xb).float()
-            if tta:
-                logits = logits + model(xb.flip(3)).float()
-            correct += (logits.argmax(1) == y[i:i + bs]).sum().item()
-    return correct / len(x_u8)
+        def build_loaders(*args, **kw):
+            tr, va = orig(*args, **kw)
+            return ResizingLoader(tr, sizes), va
+        run_mod.build_loaders = build_loaders
 
+    if a.whiten:
+        import imgrec.models as models_mod
+        captured = {}
+        orig_load, orig_create = run_mod.load_data, models_mod.create_model
 
-# ---------------------------------------------------------------------------------------- train
-def run(cfg: dict, seed: int, data, test: bool, profile: bool = False, verbose: bool = True) -> dict:
-    torch.manual_seed(seed)
-    gen = torch.Generator().manual_seed(seed)
-    (xtr, ytr), (xva, yva), (xte, yte) = data
-    t0 = time.perf_counter()
-    model = build_model(cfg)
-    if cfg["channels_last"]:
-        model = model.to(memory_format=torch.channels_last)
-    if cfg["no_decay_bn"]:
-        params = param_groups_no_decay(model, cfg["weight_decay"])
-    else:
-        params = [{"params": list(model.parameters()), "weight_decay": cfg["weight_decay"]}]
-    if cfg["optimizer"] == "sgd":
-        opt = torch.optim.SGD(params, lr=cfg["lr"], momentum=cfg["momentum"], nesterov=True)
-    elif cfg["optimizer"] == "adamw":
-        opt = torch.optim.AdamW(params, lr=cfg["lr"], betas=(0.9, 0.99))
-    elif cfg["optimizer"] == "adam":
-        opt = torch.optim.Adam(params, lr=cfg["lr"])
-    else:
-        raise ValueError(cfg["optimizer"])
-    ema = None
-    if cfg["ema"]:
-        ema = torch.optim.swa_utils.AveragedModel(
-            model, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(cfg["ema"]),
-            use_buffers=True)
-    step_model = torch.compile(model) if cfg["compile"] else model
-    crit = nn.CrossEntropyLoss(label_smoothing=cfg["label_smoothing"])
-    bs, n = cfg["batch_size"], len(xtr)
-    steps_per_epoch = n // bs                           # drop the last partial batch
-    total = steps_per_epoch * cfg["epochs"]
-    amp = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if cfg["amp"] == "bf16" \
-        else contextlib.nullcontext
-    aug = cfg["augment"] or {}
-    step, hist = 0, []
-    prof = None
-    if profile:
-        prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU])
-    t_train = c_train = 0.0
-    for epoch in range(cfg["epochs"]):
-        te, ce = time.perf_counter(), time.process_time()
-        model.train()
-        perm = torch.randperm(n, generator=gen)
-        if prof is not None and epoch == 1:
-            prof.__enter__()
-        loss_sum = torch.zeros(())
-        for i in range(steps_per_epoch):
-            idx = perm[i * bs:(i + 1) * bs]
-            xb = batch_augment(xtr[idx], aug.get("crop_padding", 0), aug.get("flip", False), gen)
-            xb = normalize(xb, cfg["channels_last"])
-            yb = ytr[idx]
-            for g in opt.param_groups:
-                g["lr"] = cfg["lr"] * lr_factor(step, total, cfg["scheduler"], cfg["warmup"])
-            with amp():
-                loss = crit(step_model(xb).float(), yb)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            if ema is not None:
-                ema.update_parameters(model)
-            loss_sum += loss.detach()
-            step += 1
-        if prof is not None and epoch == 1:
-            prof.__exit__(None, None, None)
-        t_ep = time.perf_counter() - te
-        # CPU seconds / threads: what the epoch would take on an idle machine (other jobs share it).
-        c_ep = (time.process_time() - ce) / torch.get_num_threads()
-        t_train += t_ep
-        c_train += c_ep
-        tv = time.perf_counter()
-        eval_model = ema.module if ema is not None else model
-        val = evaluate(eval_model, xva, yva, cfg)
-        t_val = time.perf_counter() - tv
-        hist.append(dict(epoch=epoch + 1, loss=round(loss_sum.item() / steps_per_epoch, 4),
-                         val=round(val, 4), t_epoch=round(t_ep, 2), cpu_epoch=round(c_ep, 2),
-                         t_val=round(t_val, 2)))
-        if verbose:
-            print(f"  seed {seed} ep {epoch + 1:2d} loss {hist[-1]['loss']:.4f} val {val:.4f} "
-                  f"train {t_ep:5.2f}s (cpu/threads {c_ep:5.2f}s) val-eval {t_val:4.2f}s "
-                  f"load1 {os.getloadavg()[0]:.1f}", flush=True)
-    res = dict(seed=seed, val=hist[-1]["val"], t_train=round(t_train, 2), cpu_train=round(c_train, 2),
-               t_run=round(time.perf_counter() - t0, 2), hist=hist)
-    eval_model = ema.module if ema is not None else model
-    res["val_noTTA"] = evaluate(eval_model, xva, yva, cfg, tta_flip=False)
-    res["val_TTA"] = evaluate(eval_model, xva, yva, cfg, tta_flip=True)
-    if test:
-        tt = time.perf_counter()
-        res["test"] = evaluate(eval_model, xte, yte, cfg)
-        res["t_test"] = round(time.perf_counter() - tt, 2)
-    if prof is not None:
-        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=25))
-    return res
+        def load_data(*args, **kw):
+            captured["b"] = b = orig_load(*args, **kw)
+            return b
 
+        def create_model(name, **kw):
+            m = orig_create(name, **kw)
+            whiten_stem(m, captured["b"])
+            return m
+        run_mod.load_data, models_mod.create_model = load_data, create_model
 
-def parse_value(v: str):
-    try:
-        return json.loads(v)
-    except json.JSONDecodeError:
-        return v
+    eval_time = [0.0]
+    # the per-epoch validation: Trainer.validate (Trainer.evaluate before the package was restructured)
+    val_name = "validate" if hasattr(trainer_mod.Trainer, "validate") else "evaluate"
+    orig_eval = getattr(trainer_mod.Trainer, val_name)
+    epochs = cfg.train.epochs
 
+    def evaluate(self, loader, model=None):
+        if a.val_last and self.epoch < epochs - a.val_last:
+            return {"loss": float("inf"), "acc": -1.0}
+        t = time.perf_counter()
+        r = orig_eval(self, loader, model)
+        eval_time[0] += time.perf_counter() - t
+        return r
+    setattr(trainer_mod.Trainer, val_name, evaluate)
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--recipe", default=None, help="start from RECIPES[name] (else BASE)")
-    ap.add_argument("--set", nargs="*", default=[], help="overrides key=json_value (dotted for dicts)")
-    ap.add_argument("--seeds", nargs="*", type=int, default=[0])
-    ap.add_argument("--test", action="store_true", help="also measure the 10k test split")
-    ap.add_argument("--profile", action="store_true", help="torch.profiler over the 2nd epoch")
-    ap.add_argument("--threads", type=int, default=2)
-    args = ap.parse_args()
-    torch.set_num_threads(args.threads)
-    cfg = json.loads(json.dumps(BASE))
-    if args.recipe:
-        cfg.update(json.loads(json.dumps(RECIPES[args.recipe])))
-    for kv in args.set:
-        k, v = kv.split("=", 1)
-        if "." in k:
-            a, b = k.split(".", 1)
-            cfg[a] = dict(cfg.get(a) or {})
-            cfg[a][b] = parse_value(v)
-        else:
-            cfg[k] = parse_value(v)
-    tl = time.perf_counter()
-    data = load_fashion_mnist()
-    t_load = time.perf_counter() - tl
-    m = build_model(cfg)
-    print(f"config: {json.dumps(cfg)}")
-    print(f"params {sum(p.numel() for p in m.parameters()) / 1e6:.3f} M, "
-          f"MACs/image {count_macs(m) / 1e6:.2f} M; imports {_T_IMPORTS - _T_START:.2f}s, "
-          f"load+split {t_load:.2f}s; load1 {os.getloadavg()[0]:.2f}", flush=True)
-    results = []
-    for seed in args.seeds:
-        r = run(cfg, seed, data, args.test, profile=args.profile)
-        results.append(r)
-        print("RESULT " + json.dumps({k: v for k, v in r.items() if k != "hist"}), flush=True)
-    if len(results) > 1:
-        def mean(key):
-            vals = [r[key] for r in results if key in r]
-            return (sum(vals) / len(vals), max(vals) - min(vals)) if vals else (float("nan"), 0)
-        summary = {k: [round(x, 4) for x in mean(k)] for k in ("val", "val_noTTA", "val_TTA", "test", "t_train", "cpu_train", "t_run")}
-        print("SUMMARY (mean, max-min) " + json.dumps(summary))
-    print(f"total wall {time.perf_counter() - _T_START:.2f}s (process start to here; + interpreter "
-          f"start); load1 {os.getloadavg()[0]:.2f}", flush=True)
+    c0 = time.process_time()
+    out = os.path.join(tempfile.gettempdir(), f"fast-search-{os.getpid()}")
+    s = run_mod.train(cfg, out, overwrite=True, progress=False, evaluate_test=a.test)
+    cpu = time.process_time() - c0
+    hist = list(csv.DictReader(open(f"{out}/metrics.csv")))
+    res = dict(tag=a.tag, recipe=a.recipe, set=over, sizes=sizes, val_last=a.val_last, seed=a.seed,
+               val_acc=round(s["val_acc"], 4), best_epoch=s["best_epoch"], test_acc=s.get("test_acc"),
+               train_s=round(s["train_time_s"], 1), eval_s=round(eval_time[0], 2), wall_s=round(s["wall_time_s"], 1),
+               cpu_s=round(cpu, 1), import_s=round(T_IMPORT, 2), load=round(os.getloadavg()[0], 2),
+               rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024,
+               vals=[round(float(h["val_acc"]), 4) for h in hist],
+               ep_s=[round(float(h["epoch_time_s"]), 1) for h in hist])
+    print("RESULT " + json.dumps(res))
+    import shutil
+    shutil.rmtree(out, ignore_errors=True)
+    with open(a.log, "a") as f:
+        f.write(json.dumps(res) + "\n")
 
 
 if __name__ == "__main__":
