@@ -161,3 +161,12 @@ def test_divergence_stops_with_a_clear_error_and_keeps_the_last_checkpoint(tmp_p
     with pytest.raises(FloatingPointError, match=r"diverged at epoch 1, by step \d+ .*lower --lr"):
         train(cfg, tmp_path / "nan", progress=False, evaluate_test=False)
     assert not (tmp_path / "nan" / "best.safetensors").exists()  # nothing half-trained was published as "best"
+
+
+def test_val_last_validates_only_the_last_epochs(tmp_path):
+    s = train(small_cfg(epochs=3, val_last=1, patience=1), tmp_path / "vl", progress=False, evaluate_test=False)
+    rows = list(csv.DictReader((tmp_path / "vl" / "metrics.csv").open()))
+    assert [r["val_acc"] == "" for r in rows] == [True, True, False]  # and patience did not stop it early
+    assert s["best_epoch"] == 3 and s["epochs_run"] == 3 and s["val_acc"] == pytest.approx(float(rows[2]["val_acc"]))
+    meta = json.loads((tmp_path / "vl" / "model.json").read_text())
+    assert meta["metrics"]["best_epoch"] == 3 and (tmp_path / "vl" / "best.safetensors").exists()

@@ -62,6 +62,7 @@ class TrainConfig:
     eval_batch_size: int = 1024
     threads: int | None = None         # CPU threads; None = all cores
     checkpoint_every: int = 0          # also checkpoint every N steps (0 = at epoch ends only)
+    val_last: int = 0                  # validate only the last N epochs (0 = every epoch); best is chosen among them
 
 
 @dataclass

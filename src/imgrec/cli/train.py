@@ -16,12 +16,12 @@ TRAIN_OPTIONS = {
     "tta": "tta_flip", "grad_clip": "grad_clip", "seed": "seed", "device": "device", "amp": "amp",
     "channels_last": "channels_last", "compile": "compile", "patience": "patience",
     "deterministic": "deterministic", "eval_batch_size": "eval_batch_size", "threads": "threads",
-    "checkpoint_every": "checkpoint_every",
+    "checkpoint_every": "checkpoint_every", "val_last": "val_last",
 }
 
 
 def add_parsers(sub) -> None:
-    from imgrec.engine.recipes import RECIPES
+    from imgrec.engine.recipes import recipe_names
 
     p = sub.add_parser("train", help="train a model", description="Train a model; writes runs/<name>/.")
     g = p.add_argument_group("data")
@@ -35,7 +35,7 @@ def add_parsers(sub) -> None:
     add_bad_image_option(g, default=None)
     g = p.add_argument_group("model")
     g.add_argument("--model", help="architecture (see `imgrec models`); default: the recipe's")
-    g.add_argument("--recipe", help=f"a named recipe: {', '.join(RECIPES)} (default: chosen for this machine)")
+    g.add_argument("--recipe", help=f"a named recipe: {', '.join(recipe_names())} (default: chosen for this machine)")
     g.add_argument("--config", help="YAML config file (a saved config.yaml works)")
     g.add_argument("--pretrained", action="store_true", default=None, help="start from torchvision's ImageNet weights")
     g.add_argument("--weights", help="start from a local state dict (.safetensors or weights-only .pt/.pth)")
@@ -57,6 +57,7 @@ def add_parsers(sub) -> None:
     bool_flag(g, "tta", "average predictions over the image and its mirror")
     g.add_argument("--grad-clip", type=float)
     g.add_argument("--patience", type=int, help="early stopping after N epochs without val improvement")
+    g.add_argument("--val-last", type=int, help="validate only the last N epochs (0: every epoch)")
     g.add_argument("--seed", type=int)
     g.add_argument("--deterministic", action="store_true", default=None)
     g = p.add_argument_group("speed")

@@ -10,6 +10,10 @@ from pathlib import Path
 from imgrec.safeio import atomic_write_text
 
 
+def _fmt(v) -> str:
+    return "-" if v is None else f"{v:.4f}"  # an epoch that was not validated (--val-last)
+
+
 class Callback:
     """Override what you need. ``trainer.stop_training = True`` ends training after the current epoch."""
 
@@ -59,7 +63,7 @@ class ProgressBar(Callback):
             self.bar = None
         if self.enabled:
             print(f"epoch {epoch + 1:>3}/{trainer.cfg.epochs}  train_loss {logs['train_loss']:.4f}  "
-                  f"train_acc {logs['train_acc']:.4f}  val_loss {logs['val_loss']:.4f}  val_acc {logs['val_acc']:.4f}  "
+                  f"train_acc {logs['train_acc']:.4f}  val_loss {_fmt(logs['val_loss'])}  val_acc {_fmt(logs['val_acc'])}  "
                   f"lr {logs['lr']:.2e}  {logs['images_per_s']:.0f} img/s  {logs['epoch_time_s']:.1f}s",
                   file=sys.stderr)
 
@@ -77,7 +81,7 @@ class CSVLogger(Callback):
         w = csv.DictWriter(buf, fieldnames=self.FIELDS, extrasaction="ignore", lineterminator="\n")
         w.writeheader()
         for row in trainer.history:
-            w.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in row.items()})
+            w.writerow({k: (f"{v:.6g}" if isinstance(v, float) else "" if v is None else v) for k, v in row.items()})
         atomic_write_text(self.path, buf.getvalue())
 
 
@@ -88,6 +92,6 @@ class EarlyStopping(Callback):
         self.patience = patience
 
     def on_epoch_end(self, trainer, epoch, logs):
-        if epoch - trainer.best_epoch >= self.patience:
+        if logs["val_acc"] is not None and epoch - trainer.best_epoch >= self.patience:
             print(f"early stopping: no val_acc improvement for {self.patience} epochs", file=sys.stderr)
             trainer.stop_training = True

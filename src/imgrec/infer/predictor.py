@@ -36,7 +36,11 @@ class Classifier:
                  amp: str = "auto"):
         self.meta = meta
         self.device = pick_device(device) if isinstance(device, str) else device
+        # CNNs run in channels_last, as they were trained: an NCHW model fed the channels_last input that
+        # Preprocess makes was measured 2.2x slower per batch on a CPU (layout conversions in every conv)
         self.model = model.to(self.device).eval()
+        if _is_cnn(meta.name):
+            self.model = self.model.to(memory_format=torch.channels_last)
         self.classes: list[str] = list(meta.classes)
         self.image_size = int(meta.image_size)
         self.channels = int(meta.channels)
@@ -137,3 +141,11 @@ class Classifier:
             preds = self.topk(self.probabilities(torch.stack(tensors)), top_k)
             out.results += [{"file": str(f), "predictions": p} for f, p in zip(kept, preds)]
         return out
+
+
+def _is_cnn(name: str) -> bool:
+    from imgrec.models import model_info
+    try:
+        return model_info(name).family != "vit"
+    except ConfigError:  # a model that is not in the registry (built by hand): assume a CNN
+        return True
