@@ -425,7 +425,7 @@ def check(source: str, *, data_dir: str | None = None, near_threshold: float = N
                 if res[0] == "bad":
                     bad.append({**cat.describe(i), "reason": res[1]})
                     continue
-                (w, h, c, mode, fmt, _nbytes), (digest, ph, vec) = res[1], res[2]
+                (w, h, c, mode, fmt, _), (digest, ph, vec) = res[1], res[2]
                 ok[i] = True
                 digests[i], hashes[i], vecs[i] = digest, ph, vec
                 width[i], height[i], chans[i] = w, h, c
@@ -437,7 +437,6 @@ def check(source: str, *, data_dir: str | None = None, near_threshold: float = N
                                f"{bad[0]['reason']})" if bad else f"{source}: no readable images")
         vecs.flush()
         exact_groups = _exact_groups(digests)
-        in_group = {i for g in exact_groups for i in g}
         group_of = {i: gi for gi, g in enumerate(exact_groups) for i in g}
         pairs, truncated, total_pairs = _near_pairs(hashes, vecs, ok, hash_radius, near_threshold, group_of,
                                                     workers, progress)
