@@ -6,15 +6,20 @@ and counting parameters needs the networks. So the catalogue is built once — e
 cache folder. The cache key covers imgrec's version, the model modules' sizes and modification times and the
 torch/torchvision versions, so a changed or added model, or a new torch, rebuilds it. A cache hit imports
 neither torch nor the model modules.
+
+``timm_catalog`` does the same for ``imgrec models --timm PATTERN``: timm's architecture names, default input
+sizes and pretrained tags, cached per timm version (importing timm costs seconds; matching a pattern in the
+cache costs milliseconds and imports neither torch nor timm).
 """
 from __future__ import annotations
 
+import fnmatch
 import hashlib
 import json
 from importlib import metadata
 from pathlib import Path
 
-__all__ = ["model_catalog"]
+__all__ = ["model_catalog", "timm_catalog"]
 
 CATALOG_VERSION = "1"
 COUNT_AS = {"num_classes": 10, "in_chans": 3}  # parameters are counted for a 10-class RGB head
@@ -76,3 +81,53 @@ def model_catalog(use_cache: bool = True) -> list[dict]:
             pass
     return rows
 
+
+
+def _timm_cache_path() -> Path:
+    from imgrec.data.named import user_cache_dir
+    from imgrec.errors import ConfigError
+    try:
+        version = metadata.version("timm")
+    except metadata.PackageNotFoundError:
+        raise ConfigError("listing timm models needs timm, an optional extra: pip install 'imgrec[timm]'") from None
+    src = Path(__file__).parent / "models" / "timm_models.py"  # how rows are made (family, sizes)
+    st = src.stat()
+    h = hashlib.sha256(f"v{CATALOG_VERSION}|timm={version}|{st.st_size}:{st.st_mtime_ns}".encode())
+    return user_cache_dir() / f"timm-models-{h.hexdigest()[:24]}.json"
+
+
+def timm_catalog(pattern: str | None = None, use_cache: bool = True) -> list[dict]:
+    """timm architectures matching ``pattern`` (``resnet1*``; without wildcards: names containing it):
+    ``[{"name": "timm:<arch>", "default_image_size", "family", "pretrained": [tags]}]`` sorted by name.
+    ``ConfigError`` when timm is not installed."""
+    path = _timm_cache_path()
+    rows = None
+    if use_cache and path.is_file():
+        try:
+            cached = json.loads(path.read_text(encoding="utf-8"))
+            if isinstance(cached, list) and all(isinstance(r, dict) and "name" in r for r in cached):
+                rows = cached
+        except (OSError, ValueError):
+            pass  # a damaged cache is a miss
+    if rows is None:
+        from imgrec.models.timm_models import timm_catalog_rows
+        rows = timm_catalog_rows()
+        if use_cache:
+            try:
+                from imgrec.safeio import atomic_write_text
+                atomic_write_text(path, json.dumps(rows, indent=0))
+            except OSError:  # a read-only home must not stop the listing
+                pass
+    return _match_timm(rows, pattern)
+
+
+def _match_timm(rows: list[dict], pattern: str | None) -> list[dict]:
+    """Rows whose architecture matches ``pattern``: a shell pattern as timm's ``list_models`` takes
+    (``resnet1*``), or, without wildcards, any name containing it; a ``timm:`` prefix is optional.
+    Here, not in timm_models, so that a cache hit imports no torch."""
+    if not pattern:
+        return list(rows)
+    pat = pattern.removeprefix("timm:").lower()
+    if not any(c in pat for c in "*?["):
+        pat = f"*{pat}*"
+    return [r for r in rows if fnmatch.fnmatchcase(str(r["name"]).removeprefix("timm:").lower(), pat)]

@@ -1,16 +1,21 @@
-"""``imgrec models``: the registry."""
+"""``imgrec models``: the registry; ``imgrec models --timm PATTERN``: timm's architectures (``--model timm:NAME``)."""
 from __future__ import annotations
 
 from imgrec.cli.common import add_json_option, fmt_table, print_json
 
 
 def add_parsers(sub) -> None:
-    p = sub.add_parser("models", help="list the registered architectures")
+    p = sub.add_parser("models", help="list the registered architectures (--timm: timm's)")
+    p.add_argument("--timm", nargs="?", const="*", metavar="PATTERN",
+                   help="list timm architectures matching PATTERN (e.g. 'resnet1*'; no wildcard: names "
+                        "containing it; default all), usable as --model timm:NAME (needs imgrec[timm])")
     add_json_option(p)
     p.set_defaults(func=cmd_models)
 
 
 def cmd_models(args) -> int:
+    if args.timm is not None:
+        return _timm_models(args)
     from imgrec.catalog import model_catalog
 
     rows = model_catalog()
@@ -20,4 +25,22 @@ def cmd_models(args) -> int:
         print(fmt_table([[r["name"], f"{r['params'] / 1e6:.2f}M", r["default_image_size"], r["pretrained"] or "-",
                           r["description"][:60]] for r in rows],
                         ["model", "params (10 classes, RGB)", "input", "pretrained weights", "description"]))
+    return 0
+
+
+def _timm_models(args) -> int:
+    from imgrec.catalog import timm_catalog
+
+    rows = timm_catalog(args.timm)
+    if args.json:
+        print_json(rows)
+        return 0
+    if not rows:
+        print(f"no timm architecture matches {args.timm!r}")
+        return 0
+
+    def tags(t: list[str]) -> str:
+        return "-" if not t else ", ".join(t[:3]) + (f" (+{len(t) - 3} more)" if len(t) > 3 else "")
+    print(fmt_table([[r["name"], r["default_image_size"], r["family"], tags(r["pretrained"])] for r in rows],
+                    ["model", "input", "family", "pretrained tags (timm:NAME.TAG; --pretrained takes the first)"]))
     return 0

@@ -49,14 +49,20 @@ class TransferReport:
         return len(self.loaded)
 
     def summary(self) -> str:
-        """One line for logs, e.g. ``loaded 120 tensors from X (2 adapted); skipped 3: head.weight, ...``."""
+        """One line for logs, e.g. ``loaded 120 tensors from X (2 adapted); skipped 3: head.weight, ...``,
+        and ``; classifier re-initialised for the new classes`` when the head was not loaded."""
         line = f"loaded {self.loaded_count} tensors from {self.source}"
         if self.adapted:
             line += f" ({len(self.adapted)} adapted)"
         if self.skipped:
             names = list(self.skipped)
             line += f"; skipped {len(names)}: " + ", ".join(names[:4]) + (", ..." if len(names) > 4 else "")
+        if any(why.startswith("classifier") for why in self.skipped.values()):
+            line += "; classifier re-initialised for the new classes"
         return line
+
+    def __str__(self) -> str:  # ``imgrec train`` prints the report: the one line, not every key
+        return self.summary()
 
 
 def load_pretrained(model: nn.Module, model_name: str, *, pretrained: bool = False,
@@ -77,6 +83,12 @@ def load_pretrained(model: nn.Module, model_name: str, *, pretrained: bool = Fal
     """
     if pretrained and weights_file is not None:
         raise ConfigError("give either pretrained=True or a weights file, not both")
+    if getattr(model, "imgrec_timm", None) is not None and (pretrained or weights_file is not None):
+        # timm models: timm's own download and conversions (see timm_models.py), then the same transfer
+        from imgrec.models.timm_models import timm_source_state
+        state, source = timm_source_state(model, pretrained=pretrained, weights_file=weights_file)
+        return transfer_state_dict(model, state, source=source, model_name=model_name,
+                                   strict_backbone=strict_backbone)
     if pretrained:
         weights_name = model_info(model_name).pretrained
         if weights_name is None:

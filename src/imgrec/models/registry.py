@@ -4,6 +4,10 @@ This module imports no model module: ``imgrec/models/__init__.py`` imports them 
 decorators run, and Python runs that package ``__init__`` before any of its submodules, so the registry is
 full whenever it can be called. A new model: a function decorated with ``@register_model`` in a module
 that ``imgrec/models/__init__.py`` imports.
+
+Names with a prefix (``timm:resnet18``) belong to an outside model zoo: its module registers a resolver for the
+prefix (``register_prefix``), which turns the rest of the name into a :class:`ModelInfo` on demand, so that the
+thousand-odd timm architectures need not be listed (or timm imported) to build one of them.
 """
 from __future__ import annotations
 
@@ -27,6 +31,8 @@ class ModelInfo:
 
 
 _REGISTRY: dict[str, ModelInfo] = {}
+# prefix (before the colon) -> resolver(rest of the name) -> ModelInfo, or ConfigError for an unknown name
+_PREFIXES: dict[str, Callable[[str], ModelInfo]] = {}
 
 
 def register_model(name: str, *, default_image_size: int = 32, pretrained: str | None = None,
@@ -44,13 +50,25 @@ def register_model(name: str, *, default_image_size: int = 32, pretrained: str |
     return wrap
 
 
+def register_prefix(prefix: str, resolver: Callable[[str], ModelInfo]) -> None:
+    """Resolve every name ``prefix:REST`` with ``resolver(REST)`` (an outside zoo such as timm)."""
+    if prefix in _PREFIXES:
+        raise ValueError(f"model prefix {prefix!r} is already registered")
+    _PREFIXES[prefix] = resolver
+
+
 def list_models() -> list[str]:
+    """The registered names (prefixed names such as ``timm:...`` are resolved on demand, not listed)."""
     return sorted(_REGISTRY)
 
 
 def model_info(name: str) -> ModelInfo:
+    prefix, colon, rest = str(name).partition(":")
+    if colon and prefix in _PREFIXES:
+        return _PREFIXES[prefix](rest)
     if name not in _REGISTRY:
-        raise ConfigError(f"unknown model {name!r}; choose one of: {', '.join(sorted(_REGISTRY))}")
+        zoos = "".join(f"; or {p}:NAME" for p in sorted(_PREFIXES))  # e.g. timm:NAME (imgrec models --timm)
+        raise ConfigError(f"unknown model {name!r}; choose one of: {', '.join(sorted(_REGISTRY))}{zoos}")
     return _REGISTRY[name]
 
 
