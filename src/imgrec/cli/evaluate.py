@@ -17,7 +17,7 @@ def add_parsers(sub) -> None:
     p = sub.add_parser("eval", help="evaluate a model on a dataset split")
     add_model_dir_options(p)
     add_eval_data_options(p)
-    p.add_argument("--top-k", type=int, default=5)
+    p.add_argument("--top-k", type=int, help="top-k accuracy to report (default 5; single-label models)")
     add_backend_option(p)
     add_json_option(p)
     p.set_defaults(func=cmd_eval)
@@ -29,7 +29,7 @@ def add_parsers(sub) -> None:
     add_model_dir_options(p)
     add_eval_data_options(p)
     p.add_argument("--out", default="report.html", help="HTML file to write (default report.html)")
-    p.add_argument("--top-k", type=int, default=5)
+    p.add_argument("--top-k", type=int, help="top-k accuracy to report (default 5; single-label models)")
     p.add_argument("--max-gallery", type=int, default=60, help="misclassified images shown (default 60)")
     add_json_option(p, "print the report's numbers as JSON")
     p.set_defaults(func=cmd_report)
@@ -53,11 +53,15 @@ def _load_labelled(args):
     from imgrec.errors import ConfigError
     from imgrec.infer.backends import load_classifier
 
-    if args.top_k < 1:
+    if args.top_k is not None and args.top_k < 1:
         raise ConfigError("--top-k must be at least 1")
     # eval --backend onnxruntime: the exported file's metadata carries the classes, size and data source
     clf = load_classifier(args.model, backend=getattr(args, "backend", "torch"), which=args.which,
                           device=args.device)
+    if getattr(clf, "multilabel", False) and args.top_k is not None:
+        from imgrec.infer.multilabel import top_k_error
+        raise top_k_error()
+    args.top_k = 5 if args.top_k is None else args.top_k
     bundle, data = load_eval_split(clf.meta, args.data, args.data_dir, args.split, args.on_bad_image)
     return clf, bundle, data
 
@@ -71,9 +75,12 @@ def cmd_eval(args) -> int:
     if args.json:
         print_json(res)
         return 0
+    if res.get("task") == "multilabel":
+        print_multilabel(args, clf, res)
+        return 0
     print(f"model {args.model} ({clf.name})  data {res['data']}  split {args.split}  n={res['n']}")
     print(f"top-1 accuracy {res['top1']:.4f}   top-{args.top_k} accuracy {res[f'top{args.top_k}']:.4f}   "
-          f"loss {res['loss']:.4f}   macro F1 {res['macro_f1']:.4f}\n")
+          f"loss {res['loss']:.4f}   macro F1 {res['macro_f1']:.4f}   balanced accuracy {res['balanced_acc']:.4f}\n")
     print(fmt_table([[r["class"], f"{r['precision']:.4f}", f"{r['recall']:.4f}", f"{r['f1']:.4f}", r["support"]]
                      for r in res["per_class"]], ["class", "precision", "recall", "f1", "support"]))
     print("\nconfusion matrix (rows: true, columns: predicted)")
@@ -81,6 +88,16 @@ def cmd_eval(args) -> int:
     print(fmt_table([[res["classes"][i][:12]] + [str(v) for v in res["confusion_matrix"][i]] for i in range(k)],
                     ["true \\ pred"] + [str(j) for j in range(k)]))
     return 0
+
+
+def print_multilabel(args, clf, res: dict) -> None:
+    print(f"model {args.model} ({clf.name}, multi-label)  data {res['data']}  split {args.split}  n={res['n']}")
+    print(f"mAP macro {res['map_macro']:.4f}   mAP micro {res['map_micro']:.4f}   F1 macro {res['f1_macro']:.4f}   "
+          f"F1 micro {res['f1_micro']:.4f}\nexact match {res['exact_match']:.4f}   Hamming loss "
+          f"{res['hamming_loss']:.4f}   loss {res['loss']:.4f}   (decisions at the per-label thresholds)\n")
+    print(fmt_table([[r["class"], f"{r['threshold']:.3f}", f"{r['precision']:.4f}", f"{r['recall']:.4f}",
+                      f"{r['f1']:.4f}", "-" if r["ap"] is None else f"{r['ap']:.4f}", r["support"]]
+                     for r in res["per_class"]], ["label", "threshold", "precision", "recall", "f1", "AP", "support"]))
 
 
 def _need_report_extra() -> None:
@@ -102,10 +119,15 @@ def cmd_report(args) -> int:
                           data_name=args.data or clf.meta.data.get("source"), model_dir=args.model,
                           top_k=args.top_k, max_gallery=args.max_gallery)
     out = report.save(args.out)
-    acc, ece = report.numbers["accuracy"]["top1"], report.numbers["calibration"]["ece"]
     if args.json:
         print(json.dumps({"report": str(out), **report.numbers}, indent=2))
+    elif report.numbers["eval"].get("task") == "multilabel":
+        r, ex = report.numbers["eval"], report.numbers["exact_match"]
+        print(f"wrote {out} ({len(report.html) / 1e6:.1f} MB): mAP {r['map_macro']:.4f}  exact match "
+              f"{ex['value']:.4f} [{ex['ci_low']:.4f}, {ex['ci_high']:.4f}]  Hamming loss {r['hamming_loss']:.4f}  "
+              f"n={r['n']}")
     else:
+        acc, ece = report.numbers["accuracy"]["top1"], report.numbers["calibration"]["ece"]
         print(f"wrote {out} ({len(report.html) / 1e6:.1f} MB): top-1 {acc['value']:.4f} "
               f"[{acc['ci_low']:.4f}, {acc['ci_high']:.4f}]  ECE {ece:.4f}  n={report.numbers['eval']['n']}")
     return 0

@@ -1,4 +1,7 @@
-"""CSV lists of images: rows ``path,label`` (optionally ``,split``), paths relative to the CSV file."""
+"""CSV lists of images: rows ``path,label`` (optionally ``,split``), paths relative to the CSV file.
+
+Multi-label lists put several labels in the label cell, separated by ``;`` (``img.jpg,beach;dog;people``).
+"""
 from __future__ import annotations
 
 import csv as _csv
@@ -6,13 +9,17 @@ from pathlib import Path
 
 from imgrec.errors import DatasetError
 
-HEADER_NAMES = {"path", "file", "filename", "image", "label", "class", "split"}
+HEADER_NAMES = {"path", "file", "filename", "image", "label", "labels", "class", "classes", "split"}
+LABEL_SEP = ";"
 
 
-def read_csv_list(csv_path: Path, classes: list[str] | None = None) -> dict[str, tuple[list[Path], list[str]]]:
+def read_csv_list(csv_path: Path, classes: list[str] | None = None, multilabel: bool = False
+                  ) -> dict[str, tuple[list[Path], list]]:
     """Rows grouped by split ("train" when there is no split column): {split: (paths, label names)}.
 
-    Every problem names its row: missing columns, unknown paths, labels outside ``classes``, bad splits.
+    With ``multilabel`` each label is a sorted list of names (the cell split at ``;``), else one name.
+    Every problem names its row: missing columns, unknown paths, labels outside ``classes``, bad splits,
+    an empty label in a multi-label cell.
     """
     try:
         text = csv_path.read_text(encoding="utf-8-sig")
@@ -33,12 +40,29 @@ def read_csv_list(csv_path: Path, classes: list[str] | None = None) -> dict[str,
         path = (csv_path.parent / rel) if not Path(rel).is_absolute() else Path(rel)
         if not path.exists() and not path.is_symlink():
             raise DatasetError(f"{csv_path}: row {n}: file not found: {rel}")
-        if classes is not None and label not in classes:
-            raise DatasetError(f"{csv_path}: row {n}: label {label!r} is not in the class list "
-                               f"({', '.join(classes[:10])}{' …' if len(classes) > 10 else ''})")
+        names = [label]
+        if multilabel:
+            names = [x.strip() for x in label.split(LABEL_SEP)]
+            if not all(names):
+                raise DatasetError(f"{csv_path}: row {n}: empty label in {label!r} (labels are separated by "
+                                   f"'{LABEL_SEP}', e.g. beach;dog)")
+        for name in names:
+            if classes is not None and name not in classes:
+                raise DatasetError(f"{csv_path}: row {n}: label {name!r} is not in the class list "
+                                   f"({', '.join(classes[:10])}{' …' if len(classes) > 10 else ''})")
         out.setdefault(split, ([], []))
         out[split][0].append(path)
-        out[split][1].append(label)
+        out[split][1].append(sorted(set(names)) if multilabel else label)
     if "train" not in out:
         raise DatasetError(f"{csv_path}: no training rows")
     return out
+
+
+def csv_has_multiple_labels(csv_path: Path) -> bool:
+    """True when some row's label cell holds a ``;``: the list is multi-label (``imgrec train`` detects
+    the task from it; ``--task`` overrides)."""
+    try:
+        text = csv_path.read_text(encoding="utf-8-sig")
+    except (OSError, UnicodeDecodeError) as e:
+        raise DatasetError(f"{csv_path}: cannot read CSV ({e})") from None
+    return any(len(row) > 1 and LABEL_SEP in row[1] for row in _csv.reader(text.splitlines()))

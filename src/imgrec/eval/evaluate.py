@@ -9,7 +9,9 @@ from dataclasses import dataclass
 
 import torch
 
+from imgrec.errors import DatasetError
 from imgrec.eval.metrics import summarize
+from imgrec.eval.multilabel import summarize_multilabel
 
 __all__ = ["EVAL_BATCH_SIZE", "Evaluation", "evaluate"]
 
@@ -26,6 +28,11 @@ class Evaluation:
 
 def evaluate(clf, images: torch.Tensor, labels: torch.Tensor, top_k: int = 5) -> Evaluation:
     """Evaluate a :class:`~imgrec.infer.predictor.Classifier` on N×C×H×W uint8 ``images`` (at its input size)
-    and their integer ``labels``, through the same forward pass as ``predict``."""
+    and their integer ``labels``, through the same forward pass as ``predict``. A multi-label model takes N×K
+    multi-hot ``labels`` and is measured at its thresholds (imgrec.eval.multilabel; ``top_k`` does not apply)."""
     logits = clf.logits(images, EVAL_BATCH_SIZE)
+    if getattr(clf.meta, "task", "classification") == "multilabel":
+        if labels.ndim != 2:
+            raise DatasetError("a multi-label model is evaluated on multi-label data (N×K labels)")
+        return Evaluation(summarize_multilabel(logits, labels, list(clf.classes), clf.thresholds), logits)
     return Evaluation(summarize(logits, labels.long(), list(clf.classes), top_k), logits)

@@ -184,6 +184,9 @@ def build_report(clf, data, *, bundle=None, split: str = "test", data_name: str 
     model_label = str(model_dir) if model_dir is not None else clf.name  # as given, like `imgrec eval` prints it
     model_dir = Path(model_dir) if model_dir is not None else None
     data_name = data_name or clf.meta.data.get("source")
+    if getattr(clf, "multilabel", False):
+        return _build_multilabel_report(clf, data, bundle=bundle, split=split, data_name=data_name,
+                                        model_dir=model_dir, model_label=model_label, max_gallery=max_gallery)
     classes = list(clf.classes)
     labels = data.labels.long()
     t0 = time.perf_counter()
@@ -263,6 +266,51 @@ def build_report(clf, data, *, bundle=None, split: str = "test", data_name: str 
     return Report(_render(context), numbers)
 
 
+def _build_multilabel_report(clf, data, *, bundle, split: str, data_name: str | None, model_dir: Path | None,
+                             model_label: str, max_gallery: int) -> Report:
+    """The report of a multi-label model: mAP, exact match (Wilson interval), Hamming loss, per-label
+    threshold/P/R/F1/AP, training curves, and the images whose label set was got wrong (most wrong decisions
+    first). Its numbers are ``imgrec eval --json``'s (the same :func:`evaluate`)."""
+    from imgrec.eval import plots
+    from imgrec.modeldir import RunDir
+
+    classes = list(clf.classes)
+    t0 = time.perf_counter()
+    ev = evaluate(clf, data.images, data.labels)
+    results = ev.metrics
+    eval_seconds = time.perf_counter() - t0
+    results.update(model=model_label, data=data_name, split=split)
+    n = results["n"]
+    probs = torch.sigmoid(ev.logits.float()).numpy()
+    thr = np.asarray(results["thresholds"], np.float32)
+    pred, y = probs >= thr, data.labels.numpy() > 0.5
+    errors = (pred != y).sum(1)
+    exact = int((errors == 0).sum())
+    lo, hi = wilson_interval(exact, n)
+    wrong = np.nonzero(errors)[0]
+    wrong = wrong[np.lexsort((wrong, -errors[wrong]))]  # most wrong decisions first, then by index
+
+    def names(row) -> list[str]:
+        return [classes[j] for j in np.flatnonzero(row)]
+
+    gallery = [{"index": int(i), "image": image_data_uri(data.images[i]), "true": names(y[i]), "pred": names(pred[i]),
+                "errors": int(errors[i]), "file": Path(data.paths[i]).name if data.paths is not None else None,
+                "path": data.paths[i] if data.paths is not None else None} for i in wrong[:max_gallery]]
+    curves = read_metrics_csv(RunDir(model_dir).metrics) if model_dir is not None else []
+    counts = _split_counts(clf.meta, bundle, data_name, split, results["per_class"])
+    numbers = {"eval": results, "exact_match": {"value": results["exact_match"], "correct": exact, "ci_low": lo,
+                                                 "ci_high": hi}, "wrong_sets": int(len(wrong)), "counts": counts}
+    context = {
+        "title": f"{clf.name} on {data_name} ({split})",
+        "run": _run_info(clf, model_dir, model_label, data_name, split, n), "r": results, "classes": classes,
+        "exact": numbers["exact_match"], "gallery": gallery, "wrong_sets": int(len(wrong)),
+        "counts": counts, "count_splits": list(counts), "curves": curves,
+        "figures": {"curves": png_data_uri(plots.training_curves(curves)) if curves else None},
+        "numbers": numbers, "generated": time.strftime("%Y-%m-%d %H:%M:%S"), "eval_seconds": eval_seconds,
+    }
+    return Report(_render(context, "report_multilabel.html.j2"), numbers)
+
+
 def _split_counts(meta, bundle, data_name: str | None, split: str, per_class: list[dict]) -> dict[str, list[int]]:
     """Images per class in each split. The evaluated split's counts are its supports (the numbers of the
     report); train and val are what ``model.json`` recorded at training time when the data is the model's
@@ -278,7 +326,7 @@ def _split_counts(meta, bundle, data_name: str | None, split: str, per_class: li
     return {s: counts[s] for s in order + [s for s in counts if s not in order]}
 
 
-def _render(context: dict[str, Any]) -> str:
+def _render(context: dict[str, Any], template: str = "report.html.j2") -> str:
     from jinja2 import Environment, FileSystemLoader, StrictUndefined
 
     env = Environment(
@@ -293,7 +341,7 @@ def _render(context: dict[str, Any]) -> str:
         exact=lambda v: repr(float(v)),    # full precision for data-sort attributes (float repr round-trips)
         duration=_duration,
     )
-    return env.get_template("report.html.j2").render(**context)
+    return env.get_template(template).render(**context)
 
 
 def _duration(seconds: float | None) -> str:
