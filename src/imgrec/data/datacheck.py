@@ -606,7 +606,8 @@ def _recommendations(d: dict, cat: Catalog) -> list[str]:
             out.append(f"{s} split has no images of: {', '.join(empty[:10])}")
         elif ratio > IMBALANCE_WARN:
             out.append(f"{s} split is imbalanced (largest/smallest class {ratio:.1f}): accuracy hides the small "
-                       f"classes; read per-class recall (`imgrec report`) and consider collecting or resampling")
+                       f"classes; read per-class recall (`imgrec report`), collect more of the small classes, or "
+                       f"train with --class-weights auto, --sampler balanced or --logit-adjust")
     lk = d["leakage"]
     if lk["exact_groups"] or lk["near_pairs"]:
         out.append(f"{lk['eval_images_with_train_twin']} validation/test image(s) have a duplicate in training: "

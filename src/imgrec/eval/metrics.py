@@ -30,6 +30,32 @@ def per_class_prf(cm: torch.Tensor) -> dict[str, list[float]]:
             "support": true_n.long().tolist()}
 
 
+def balanced_accuracy(cm: torch.Tensor) -> float:
+    """Mean per-class recall over the classes present in the labels (scikit-learn's balanced_accuracy_score):
+    the accuracy a balanced test set would show, so a rare class counts as much as a common one."""
+    cm = cm.double()
+    true_n = cm.sum(1)
+    present = true_n > 0
+    if not present.any():
+        return float("nan")
+    return (cm.diag()[present] / true_n[present]).mean().item()
+
+
+def best_logit_adjustment(logits: torch.Tensor, target: torch.Tensor, prior, taus) -> tuple[float, float]:
+    """(τ, balanced accuracy): the τ of ``taus`` whose post-hoc logit adjustment ``logits - τ·log(prior)``
+    (Menon et al. 2021) has the highest balanced accuracy on (``logits``, ``target``); ties go to the smaller τ
+    (the smaller change to the model's own predictions)."""
+    log_prior = torch.log(torch.as_tensor(prior, dtype=torch.float64))
+    k = logits.shape[1]
+    best = (float("-inf"), 0.0)
+    for tau in sorted(taus):
+        pred = (logits.double() - tau * log_prior).argmax(1)
+        score = balanced_accuracy(confusion_matrix(pred, target, k))
+        if score > best[0] + 1e-12:
+            best = (score, float(tau))
+    return best[1], best[0]
+
+
 def expected_calibration_error(probs: torch.Tensor, target: torch.Tensor, n_bins: int = 15) -> dict:
     """ECE with equal-width confidence bins (Guo et al. 2017); also returns the per-bin table for a diagram."""
     conf, pred = probs.max(dim=1)
@@ -64,6 +90,7 @@ def summarize(logits: torch.Tensor, target: torch.Tensor, classes: list[str], to
         f"top{top_k}": topk_accuracy(logits, target, top_k),
         "loss": torch.nn.functional.cross_entropy(logits, target).item() if n else float("nan"),
         "macro_f1": float(sum(prf["f1"]) / k),
+        "balanced_acc": balanced_accuracy(cm),
         "classes": list(classes),
         "per_class": [{"class": c, "precision": prf["precision"][i], "recall": prf["recall"][i], "f1": prf["f1"][i],
                        "support": prf["support"][i]} for i, c in enumerate(classes)],
