@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import sys
 
-from imgrec.cli.common import add_json_option, print_json
+from imgrec.cli.common import add_bad_image_option, add_json_option, print_json
 
 EXIT_CHECK_FAILED = 1  # --strict found leakage or conflicting duplicates (bad input exits 2)
 
@@ -73,6 +73,22 @@ def add_parsers(sub) -> None:
                    help="what the cleaned list does with suspects (default remove)")
     a.add_argument("--limit", type=int, default=500, help="suspects shown in the HTML gallery")
     a.set_defaults(func=cmd_data_audit)
+
+    k = dsub.add_parser("pack", help="decode a dataset once into streamable shards (LitData)",
+                        description="Decode a dataset once, through the safe decoder, into LitData shards (raw "
+                                    "uint8 pixels at the packed size) that `imgrec train --data DIR` streams from "
+                                    "local disk or object storage (copy DIR to s3:// or gs://).")
+    k.add_argument("source", help="fashion-mnist, mnist, an image folder or a CSV list (path,label[,split])")
+    k.add_argument("--out", required=True, help="the pack's folder (must not exist, or be empty)")
+    k.add_argument("--image-size", type=int, help="square side in pixels (default 28 for named datasets, 32 for files)")
+    k.add_argument("--channels", type=int, choices=(1, 3), help="default: the data's own")
+    k.add_argument("--val-split", type=float, help="fraction (<1) or count carved from training data")
+    k.add_argument("--split-seed", type=int, default=0)
+    k.add_argument("--train-limit", type=int, help="pack only the first N training images")
+    k.add_argument("--data-dir", help="folder holding the named dataset's IDX files")
+    add_bad_image_option(k)
+    add_json_option(k, "print the pack's metadata as JSON")
+    k.set_defaults(func=cmd_data_pack)
 
 
 def cmd_export_samples(args) -> int:
@@ -145,4 +161,21 @@ def cmd_data_audit(args) -> int:
     if clean:
         print(f"wrote {clean['path']}: {clean['rows']} rows ({clean['removed']} removed, "
               f"{clean['relabelled']} relabelled); train on it with: imgrec train --data {clean['path']}")
+    return 0
+
+
+def cmd_data_pack(args) -> int:
+    from imgrec.data.pack import pack
+
+    meta = pack(args.source, args.out, image_size=args.image_size, channels=args.channels, val_split=args.val_split,
+                split_seed=args.split_seed, data_dir=args.data_dir, on_bad_image=args.on_bad_image,
+                train_limit=args.train_limit, progress=not args.json)
+    if args.json:
+        print_json(meta)
+        return 0
+    parts = ", ".join(f"{s} {v['images']:,}" for s, v in meta["splits"].items())
+    size = sum(v["bytes"] for v in meta["splits"].values()) / 1e6
+    skipped = f"; skipped {len(meta['skipped'])} unreadable file(s)" if meta["skipped"] else ""
+    print(f"packed {args.source} → {args.out}: {parts} images, {meta['channels']}×{meta['image_size']}×"
+          f"{meta['image_size']}, {size:,.1f} MB{skipped}; train with: imgrec train --data {args.out}")
     return 0
