@@ -24,7 +24,14 @@ class DataConfig:
     val_split: float | None = None     # fraction (<1) or count (≥1) carved from training data; None = 5000 / 0.1
     split_seed: int = 0                # fixes the validation split independently of the training seed
     train_limit: int | None = None     # use only the first N training images (quick experiments, tests)
+    long_tail: float | None = None     # experiments: keep a long-tailed subset of train and val, class i keeping
+                                       # ratio^(-i/(K-1)) of its images (1 … 1/ratio; imgrec.data.imbalance)
     on_bad_image: str = "fail"         # fail | skip
+    stream: bool | None = None         # packed data: True streams the shards, False loads them; None = in memory
+                                       # when the decoded size fits (imgrec.data.stream.choose_stream)
+    stream_workers: int | None = None  # streaming DataLoader worker processes; None = 0 on ≤2 cores, else ≤4
+    task: str | None = None            # classification | multilabel; None = detected (multilabel: a CSV whose
+                                       # label cells hold several labels separated by ';')
 
 
 @dataclass
@@ -39,7 +46,7 @@ class ModelConfig:
 @dataclass
 class TrainConfig:
     epochs: int = 10
-    batch_size: int = 128
+    batch_size: int = 128              # the global batch, shared by all processes (imgrec.engine.distributed)
     lr: float = 2e-3                   # peak learning rate
     optimizer: str = "adamw"           # sgd (nesterov) | adam | adamw
     momentum: float = 0.9
@@ -63,6 +70,18 @@ class TrainConfig:
     threads: int | None = None         # CPU threads; None = all cores
     checkpoint_every: int = 0          # also checkpoint every N steps (0 = at epoch ends only)
     val_last: int = 0                  # validate only the last N epochs (0 = every epoch); best is chosen among them
+    sync_bn: bool = False              # several CUDA processes: BatchNorm statistics of the global batch
+    # class imbalance (imgrec.data.imbalance); all off by default
+    class_weights: str | None = None   # none | auto (= effective) | inverse | effective | a JSON/YAML/CSV file
+    class_weight_beta: float = 0.999   # β of the effective number of samples (Cui et al. 2019)
+    sampler: str = "shuffle"           # shuffle | balanced (classes drawn uniformly, images with replacement)
+    logit_adjust: float | str = 0.0    # τ of post-hoc logit adjustment at prediction (Menon et al. 2021); 0 = off;
+                                       # "auto" = the τ in 0…2 with the best validation balanced accuracy
+    best_metric: str = "auto"          # acc | balanced_acc | macro_f1 on validation picks the best epoch;
+                                       # auto = balanced_acc when an imbalance option is on, else acc
+    reweight_from: float = 0.0         # deferred re-weighting (Cao et al. 2019): class_weights apply from this
+                                       # fraction of the epochs on (0 = from the start; 0.7 = the last 30%)
+    logit_adjust_loss: float = 0.0     # τ of the logit-adjusted training loss (Menon et al. 2021); 0 = off
 
 
 @dataclass
@@ -135,6 +154,8 @@ def validate(cfg: RunConfig) -> None:
     for k, allowed in choices.items():
         if getattr(t, k) not in allowed:
             raise ConfigError(f"{k} must be one of {', '.join(allowed)}, got {getattr(t, k)!r}")
+    if cfg.data.task not in (None, "classification", "multilabel"):
+        raise ConfigError(f"task must be classification or multilabel, got {cfg.data.task!r}")
     if cfg.data.on_bad_image not in ("fail", "skip"):
         raise ConfigError(f"on_bad_image must be fail or skip, got {cfg.data.on_bad_image!r}")
     for k in ("epochs", "batch_size", "eval_batch_size"):
@@ -150,3 +171,35 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError("channels must be 1 or 3")
     if cfg.data.val_split is not None and cfg.data.val_split <= 0:
         raise ConfigError("val_split must be positive")
+    cw = str(t.class_weights if t.class_weights is not None else "none")
+    if cw.lower() not in ("none", "auto", "inverse", "effective") and not Path(cw).is_file():
+        raise ConfigError(f"class_weights must be auto, inverse, effective, none or a weights file; {cw!r} is "
+                          f"none of them (no such file)")
+    if not 0 <= t.class_weight_beta < 1:
+        raise ConfigError(f"class_weight_beta must be in [0, 1), got {t.class_weight_beta}")
+    if t.sampler not in ("shuffle", "balanced"):
+        raise ConfigError(f"sampler must be shuffle or balanced, got {t.sampler!r}")
+    if t.best_metric not in ("auto", "acc", "balanced_acc", "macro_f1"):
+        raise ConfigError(f"best_metric must be one of auto, acc, balanced_acc, macro_f1, got {t.best_metric!r}")
+    if t.logit_adjust != "auto" and not (isinstance(t.logit_adjust, (int, float)) and 0 <= t.logit_adjust < 100):
+        raise ConfigError(f"logit_adjust must be auto or a number τ ≥ 0 (1 is Menon et al.'s), got {t.logit_adjust!r}")
+    # post-hoc adjustment removes the training prior from a model trained on the natural class frequencies;
+    # re-weighted or re-sampled training already changed that prior, and subtracting it again over-corrects
+    if t.logit_adjust and (t.sampler == "balanced" or str(t.class_weights or "none").lower() != "none"):
+        raise ConfigError("logit_adjust corrects a model trained on the natural class frequencies: use it "
+                          "without class_weights and sampler balanced")
+    if not (isinstance(t.reweight_from, (int, float)) and 0 <= t.reweight_from < 1):
+        raise ConfigError(f"reweight_from must be a fraction of the epochs in [0, 1), got {t.reweight_from!r}")
+    if t.reweight_from and str(t.class_weights or "none").lower() == "none":
+        raise ConfigError("reweight_from defers the class weights: give class_weights too (e.g. auto)")
+    if not (isinstance(t.logit_adjust_loss, (int, float)) and 0 <= t.logit_adjust_loss < 100):
+        raise ConfigError(f"logit_adjust_loss must be a number τ ≥ 0 (1 is Menon et al.'s), "
+                          f"got {t.logit_adjust_loss!r}")
+    # the adjusted loss already trains for the balanced error: adjusting again at prediction, or re-weighting /
+    # re-sampling as well, corrects twice
+    if t.logit_adjust_loss and (t.logit_adjust or t.sampler == "balanced"
+                                or str(t.class_weights or "none").lower() != "none"):
+        raise ConfigError("logit_adjust_loss already corrects for the class prior: use it without logit_adjust, "
+                          "class_weights and sampler balanced")
+    if cfg.data.long_tail is not None and not cfg.data.long_tail >= 1:
+        raise ConfigError(f"long_tail must be an imbalance ratio ≥ 1, got {cfg.data.long_tail}")

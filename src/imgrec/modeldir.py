@@ -13,8 +13,10 @@ model directory, so ``--model runs/x`` works for eval, predict, serve, report an
 
 Every file is written atomically (see imgrec.safeio), so a crash never leaves a half-written file in place.
 
-Format versions: 1 (imgrec 0.1.0, untyped) and 2 (this module) are read; 2 is written. A file of a newer
-or unknown version is refused with one line rather than misread.
+Format versions: 1 (imgrec 0.1.0, untyped), 2 and 3 (this module) are read; 3 is written. 3 added
+``inference.logit_adjust`` (post-hoc logit adjustment): an imgrec that reads only 2 would ignore it and
+silently predict without it, so it must refuse the file instead. A file of a newer or unknown version is
+refused with one line rather than misread.
 """
 from __future__ import annotations
 
@@ -30,13 +32,17 @@ from imgrec.safeio import atomic_write_json
 __all__ = ["FORMAT", "FORMAT_VERSION", "ModelMeta", "RunDir", "read_meta", "write_meta"]
 
 FORMAT = "imgrec-model"
-FORMAT_VERSION = 2
-READABLE_VERSIONS = (1, 2)
+FORMAT_VERSION = 3
+READABLE_VERSIONS = (1, 2, 3)
 
 # How images are brought to the model's input size: squashed (no crop) with antialiased bilinear resampling,
 # in the decoder (imgrec.data.decode) and for arrays (imgrec.data.transforms.resize_uint8). Exporters and other
 # runtimes read this to resize the same way.
 RESIZE_POLICY = "squash-bilinear-antialias"
+
+# "classification": exactly one label per image (softmax, cross-entropy); "multilabel": any subset of the
+# labels per image (one sigmoid per label, binary cross-entropy, a decision threshold per label)
+TASKS = ("classification", "multilabel")
 
 
 @dataclass(frozen=True)
@@ -86,7 +92,8 @@ class RunDir:
 
 def default_run_dir(data: str, model: str, root: str | Path = "runs") -> Path:
     """``runs/<data>-<model>``, or the first free ``-2``, ``-3`` … suffix: a new run never lands in an old one."""
-    base = f"{Path(data).name or data}-{model}".replace("/", "-")
+    # "timm:resnet18" → "timm-resnet18": a colon is not allowed in Windows paths
+    base = f"{Path(data).name or data}-{model}".replace("/", "-").replace(":", "-")
     out = Path(root) / base
     i = 2
     while out.exists():
@@ -100,9 +107,12 @@ class ModelMeta:
     """Everything prediction needs, and what the training run was. Serialised as ``model.json``.
 
     Fields: ``model`` (``{"name", "kwargs"}``: the registry name and the architecture arguments),
-    ``task`` ("classification"), ``classes`` (index → label), ``image_size`` (square side, px), ``channels``
+    ``task`` ("classification": one label per image, softmax; "multilabel": any number of labels per image,
+    one sigmoid per class), ``thresholds`` (multilabel only: one decision threshold in 0..1 per class, chosen on
+    the validation split to maximise each label's F1; None = 0.5), ``classes`` (index → label), ``image_size`` (square side, px), ``channels``
     (1 or 3), ``mean``/``std`` (per channel, in 0..1 units), ``resize`` (how inputs are resized, see
-    RESIZE_POLICY), ``inference`` (``{"tta_flip": bool}``), ``training`` (recipe and how it was chosen,
+    RESIZE_POLICY), ``inference`` (``{"tta_flip": bool}``, and ``"logit_adjust": {"tau", "prior"}`` when
+    the model predicts with post-hoc logit adjustment), ``training`` (recipe and how it was chosen,
     device, precision), ``data`` (source, split counts, validation split and seed), ``config`` (the resolved
     run config), ``metrics`` (best epoch, validation and test numbers), ``train_time_s``.
     """
@@ -113,6 +123,7 @@ class ModelMeta:
     mean: list[float]
     std: list[float]
     task: str = "classification"
+    thresholds: list[float] | None = None
     resize: str = RESIZE_POLICY
     inference: dict[str, Any] = field(default_factory=lambda: {"tta_flip": False})
     training: dict[str, Any] = field(default_factory=dict)
@@ -135,8 +146,24 @@ class ModelMeta:
         return dict(self.model.get("kwargs") or {})
 
     @property
+    def multilabel(self) -> bool:
+        return self.task == "multilabel"
+
+    @property
     def tta_flip(self) -> bool:
         return bool(self.inference.get("tta_flip", False))
+
+    @property
+    def logit_bias(self) -> list[float] | None:
+        """Post-hoc logit adjustment (Menon et al. 2021): ``-tau * log(prior)`` per class, added to the logits
+        at prediction, from ``inference.logit_adjust = {"tau", "prior"}`` (prior: the training split's class
+        frequencies); None when the model has none. The argmax of the adjusted logits approximates the
+        classifier that is best under a uniform class prior (balanced error) instead of the training prior."""
+        la = self.inference.get("logit_adjust")
+        if not la or not float(la.get("tau", 0)):
+            return None
+        import math
+        return [-float(la["tau"]) * math.log(float(p)) for p in la["prior"]]
 
     def model_kwargs(self) -> dict[str, Any]:
         """The arguments that rebuild the architecture: ``create_model(meta.name, **meta.model_kwargs())``."""
@@ -149,7 +176,9 @@ class ModelMeta:
     def to_dict(self) -> dict[str, Any]:
         from imgrec import __version__
         d = dataclasses.asdict(self)
-        d["format_version"] = FORMAT_VERSION
+        # the oldest format that says everything this model needs: format-2 readers would ignore a logit
+        # adjustment (and predict differently), so only models that carry one are written as format 3
+        d["format_version"] = FORMAT_VERSION if self.logit_bias is not None else 2
         d["imgrec_version"] = __version__
         return {"format": FORMAT, **d}
 
@@ -179,6 +208,7 @@ class ModelMeta:
                 image_size=int(d["image_size"]), channels=int(d["channels"]),
                 mean=[float(v) for v in d["mean"]], std=[float(v) for v in d["std"]],
                 task=str(d.get("task", "classification")),
+                thresholds=None if d.get("thresholds") is None else [float(v) for v in d["thresholds"]],
                 resize=str(d.get("resize", RESIZE_POLICY)),
                 inference=dict(d.get("inference") or {"tta_flip": False}),
                 training=dict(d.get("training") or {}),
@@ -193,8 +223,26 @@ class ModelMeta:
         return meta
 
     def check(self, where: str = "model.json") -> None:
-        if self.task != "classification":
+        # an imgrec from before multilabel refuses "multilabel" here in one line (it would misread the sigmoid
+        # outputs as softmax), so adding the task needed no new format version
+        if self.task not in TASKS:
             raise ModelFileError(f"{where}: task {self.task!r} is not supported by this imgrec")
+        if self.thresholds is not None:
+            if self.task != "multilabel":
+                raise ModelFileError(f"{where}: thresholds are only used by multilabel models")
+            if len(self.thresholds) != len(self.classes):
+                raise ModelFileError(f"{where}: {len(self.thresholds)} thresholds for {len(self.classes)} classes")
+            if not all(0.0 <= t <= 1.0 for t in self.thresholds):
+                raise ModelFileError(f"{where}: thresholds must lie in 0..1")
+        la = self.inference.get("logit_adjust")
+        if la:
+            try:
+                tau, prior = float(la["tau"]), [float(p) for p in la["prior"]]
+            except (KeyError, TypeError, ValueError):
+                raise ModelFileError(f"{where}: inference.logit_adjust needs tau and one prior per class") from None
+            if len(prior) != len(self.classes) or not all(0 < p <= 1 for p in prior) or not 0 <= tau < 100:
+                raise ModelFileError(f"{where}: inference.logit_adjust needs 0 ≤ tau < 100 and one prior in (0, 1] "
+                                     f"per class ({len(self.classes)})")
         if self.channels not in (1, 3):
             raise ModelFileError(f"{where}: channels must be 1 or 3, got {self.channels}")
         if len(self.mean) != self.channels or len(self.std) != self.channels:

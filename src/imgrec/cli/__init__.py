@@ -46,6 +46,7 @@ def main(argv: list[str] | None = None) -> int:
 
     parser = build_parser()
     args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # `imgrec train --nproc N` passes them to torchrun
     _take_sigint()
     try:
         return int(args.func(args) or 0)
@@ -53,6 +54,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"imgrec: error: {e}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except KeyboardInterrupt:
+        import os
+        if os.environ.get("RANK", "0") not in ("", "0"):  # several processes (torchrun): rank 0 alone says it
+            return EXIT_INTERRUPTED
         out = getattr(args, "out", None)
         hint = f"; resume with: imgrec train --resume --out {out}" if args.command == "train" and out else ""
         print(f"imgrec: interrupted{hint}", file=sys.stderr)

@@ -9,6 +9,7 @@ from imgrec.cli.common import add_bad_image_option, add_json_option, bool_flag, 
 TRAIN_OPTIONS = {
     "data": "data", "data_dir": "data_dir", "image_size": "image_size", "channels": "channels",
     "val_split": "val_split", "split_seed": "split_seed", "train_limit": "train_limit", "on_bad_image": "on_bad_image",
+    "task": "task", "stream": "stream", "stream_workers": "stream_workers",
     "model": "name", "pretrained": "pretrained", "weights": "weights", "freeze_backbone": "freeze_backbone",
     "epochs": "epochs", "batch_size": "batch_size", "lr": "lr", "optimizer": "optimizer", "momentum": "momentum",
     "weight_decay": "weight_decay", "scheduler": "scheduler", "warmup": "warmup",
@@ -16,7 +17,10 @@ TRAIN_OPTIONS = {
     "tta": "tta_flip", "grad_clip": "grad_clip", "seed": "seed", "device": "device", "amp": "amp",
     "channels_last": "channels_last", "compile": "compile", "patience": "patience",
     "deterministic": "deterministic", "eval_batch_size": "eval_batch_size", "threads": "threads",
-    "checkpoint_every": "checkpoint_every", "val_last": "val_last",
+    "checkpoint_every": "checkpoint_every", "val_last": "val_last", "sync_bn": "sync_bn",
+    "class_weights": "class_weights", "class_weight_beta": "class_weight_beta", "sampler": "sampler",
+    "logit_adjust": "logit_adjust", "best_metric": "best_metric", "long_tail": "long_tail",
+    "reweight_from": "reweight_from", "logit_adjust_loss": "logit_adjust_loss",
 }
 
 
@@ -25,7 +29,8 @@ def add_parsers(sub) -> None:
 
     p = sub.add_parser("train", help="train a model", description="Train a model; writes runs/<name>/.")
     g = p.add_argument_group("data")
-    g.add_argument("--data", help="fashion-mnist, mnist, an image folder or a CSV list (default fashion-mnist)")
+    g.add_argument("--data", help="fashion-mnist, mnist, an image folder, a CSV list, or a pack from `imgrec data "
+                                  "pack` (a folder, s3://, gs://) (default fashion-mnist)")
     g.add_argument("--data-dir", help="folder holding the named dataset's IDX files")
     g.add_argument("--image-size", type=int)
     g.add_argument("--channels", type=int, choices=(1, 3))
@@ -33,6 +38,13 @@ def add_parsers(sub) -> None:
     g.add_argument("--split-seed", type=int)
     g.add_argument("--train-limit", type=int, help="use only the first N training images")
     add_bad_image_option(g, default=None)
+    bool_flag(g, "stream", "stream packed shards from disk or object storage (--no-stream: load them into memory); "
+                           "default: in memory when the decoded data fits")
+    g.add_argument("--stream-workers", type=int, help="DataLoader worker processes reading shards (default: 0 on "
+                                                      "2 cores, else up to 4)")
+    g.add_argument("--task", choices=("classification", "multilabel"),
+                   help="one label per image, or several (a CSV list with labels separated by ';'); "
+                        "default: detected from the data")
     g = p.add_argument_group("model")
     g.add_argument("--model", help="architecture (see `imgrec models`); default: the recipe's")
     g.add_argument("--recipe", help=f"a named recipe: {', '.join(recipe_names())} (default: chosen for this machine)")
@@ -42,7 +54,7 @@ def add_parsers(sub) -> None:
     g.add_argument("--freeze-backbone", action="store_true", default=None, help="train only the classifier head")
     g = p.add_argument_group("training")
     g.add_argument("--epochs", type=int)
-    g.add_argument("--batch-size", type=int)
+    g.add_argument("--batch-size", type=int, help="the global batch (several processes share each batch)")
     g.add_argument("--lr", type=float, help="peak learning rate")
     g.add_argument("--optimizer", choices=("sgd", "adam", "adamw"))
     g.add_argument("--momentum", type=float)
@@ -58,6 +70,26 @@ def add_parsers(sub) -> None:
     g.add_argument("--grad-clip", type=float)
     g.add_argument("--patience", type=int, help="early stopping after N epochs without val improvement")
     g.add_argument("--val-last", type=int, help="validate only the last N epochs (0: every epoch)")
+    g.add_argument("--best-metric", choices=("auto", "acc", "balanced_acc", "macro_f1"),
+                   help="validation number that picks the best epoch (auto: balanced_acc with an imbalance option)")
+    g = p.add_argument_group("class imbalance")
+    g.add_argument("--class-weights", metavar="auto|inverse|effective|none|FILE",
+                   help="loss weights per class: auto = effective number of samples (Cui et al. 2019), inverse "
+                        "= 1/count, or a JSON/YAML {class: weight} or CSV class,weight file")
+    g.add_argument("--class-weight-beta", type=float, help="β of the effective number (default 0.999)")
+    g.add_argument("--sampler", choices=("shuffle", "balanced"),
+                   help="balanced: every batch draws classes uniformly (with replacement)")
+    g.add_argument("--logit-adjust", type=_tau, nargs="?", const=1.0, metavar="TAU|auto",
+                   help="post-hoc logit adjustment at prediction (Menon et al. 2021): subtract TAU·log(class "
+                        "prior); TAU defaults to 1; auto: the TAU in 0..2 best on validation balanced accuracy")
+    g.add_argument("--reweight-from", type=float, metavar="FRACTION",
+                   help="deferred re-weighting (Cao et al. 2019): --class-weights apply only from this fraction "
+                        "of the epochs on (e.g. 0.7: the last 30%%)")
+    g.add_argument("--logit-adjust-loss", type=float, nargs="?", const=1.0, metavar="TAU",
+                   help="logit-adjusted training loss (Menon et al. 2021): cross-entropy of logits + "
+                        "TAU·log(class prior); predicts with the raw logits; TAU defaults to 1")
+    g.add_argument("--long-tail", type=float, metavar="RATIO",
+                   help="experiments: keep a long-tailed subset, class i keeping RATIO^(-i/(K-1)) of its images")
     g.add_argument("--seed", type=int)
     g.add_argument("--deterministic", action="store_true", default=None)
     g = p.add_argument_group("speed")
@@ -66,7 +98,12 @@ def add_parsers(sub) -> None:
     bool_flag(g, "channels-last", "channels_last memory format (default: on for CNNs)")
     g.add_argument("--compile", action="store_true", default=None, help="torch.compile the model")
     g.add_argument("--eval-batch-size", type=int)
-    g.add_argument("--threads", type=int)
+    g.add_argument("--threads", type=int, help="CPU threads per process (default: the cores / processes)")
+    g.add_argument("--nproc", type=int, metavar="N",
+                   help="train with N processes on this machine: starts torchrun (CPUs: gloo; CUDA: one GPU each); "
+                        "--batch-size stays the global batch. Several machines: see the README")
+    g.add_argument("--sync-bn", action="store_true", default=None,
+                   help="several CUDA processes: BatchNorm statistics of the global batch (SyncBatchNorm)")
     g = p.add_argument_group("output")
     g.add_argument("--out", help="run directory (default runs/<data>-<model>)")
     g.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
@@ -77,9 +114,14 @@ def add_parsers(sub) -> None:
     p.set_defaults(func=cmd_train)
 
 
+def _tau(text: str):
+    return "auto" if text.strip().lower() == "auto" else float(text)
+
+
 def cmd_train(args) -> int:
     from pathlib import Path
 
+    from imgrec.engine import distributed
     from imgrec.engine.train import default_run_dir, resolve_config, train
 
     overrides = {TRAIN_OPTIONS[k]: v for k, v in vars(args).items() if k in TRAIN_OPTIONS and v is not None}
@@ -89,17 +131,71 @@ def cmd_train(args) -> int:
     cfg = resolve_config(args.recipe, args.config, overrides, model_given=args.model is not None or args.resume)
     out = Path(args.out) if args.out else default_run_dir(cfg.data.data, cfg.model.name)
     args.out = str(out)  # for the resume hint after Ctrl-C
+    if args.nproc is not None:
+        _check_nproc(args.nproc)
+        if args.nproc > 1 and not distributed.launched():
+            from imgrec.device import pick_device
+            distributed.check_sync_bn(cfg.train.sync_bn, pick_device(cfg.train.device), args.nproc)
+            _exec_torchrun(args.nproc, getattr(args, "argv", sys.argv[1:]))  # does not return
+    if distributed.env_rank() != 0:  # several processes: rank 0 alone prints
+        args.quiet = True
     if not args.quiet and not args.json:
         if cfg.recipe and not args.resume:
             print(f"recipe {cfg.recipe}: {cfg.recipe_reason}", file=sys.stderr)
         print(f"training {cfg.model.name} on {cfg.data.data} → {out}", file=sys.stderr)
     summary = train(cfg, out, resume=args.resume, overwrite=args.overwrite, progress=not (args.quiet or args.json),
                     extend_epochs=args.epochs)
+    if distributed.env_rank() != 0:
+        return 0
     if args.json:
         print_json(summary)
     else:
         msg = f"best val_acc {summary['val_acc']:.4f} (epoch {summary['best_epoch']})"
-        if "test_acc" in summary:
+        if summary.get("task") == "multilabel":  # val_acc/test_acc are exact-match ratios here
+            msg += f"  val_mAP {summary['val_map_macro']:.4f}"
+            if "test_map_macro" in summary:
+                msg += f"  test_mAP {summary['test_map_macro']:.4f}  test_exact_match {summary['test_acc']:.4f}"
+        elif "test_acc" in summary:
             msg += f"  test_acc {summary['test_acc']:.4f}  test_top5 {summary['test_top5']:.4f}"
         print(f"{msg}  train {summary['train_time_s']:.1f}s  wall {summary['wall_time_s']:.1f}s  → {out}")
     return 0
+
+
+def _check_nproc(nproc: int) -> None:
+    import os
+
+    from imgrec.errors import ConfigError
+    if nproc < 1:
+        raise ConfigError("--nproc must be at least 1")
+    local = os.environ.get("LOCAL_WORLD_SIZE")
+    if local and int(local) > 1 and nproc != int(local):
+        raise ConfigError(f"--nproc {nproc} starts torchrun, but this process is one of {local} that torchrun "
+                          "started: leave --nproc out")
+
+
+def _exec_torchrun(nproc: int, argv: list[str]) -> None:
+    """Replace this process by torchrun (no launcher of our own) running ``imgrec train`` with the same
+    arguments minus ``--nproc``. Ctrl-C and SIGTERM then reach torchrun, which passes them to every process.
+    One machine: ``--standalone`` picks a free port, unless MASTER_ADDR and MASTER_PORT are set."""
+    import os
+
+    rest, skip = [], False
+    for tok in argv:
+        if skip:
+            skip = False
+            continue
+        name = tok.split("=", 1)[0]
+        if len(name) >= 4 and "--nproc".startswith(name):  # --nproc N, --nproc=N (or argparse's prefix)
+            skip = "=" not in tok
+            continue
+        rest.append(tok)
+    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}"]
+    if os.environ.get("MASTER_ADDR") and os.environ.get("MASTER_PORT"):
+        cmd += [f"--master_addr={os.environ['MASTER_ADDR']}", f"--master_port={os.environ['MASTER_PORT']}"]
+    else:
+        cmd.append("--standalone")
+    cmd += ["-m", "imgrec.cli", *rest]
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execv(sys.executable, cmd)
+

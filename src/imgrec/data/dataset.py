@@ -1,7 +1,7 @@
 """Datasets as uint8 tensors in memory: ``load_data`` (named dataset, image folder or CSV list → DataBundle),
 the stratified validation split, channel statistics, and ``load_eval_split`` (the data a model was trained on).
 
-Data too big for memory would need a streaming path; imgrec does not have one yet.
+Data too big for memory is packed into shards and streamed: :mod:`imgrec.data.pack`, :mod:`imgrec.data.stream`.
 """
 from __future__ import annotations
 
@@ -21,13 +21,18 @@ from imgrec.modeldir import ModelMeta
 
 @dataclass
 class ImageData:
-    """One split: ``images`` N×C×H×W uint8, ``labels`` N int64, ``paths`` when it came from files."""
+    """One split: ``images`` N×C×H×W uint8, ``labels`` N int64 (or, multi-label, N×K float32 multi-hot: 1 where
+    the image carries class k), ``paths`` when it came from files."""
     images: torch.Tensor
     labels: torch.Tensor
     paths: list[str] | None = None
 
     def __len__(self) -> int:
         return int(self.labels.shape[0])
+
+    @property
+    def multilabel(self) -> bool:
+        return self.labels.ndim == 2
 
     def subset(self, idx) -> "ImageData":
         idx = torch.as_tensor(idx, dtype=torch.long)
@@ -48,7 +53,8 @@ class DataBundle:
     mean: list[float]
     std: list[float]
     flip: bool = True                       # horizontal flip is a valid augmentation for this data
-    counts: dict[str, list[int]] = field(default_factory=dict)
+    counts: dict[str, list[int]] = field(default_factory=dict)  # per split: images per class (multilabel: carrying it)
+    task: str = "classification"            # or "multilabel" (see imgrec.modeldir.TASKS)
 
     def split(self, name: str) -> ImageData:
         data = {"train": self.train, "val": self.val, "test": self.test}.get(name)
@@ -65,8 +71,28 @@ def channel_stats(images: torch.Tensor) -> tuple[list[float], list[float]]:
     return mean, std
 
 
+def class_counts(labels: torch.Tensor, num_classes: int) -> list[int]:
+    """Images per class: a bincount of class indices, or for N×K multi-hot labels the images carrying each."""
+    if labels.ndim == 2:
+        return labels.sum(0).round().long().tolist()
+    return torch.bincount(labels, minlength=num_classes).tolist()
+
+
+def _strata(labels: torch.Tensor) -> torch.Tensor:
+    """One stratum per image: its class, or for multi-hot labels its rarest label (-1: none). Stratifying
+    multi-label data on the rarest label keeps every rare label in the validation split, which choosing its
+    threshold there needs; full iterative stratification would be exact but is far more code."""
+    if labels.ndim == 1:
+        return labels
+    freq = labels.sum(0)
+    rarity = torch.where(labels > 0, freq.expand_as(labels), torch.full_like(labels, float("inf")))
+    rarest = rarity.argmin(1)
+    return torch.where(labels.sum(1) > 0, rarest, torch.full_like(rarest, -1))
+
+
 def split_off(data: ImageData, val_split: float, seed: int) -> tuple[ImageData, ImageData]:
-    """Carve a validation split from ``data``: a fraction (< 1) or a count (≥ 1), stratified by class."""
+    """Carve a validation split from ``data``: a fraction (< 1) or a count (≥ 1), stratified by class
+    (multi-label: by each image's rarest label)."""
     n = len(data)
     n_val = int(round(val_split * n)) if val_split < 1 else int(val_split)
     if n_val <= 0:
@@ -76,7 +102,7 @@ def split_off(data: ImageData, val_split: float, seed: int) -> tuple[ImageData, 
     g = torch.Generator().manual_seed(seed)
     perm = torch.randperm(n, generator=g)
     # stratify: take each class's share of the validation set, so small classes are not left out of it
-    labels = data.labels[perm]
+    labels = _strata(data.labels)[perm]
     val_idx = []
     for c in labels.unique().tolist():
         members = perm[labels == c]
@@ -94,15 +120,23 @@ def split_off(data: ImageData, val_split: float, seed: int) -> tuple[ImageData, 
 def load_data(spec: str, *, image_size: int | None = None, channels: int | None = None,
               val_split: float | None = None, split_seed: int = 0, data_dir: str | None = None,
               on_bad_image: str = "fail", classes: list[str] | None = None,
-              splits: tuple[str, ...] = ("train", "val", "test"), progress: bool = True) -> DataBundle:
+              splits: tuple[str, ...] = ("train", "val", "test"), progress: bool = True,
+              task: str | None = None) -> DataBundle:
     """Load a named dataset (``fashion-mnist``, ``mnist``), an image folder or a CSV list.
 
     ``val_split``: fraction or count carved from training data when the source has no validation split
     (default 5000 images for named datasets, 0.1 otherwise); ``split_seed`` fixes which images, independent
-    of the training seed, so the validation set stays the same across runs.
+    of the training seed, so the validation set stays the same across runs. ``task``: "classification",
+    "multilabel" (a CSV list whose label cells hold ``;``-separated labels) or None (detected: multilabel
+    when some label cell holds a ``;``).
     """
+    if task not in (None, "classification", "multilabel"):
+        raise ConfigError(f"task must be classification or multilabel, got {task!r}")
     name = named.canonical_name(spec)
     if name is not None:
+        if task == "multilabel":
+            raise ConfigError(f"{name} has one label per image; multi-label data comes from a CSV list "
+                              f"(path,label1;label2)")
         return _load_named(name, image_size, channels, val_split, split_seed, data_dir, splits)
     path = Path(spec).expanduser()
     if not path.exists():
@@ -111,7 +145,13 @@ def load_data(spec: str, *, image_size: int | None = None, channels: int | None 
     if path.is_file():
         if path.suffix.lower() != ".csv":
             raise DatasetError(f"{spec}: a dataset is a folder, a .csv list or one of: {', '.join(named.NAMED)}")
-        return _load_files(path, "csv", image_size, channels, val_split, split_seed, on_bad_image, classes, progress)
+        if task is None:
+            task = "multilabel" if csvlist.csv_has_multiple_labels(path) else "classification"
+        return _load_files(path, "csv", image_size, channels, val_split, split_seed, on_bad_image, classes, progress,
+                           task)
+    if task == "multilabel":
+        raise ConfigError(f"{spec}: an image folder has one label per image; multi-label data comes from a CSV "
+                          f"list (path,label1;label2)")
     return _load_files(path, "folder", image_size, channels, val_split, split_seed, on_bad_image, classes, progress)
 
 
@@ -137,7 +177,7 @@ def _load_named(name, image_size, channels, val_split, split_seed, data_dir, spl
 
 
 def _load_files(path: Path, kind: str, image_size, channels, val_split, split_seed, on_bad_image,
-                classes, progress) -> DataBundle:
+                classes, progress, task: str = "classification") -> DataBundle:
     size = int(image_size or 32)
     groups: dict[str, tuple[list[Path], list[int]]] = {}
     if kind == "folder":
@@ -151,11 +191,20 @@ def _load_files(path: Path, kind: str, image_size, channels, val_split, split_se
             p, l, classes = folder_source.scan_class_folders(path, classes)
             groups["train"] = (p, l)
     else:
-        rows = csvlist.read_csv_list(path, classes)
+        multilabel = task == "multilabel"
+        rows = csvlist.read_csv_list(path, classes, multilabel=multilabel)
         if classes is None:
-            classes = sorted({lab for _, labs in rows.values() for lab in labs})
+            classes = sorted({n for _, labs in rows.values() for lab in labs for n in (lab if multilabel else [lab])})
+        index = {c: i for i, c in enumerate(classes)}
         for s, (p, labs) in rows.items():
-            groups[s] = (p, [classes.index(lab) for lab in labs])
+            if multilabel:  # N×K multi-hot rows
+                hot = [[0.0] * len(classes) for _ in labs]
+                for row, lab in zip(hot, labs):
+                    for n in lab:
+                        row[index[n]] = 1.0
+                groups[s] = (p, hot)
+            else:
+                groups[s] = (p, [index[lab] for lab in labs])
     if len(classes) < 2:
         raise DatasetError(f"{path}: needs at least 2 classes, found {len(classes)}")
     chans = channels or _guess_channels(groups["train"][0])
@@ -164,7 +213,8 @@ def _load_files(path: Path, kind: str, image_size, channels, val_split, split_se
         images, kept = decode_files(paths, channels=chans, size=size, on_bad_image=on_bad_image, progress=progress)
         if len(kept) == 0:
             raise DatasetError(f"{path}: no readable images in the {s} split")
-        parts[s] = ImageData(images, torch.tensor(labels, dtype=torch.long)[torch.from_numpy(kept)],
+        dtype = torch.float32 if task == "multilabel" else torch.long
+        parts[s] = ImageData(images, torch.tensor(labels, dtype=dtype)[torch.from_numpy(kept)],
                              [str(paths[i]) for i in kept])
     if "val" in parts:
         if val_split:
@@ -174,7 +224,7 @@ def _load_files(path: Path, kind: str, image_size, channels, val_split, split_se
         train, val = split_off(parts["train"], 0.1 if val_split is None else val_split, split_seed)
     mean, std = channel_stats(train.images)
     return _bundle(path.name if kind == "folder" else path.stem, list(classes), train, val, parts.get("test"),
-                   chans, size, mean, std, True)
+                   chans, size, mean, std, True, task)
 
 
 def _guess_channels(paths: list[Path], probe: int = 32) -> int:
@@ -190,10 +240,10 @@ def _guess_channels(paths: list[Path], probe: int = 32) -> int:
     return 1
 
 
-def _bundle(name, classes, train, val, test, chans, size, mean, std, flip) -> DataBundle:
+def _bundle(name, classes, train, val, test, chans, size, mean, std, flip, task="classification") -> DataBundle:
     k = len(classes)
-    counts = {s: torch.bincount(d.labels, minlength=k).tolist() for s, d in (("train", train), ("val", val), ("test", test)) if d is not None}
-    return DataBundle(name, classes, train, val, test, chans, size, mean, std, flip, counts)
+    counts = {s: class_counts(d.labels, k) for s, d in (("train", train), ("val", val), ("test", test)) if d is not None}
+    return DataBundle(name, classes, train, val, test, chans, size, mean, std, flip, counts, task)
 
 
 def load_eval_split(meta: ModelMeta, data: str | None, data_dir: str | None, split: str,
@@ -204,15 +254,41 @@ def load_eval_split(meta: ModelMeta, data: str | None, data_dir: str | None, spl
     spec = data or d.get("source")
     if not spec:
         raise ConfigError("--data is required (the model directory does not say what it was trained on)")
+    from imgrec.data import stream
+    if stream.is_pack(spec):  # a pack from `imgrec data pack`: read only the requested split
+        bundle = _open_pack_split(spec, split, meta.image_size, meta.channels)
+        if list(bundle.classes) != list(meta.classes):
+            raise DatasetError(f"{spec}: its classes ({', '.join(bundle.classes[:5])}…) differ from the model's")
+        return bundle, bundle.split(split)
     splits = ("train", "val", "test") if split == "test" else ("train", "val")
     same_source = spec == d.get("source")
     bundle = load_data(spec, image_size=meta.image_size, channels=meta.channels,
                        val_split=d.get("val_split") if same_source else None,
                        split_seed=int(d.get("split_seed") or 0), data_dir=data_dir, on_bad_image=on_bad_image,
-                       splits=splits, progress=False)
+                       splits=splits, progress=False, task=meta.task,
+                       # multi-label: a label outside the model's is reported with its CSV row
+                       classes=list(meta.classes) if meta.task == "multilabel" else None)
     if list(bundle.classes) != list(meta.classes):
         raise DatasetError(f"{spec}: its classes ({', '.join(bundle.classes[:5])}…) differ from the model's")
     return bundle, bundle.split(split)
+
+
+def _open_pack_split(spec: str, split: str, image_size: int | None, channels: int | None) -> DataBundle:
+    """One split of a pack (imgrec.data.stream) in memory, for ``imgrec eval``/``report``; the others empty."""
+    from imgrec.data import stream
+
+    meta = stream.read_pack_meta(spec)
+    c, size = int(meta["channels"]), int(meta["image_size"])
+    if (image_size and int(image_size) != size) or (channels and int(channels) != c):
+        raise DatasetError(f"{spec}: packed at {c}×{size}×{size}; the model takes {channels}×{image_size}×{image_size}")
+    if split not in meta["splits"]:
+        raise DatasetError(f"{spec}: the pack has no {split!r} split")
+    empty = ImageData(torch.empty((0, c, size, size), dtype=torch.uint8), torch.empty(0, dtype=torch.long))
+    parts = {s: empty for s in ("train", "val", "test")}
+    parts[split] = ImageData(*stream.read_split(spec, split, meta))
+    return DataBundle(str(meta["name"]), list(meta["classes"]), parts["train"], parts["val"], parts["test"], c, size,
+                      list(meta["mean"]), list(meta["std"]), bool(meta.get("flip", True)),
+                      {k: list(v) for k, v in meta["counts"].items()})
 
 
 def export_samples(data: str, split: str, count: int, out: str | Path, data_dir: str | None = None) -> int:
@@ -226,6 +302,10 @@ def export_samples(data: str, split: str, count: int, out: str | Path, data_dir:
     n = min(int(count), len(part))
     for i in range(n):
         arr = part.images[i].permute(1, 2, 0).numpy()
-        label = bundle.classes[int(part.labels[i])].replace("/", "-").replace(" ", "_")
+        if part.multilabel:
+            label = "+".join(bundle.classes[j] for j in part.labels[i].nonzero().flatten().tolist())
+        else:
+            label = bundle.classes[int(part.labels[i])]
+        label = label.replace("/", "-").replace(" ", "_")
         Image.fromarray(arr[:, :, 0] if arr.shape[2] == 1 else arr).save(out / f"{i:04d}_{label}.png")
     return n

@@ -12,6 +12,7 @@ import torch
 
 from imgrec.data.dataset import ImageData
 from imgrec.data.transforms import Preprocess, augment_batch
+from imgrec.errors import ConfigError
 
 __all__ = ["BatchLoader"]
 
@@ -27,7 +28,17 @@ class BatchLoader:
     def __init__(self, data: ImageData, batch_size: int, mean, std, *, shuffle: bool = False,
                  crop_padding: int = 0, flip: bool = False, drop_last: bool = False, seed: int = 0,
                  device: str | torch.device = "cpu", channels_last: bool = False,
-                 dtype: torch.dtype = torch.float32):
+                 dtype: torch.dtype = torch.float32, sampler: str = "shuffle", rank: int = 0, world_size: int = 1,
+                 shard: str = "batch"):
+        # several processes (rank of world_size): shard "batch" splits every global batch of ``batch_size`` into
+        # contiguous per-rank shares (training: the ranks together see exactly the batches one process would);
+        # shard "split" gives each rank one contiguous slice of the data (evaluation: every image once, no padding)
+        self.rank, self.world_size, self.shard = int(rank), int(world_size), shard
+        if self.world_size > 1 and shard == "split":
+            if len(data) < self.world_size:
+                raise ConfigError(f"{len(data)} images cannot be shared by {self.world_size} processes")
+            lo, hi = _share(len(data), self.rank, self.world_size)
+            data = data.subset(torch.arange(lo, hi))
         self.data = data
         self.batch_size = int(batch_size)
         self.shuffle, self.drop_last, self.seed = shuffle, drop_last, seed
@@ -37,10 +48,34 @@ class BatchLoader:
         self.labels = data.labels.to(self.device)
         self.preprocess = Preprocess(mean, std, self.device, channels_last=channels_last, dtype=dtype)
         self.epoch = 0
+        # sampler "balanced" (with shuffle): each of the epoch's n draws picks a class uniformly, then one of its
+        # images uniformly (with replacement) — class-balanced sampling; the epoch keeps n images so the step
+        # count and the learning-rate schedule do not change. The images are grouped by class once here.
+        self.sampler = sampler
+        self._by_class = None
+        if sampler == "balanced" and data.labels.ndim == 1:
+            labels = data.labels.cpu().long()
+            counts = torch.bincount(labels)
+            self._by_class = (torch.argsort(labels, stable=True), torch.cumsum(counts, 0) - counts, counts,
+                              (counts > 0).nonzero().flatten())
+        if self.world_size > 1 and shard == "batch":
+            n, b = len(data), self.batch_size
+            last = 0 if drop_last else n % b
+            if b < self.world_size or 0 < last < self.world_size:
+                raise ConfigError(f"a batch of {min(b, last or b)} images cannot be shared by {self.world_size} "
+                                  "processes: use a larger --batch-size, another --train-limit or fewer processes")
+
+    # every process computes the same global batches, so a position (epoch, step) means the same images at any
+    # number of processes: a mid-epoch checkpoint resumes exactly on another world size (the trainer asks)
+    position_is_global = True
 
     def __len__(self) -> int:
         n = len(self.data)
         return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
+
+    def global_batch(self, step: int) -> int:
+        """Images in global batch ``step`` (all ranks together; the last one may be short)."""
+        return min(self.batch_size, len(self.data) - step * self.batch_size)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -52,6 +87,13 @@ class BatchLoader:
 
     def order(self) -> torch.Tensor:
         n = len(self.data)
+        if self.shuffle and self._by_class is not None:
+            # a global order from (seed, epoch) alone, like randperm: exact resume holds and ranks can shard it
+            by_class, starts, counts, present = self._by_class
+            g = self._generator(-1)
+            c = present[torch.randint(len(present), (n,), generator=g)]
+            offset = (torch.rand(n, generator=g, dtype=torch.float64) * counts[c]).long().minimum(counts[c] - 1)
+            return by_class[starts[c] + offset]
         return torch.randperm(n, generator=self._generator(-1)) if self.shuffle else torch.arange(n)
 
     def __iter__(self):
@@ -62,7 +104,23 @@ class BatchLoader:
         order = self.order().to(self.device)
         for step in range(start_step, len(self)):
             idx = order[step * self.batch_size:(step + 1) * self.batch_size]
+            if self.world_size > 1 and self.shard == "batch":
+                n_global = int(idx.shape[0])
+                lo, hi = _share(n_global, self.rank, self.world_size)
+                idx = idx[lo:hi]
+                x = self.images.index_select(0, idx)
+                if self.crop_padding or self.flip:  # this share's rows of the global batch's random numbers
+                    x = augment_batch(x, self._generator(step), self.crop_padding, self.flip, draw=n_global, start=lo)
+                yield self.preprocess(x), self.labels.index_select(0, idx)
+                continue
             x = self.images.index_select(0, idx)
             if self.crop_padding or self.flip:
                 x = augment_batch(x, self._generator(step), self.crop_padding, self.flip)
             yield self.preprocess(x), self.labels.index_select(0, idx)
+
+
+def _share(n: int, rank: int, world: int) -> tuple[int, int]:
+    """Rows [lo, hi) of ``n`` that ``rank`` of ``world`` takes: contiguous, sizes differing by at most one."""
+    base, extra = divmod(n, world)
+    lo = rank * base + min(rank, extra)
+    return lo, lo + base + (rank < extra)

@@ -67,18 +67,24 @@ def convert_channels(images: torch.Tensor, channels: int) -> torch.Tensor:
     raise DatasetError(f"cannot convert {c}-channel images to {channels} channels")
 
 
-def augment_batch(x: torch.Tensor, g: torch.Generator, crop_padding: int = 0, flip: bool = False) -> torch.Tensor:
+def augment_batch(x: torch.Tensor, g: torch.Generator, crop_padding: int = 0, flip: bool = False, *,
+                  draw: int | None = None, start: int = 0) -> torch.Tensor:
     """Random crops from a zero-padded image and random horizontal flips, for a whole uint8 batch at once.
 
     The randomness comes from ``g`` (a CPU generator), so the same generator state gives the same batch on any
     device — what makes a resumed run identical to an uninterrupted one.
+    ``draw``/``start``: ``x`` is rows ``start:start+len(x)`` of a batch of ``draw`` images (one process's share
+    of a global batch); the random numbers are drawn for all ``draw`` images, so each image gets the crop and
+    flip it would get in one process.
     """
     n, c, h, w = x.shape
+    draw = n if draw is None else int(draw)
+    rows = slice(start, start + n)
     if crop_padding:
         p = int(crop_padding)
         padded = F.pad(x, (p, p, p, p))
-        dy = torch.randint(0, 2 * p + 1, (n,), generator=g).to(x.device)
-        dx = torch.randint(0, 2 * p + 1, (n,), generator=g).to(x.device)
+        dy = torch.randint(0, 2 * p + 1, (draw,), generator=g)[rows].to(x.device)
+        dx = torch.randint(0, 2 * p + 1, (draw,), generator=g)[rows].to(x.device)
         # one slice per distinct offset ((2p+1)² of them) instead of a per-pixel gather: 2-3× faster
         key = dy * (2 * p + 1) + dx
         out = torch.empty_like(x)
@@ -88,6 +94,6 @@ def augment_batch(x: torch.Tensor, g: torch.Generator, crop_padding: int = 0, fl
             out[idx] = padded[idx, :, oy:oy + h, ox:ox + w]
         x = out
     if flip:
-        mask = (torch.rand(n, generator=g) < 0.5).to(x.device).view(n, 1, 1, 1)
+        mask = (torch.rand(draw, generator=g)[rows] < 0.5).to(x.device).view(n, 1, 1, 1)
         x = torch.where(mask, x.flip(3), x)
     return x

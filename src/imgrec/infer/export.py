@@ -10,6 +10,7 @@ cannot re-implement the preprocessing differently (the usual reason an exported 
       → (x - 255·mean) / (255·std)                       (imgrec.data.transforms.Preprocess)
       → the network; with flip-TTA (model.json inference.tta_flip) the logits of the image and its mirror
         are averaged                                     (imgrec.infer.runtime.forward_logits)
+      → plus the post-hoc logit adjustment −τ·log(prior) when model.json has one (inference.logit_adjust)
       → outputs "probabilities" (softmax) and "logits", float32 N×K
 
 The class names, input size, channels, mean/std, resize policy and the export format version go into the ONNX
@@ -91,17 +92,24 @@ INT8_TOLERANCE = Tolerance(min_agreement=0.98, max_dprob=None, max_accuracy_drop
 
 
 class ExportGraph(nn.Module):
-    """uint8 N×H×W×C pixels → (probabilities, logits): imgrec's preprocessing, the network, flip-TTA, softmax."""
+    """uint8 N×H×W×C pixels → (probabilities, logits): imgrec's preprocessing, the network, flip-TTA, softmax
+    (a sigmoid per label for a multi-label model)."""
 
     def __init__(self, model: nn.Module, meta: ModelMeta):
         super().__init__()
         self.model = model.eval()
         self.size = int(meta.image_size)
         self.tta_flip = bool(meta.tta_flip)
+        # multilabel: the "probabilities" output is one sigmoid per label (thresholds are in the metadata)
+        self.multilabel = meta.task == "multilabel"
         c = int(meta.channels)
         # the same folding of 1/255 into mean and std as imgrec.data.transforms.Preprocess
         self.register_buffer("mean255", torch.tensor(meta.mean, dtype=torch.float32).view(1, c, 1, 1) * 255)
         self.register_buffer("std255", torch.tensor(meta.std, dtype=torch.float32).view(1, c, 1, 1) * 255)
+        # post-hoc logit adjustment (model.json inference.logit_adjust) inside the graph, as forward_logits adds
+        # it: an exported file predicts like `imgrec predict` without any runtime knowing about the adjustment
+        bias = meta.logit_bias
+        self.register_buffer("logit_bias", None if bias is None else torch.tensor(bias, dtype=torch.float32))
 
     def forward(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         x = pixels.permute(0, 3, 1, 2).to(torch.float32)
@@ -112,7 +120,9 @@ class ExportGraph(nn.Module):
         logits = self.model(x)
         if self.tta_flip:
             logits = (logits + self.model(x.flip(3))) / 2
-        return torch.softmax(logits, dim=1), logits
+        if self.logit_bias is not None:
+            logits = logits + self.logit_bias
+        return (torch.sigmoid(logits) if self.multilabel else torch.softmax(logits, dim=1)), logits
 
 
 @dataclass
@@ -281,6 +291,11 @@ def _metadata(meta: ModelMeta, precision: str, extra: dict | None = None) -> dic
         "mean": json.dumps(list(meta.mean)), "std": json.dumps(list(meta.std)), "resize": meta.resize,
         "tta_flip": "true" if meta.tta_flip else "false", "precision": precision, "input_spec": INPUT_SPEC,
         "metrics": json.dumps(metrics), "data": json.dumps(data), "export": json.dumps(extra or {}),
+        # older readers ignore these keys; imgrec.infer.ort reads them (a multilabel file then returns every
+        # label at or above its threshold)
+        "task": meta.task, "thresholds": json.dumps(meta.thresholds),
+        # informational: the adjustment is already inside the graph's logits
+        "logit_adjust": json.dumps(meta.inference.get("logit_adjust")),
     }
 
 
@@ -427,7 +442,7 @@ def check_export(model: nn.Module, meta: ModelMeta, path: str | os.PathLike, *, 
     diff = (p_ref - p_exp).abs()
     res = CheckResult(n=int(images.shape[0]), agreement=float((top_ref == top_exp).float().mean()),
                       max_dprob=float(diff.max()), mean_dprob=float(diff.mean()), data=what, tolerance=asdict(tol))
-    if labels is not None:
+    if labels is not None and labels.ndim == 1:  # multi-label data has no single true class to compare with
         res.accuracy_reference = float((top_ref == labels).float().mean())
         res.accuracy_exported = float((top_exp == labels).float().mean())
     if originals:

@@ -13,7 +13,9 @@ from imgrec.data.decode import decode_image
 from imgrec.data.transforms import Preprocess, convert_channels, resize_uint8
 from imgrec.device import pick_device
 from imgrec.errors import ConfigError, ImageDecodeError
-from imgrec.infer.files import FilePredictions, check_file_options, decoded_batches, expand_inputs
+from imgrec.infer.files import (FilePredictions, check_file_options, cpu_pass_size, cpu_streams, decoded_batches,
+                                expand_inputs, run_batches)
+from imgrec.infer.multilabel import parse_thresholds, select_labels
 from imgrec.infer.runtime import forward_logits, load_model, resolve_amp
 from imgrec.modeldir import ModelMeta
 
@@ -45,6 +47,13 @@ class Classifier:
         self.image_size = int(meta.image_size)
         self.channels = int(meta.channels)
         self.tta_flip = meta.tta_flip
+        # post-hoc logit adjustment recorded in model.json (None: none); every prediction path adds it
+        bias = meta.logit_bias
+        self.logit_bias = None if bias is None else torch.tensor(bias, dtype=torch.float32, device=self.device)
+        # multilabel: one sigmoid per label and a decision threshold per label (model.json, or set_thresholds)
+        self.multilabel = meta.task == "multilabel"
+        self.thresholds: list[float] | None = parse_thresholds(None, self.classes, meta.thresholds) \
+            if self.multilabel else None
         self.amp = resolve_amp(amp, self.device, meta.name)
         self.preprocess = Preprocess(meta.mean, meta.std, self.device, channels_last=True)
 
@@ -99,15 +108,29 @@ class Classifier:
     # -- outputs -------------------------------------------------------------------------------
     def logits(self, batch_uint8: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
         """Logits for an N×C×H×W uint8 batch already at the model's size (what eval and serve use)."""
-        outs = [forward_logits(self.model, self.preprocess(chunk), tta_flip=self.tta_flip, amp=self.amp).cpu()
+        outs = [forward_logits(self.model, self.preprocess(chunk), tta_flip=self.tta_flip, amp=self.amp,
+                               logit_bias=self.logit_bias).cpu()
                 for chunk in batch_uint8.split(batch_size)]
         return torch.cat(outs) if outs else torch.empty(0, len(self.classes))
 
     def probabilities(self, batch_uint8: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
-        return torch.softmax(self.logits(batch_uint8, batch_size), dim=1)
+        """Softmax over the classes; for a multi-label model one independent sigmoid per label."""
+        logits = self.logits(batch_uint8, batch_size)
+        return torch.sigmoid(logits) if self.multilabel else torch.softmax(logits, dim=1)
+
+    def set_thresholds(self, spec) -> list[float]:
+        """Override a multi-label model's decision thresholds: a number for every label, ``{label: number}``,
+        or ``"label=number"`` strings (imgrec.infer.multilabel.parse_thresholds); returns the new ones."""
+        if not self.multilabel:
+            raise ConfigError(f"{self.name} is a single-label model: thresholds apply to multi-label models")
+        self.thresholds = parse_thresholds(spec, self.classes, self.thresholds)
+        return self.thresholds
 
     def topk(self, probs: torch.Tensor, top_k: int = 5) -> list[list[dict]]:
-        """``[{"label", "score"}]`` per row, highest score first."""
+        """``[{"label", "score"}]`` per row, highest score first. A multi-label model gives every label at or
+        above its threshold instead (``top_k`` does not apply)."""
+        if self.multilabel:
+            return select_labels(probs.numpy(), self.classes, self.thresholds)
         k = max(1, min(int(top_k), len(self.classes)))
         scores, idx = probs.topk(k, dim=1)
         return [[{"label": self.classes[j], "score": float(s)} for s, j in zip(srow.tolist(), irow.tolist())]
@@ -130,16 +153,33 @@ class Classifier:
         """Predict image files and folders (searched recursively), ``batch_size`` images per forward pass.
 
         Files are decoded by ``decode_threads`` threads (None: one per core; 0: one after the other in this
-        thread) while the model runs on the batch before (imgrec.infer.files). ``on_bad_image="fail"`` raises
-        ImageDecodeError naming the first unreadable file; ``"skip"`` leaves it out (listed in ``.skipped``,
-        and warned about on stderr when ``warn``) and goes on with the rest.
+        thread) while the model runs on the batches before (imgrec.infer.files). On a CPU several batches run
+        at once, one per PyTorch thread (up to 4), each single-threaded: PyTorch's intra-op thread count is
+        lowered for the call and restored after (``imgrec.infer.files.cpu_streams``); and large images go
+        through in passes of fewer than ``batch_size`` (``cpu_pass_size``: 8 at 224 px). ``on_bad_image="fail"``
+        raises ImageDecodeError naming the first unreadable file; ``"skip"`` leaves it out (listed in
+        ``.skipped``, and warned about on stderr when ``warn``) and goes on with the rest.
         """
         files = check_file_options(paths, top_k, batch_size, on_bad_image)
         out = FilePredictions()
-        for kept, tensors in decoded_batches(files, self.load_image, batch_size, on_bad_image, out, warn,
-                                             decode_threads):
-            preds = self.topk(self.probabilities(torch.stack(tensors)), top_k)
-            out.results += [{"file": str(f), "predictions": p} for f, p in zip(kept, preds)]
+        streams, per_stream = 1, 0
+        if self.device.type == "cpu":
+            streams, per_stream = cpu_streams(torch.get_num_threads())
+            batch_size = cpu_pass_size(self.image_size, batch_size)
+
+        def run(tensors: list[torch.Tensor]) -> list[list[dict]]:
+            return self.topk(self.probabilities(torch.stack(tensors)), top_k)
+
+        before = torch.get_num_threads()
+        if per_stream:
+            torch.set_num_threads(per_stream)
+        try:
+            batches = decoded_batches(files, self.load_image, batch_size, on_bad_image, out, warn, decode_threads,
+                                      ahead=streams + 1)
+            for kept, preds in run_batches(batches, run, streams):
+                out.results += [{"file": str(f), "predictions": p} for f, p in zip(kept, preds)]
+        finally:
+            torch.set_num_threads(before)
         return out
 
 

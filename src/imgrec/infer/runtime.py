@@ -55,10 +55,13 @@ def autocast(device: torch.device, dtype: torch.dtype | None):
 
 @torch.inference_mode()
 def forward_logits(model: torch.nn.Module, x: torch.Tensor, *, tta_flip: bool = False,
-                   amp: torch.dtype | None = None) -> torch.Tensor:
-    """fp32 logits for a normalised batch; with ``tta_flip`` the logits of the image and its mirror are averaged."""
+                   amp: torch.dtype | None = None, logit_bias: torch.Tensor | None = None) -> torch.Tensor:
+    """fp32 logits for a normalised batch; with ``tta_flip`` the logits of the image and its mirror are averaged.
+    ``logit_bias`` (K, from ``ModelMeta.logit_bias``: post-hoc logit adjustment) is added last, in fp32."""
     with autocast(x.device, amp):
         logits = model(x).float()
         if tta_flip:
             logits = (logits + model(x.flip(3)).float()) / 2
+    if logit_bias is not None:
+        logits = logits + logit_bias.to(device=logits.device, dtype=torch.float32)
     return logits
