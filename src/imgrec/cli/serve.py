@@ -7,7 +7,6 @@ import argparse
 from imgrec.cli.common import add_backend_option
 
 
-
 def add_parsers(sub) -> None:
     p = sub.add_parser(
         "serve", help="serve a model over HTTP: a JSON API and a web page",
@@ -50,7 +49,14 @@ def cmd_serve(args) -> int:
                              max_files=args.max_files, queue_size=args.queue_size, timeout_s=args.timeout_s)
     try:
         serve(args.model, settings, host=args.host, port=args.port, workers=args.workers, which=args.which,
-              device=args.device, threads=args.threads, backend=args.backend, log_level=args.log_level, access_log=args.access_log)
+              device=args.device, threads=args.threads, backend=args.backend, log_level=args.log_level,
+              access_log=args.access_log)
     except KeyboardInterrupt:  # uvicorn re-raises Ctrl-C after its graceful shutdown: a normal end for a server
         pass
+    except ModuleNotFoundError as e:  # raised while loading, before listening: PyTorch is not installed
+        if (e.name or "").split(".")[0] != "torch":
+            raise
+        raise ConfigError("the PyTorch backend needs torch, which is not installed here; export the model where it "
+                          "is (imgrec export --model DIR) and serve DIR/model.onnx with --backend onnxruntime"
+                          ) from None
     return 0

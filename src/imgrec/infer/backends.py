@@ -12,7 +12,7 @@ from pathlib import Path
 
 from imgrec.errors import ConfigError, ModelFileError
 
-__all__ = ["BACKENDS", "load_classifier", "onnx_path"]
+__all__ = ["BACKENDS", "load_classifier", "onnx_path", "resolve_backend"]
 
 BACKENDS = ("auto", "torch", "onnxruntime")
 EXPORTED_NAME = "model.onnx"  # what `imgrec export` writes into the model directory by default
@@ -32,6 +32,17 @@ def onnx_path(model: str | os.PathLike) -> Path:
     return p
 
 
+def resolve_backend(model: str | os.PathLike, backend: str = "auto") -> str:
+    """The backend ``load_classifier(model, backend)`` will use, "torch" or "onnxruntime", importing neither, so
+    a caller can prepare for it first (the server sets PyTorch's threads only when PyTorch will run)."""
+    if backend not in BACKENDS:
+        raise ConfigError(f"unknown backend {backend!r}; choose one of: {', '.join(BACKENDS)}")
+    if backend != "auto":
+        return backend
+    p = Path(model)
+    return "onnxruntime" if p.suffix.lower() == ".onnx" and not p.is_dir() else "torch"
+
+
 def load_classifier(model: str | os.PathLike, backend: str = "auto", which: str = "best", device: str = "auto",
                     amp: str = "auto", threads: int | None = None):
     """A classifier for a model directory or an exported ``.onnx`` file.
@@ -42,16 +53,11 @@ def load_classifier(model: str | os.PathLike, backend: str = "auto", which: str 
         which: ``best``/``last`` weights (PyTorch only; an exported file holds one set).
         amp: PyTorch autocast (see ``Classifier``); threads: ONNX Runtime intra-op threads.
     """
-    if backend not in BACKENDS:
-        raise ConfigError(f"unknown backend {backend!r}; choose one of: {', '.join(BACKENDS)}")
     p = Path(model)
-    is_onnx_file = p.suffix.lower() == ".onnx" and not p.is_dir()
-    if backend == "auto":
-        backend = "onnxruntime" if is_onnx_file else "torch"
-    if backend == "onnxruntime":
+    if resolve_backend(p, backend) == "onnxruntime":
         from imgrec.infer.ort import OnnxClassifier
         return OnnxClassifier(onnx_path(p), device=device, threads=threads)
-    if is_onnx_file:
+    if resolve_backend(p) == "onnxruntime":  # a .onnx file with backend torch
         raise ConfigError(f"{p}: an ONNX file runs with --backend onnxruntime (or auto), not torch")
     from imgrec.infer.predictor import Classifier
     return Classifier.load(p, which=which, device=device, amp=amp)

@@ -9,6 +9,19 @@ and resamples, so a thread pool decodes the next batches while the model (which 
 its kernels) runs the current one. Results keep the order of the input files, a bounded window of files
 is in flight (memory stays flat for any folder size), and ``on_bad_image="fail"`` still names the first
 unreadable file in input order.
+
+Why streams (:func:`run_batches`): on a CPU the model's own threads (PyTorch's OpenMP pool, ONNX Runtime's
+intra-op pool) meet at a barrier after every operator, and a decoding thread, or another process, that takes
+one of their cores makes the others spin until it comes back. On 2 cores with decoding beside it, fastnet at
+28 px ran at 80 images/s with 2 PyTorch threads and 620 with 1 (benchmarks/results/predict_throughput.md). So
+on a CPU whole batches run side by side instead, each on the thread that called it (``cpu_streams``: one
+stream per core, up to 4, with the remaining cores as intra-op threads of each): no barrier waits for a
+descheduled thread, and every core does useful work.
+
+Why smaller passes on a CPU (:func:`cpu_pass_size`): a forward pass over 64 images at 224 px allocates
+activations of hundreds of MB; above glibc's mmap threshold each is mapped and zeroed afresh by the kernel on
+every pass. resnet18 at 224 px cost 22 ms of CPU per image in batches of 64 (7 ms of it in the kernel) and
+18.7 ms in batches of 8, while a batch of 1 (24 ms) is too small: about 8 images of 224 × 224 per pass.
 """
 from __future__ import annotations
 
@@ -22,10 +35,12 @@ from typing import Any, Callable, Iterable, Iterator
 
 from imgrec.errors import ConfigError, ImageDecodeError
 
-__all__ = ["FilePredictions", "ON_BAD_IMAGE", "check_file_options", "decoded_batches",
-           "default_decode_threads", "expand_inputs"]
+__all__ = ["FilePredictions", "ON_BAD_IMAGE", "check_file_options", "cpu_pass_size", "cpu_streams",
+           "decoded_batches", "default_decode_threads", "expand_inputs", "run_batches", "usable_cores"]
 
 ON_BAD_IMAGE = ("fail", "skip")
+MAX_STREAMS = 4  # batches in flight at once on a CPU: more cores go to each batch's intra-op threads
+PIXELS_PER_PASS = 8 * 224 * 224  # images × height × width per forward pass on a CPU (8 at 224 px, 512 at 28 px)
 
 
 @dataclass
@@ -64,23 +79,68 @@ def check_file_options(paths, top_k: int, batch_size: int, on_bad_image: str) ->
     return files
 
 
+def usable_cores() -> int:
+    """CPU cores this process may run on (its affinity mask); imgrec.device has the same without PyTorch."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
 def default_decode_threads() -> int:
     """One decoding thread per usable core (at least 2, so one decodes while another waits on the disk)."""
+    return max(2, min(usable_cores(), 16))
+
+
+def cpu_pass_size(image_size: int, batch_size: int) -> int:
+    """Images per forward pass on a CPU: ``batch_size``, or fewer for large images (``PIXELS_PER_PASS``)."""
+    return max(1, min(int(batch_size), PIXELS_PER_PASS // max(1, int(image_size) ** 2)))
+
+
+def cpu_streams(threads: int) -> tuple[int, int]:
+    """``(streams, threads per stream)`` for a CPU budget of ``threads`` (the model's intra-op thread count):
+    one batch at a time per core up to :data:`MAX_STREAMS`, the rest of the budget as each one's threads."""
+    threads = max(1, int(threads))
+    streams = min(threads, MAX_STREAMS)
+    return streams, max(1, threads // streams)
+
+
+def run_batches(batches: Iterable[tuple[list[Path], Any]], run: Callable[[Any], Any],
+                streams: int = 1) -> Iterator[tuple[list[Path], Any]]:
+    """Yield ``(files, run(images))`` for each ``(files, images)`` batch, in order, with up to ``streams``
+    calls of ``run`` at once in worker threads (1: in this thread, one after the other).
+
+    ``batches`` is advanced only in this thread (a decode error surfaces here, in input order); an error in
+    ``run`` is raised when its batch's turn comes, and the batches still running are waited for.
+    """
+    if streams <= 1:
+        for files, images in batches:
+            yield files, run(images)
+        return
+    pool = ThreadPoolExecutor(max_workers=streams, thread_name_prefix="imgrec-model")
+    running: collections.deque[tuple[list[Path], Future]] = collections.deque()
     try:
-        cores = len(os.sched_getaffinity(0))
-    except (AttributeError, OSError):
-        cores = os.cpu_count() or 1
-    return max(2, min(cores, 16))
+        for files, images in batches:
+            running.append((files, pool.submit(run, images)))
+            if len(running) >= streams:  # every stream busy: hand back the oldest before taking another batch
+                done_files, fut = running.popleft()
+                yield done_files, fut.result()
+        while running:
+            done_files, fut = running.popleft()
+            yield done_files, fut.result()
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def decoded_batches(files: list[Path], decode: Callable[[Path], Any], batch_size: int, on_bad_image: str,
-                    out: FilePredictions, warn: bool = True,
-                    threads: int | None = None) -> Iterator[tuple[list[Path], list[Any]]]:
+                    out: FilePredictions, warn: bool = True, threads: int | None = None,
+                    ahead: int = 2) -> Iterator[tuple[list[Path], list[Any]]]:
     """Yield ``(files, decoded images)`` batches of up to ``batch_size``, in input order.
 
     ``decode(path)`` runs in ``threads`` worker threads (None: :func:`default_decode_threads`; 0: inline,
-    one file after the other, as before the pipeline existed), at most two batches ahead of the consumer.
-    An ImageDecodeError is raised naming the file (``on_bad_image="fail"``) or recorded in ``out.skipped``.
+    one file after the other, as before the pipeline existed), at most ``ahead`` batches ahead of the consumer
+    (the model's streams + 1 keeps every stream fed). An ImageDecodeError is raised naming the file
+    (``on_bad_image="fail"``) or recorded in ``out.skipped``.
     """
     threads = default_decode_threads() if threads is None else int(threads)
     if threads < 0:
@@ -109,7 +169,8 @@ def decoded_batches(files: list[Path], decode: Callable[[Path], Any], batch_size
             yield batch_files, batch
         return
 
-    window = 2 * batch_size + threads  # files in flight: the batch being filled, the next one, one per thread
+    # files in flight: the batch being filled, the batches ahead, one per thread
+    window = max(2, ahead) * batch_size + threads
     pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="imgrec-decode")
     pending: collections.deque[tuple[Path, Future]] = collections.deque()
     todo = iter(files)

@@ -30,7 +30,9 @@ from typing import Any, Iterable
 import numpy as np
 
 from imgrec.errors import ConfigError, ImageDecodeError, ModelFileError
-from imgrec.infer.files import FilePredictions, check_file_options, decoded_batches
+from imgrec.infer.files import (FilePredictions, check_file_options, cpu_pass_size, cpu_streams, decoded_batches,
+                                run_batches, usable_cores)
+from imgrec.infer.multilabel import parse_thresholds, select_labels
 
 __all__ = ["ONNX_FORMAT", "ONNX_FORMAT_VERSION", "OnnxClassifier", "OnnxModelInfo", "check_external_data",
            "read_onnx_info"]
@@ -63,6 +65,8 @@ class OnnxModelInfo:
     metrics: dict[str, Any] = field(default_factory=dict)
     data: dict[str, Any] = field(default_factory=dict)
     export: dict[str, Any] = field(default_factory=dict)
+    task: str = "classification"   # "multilabel": the graph's probabilities are per-label sigmoids
+    thresholds: list[float] | None = None  # multilabel: per-label decision thresholds (None: 0.5)
 
 
 def check_external_data(path: str | os.PathLike) -> None:
@@ -120,11 +124,19 @@ def read_onnx_info(path: str | os.PathLike, metadata: dict[str, str]) -> OnnxMod
             format_version=version, imgrec_version=str(metadata.get("imgrec_version", "")),
             metrics=dict(json.loads(metadata.get("metrics", "{}"))),
             data=dict(json.loads(metadata.get("data", "{}"))),
-            export=dict(json.loads(metadata.get("export", "{}"))))
+            export=dict(json.loads(metadata.get("export", "{}"))),
+            task=str(metadata.get("task", "classification")),
+            thresholds=None if metadata.get("thresholds") in (None, "null") else
+            [float(v) for v in json.loads(metadata["thresholds"])])
     except (TypeError, ValueError, AttributeError) as e:
         raise ModelFileError(f"{path}: malformed imgrec metadata ({_first_line(e)})") from None
     if not isinstance(classes, list) or not info.classes:
         raise ModelFileError(f"{path}: the metadata lists no class names")
+    if info.task not in ("classification", "multilabel"):
+        raise ModelFileError(f"{path}: task {info.task!r} is not supported by this imgrec")
+    if info.thresholds is not None and (len(info.thresholds) != len(info.classes)
+                                        or not all(0.0 <= t <= 1.0 for t in info.thresholds)):
+        raise ModelFileError(f"{path}: the metadata needs one threshold in 0..1 per class")
     if info.channels not in (1, 3) or not 1 <= info.image_size <= 4096:
         raise ModelFileError(f"{path}: bad channels/image_size in the metadata ({info.channels}, {info.image_size})")
     return info
@@ -172,6 +184,10 @@ class OnnxClassifier:
         opts = ort.SessionOptions()
         if threads:
             opts.intra_op_num_threads = int(threads)
+        # Idle pool threads sleep instead of spinning: decoding threads (predict, the server) and other processes
+        # need those cores. With spinning, resnet18 int8 at 224 px cost 8.6 ms of CPU per image on 2 shared
+        # cores, without it 5.4 ms, and ran faster (benchmarks/results/predict_throughput.md).
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         opts.log_severity_level = 3  # errors only: ORT's warnings about unused initializers are noise here
         try:
             self.session = ort.InferenceSession(str(path), opts, providers=_providers(device))
@@ -188,7 +204,11 @@ class OnnxClassifier:
         self.image_size = int(self.meta.image_size)
         self.channels = int(self.meta.channels)
         self.tta_flip = self.meta.tta_flip
+        self.multilabel = self.meta.task == "multilabel"
+        self.thresholds: list[float] | None = parse_thresholds(None, self.classes, self.meta.thresholds) \
+            if self.multilabel else None
         self.device = device
+        self.threads = int(threads) if threads else usable_cores()  # ORT's default pool: one thread per core
 
     @classmethod
     def load(cls, path: str | os.PathLike, device: str = "auto", threads: int | None = None) -> "OnnxClassifier":
@@ -251,8 +271,18 @@ class OnnxClassifier:
         """Logits for an N×C×H×W uint8 batch (what ``imgrec eval`` uses), the type of the input."""
         return self._run(batch_uint8, batch_size, LOGITS_NAME)
 
+    def set_thresholds(self, spec) -> list[float]:
+        """As ``Classifier.set_thresholds``: override a multi-label model's decision thresholds."""
+        if not self.multilabel:
+            raise ConfigError(f"{self.name} is a single-label model: thresholds apply to multi-label models")
+        self.thresholds = parse_thresholds(spec, self.classes, self.thresholds)
+        return self.thresholds
+
     def topk(self, probs: Any, top_k: int = 5) -> list[list[dict]]:
-        """``[{"label", "score"}]`` per row, highest score first."""
+        """``[{"label", "score"}]`` per row, highest score first (multi-label: every label at or above its
+        threshold; ``top_k`` does not apply)."""
+        if self.multilabel:
+            return select_labels(probs, self.classes, self.thresholds)
         probs = np.asarray(probs)
         k = max(1, min(int(top_k), len(self.classes)))
         idx = np.argsort(-probs, axis=1, kind="stable")[:, :k]
@@ -277,12 +307,22 @@ class OnnxClassifier:
     def predict_files(self, paths: Iterable[str | os.PathLike], top_k: int = 5, batch_size: int = 64,
                       on_bad_image: str = "fail", warn: bool = True,
                       decode_threads: int | None = None) -> FilePredictions:
-        """As ``Classifier.predict_files``: files decoded in parallel while the model runs, in batches."""
+        """As ``Classifier.predict_files``: files decoded in parallel while the model runs, in batches; on a CPU
+        several batches at once (one per thread of the session, up to 4: ``imgrec.infer.files.cpu_streams``),
+        large images in passes of fewer than ``batch_size`` (``cpu_pass_size``)."""
         files = check_file_options(paths, top_k, batch_size, on_bad_image)
         out = FilePredictions()
-        for kept, arrays in decoded_batches(files, self.load_image, batch_size, on_bad_image, out, warn,
-                                            decode_threads):
-            preds = self.topk(self.probabilities(np.stack(arrays), batch_size), top_k)
+        streams = 1
+        if self.session.get_providers()[0] == "CPUExecutionProvider":
+            streams = cpu_streams(self.threads)[0]
+            batch_size = cpu_pass_size(self.image_size, batch_size)
+
+        def run(arrays: list[np.ndarray]) -> list[list[dict]]:  # one session, called from several threads
+            return self.topk(self.probabilities(np.stack(arrays), batch_size), top_k)
+
+        batches = decoded_batches(files, self.load_image, batch_size, on_bad_image, out, warn, decode_threads,
+                                  ahead=streams + 1)
+        for kept, preds in run_batches(batches, run, streams):
             out.results += [{"file": str(f), "predictions": p} for f, p in zip(kept, preds)]
         return out
 

@@ -21,6 +21,10 @@ A request's way through the server, and what bounds each step (the server faces 
                  → 503 with Retry-After when full
     timeout      ``timeout_s`` from arrival to answer → 504; the worker finishes its pass and lives on
 
+The classifier is either backend's (imgrec.infer.backends): images, batches and probabilities are torch
+tensors with PyTorch and numpy arrays with ONNX Runtime, and this module handles both without importing
+torch itself, so ``imgrec serve --backend onnxruntime`` never loads PyTorch (tests/test_serve_onnx.py).
+
 Every error is JSON ``{"detail": "<message in words>"}`` with a 4xx status for bad input; uploads are
 never stored, logged or echoed back. No endpoint takes a path, URL or model name: the model is chosen
 when the server starts, and the static files are read once at start-up from the package.
@@ -36,11 +40,11 @@ import os
 import time
 from dataclasses import dataclass
 from importlib import resources
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import anyio
 import anyio.to_thread
-import torch
+import numpy as np
 from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
@@ -51,7 +55,11 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
 from imgrec.errors import ConfigError, ImageDecodeError
+from imgrec.infer.backends import resolve_backend
 from imgrec.serve.batcher import Batcher, BatcherStopped, QueueFull
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = ["ServeSettings", "create_app"]
 
@@ -130,6 +138,9 @@ class ModelInfo(BaseModel):
     channels: int
     metrics: dict[str, float | int | bool | None]
     limits: Limits
+    task: str = Field("classification", description="classification (top-k labels) or multilabel (every label "
+                                                      "whose score reaches its threshold)")
+    thresholds: list[float] | None = Field(None, description="multilabel: the decision threshold of each class")
 
 
 class Status(BaseModel):
@@ -178,23 +189,42 @@ class _ServerState:
         self.ready = False
         self.batcher = Batcher(self._forward, settings.max_batch, settings.max_wait_ms / 1000, settings.queue_size)
 
-    def _forward(self, batch: torch.Tensor) -> list[tuple[list[float], list[int]]]:
+    def _forward(self, batch: torch.Tensor | np.ndarray) -> list[tuple[list[float], list[int]]]:
         """Per image: (scores, class indices), best first, as Python lists (runs in the batcher's thread).
 
         Sorting and ``tolist`` once per batch here, instead of a ``topk`` per request on the event loop,
-        keeps torch calls (and their GIL hand-offs) off the thread that answers every connection.
+        keeps tensor calls (and their GIL hand-offs) off the thread that answers every connection.
         """
         # chunks of max_batch bound memory when one request brings more images than a batch holds
         probs = self.classifier.probabilities(batch, batch_size=self.settings.max_batch)
-        scores, idx = probs.sort(dim=1, descending=True, stable=True)
         k = min(MAX_TOP_K, probs.shape[1])
-        return list(zip(scores[:, :k].tolist(), idx[:, :k].tolist()))
+        if isinstance(probs, np.ndarray):  # ONNX Runtime; a stable sort of -p keeps ties in class order, as torch
+            idx = np.argsort(-probs, axis=1, kind="stable")[:, :k]
+            scores = np.take_along_axis(probs, idx, axis=1)
+        else:
+            scores, idx = probs.sort(dim=1, descending=True, stable=True)
+            scores, idx = scores[:, :k], idx[:, :k]
+        return list(zip(scores.tolist(), idx.tolist()))
 
     def warm_up(self) -> None:
         """Run the shapes the server will see first, so the first real request is not the slow one."""
-        c = self.classifier
         for n in sorted({1, self.settings.max_batch}):
-            self._forward(torch.zeros(n, c.channels, c.image_size, c.image_size, dtype=torch.uint8))
+            self._forward(blank_batch(self.classifier, n))
+
+
+def blank_batch(classifier, n: int):
+    """``n`` black images at the model's size, of the type its ``load_image`` gives (torch or numpy)."""
+    one = classifier.load_image(np.zeros((classifier.channels, classifier.image_size, classifier.image_size),
+                                         np.uint8))
+    return _stack([one] * n)
+
+
+def _stack(images: list):
+    """Decoded C×H×W images → one N×C×H×W batch, with the library that made them."""
+    if isinstance(images[0], np.ndarray):
+        return np.stack(images)
+    import torch  # the images are torch tensors: PyTorch is loaded already
+    return torch.stack(images)
 
 
 async def _with_timeout(coro, seconds: float):
@@ -362,17 +392,17 @@ async def _drain(request: Request, body: _Body, timeout_s: float) -> bool:
     return True
 
 
-def _decode_all(classifier, uploads: Uploads, multipart: bool) -> torch.Tensor:
-    """Decode every upload to the model's size and channels (runs in a worker thread)."""
+def _decode_all(classifier, uploads: Uploads, multipart: bool) -> torch.Tensor | np.ndarray:
+    """Decode every upload to the model's size and channels (runs in a worker thread): a torch tensor
+    (PyTorch backend) or a numpy array (ONNX Runtime backend), as the classifier's ``load_image`` gives."""
     images = []
     for i, (name, data) in enumerate(uploads):
         try:
-            # a torch tensor (PyTorch backend) or a numpy array (ONNX Runtime backend): both stack alike
-            images.append(torch.as_tensor(classifier.load_image(bytes(data))))
+            images.append(classifier.load_image(bytes(data)))
         except ImageDecodeError as e:
             raise _http_error(415, f"{_describe_upload(i, name, multipart)}: {e.reason}") from None
         data.clear()  # the encoded bytes are no longer needed: free them while the rest decode
-    return torch.stack(images)
+    return _stack(images)
 
 
 # -- static files: read once from the package, served from memory ---------------------------------
@@ -440,7 +470,8 @@ class _SecurityHeaders:
 
 # -- the app -------------------------------------------------------------------------------------
 def create_app(classifier, settings: ServeSettings | None = None) -> FastAPI:
-    """A FastAPI app serving ``classifier`` (an ``imgrec.infer.predictor.Classifier``).
+    """A FastAPI app serving ``classifier`` (``imgrec.infer.predictor.Classifier`` or, without PyTorch,
+    ``imgrec.infer.ort.OnnxClassifier``: see ``load_classifier``).
 
     The batcher's worker starts, after a warm-up pass, in the app's lifespan: run the app with an
     ASGI server (uvicorn) or ``httpx``/Starlette test clients that run the lifespan.
@@ -450,6 +481,9 @@ def create_app(classifier, settings: ServeSettings | None = None) -> FastAPI:
     # a client sending thousands must not be able to fill the server's log.
     logging.getLogger("python_multipart").setLevel(logging.ERROR)
     state = _ServerState(classifier, settings)
+    # multi-label: every label at or above its threshold, compared in float32 as the predictors do
+    multilabel = bool(getattr(classifier, "multilabel", False))
+    thresholds = [float(np.float32(t)) for t in classifier.thresholds] if multilabel else None
     static = _load_static()
     swagger = _load_swagger_assets()
 
@@ -491,11 +525,16 @@ def create_app(classifier, settings: ServeSettings | None = None) -> FastAPI:
     @app.post("/v1/predict", response_model=PredictResponse, openapi_extra=PREDICT_BODY, tags=["predict"],
               responses=_errors(400, 408, 413, 415, 422, 503, 504), summary="Classify one or more images")
     async def predict(request: Request,
-                      top_k: int = Query(5, ge=1, le=MAX_TOP_K, description="labels per image (capped at the "
-                                                                               "number of classes)")):
+                      top_k: int | None = Query(None, ge=1, le=MAX_TOP_K,
+                                                description="labels per image (default 5, capped at the number of "
+                                                            "classes); not for a multi-label model, which returns "
+                                                            "every label whose score reaches its threshold")):
         t0 = time.perf_counter()
         body = _Body(state)
         try:
+            if multilabel and top_k is not None:
+                raise _http_error(400, "top_k does not apply to a multi-label model: it returns every label "
+                                       "whose score reaches that label's threshold")
             rows = await _run_predict(request, body, t0)
         except StarletteHTTPException as e:
             if not body.finished:
@@ -506,8 +545,13 @@ def create_app(classifier, settings: ServeSettings | None = None) -> FastAPI:
                     e.headers = {**(e.headers or {}), "Connection": "close"}
             raise
         classes = classifier.classes
-        predictions = [[{"label": classes[j], "score": sc} for sc, j in zip(scores[:top_k], idx[:top_k])]
-                       for scores, idx in rows]
+        if multilabel:  # rows come sorted best first: keep every label at or above its threshold
+            predictions = [[{"label": classes[j], "score": sc} for sc, j in zip(scores, idx) if sc >= thresholds[j]]
+                           for scores, idx in rows]
+        else:
+            top_k = 5 if top_k is None else top_k
+            predictions = [[{"label": classes[j], "score": sc} for sc, j in zip(scores[:top_k], idx[:top_k])]
+                           for scores, idx in rows]
         return JSONResponse({"model": classifier.name, "predictions": predictions,
                              "time_ms": round((time.perf_counter() - t0) * 1000, 3)})
 
@@ -562,7 +606,8 @@ def create_app(classifier, settings: ServeSettings | None = None) -> FastAPI:
             "name": classifier.name, "classes": list(classifier.classes), "num_classes": len(classifier.classes),
             "image_size": classifier.image_size, "channels": classifier.channels, "metrics": metrics,
             "limits": {"max_upload_bytes": settings.max_upload_bytes, "max_files": settings.max_files,
-                       "max_batch": settings.max_batch, "max_top_k": MAX_TOP_K}})
+                       "max_batch": settings.max_batch, "max_top_k": MAX_TOP_K},
+            "task": "multilabel" if multilabel else "classification", "thresholds": thresholds})
 
     @app.get("/healthz", response_model=Status, tags=["health"], summary="Liveness: the server answers")
     async def healthz():
@@ -624,17 +669,20 @@ def load_classifier(model_dir: str | os.PathLike, which: str = "best", device: s
 
     clf = load_backend(model_dir, backend=backend, which=which, device=device, threads=threads)
     try:
-        clf.probabilities(torch.zeros(1, clf.channels, clf.image_size, clf.image_size, dtype=torch.uint8))
+        clf.probabilities(blank_batch(clf, 1))
     except Exception as e:  # noqa: BLE001 - any failure here means the directory cannot serve
         raise ModelFileError(f"{model_dir}: the model fails on a test image ({str(e).splitlines()[0][:200]})") from None
     return clf
 
 
-def _set_threads(threads: int | None, workers: int) -> int:
-    """Set PyTorch's threads for one worker process; returns the count (ONNX Runtime sessions get it too)."""
-    from imgrec.device import set_threads, usable_cores
-    n = threads or max(1, usable_cores() // max(1, workers))
-    set_threads(n)
+def _set_threads(threads: int | None, workers: int, backend: str = "torch") -> int:
+    """The threads for one worker process's model: set as PyTorch's when ``backend`` is torch; returned
+    either way (ONNX Runtime sessions get it as their intra-op thread count)."""
+    from imgrec.infer.files import usable_cores  # imgrec.device has it too, but imports torch
+    n = int(threads) if threads else max(1, usable_cores() // max(1, workers))
+    if backend == "torch":
+        from imgrec.device import set_threads
+        set_threads(n)
     return n
 
 
@@ -642,8 +690,9 @@ def app_from_env() -> FastAPI:
     """App factory for ``--workers N`` (uvicorn imports it in each worker process)."""
     import json
     cfg = json.loads(os.environ[_ENV_CONFIG])
-    n = _set_threads(cfg["threads"], cfg["workers"])
-    clf = load_classifier(cfg["model"], cfg["which"], cfg["device"], cfg.get("backend", "auto"), n)
+    backend = cfg.get("backend", "auto")
+    n = _set_threads(cfg["threads"], cfg["workers"], resolve_backend(cfg["model"], backend))
+    clf = load_classifier(cfg["model"], cfg["which"], cfg["device"], backend, n)
     return create_app(clf, ServeSettings(**cfg["settings"]))
 
 
@@ -700,7 +749,7 @@ def serve(model_dir: str | os.PathLike, settings: ServeSettings | None = None, *
         raise ConfigError(f"workers must be at least 1, got {workers}")
     if threads is not None and threads < 1:
         raise ConfigError(f"threads must be at least 1, got {threads}")
-    n = _set_threads(threads, workers)
+    n = _set_threads(threads, workers, resolve_backend(model_dir, backend))
     clf = load_classifier(model_dir, which, device, backend, n)
     if host not in _LOOPBACK:
         log.warning("listening on %s: anyone who can reach this address can use the model", host)

@@ -8,9 +8,12 @@ request its rows, so throughput grows with load instead of collapsing.
 
 Design:
 
-* One worker thread owns the model. PyTorch releases the GIL inside its kernels, so the event loop
-  keeps accepting and decoding requests while a batch runs, and there is never more than one forward
-  pass competing for the cores.
+* One worker thread owns the model. PyTorch and ONNX Runtime release the GIL inside their kernels, so
+  the event loop keeps accepting and decoding requests while a batch runs, and there is never more than
+  one forward pass competing for the cores.
+* Batches are torch tensors (PyTorch backend) or numpy arrays (ONNX Runtime backend), joined with the
+  library they came from: this module imports torch only when it is handed torch tensors, so a server
+  on ONNX Runtime never loads PyTorch.
 * The wait is counted from when the *oldest* waiting request arrived, not from when the worker became
   free: after a slow batch everything already queued goes out at once, with no extra delay.
 * Waiting only pays when someone else may join. The HTTP layer ``announce``s each request when it is
@@ -31,9 +34,12 @@ import collections
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Sequence
 
-import torch
+import numpy as np
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = ["Batcher", "QueueFull", "BatcherStopped"]
 
@@ -48,7 +54,7 @@ class BatcherStopped(Exception):
 
 @dataclass
 class _Item:
-    images: torch.Tensor  # N×C×H×W uint8
+    images: Any  # N×C×H×W uint8: a torch tensor or a numpy array
     future: asyncio.Future
     loop: asyncio.AbstractEventLoop
     enqueued: float = field(default_factory=time.monotonic)
@@ -56,6 +62,16 @@ class _Item:
     @property
     def n(self) -> int:
         return int(self.images.shape[0])
+
+
+def _concat(batches: list) -> Any:
+    """Join N×C×H×W batches along N with their own library (numpy for ONNX Runtime, else torch)."""
+    if len(batches) == 1:
+        return batches[0]
+    if isinstance(batches[0], np.ndarray):
+        return np.concatenate(batches)
+    import torch  # already imported by whoever made these tensors
+    return torch.cat(batches)
 
 
 def _resolve(fut: asyncio.Future, result=None, error: BaseException | None = None) -> None:
@@ -80,14 +96,15 @@ class Batcher:
     """Gather concurrent ``submit`` calls into batches for one worker thread.
 
     Args:
-        forward: N×C×H×W uint8 → N results (a tensor or list, sliced by rows); called only from the worker thread.
+        forward: N×C×H×W uint8 (torch tensor or numpy array, as enqueued) → N results (sliced by rows);
+            called only from the worker thread.
         max_batch: the most images in one pass (1 turns batching off: one request per pass).
             A single request with more images is run alone, in chunks of ``max_batch`` inside ``forward``.
         max_wait_s: how long the oldest waiting request may wait for others to join its batch.
         max_queue: the most images waiting for the worker; more makes ``submit`` raise QueueFull.
     """
 
-    def __init__(self, forward: Callable[[torch.Tensor], Sequence], max_batch: int = 32,
+    def __init__(self, forward: Callable[[Any], Sequence], max_batch: int = 32,
                  max_wait_s: float = 0.005, max_queue: int = 128):
         if max_batch < 1 or max_queue < 1 or max_wait_s < 0:
             raise ValueError("max_batch and max_queue must be at least 1 and max_wait_s at least 0")
@@ -150,7 +167,8 @@ class Batcher:
         passes_ahead = -(-(self._queued_images + n) // self.max_batch)  # ceil
         return (1 + passes_ahead) * self.pass_seconds  # + 1: the pass that may be running now
 
-    def enqueue(self, images: torch.Tensor, announced: bool = False, within: float | None = None) -> asyncio.Future:
+    def enqueue(self, images: torch.Tensor | np.ndarray, announced: bool = False,
+                within: float | None = None) -> asyncio.Future:
         """Queue an N×C×H×W uint8 batch; the returned future (of this event loop) gets its N rows of output.
 
         Call on the event loop's thread. Raises QueueFull at once when the queue is full, or when
@@ -178,7 +196,7 @@ class Batcher:
             self._cond.notify()
         return item.future
 
-    async def submit(self, images: torch.Tensor):
+    async def submit(self, images: torch.Tensor | np.ndarray):
         """``enqueue`` and wait for the output."""
         return await self.enqueue(images)
 
@@ -218,7 +236,7 @@ class Batcher:
             if not live:
                 continue
             try:
-                x = live[0].images if len(live) == 1 else torch.cat([it.images for it in live])
+                x = _concat([it.images for it in live])
                 started = time.monotonic()
                 out = self.forward(x)
                 took = time.monotonic() - started

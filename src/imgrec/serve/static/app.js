@@ -7,6 +7,8 @@ const TOP_K = 5;
 const $ = (id) => document.getElementById(id);
 
 let maxUploadBytes = null; // from /v1/model; the server enforces it anyway
+let multilabel = false; // from /v1/model: a multi-label model answers every label above its threshold, no top-k
+let modelInfo = null; // the /v1/model request; a prediction waits for it, so it knows whether to ask for top-k
 let previewUrl = null;
 let requestId = 0; // only the latest image's answer is shown
 
@@ -22,8 +24,10 @@ async function loadModelInfo() {
     const info = await res.json();
     const n = info.classes.length;
     const names = info.classes.slice(0, 6).join(", ") + (n > 6 ? ", …" : "");
-    $("model-line").textContent =
-      `Model ${info.name}: ${n} classes (${names}), ${info.image_size}×${info.image_size} px input.`;
+    multilabel = info.task === "multilabel";
+    $("model-line").textContent = `Model ${info.name}: ${n} ${multilabel ? "labels" : "classes"} (${names}), ` +
+      `${multilabel ? "several per image, " : ""}${info.image_size}×${info.image_size} px input.`;
+    if (multilabel) $("predictions").setAttribute("aria-label", "Labels above their thresholds, most likely first");
     maxUploadBytes = info.limits.max_upload_bytes;
     $("size-limit").textContent = `, up to ${formatBytes(maxUploadBytes)}`;
   } catch (err) {
@@ -83,8 +87,13 @@ function showPredictions(predictions, serverMs, totalMs) {
     li.append(row, bar);
     list.append(li);
   }
-  $("status").hidden = true;
   $("error").hidden = true;
+  if (predictions.length === 0 && multilabel) {
+    $("status").textContent = "No label reaches its threshold for this image.";
+    $("status").hidden = false;
+  } else {
+    $("status").hidden = true;
+  }
   list.hidden = false;
   $("timing").textContent = `Took ${totalMs.toFixed(0)} ms (${serverMs.toFixed(1)} ms on the server).`;
   $("timing").hidden = false;
@@ -123,7 +132,8 @@ async function classify(file) {
   form.append("files", file, file.name || "pasted-image");
   const started = performance.now();
   try {
-    const res = await fetch(`/v1/predict?top_k=${TOP_K}`, { method: "POST", body: form });
+    await modelInfo; // never rejects: loadModelInfo catches its own errors
+    const res = await fetch(multilabel ? "/v1/predict" : `/v1/predict?top_k=${TOP_K}`, { method: "POST", body: form });
     let body = null;
     try { body = await res.json(); } catch (err) { body = null; }
     if (id !== requestId) return; // a newer image was chosen meanwhile
@@ -172,7 +182,7 @@ function setUp() {
     if (file) { e.preventDefault(); classify(file); }
   });
   $("preview").addEventListener("error", () => { $("preview-figure").hidden = true; });
-  loadModelInfo();
+  modelInfo = loadModelInfo();
 }
 
 setUp();
