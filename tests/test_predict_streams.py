@@ -165,3 +165,21 @@ def test_large_images_go_through_in_smaller_passes(tmp_path, fmnist_arrays):
     want = clf.predict([str(images / f"{i:02d}.png") for i in range(20)], top_k=2)
     assert [r["predictions"][0]["label"] for r in res.results] == [w[0]["label"] for w in want]
     shutil.rmtree(images)
+
+
+def test_cli_predict_amp_none_gives_fp32_scores(trained_run, folder):
+    """``imgrec predict --amp none`` runs PyTorch in fp32 (the benchmark's "PyTorch fp32" rows rely on it)."""
+    import json
+
+    from conftest import run_cli
+    from imgrec.infer.predictor import Classifier
+    r = run_cli("predict", "--model", trained_run[0], folder, "--amp", "none", "--on-bad-image", "skip", "--json",
+                "--top-k", "2", "--device", "cpu")
+    assert r.returncode == 0, r.stderr
+    got = json.loads(r.stdout)
+    want = Classifier.load(trained_run[0], device="cpu", amp="none").predict_files(
+        [folder], top_k=2, on_bad_image="skip", warn=False).results
+    assert [g["file"] for g in got] == [w["file"] for w in want]
+    for g, w in zip(got, want):
+        assert [p["label"] for p in g["predictions"]] == [p["label"] for p in w["predictions"]]
+        assert np.allclose([p["score"] for p in g["predictions"]], [p["score"] for p in w["predictions"]], atol=1e-5)

@@ -262,3 +262,24 @@ def test_memory_bounded_by_cache_and_batch_not_dataset(tmp_path):
     grow = {k: (peaks["big"][k] - peaks["small"][k]) * 1024 for k in ("main", "worker")}
     print(f"peak RSS KB {peaks}; data term {grow}")
     assert grow["main"] + grow["worker"] < budget, (peaks, grow)
+
+
+def test_two_processes_on_a_pack_evaluate_every_image_once(tmp_path, fm_pack):
+    """torchrun × streamed shards: LitData gives each rank its share of the training chunks, but validation and
+    the final test (read into memory) must hold the whole split on every rank — not the rank's share."""
+    import socket
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    run = tmp_path / "ddp"
+    r = run_cli("train", "--data", fm_pack, "--stream", "--nproc", "2", "--epochs", "1", "--amp", "none",
+                "--model", "fastnet_small", "--batch-size", "128", "--out", run, "--json",
+                env={"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "GLOO_SOCKET_IFNAME": "lo"})
+    assert r.returncode == 0, r.stderr[-3000:]
+    summary = json.loads(r.stdout)
+    assert summary["test_n"] == 10000
+    meta = json.loads((run / "model.json").read_text())
+    assert sum(meta["data"]["counts"]["val"]) == 5000
+    k = summary["val_acc"] * 5000
+    assert abs(k - round(k)) < 1e-2  # a count of the 5000 validation images, each once
+    assert "drop_last" not in r.stderr

@@ -205,8 +205,22 @@ def read_split(spec: str, split: str, meta: dict | None = None) -> tuple[torch.T
     meta = meta or read_pack_meta(spec)
     d = _split_dir(spec, split)
     check_index(d, meta)
-    ds = _dataset(d, shuffle=False, seed=0, drop_last=False)
+    import logging
+    lit_log = logging.getLogger("litdata.streaming.dataset")
+    level = lit_log.level
+    lit_log.setLevel(logging.ERROR)  # its "drop_last disabled under distributed" warning is about training loaders
+    try:
+        ds = _dataset(d, shuffle=False, seed=0, drop_last=False)
+    finally:
+        lit_log.setLevel(level)
+    # the whole split, also under torch.distributed: LitData's len() is this rank's share there, while ds[i]
+    # reads global item i; every rank needs every validation/test image (evaluation slices them itself)
+    from litdata.utilities.env import _DistributedEnv
+    ds.distributed_env = _DistributedEnv(1, 0, 1)
     n = len(ds)
+    expected = (meta.get("splits") or {}).get(split, {}).get("images")
+    if expected is not None and int(expected) != n:
+        raise DatasetError(f"{d}: index lists {n} images, the pack's metadata {expected}; corrupt pack")
     c, s = int(meta["channels"]), int(meta["image_size"])
     images = torch.empty((n, c, s, s), dtype=torch.uint8)
     labels = torch.empty(n, dtype=torch.long)
