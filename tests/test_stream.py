@@ -271,15 +271,20 @@ def test_two_processes_on_a_pack_evaluate_every_image_once(tmp_path, fm_pack):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    run = tmp_path / "ddp"
-    r = run_cli("train", "--data", fm_pack, "--stream", "--nproc", "2", "--epochs", "1", "--amp", "none",
-                "--model", "fastnet_small", "--batch-size", "128", "--out", run, "--json",
-                env={"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "GLOO_SOCKET_IFNAME": "lo"})
-    assert r.returncode == 0, r.stderr[-3000:]
-    summary = json.loads(r.stdout)
+    def ddp(name, **env):
+        run = tmp_path / name
+        r = run_cli("train", "--data", fm_pack, "--stream", "--nproc", "2", "--epochs", "1", "--amp", "none",
+                    "--model", "fastnet_small", "--batch-size", "128", "--out", run, "--json",
+                    env={"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "GLOO_SOCKET_IFNAME": "lo", **env})
+        assert r.returncode == 0, r.stderr[-3000:]
+        assert "drop_last" not in r.stderr
+        return json.loads(r.stdout), json.loads((run / "model.json").read_text()), r.stderr
+
+    summary, meta, _ = ddp("ddp")
     assert summary["test_n"] == 10000
-    meta = json.loads((run / "model.json").read_text())
     assert sum(meta["data"]["counts"]["val"]) == 5000
     k = summary["val_acc"] * 5000
     assert abs(k - round(k)) < 1e-2  # a count of the 5000 validation images, each once
-    assert "drop_last" not in r.stderr
+    # validation too big for the (pretended) memory: it streams, every rank reads all of it — the same number
+    streamed, _, err = ddp("ddp-val-streamed", IMGREC_MEMORY_LIMIT="20M")
+    assert "test_n" not in streamed and streamed["val_acc"] == summary["val_acc"], (streamed, err[-2000:])

@@ -170,8 +170,14 @@ def _safe_serializers() -> dict:
 
 
 def _dataset(split_dir: str, *, shuffle: bool, seed: int, drop_last: bool, cache_dir: str | None = None,
-             max_cache_size: str | None = None):
+             max_cache_size: str | None = None, every_rank: bool = False):
+    """A StreamingDataset over one packed split, reading only the allowed item types. ``every_rank``: the whole
+    split in every process, also under torch.distributed (LitData otherwise gives each rank its share) — for
+    validation and test, which every rank must see whole so that all ranks compute the same numbers."""
+    import logging
+
     from litdata import StreamingDataset
+    from litdata.utilities.env import _DistributedEnv
 
     kwargs = {}
     if is_url(split_dir):
@@ -183,9 +189,19 @@ def _dataset(split_dir: str, *, shuffle: bool, seed: int, drop_last: bool, cache
         # every epoch (LitData's default window); batch_decode="all": deserialize a chunk once when it is opened
         # (raw pixels, a few ms per 16 MB chunk) — with per-window decoding a full permutation would decode each
         # window once per item (measured 171 img/s against 23,000 with "all" on Fashion-MNIST)
-        return StreamingDataset(split_dir, shuffle=shuffle, seed=seed, drop_last=drop_last,
-                                serializers=_safe_serializers(), item_shuffle_window=0, batch_decode="all",
-                                **kwargs)
+        lit_log = logging.getLogger("litdata.streaming.dataset")
+        level = lit_log.level
+        if every_rank:
+            lit_log.setLevel(logging.ERROR)  # its "drop_last disabled under distributed" is about training loaders
+        try:
+            ds = StreamingDataset(split_dir, shuffle=shuffle, seed=seed, drop_last=drop_last,
+                                  serializers=_safe_serializers(), item_shuffle_window=0, batch_decode="all",
+                                  **kwargs)
+        finally:
+            lit_log.setLevel(level)
+        if every_rank:
+            ds.distributed_env = _DistributedEnv(1, 0, 1)
+        return ds
     except DatasetError:
         raise
     except Exception as e:
@@ -205,18 +221,9 @@ def read_split(spec: str, split: str, meta: dict | None = None) -> tuple[torch.T
     meta = meta or read_pack_meta(spec)
     d = _split_dir(spec, split)
     check_index(d, meta)
-    import logging
-    lit_log = logging.getLogger("litdata.streaming.dataset")
-    level = lit_log.level
-    lit_log.setLevel(logging.ERROR)  # its "drop_last disabled under distributed" warning is about training loaders
-    try:
-        ds = _dataset(d, shuffle=False, seed=0, drop_last=False)
-    finally:
-        lit_log.setLevel(level)
-    # the whole split, also under torch.distributed: LitData's len() is this rank's share there, while ds[i]
-    # reads global item i; every rank needs every validation/test image (evaluation slices them itself)
-    from litdata.utilities.env import _DistributedEnv
-    ds.distributed_env = _DistributedEnv(1, 0, 1)
+    # every_rank: under torch.distributed LitData's len() would be this rank's share (while ds[i] reads global
+    # item i); every rank needs every validation/test image (evaluation slices them itself)
+    ds = _dataset(d, shuffle=False, seed=0, drop_last=False, every_rank=True)
     n = len(ds)
     expected = (meta.get("splits") or {}).get(split, {}).get("images")
     if expected is not None and int(expected) != n:
@@ -359,7 +366,8 @@ class StreamLoader:
     def __init__(self, split_dir: str, batch_size: int, mean, std, *, shuffle: bool = False, crop_padding: int = 0,
                  flip: bool = False, drop_last: bool = False, seed: int = 0, device: str | torch.device = "cpu",
                  channels_last: bool = False, dtype: torch.dtype = torch.float32, num_workers: int = 1,
-                 meta: dict | None = None, cache_dir: str | None = None, max_cache_size: str | None = None):
+                 meta: dict | None = None, cache_dir: str | None = None, max_cache_size: str | None = None,
+                 every_rank: bool = False):
         from litdata import StreamingDataLoader
 
         from imgrec.data.transforms import Preprocess
@@ -372,7 +380,7 @@ class StreamLoader:
         self.device = torch.device(device)
         self.num_workers = int(num_workers)
         self.dataset = _dataset(self.split_dir, shuffle=shuffle, seed=seed, drop_last=drop_last,
-                                cache_dir=cache_dir, max_cache_size=max_cache_size)
+                                cache_dir=cache_dir, max_cache_size=max_cache_size, every_rank=every_rank)
         self.loader = StreamingDataLoader(self.dataset, batch_size=self.batch_size, num_workers=self.num_workers,
                                           collate_fn=_collate, drop_last=drop_last,
                                           worker_init_fn=_bound_worker_heap if self.num_workers else None)

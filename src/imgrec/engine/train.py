@@ -94,9 +94,11 @@ def _stream_loaders(packed: Packed, bundle: DataBundle, cfg: RunConfig, device: 
                          seed=t.seed, device=device, channels_last=channels_last, num_workers=workers,
                          meta=packed.meta)
     if packed.stream_val:
-        # validation too big for memory: read once per epoch in order (no test split at the end; see imgrec eval)
+        # validation too big for memory: read once per epoch in order (no test split at the end; see imgrec eval);
+        # every rank reads all of it (world_size × the validation compute, but every rank gets the same, exact
+        # numbers to choose the best epoch and stop early with)
         val = StreamLoader(packed.split_dir("val"), t.eval_batch_size, bundle.mean, bundle.std, device=device,
-                           channels_last=channels_last, num_workers=workers, meta=packed.meta)
+                           channels_last=channels_last, num_workers=workers, meta=packed.meta, every_rank=True)
     else:
         val = BatchLoader(bundle.val, t.eval_batch_size, bundle.mean, bundle.std, device=device,
                           channels_last=channels_last, rank=rank, world_size=world_size, shard="split")
