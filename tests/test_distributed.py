@@ -179,7 +179,7 @@ def test_sigterm_mid_epoch_on_2_then_resume_on_1(tmp_path, reference, capsys):
     # writes that checkpoint, every process exits as after Ctrl-C
     r = run_cli(*CLI, "--nproc", "2", "--checkpoint-every", "4", "--quiet", "--out", run,
                 env=_env(tmp_path, run, signal_rank0=signal.SIGTERM))
-    assert r.returncode != 0
+    assert r.returncode == 130 and "Traceback" not in r.stderr, r.stderr[-3000:]
     assert "interrupted" in r.stderr and "--resume" in r.stderr, r.stderr[-3000:]
     state = load_tree(run / "checkpoint.safetensors")
     assert (state["epoch"], state["start_step"], state["world_size"], state["global_batch"]) == (0, 5, 2, 100)
@@ -229,6 +229,31 @@ def test_interrupted_on_1_then_resume_on_2_with_torchrun(tmp_path, reference):
     assert "written by 1 process;" in r.stderr and "maps exactly" in r.stderr
     _assert_weights_close(ref, run)
     assert all(abs(a - b) <= 1 / N_VAL + 1e-9 for a, b in zip(_val_acc(run), _val_acc(ref)))
+    assert _writes(tmp_path, 1) == []
+
+
+def test_ctrl_c_to_the_nproc_launcher_is_exit_130_without_a_traceback(tmp_path):
+    """Ctrl-C reaches `imgrec train --nproc 2` (torchrun's agent in that process): every process stops, rank 0
+    leaves a resumable checkpoint, the command says how to resume in one line and exits 130."""
+    import time
+    run = tmp_path / "run"
+    env = {**os.environ, **_env(tmp_path, run)}
+    p = subprocess.Popen([sys.executable, "-m", "imgrec.cli", *CLI, "--epochs", "50", "--checkpoint-every", "2",
+                          "--nproc", "2", "--quiet", "--out", str(run)], env=env, stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True)
+    try:
+        ckpt = run / "checkpoint.safetensors"
+        while not ckpt.exists() and p.poll() is None:  # wait for the event: a first checkpoint is on disk
+            time.sleep(0.1)
+        assert p.poll() is None, p.communicate()[1][-3000:]
+        p.send_signal(signal.SIGINT)
+        _, err = p.communicate(timeout=300)
+    finally:
+        if p.poll() is None:
+            p.kill()
+    assert p.returncode == 130, err[-3000:]
+    assert "Traceback" not in err and "resume with: imgrec train --resume" in err, err[-3000:]
+    assert load_tree(run / "checkpoint.safetensors")["world_size"] == 2
     assert _writes(tmp_path, 1) == []
 
 

@@ -136,7 +136,7 @@ def cmd_train(args) -> int:
         if args.nproc > 1 and not distributed.launched():
             from imgrec.device import pick_device
             distributed.check_sync_bn(cfg.train.sync_bn, pick_device(cfg.train.device), args.nproc)
-            _exec_torchrun(args.nproc, getattr(args, "argv", sys.argv[1:]))  # does not return
+            return _run_torchrun(args.nproc, getattr(args, "argv", sys.argv[1:]))
     if distributed.env_rank() != 0:  # several processes: rank 0 alone prints
         args.quiet = True
     if not args.quiet and not args.json:
@@ -173,10 +173,13 @@ def _check_nproc(nproc: int) -> None:
                           "started: leave --nproc out")
 
 
-def _exec_torchrun(nproc: int, argv: list[str]) -> None:
-    """Replace this process by torchrun (no launcher of our own) running ``imgrec train`` with the same
-    arguments minus ``--nproc``. Ctrl-C and SIGTERM then reach torchrun, which passes them to every process.
-    One machine: ``--standalone`` picks a free port, unless MASTER_ADDR and MASTER_PORT are set."""
+def _run_torchrun(nproc: int, argv: list[str]) -> int:
+    """Run torchrun (no launcher of our own) in this process: ``imgrec train`` with the same arguments minus
+    ``--nproc`` in ``nproc`` processes. Ctrl-C and SIGTERM reach torchrun's agent, which passes them to every
+    process (they stop together and rank 0 writes the checkpoint); the agent's own exception is then turned
+    into exit code 130 instead of a traceback, and a failed process's exit code is returned (the process has
+    said why on stderr). One machine: ``--standalone`` picks a free port, unless MASTER_ADDR and MASTER_PORT
+    are set. Returns the exit code."""
     import os
 
     rest, skip = [], False
@@ -189,7 +192,7 @@ def _exec_torchrun(nproc: int, argv: list[str]) -> None:
             skip = "=" not in tok
             continue
         rest.append(tok)
-    cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={nproc}"]
+    cmd = [f"--nproc_per_node={nproc}"]
     if os.environ.get("MASTER_ADDR") and os.environ.get("MASTER_PORT"):
         cmd += [f"--master_addr={os.environ['MASTER_ADDR']}", f"--master_port={os.environ['MASTER_PORT']}"]
     else:
@@ -197,5 +200,16 @@ def _exec_torchrun(nproc: int, argv: list[str]) -> None:
     cmd += ["-m", "imgrec.cli", *rest]
     sys.stdout.flush()
     sys.stderr.flush()
-    os.execv(sys.executable, cmd)
+
+    from torch.distributed import run as torchrun
+    from torch.distributed.elastic.multiprocessing.api import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    try:
+        torchrun.run(torchrun.parse_args(cmd))
+    except SignalException:
+        return 130  # every process has stopped; rank 0 wrote the checkpoint and printed how to resume
+    except ChildFailedError as e:
+        codes = [int(f.exitcode) for f in e.failures.values() if f.exitcode]
+        return next((c for c in codes if c > 0), 1)
+    return 0
 

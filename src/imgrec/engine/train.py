@@ -254,6 +254,12 @@ def train(cfg: RunConfig, out: str | Path, *, resume: bool = False, overwrite: b
     elif main:
         atomic_write_text(rd.config, cfg.to_yaml())
     trainer.fit()
+    if ctx.world_size > 1:
+        # every rank leaves the process group together, here: a rank that exits while another still holds the
+        # group open aborted now and then in gloo's teardown ("terminate called without an active exception");
+        # what follows (the final test) is rank 0's alone and needs no collective
+        distributed.barrier()
+        distributed.cleanup(ctx)
 
     summary = {"run": str(out), "model": cfg.model.name, "recipe": cfg.recipe, "epochs_run": len(trainer.history),
                "best_epoch": trainer.best_epoch + 1, "val_acc": trainer.best_acc, "train_time_s": trainer.train_time_s}
