@@ -184,10 +184,6 @@ class OnnxClassifier:
         opts = ort.SessionOptions()
         if threads:
             opts.intra_op_num_threads = int(threads)
-        # Idle pool threads sleep instead of spinning: decoding threads (predict, the server) and other processes
-        # need those cores. With spinning, resnet18 int8 at 224 px cost 8.6 ms of CPU per image on 2 shared
-        # cores, without it 5.4 ms, and ran faster (benchmarks/results/predict_throughput.md).
-        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         opts.log_severity_level = 3  # errors only: ORT's warnings about unused initializers are noise here
         try:
             self.session = ort.InferenceSession(str(path), opts, providers=_providers(device))
@@ -209,6 +205,7 @@ class OnnxClassifier:
             if self.multilabel else None
         self.device = device
         self.threads = int(threads) if threads else usable_cores()  # ORT's default pool: one thread per core
+        self._stream_sessions: dict[int, Any] = {}  # intra-op threads -> a session for predict_files' streams
 
     @classmethod
     def load(cls, path: str | os.PathLike, device: str = "auto", threads: int | None = None) -> "OnnxClassifier":
@@ -243,7 +240,22 @@ class OnnxClassifier:
         return np.ascontiguousarray(_convert_channels(arr[:3], self.channels))
 
     # -- outputs -------------------------------------------------------------------------------
-    def _run(self, batch: Any, batch_size: int, output: str):
+    def _session_for_streams(self, threads: int):
+        """A second session of the same file with ``threads`` intra-op threads (made once), for the batches
+        ``predict_files`` runs side by side: with one thread each run stays on the thread that calls it, while
+        several runs sharing the main session's pool wait for each other's threads."""
+        session = self._stream_sessions.get(threads)
+        if session is None:
+            import onnxruntime as ort
+            opts = ort.SessionOptions()
+            opts.intra_op_num_threads = int(threads)
+            opts.log_severity_level = 3
+            session = ort.InferenceSession(str(self.path), opts, providers=self.session.get_providers())
+            self._stream_sessions[threads] = session
+        return session
+
+    def _run(self, batch: Any, batch_size: int, output: str, session=None):
+        session = session or self.session
         torch_in = type(batch).__module__.startswith("torch")
         arr = batch.numpy() if torch_in else np.asarray(batch)
         if arr.dtype != np.uint8 or arr.ndim != 4 or arr.shape[1] != self.channels:
@@ -254,7 +266,7 @@ class OnnxClassifier:
         outs = []
         for start in range(0, arr.shape[0], max(1, int(batch_size))):
             pixels = np.ascontiguousarray(arr[start:start + batch_size].transpose(0, 2, 3, 1))
-            out = self.session.run([name], {INPUT_NAME: pixels})[0]
+            out = session.run([name], {INPUT_NAME: pixels})[0]
             if output == LOGITS_NAME and not self._has_logits:
                 out = np.log(np.maximum(out, np.finfo(np.float32).tiny))  # logits up to a per-row constant
             outs.append(out.astype(np.float32, copy=False))
@@ -308,17 +320,20 @@ class OnnxClassifier:
                       on_bad_image: str = "fail", warn: bool = True,
                       decode_threads: int | None = None) -> FilePredictions:
         """As ``Classifier.predict_files``: files decoded in parallel while the model runs, in batches; on a CPU
-        several batches at once (one per thread of the session, up to 4: ``imgrec.infer.files.cpu_streams``),
-        large images in passes of fewer than ``batch_size`` (``cpu_pass_size``)."""
+        several batches at once (one per thread of the session, up to 4: ``imgrec.infer.files.cpu_streams``)
+        on a second session whose runs use one thread each (made on the first call), large images in passes of
+        fewer than ``batch_size`` (``cpu_pass_size``)."""
         files = check_file_options(paths, top_k, batch_size, on_bad_image)
         out = FilePredictions()
-        streams = 1
+        streams, session = 1, self.session
         if self.session.get_providers()[0] == "CPUExecutionProvider":
-            streams = cpu_streams(self.threads)[0]
+            streams, each = cpu_streams(self.threads)
             batch_size = cpu_pass_size(self.image_size, batch_size)
+            if streams > 1:
+                session = self._session_for_streams(each)
 
-        def run(arrays: list[np.ndarray]) -> list[list[dict]]:  # one session, called from several threads
-            return self.topk(self.probabilities(np.stack(arrays), batch_size), top_k)
+        def run(arrays: list[np.ndarray]) -> list[list[dict]]:  # ORT sessions may be run from several threads
+            return self.topk(self._run(np.stack(arrays), batch_size, PROBS_NAME, session), top_k)
 
         batches = decoded_batches(files, self.load_image, batch_size, on_bad_image, out, warn, decode_threads,
                                   ahead=streams + 1)
