@@ -478,3 +478,30 @@ def test_cli_serve_with_onnxruntime_backend(exported, trained_run, tmp_path, fmn
             proc.kill()
             proc.wait()
     assert proc.returncode == 0, proc.stderr.read()
+
+
+@pytest.mark.parametrize("source", ["named", "folder"])
+def test_int8_calibration_brings_only_the_chosen_images_to_the_model_size(trained_run, tmp_path, fmnist_arrays,
+                                                                          source):
+    """The calibration sample is the same images, pixel for pixel, as picking from the whole training split at
+    the model's size — without holding that split at the model's size (9 GB for Fashion-MNIST at 224 px)."""
+    import dataclasses
+
+    from conftest import write_image_folder
+    from imgrec.data.dataset import load_eval_split
+    from imgrec.infer.export import _calibration_images
+    from imgrec.modeldir import read_meta
+
+    meta = read_meta(trained_run[0])
+    if source == "folder":
+        x, y = fmnist_arrays[:2]
+        names = ["a-top", "b-trouser", "c-pullover"]
+        root = write_image_folder(tmp_path / "imgs", x, y, names, per_class=12)
+        meta = dataclasses.replace(meta, classes=names,
+                                   data={"source": str(root), "val_split": 0.25, "split_seed": 0})
+    big = dataclasses.replace(meta, image_size=40, channels=3)
+    calib = _calibration_images(big, None, 20)
+    _, train = load_eval_split(big, None, None, "train")  # the old way: everything at 40 px first
+    idx = torch.randperm(len(train), generator=torch.Generator().manual_seed(0))[:20]
+    assert calib.shape == (20, 40, 40, 3) and calib.dtype == np.uint8
+    assert np.array_equal(calib, train.images[idx].permute(0, 2, 3, 1).numpy())

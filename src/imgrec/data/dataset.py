@@ -247,9 +247,11 @@ def _bundle(name, classes, train, val, test, chans, size, mean, std, flip, task=
 
 
 def load_eval_split(meta: ModelMeta, data: str | None, data_dir: str | None, split: str,
-                    on_bad_image: str = "fail") -> tuple[DataBundle, ImageData]:
+                    on_bad_image: str = "fail", at_model_size: bool = True) -> tuple[DataBundle, ImageData]:
     """The data a model directory was trained on (or ``data``), with the same validation split, at the model's
-    size and channels; returns (bundle, the requested split). Used by ``imgrec eval`` and ``imgrec report``."""
+    size and channels; returns (bundle, the requested split). Used by ``imgrec eval`` and ``imgrec report``.
+    ``at_model_size=False``: at the source's own size and channels (a pack: its packed size) — to pick a
+    subset first and bring only that to the model's size (see :func:`at_model_size`)."""
     d = meta.data
     spec = data or d.get("source")
     if not spec:
@@ -262,7 +264,8 @@ def load_eval_split(meta: ModelMeta, data: str | None, data_dir: str | None, spl
         return bundle, bundle.split(split)
     splits = ("train", "val", "test") if split == "test" else ("train", "val")
     same_source = spec == d.get("source")
-    bundle = load_data(spec, image_size=meta.image_size, channels=meta.channels,
+    bundle = load_data(spec, image_size=meta.image_size if at_model_size else None,
+                       channels=meta.channels if at_model_size else None,
                        val_split=d.get("val_split") if same_source else None,
                        split_seed=int(d.get("split_seed") or 0), data_dir=data_dir, on_bad_image=on_bad_image,
                        splits=splits, progress=False, task=meta.task,
@@ -271,6 +274,18 @@ def load_eval_split(meta: ModelMeta, data: str | None, data_dir: str | None, spl
     if list(bundle.classes) != list(meta.classes):
         raise DatasetError(f"{spec}: its classes ({', '.join(bundle.classes[:5])}…) differ from the model's")
     return bundle, bundle.split(split)
+
+
+def at_model_size(data: ImageData, meta: ModelMeta) -> torch.Tensor:
+    """``data`` (from ``load_eval_split(..., at_model_size=False)``) as the model takes it: files decoded
+    again at the model's size (as ``load_data`` would have decoded them), arrays resized and converted (as
+    ``load_data`` does for the named datasets)."""
+    size, chans = int(meta.image_size), int(meta.channels)
+    if data.paths is not None:
+        images, _ = decode_files([Path(p) for p in data.paths], channels=chans, size=size, on_bad_image="fail",
+                                 progress=False)
+        return images
+    return convert_channels(resize_uint8(data.images, size), chans)
 
 
 def _open_pack_split(spec: str, split: str, image_size: int | None, channels: int | None) -> DataBundle:

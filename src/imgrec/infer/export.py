@@ -347,13 +347,17 @@ def _export_torchscript(graph: ExportGraph, meta: ModelMeta, path: Path) -> None
 # ------------------------------------------------------------------------------------------------
 # int8
 def _calibration_images(meta: ModelMeta, data_dir: str | None, n: int) -> np.ndarray:
-    """``n`` images of the model's training split (a fixed, class-mixed sample), N×H×W×C uint8."""
-    from imgrec.data.dataset import load_eval_split
+    """``n`` images of the model's training split (a fixed, class-mixed sample), N×H×W×C uint8.
 
-    bundle, train = load_eval_split(meta, None, data_dir, "train")
+    The split is loaded at the source's own size and only the chosen images are brought to the model's size:
+    the whole training split at the model's size can be far bigger than memory (Fashion-MNIST for a 224 px
+    model: 60,000 × 3×224×224 bytes = 9 GB, more with the float copies of the resize)."""
+    from imgrec.data.dataset import at_model_size, load_eval_split
+
+    _, train = load_eval_split(meta, None, data_dir, "train", at_model_size=False)
     g = torch.Generator().manual_seed(0)
     idx = torch.randperm(len(train), generator=g)[:n]
-    return train.images[idx].permute(0, 2, 3, 1).contiguous().numpy()
+    return at_model_size(train.subset(idx), meta).permute(0, 2, 3, 1).contiguous().numpy()
 
 
 def _quantize(fp32: Path, out: Path, calib: np.ndarray, meta: ModelMeta) -> dict:
