@@ -436,10 +436,9 @@ def main() -> None:
         "at 224 px, and int8 flips near-ties. The trained-size exports pass the check.",
         "- What `imgrec predict` does per folder: decoding in a thread pool (Pillow releases the GIL; JPEG draft "
         "mode decodes a 224 px JPEG for a 28 px model at reduced size), batches in input order; on a CPU "
-        "whole batches run side by side, one per core (PyTorch's intra-op threads set to 1 for the call, "
-        "ONNX Runtime's session called from one thread per core), passes of at most 8 images at 224 px, and "
-        "ONNX Runtime's idle threads sleep instead of spinning. See imgrec/infer/files.py for the measurements "
-        "behind each.",
+        "whole batches run side by side, one per core (PyTorch's intra-op threads set to 1 for the call; "
+        "ONNX Runtime: a second session with one intra-op thread, called from one thread per core), and passes "
+        "of at most 8 images at 224 px. See imgrec/infer/files.py for why.",
         "- The naive loop's 2-thread row is PyTorch's default; on a shared machine a batch of 1 across 2 OpenMP "
         "threads waits at every operator's barrier for a thread that another process holds, so its 1-thread "
         "row is faster and is the baseline (the harder one to beat).",

@@ -12,11 +12,11 @@ unreadable file in input order.
 
 Why streams (:func:`run_batches`): on a CPU the model's own threads (PyTorch's OpenMP pool, ONNX Runtime's
 intra-op pool) meet at a barrier after every operator, and a decoding thread, or another process, that takes
-one of their cores makes the others spin until it comes back. On 2 cores with decoding beside it, fastnet at
-28 px ran at 80 images/s with 2 PyTorch threads and 620 with 1 (benchmarks/results/predict_throughput.md). So
-on a CPU whole batches run side by side instead, each on the thread that called it (``cpu_streams``: one
-stream per core, up to 4, with the remaining cores as intra-op threads of each): no barrier waits for a
-descheduled thread, and every core does useful work.
+one of their cores makes the others spin until it comes back. On 2 cores shared with other jobs (load 10),
+fastnet at 28 px ran at 80 images/s with 2 PyTorch threads and at 620 with 1. So on a CPU whole batches run
+side by side instead, each on the thread that called it (``cpu_streams``: one stream per core, up to 4, with
+the remaining cores as intra-op threads of each): no barrier waits for a descheduled thread, and every core
+does useful work. Measured before/after in benchmarks/results/predict_throughput.md.
 
 Why smaller passes on a CPU (:func:`cpu_pass_size`): a forward pass over 64 images at 224 px allocates
 activations of hundreds of MB; above glibc's mmap threshold each is mapped and zeroed afresh by the kernel on
