@@ -1,7 +1,8 @@
 """``imgrec predict`` end to end over a folder of JPEGs vs the loop people write → results/predict_throughput.md.
 
     python benchmarks/predict_throughput.py            # 2,000 JPEGs; fastnet_relu, resnet18, efficientnet_b0
-    python benchmarks/predict_throughput.py --quick    # 200 JPEGs, fastnet_relu only: a smoke run of about a minute
+    python benchmarks/predict_throughput.py --quick    # 200 JPEGs, fastnet_relu only, 1 round: a smoke run
+                                                       # (~30 s; the first time ~2 min more to train and export)
 
 What is measured, for each model:
 
@@ -36,6 +37,7 @@ import argparse
 import json
 import os
 import platform
+import resource
 import shutil
 import subprocess
 import sys
@@ -200,29 +202,32 @@ sys.exit(rc)
 """
 
 
-def time_predict(model: Path, folder: Path, extra: list[str], n: int, csv: Path, repeats: int,
-                 src: Path | None = None) -> dict:
-    """The whole ``imgrec predict`` command over ``folder`` (wall clock) and its ``predict_files`` call; best of
-    ``repeats`` runs (other jobs on a shared machine only ever slow a run down)."""
+def run_predict(model: Path, folder: Path, extra: list[str], n: int, csv: Path,
+                src: Path | None = None) -> tuple[float, float, float]:
+    """One whole ``imgrec predict`` over ``folder``: (wall s, ``predict_files`` s, CPU s of the process)."""
     env = dict(os.environ, IMGREC_OFFLINE="1")
     if src is not None:  # another version of imgrec: its src folder first on the path
         env["PYTHONPATH"] = os.pathsep.join([str(src)] + [p for p in [env.get("PYTHONPATH")] if p])
-    runs = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        r = subprocess.run([sys.executable, "-c", TIMED_COMMAND, "predict", "--model", str(model), str(folder),
-                            "--csv", str(csv), "--top-k", str(TOP_K), *extra], capture_output=True, text=True,
-                           env=env, timeout=3600)
-        wall = time.perf_counter() - t
-        if r.returncode != 0:
-            raise RuntimeError(f"imgrec predict {model} {' '.join(extra)} failed:\n{r.stderr[-3000:]}")
-        inner = json.loads(r.stderr.strip().splitlines()[-1])["predict_files_s"]
-        runs.append((wall, inner))
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    t = time.perf_counter()
+    r = subprocess.run([sys.executable, "-c", TIMED_COMMAND, "predict", "--model", str(model), str(folder),
+                        "--csv", str(csv), "--top-k", str(TOP_K), *extra], capture_output=True, text=True,
+                       env=env, timeout=3600)
+    wall = time.perf_counter() - t
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    if r.returncode != 0:
+        raise RuntimeError(f"imgrec predict {model} {' '.join(extra)} failed:\n{r.stderr[-3000:]}")
     rows = csv.read_text().count("\n") - 1
     assert rows == n * TOP_K, f"{rows} CSV rows for {n} files"
-    wall, inner = min(w for w, _ in runs), min(i for _, i in runs)
+    cpu = (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
+    return wall, json.loads(r.stderr.strip().splitlines()[-1])["predict_files_s"], cpu
+
+
+def summarize(runs: list[tuple[float, float, float]], n: int) -> dict:
+    """The best of the runs (other jobs on a shared machine only ever slow a run down)."""
+    wall, inner, cpu = (min(r[i] for r in runs) for i in range(3))
     return {"whole_s": wall, "predict_files_s": inner, "other_s": wall - inner, "img_s_whole": n / wall,
-            "img_s_predict_files": n / inner, "runs": runs}
+            "img_s_predict_files": n / inner, "cpu_ms_per_image": 1000 * cpu / n, "runs": runs}
 
 
 def naive_loop(model_dir: Path, files: list[Path], threads: int) -> float:
@@ -305,20 +310,25 @@ MODELS = {  # name: (speed size, training size, epochs, training images)
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="200 files, fastnet_relu only, 1 training epoch")
+    ap.add_argument("--quick", action="store_true",
+                    help="200 files, fastnet_relu only (1 epoch on 5000 images), 1 round: a smoke run")
     ap.add_argument("--files", type=int, help="JPEGs in the folder (default 2000; --quick 200)")
     ap.add_argument("--models", help=f"comma-separated subset of {','.join(MODELS)}")
     ap.add_argument("--fast-epochs", type=int, default=2, help="fastnet_relu training epochs (default 2)")
-    ap.add_argument("--repeats", type=int, default=1, help="timed runs per configuration, best kept (default 1)")
+    ap.add_argument("--repeats", type=int, default=2,
+                    help="rounds: every configuration runs once per round, the best kept (default 2)")
     ap.add_argument("--naive-files", type=int, default=300, help="files the naive loop runs on (default 300)")
     ap.add_argument("--work", type=Path, default=Path("/tmp/imgrec-predict-bench"),
                     help="scratch folder: JPEGs, trained models, exports (reused)")
     ap.add_argument("--before-src", type=Path,
                     help="also time the default commands with another version's src folder (e.g. `git archive "
                          "HEAD src | tar -x -C /tmp/before`, then /tmp/before/src): before/after rows")
+    ap.add_argument("--before-label", help="what --before-src is, in words, for the results (default: its path)")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results" / "predict_throughput.md"))
     args = ap.parse_args()
     n = args.files or (200 if args.quick else 2000)
+    if args.quick:
+        args.repeats = 1
     names = args.models.split(",") if args.models else (["fastnet_relu"] if args.quick else list(MODELS))
     work = args.work
     work.mkdir(parents=True, exist_ok=True)
@@ -355,23 +365,30 @@ def main() -> None:
                    ("ONNX Runtime int8", exports["int8"]["path"], [], None)]
         if args.before_src:  # the same commands, run by the other version
             configs += [(f"{label}, before", model, extra, args.before_src) for label, model, extra, _ in configs]
-        timings = {}
-        for label, model, extra, src in configs:
-            timings[label] = time_predict(model, folder, extra, n, csv, args.repeats, src)
-            t = timings[label]
-            print(f"  {label}: whole {t['whole_s']:.1f} s ({t['img_s_whole']:.1f} img/s), start-up and CSV "
-                  f"{t['other_s']:.1f} s, predict_files {t['img_s_predict_files']:.1f} img/s", flush=True)
+        # Every configuration once per round, rounds repeated: load from other jobs that comes and goes hits
+        # all of them alike (before/after included), and the best of each is kept.
         nfiles = files[:min(len(files), args.naive_files)]
-        naive = {th: naive_loop(speed_dir, nfiles, th) for th in sorted({1, _torch_threads()})}
-        print(f"  naive loop ({len(nfiles)} files): " + ", ".join(f"{th} thread(s) {v:.1f} img/s"
-                                                                  for th, v in naive.items()), flush=True)
+        runs: dict[str, list] = {label: [] for label, _, _, _ in configs}
+        naive_runs: dict[int, list[float]] = {th: [] for th in sorted({1, _torch_threads()})}
+        for round_ in range(args.repeats):
+            for label, model, extra, src in configs:
+                runs[label].append(run_predict(model, folder, extra, n, csv, src))
+                w, i, c = runs[label][-1]
+                print(f"  [{round_ + 1}] {label}: whole {w:.1f} s ({n / w:.1f} img/s), predict_files "
+                      f"{n / i:.1f} img/s, CPU {1000 * c / n:.1f} ms/img", flush=True)
+            for th in naive_runs:
+                naive_runs[th].append(naive_loop(speed_dir, nfiles, th))
+            print(f"  [{round_ + 1}] naive loop ({len(nfiles)} files): " + ", ".join(
+                f"{th} thread(s) {v[-1]:.1f} img/s" for th, v in naive_runs.items()), flush=True)
+        timings = {label: summarize(r, n) for label, r in runs.items()}
+        naive = {th: max(v) for th, v in naive_runs.items()}
         base_threads = max(naive, key=naive.get)
         base = naive[base_threads]
         label_model = f"{name} ({size} px)"
         for th, rate in naive.items():
             rows.append(f"| {label_model} | naive loop (PIL → torchvision → batch of 1, fp32; "
                         f"{th} thread{'s' if th > 1 else ''}, {len(nfiles)} files) | – | – | – | "
-                        f"{rate:.1f} | {_ratio(rate / base)}{' (baseline)' if th == base_threads else ''} | |")
+                        f"{rate:.1f} | {_ratio(rate / base)}{' (baseline)' if th == base_threads else ''} | | |")
         for label, _, _, _ in configs:
             t = timings[label]
             drop = ""
@@ -380,8 +397,7 @@ def main() -> None:
                        f"{acc['int8'] * 100:.2f}%, {train_size} px model)"
             rows.append(f"| {label_model} | `imgrec predict` {label} | {t['whole_s']:.1f} | {t['img_s_whole']:.1f} | "
                         f"{t['other_s']:.1f} | {t['img_s_predict_files']:.1f} | "
-                        f"{_ratio(t['img_s_predict_files'] / base)} | "
-                        f"{drop} |")
+                        f"{_ratio(t['img_s_predict_files'] / base)} | {t['cpu_ms_per_image']:.1f} | {drop} |")
         refused = acc_exports["int8"].get("imgrec_export_int8", "").startswith("imgrec: error")
         n_train = sum(json.loads((trained / "model.json").read_text())["data"]["counts"]["train"])
         acc_rows.append(f"| {name} | {train_size} px, {epochs} epoch(s), {n_train} training images | "
@@ -413,11 +429,14 @@ def main() -> None:
         "the console script runs it), wall clock. In the same run a stopwatch around the one library call the "
         "command makes, `predict_files` (decoding, batches, the model, top-k), gives \"img/s in predict_files\"; "
         "the rest is start-up (interpreter, imports, model load) and writing the CSV. The naive loop is timed "
-        "inside this process (no start-up) and compared with the predict_files rate. Best of "
-        f"{args.repeats} run(s) each." + (f" Rows marked \"before\": the same commands run by {args.before_src}."
+        "inside this process (no start-up) and compared with the predict_files rate. CPU ms/img: user + system "
+        "CPU time of the whole command per image (less sensitive to other jobs than wall clock). Every "
+        f"configuration runs once per round, {args.repeats} rounds; the best of each is shown."
+        + (f" Rows marked \"before\": the same commands run by {args.before_label or args.before_src}."
                                           if args.before_src else ""), "",
-        "| model | path | whole s | img/s whole | start-up + CSV s | img/s in predict_files | vs naive | int8 "
-        "accuracy drop (test split) |", "|---|---|---:|---:|---:|---:|---:|---|", *rows, "",
+        "| model | path | whole s | img/s whole | start-up + CSV s | img/s in predict_files | vs naive | CPU ms/img "
+        "(whole command) | int8 accuracy drop (test split) |", "|---|---|---:|---:|---:|---:|---:|---:|---|",
+        *rows, "",
         "## int8 accuracy (trained models, Fashion-MNIST test split, 10,000 images, `imgrec eval --split test`)", "",
         "| model | trained | ONNX Runtime fp32 | ONNX Runtime int8 | Δ points | top-1 agreement in `imgrec export "
         "--int8`'s check (validation) |", "|---|---|---:|---:|---:|---:|", *acc_rows, "",
