@@ -505,3 +505,26 @@ def test_int8_calibration_brings_only_the_chosen_images_to_the_model_size(traine
     idx = torch.randperm(len(train), generator=torch.Generator().manual_seed(0))[:20]
     assert calib.shape == (20, 40, 40, 3) and calib.dtype == np.uint8
     assert np.array_equal(calib, train.images[idx].permute(0, 2, 3, 1).numpy())
+
+
+@pytest.mark.parametrize("split", ["val", "test"])
+def test_eval_split_brings_only_the_requested_split_to_the_model_size(trained_run, split):
+    """eval/report/export --check of a model larger than its named dataset's images: the requested split comes at
+    the model's size and channels, pixel for pixel what loading everything at that size gives, while the training
+    split stays at the source's 28 px (at 224 px it would be more than 20 GB for Fashion-MNIST)."""
+    import dataclasses
+
+    from imgrec.data.dataset import load_data, load_eval_split
+    from imgrec.modeldir import read_meta
+
+    meta = read_meta(trained_run[0])
+    big = dataclasses.replace(meta, image_size=40, channels=3)
+    bundle, got = load_eval_split(big, None, None, split)
+    d = meta.data
+    old = load_data(d["source"], image_size=40, channels=3, val_split=d.get("val_split"),
+                    split_seed=int(d.get("split_seed") or 0), progress=False)
+    want = getattr(old, split)
+    assert got.images.shape[1:] == (3, 40, 40)
+    assert torch.equal(got.images, want.images) and torch.equal(got.labels, want.labels)
+    assert bundle.train.images.shape[1:] == (1, 28, 28)  # not brought to 40 px
+    assert torch.equal(bundle.train.labels, old.train.labels)

@@ -121,14 +121,17 @@ def load_data(spec: str, *, image_size: int | None = None, channels: int | None 
               val_split: float | None = None, split_seed: int = 0, data_dir: str | None = None,
               on_bad_image: str = "fail", classes: list[str] | None = None,
               splits: tuple[str, ...] = ("train", "val", "test"), progress: bool = True,
-              task: str | None = None) -> DataBundle:
+              task: str | None = None, sized: tuple[str, ...] | None = None) -> DataBundle:
     """Load a named dataset (``fashion-mnist``, ``mnist``), an image folder or a CSV list.
 
     ``val_split``: fraction or count carved from training data when the source has no validation split
     (default 5000 images for named datasets, 0.1 otherwise); ``split_seed`` fixes which images, independent
     of the training seed, so the validation set stays the same across runs. ``task``: "classification",
     "multilabel" (a CSV list whose label cells hold ``;``-separated labels) or None (detected: multilabel
-    when some label cell holds a ``;``).
+    when some label cell holds a ``;``). ``sized``: the splits of a named dataset brought to ``image_size`` and
+    ``channels`` (default: all); the others keep the source's size and channels (``imgrec eval`` at 224 px
+    needs only its one split at that size, not the 55,000 training images at 3×224×224 — more than 20 GB).
+    Files are always decoded at ``image_size``.
     """
     if task not in (None, "classification", "multilabel"):
         raise ConfigError(f"task must be classification or multilabel, got {task!r}")
@@ -137,7 +140,7 @@ def load_data(spec: str, *, image_size: int | None = None, channels: int | None 
         if task == "multilabel":
             raise ConfigError(f"{name} has one label per image; multi-label data comes from a CSV list "
                               f"(path,label1;label2)")
-        return _load_named(name, image_size, channels, val_split, split_seed, data_dir, splits)
+        return _load_named(name, image_size, channels, val_split, split_seed, data_dir, splits, sized)
     path = Path(spec).expanduser()
     if not path.exists():
         choices = ", ".join(named.NAMED)
@@ -155,23 +158,25 @@ def load_data(spec: str, *, image_size: int | None = None, channels: int | None 
     return _load_files(path, "folder", image_size, channels, val_split, split_seed, on_bad_image, classes, progress)
 
 
-def _load_named(name, image_size, channels, val_split, split_seed, data_dir, splits) -> DataBundle:
+def _load_named(name, image_size, channels, val_split, split_seed, data_dir, splits, sized=None) -> DataBundle:
     ds = named.NAMED[name]
     x, y = named.load_named(name, "train", data_dir)
     train = ImageData(torch.from_numpy(x).unsqueeze(1), torch.from_numpy(y))
+    bad = int(((train.labels < 0) | (train.labels >= len(ds.classes))).sum())
+    if bad:
+        raise DatasetError(f"{name}: {bad} training labels outside 0..{len(ds.classes) - 1}")
     test = None
     if "test" in splits:
         xt, yt = named.load_named(name, "test", data_dir)
         test = ImageData(torch.from_numpy(xt).unsqueeze(1), torch.from_numpy(yt))
+    # carved at the source's size: the split depends only on the labels, the count and the seed, and resizing
+    # afterwards touches only the splits asked for
+    train, val = split_off(train, 5000 if val_split is None else val_split, split_seed)
     size = int(image_size or x.shape[-1])
     chans = int(channels or 1)
-    for part in (train, test):
-        if part is not None:
+    for s, part in (("train", train), ("val", val), ("test", test)):
+        if part is not None and (sized is None or s in sized):
             part.images = convert_channels(resize_uint8(part.images, size), chans)
-    bad = int(((train.labels < 0) | (train.labels >= len(ds.classes))).sum())
-    if bad:
-        raise DatasetError(f"{name}: {bad} training labels outside 0..{len(ds.classes) - 1}")
-    train, val = split_off(train, 5000 if val_split is None else val_split, split_seed)
     mean, std = channel_stats(train.images)
     return _bundle(name, list(ds.classes), train, val, test, chans, size, mean, std, ds.flip)
 
@@ -250,6 +255,8 @@ def load_eval_split(meta: ModelMeta, data: str | None, data_dir: str | None, spl
                     on_bad_image: str = "fail", at_model_size: bool = True) -> tuple[DataBundle, ImageData]:
     """The data a model directory was trained on (or ``data``), with the same validation split, at the model's
     size and channels; returns (bundle, the requested split). Used by ``imgrec eval`` and ``imgrec report``.
+    Of a named dataset only the requested split is brought to the model's size; the bundle's other splits keep
+    the source's (see ``load_data``'s ``sized``).
     ``at_model_size=False``: at the source's own size and channels (a pack: its packed size) — to pick a
     subset first and bring only that to the model's size (see :func:`at_model_size`)."""
     d = meta.data
@@ -268,7 +275,7 @@ def load_eval_split(meta: ModelMeta, data: str | None, data_dir: str | None, spl
                        channels=meta.channels if at_model_size else None,
                        val_split=d.get("val_split") if same_source else None,
                        split_seed=int(d.get("split_seed") or 0), data_dir=data_dir, on_bad_image=on_bad_image,
-                       splits=splits, progress=False, task=meta.task,
+                       splits=splits, progress=False, task=meta.task, sized=(split,) if at_model_size else (),
                        # multi-label: a label outside the model's is reported with its CSV row
                        classes=list(meta.classes) if meta.task == "multilabel" else None)
     if list(bundle.classes) != list(meta.classes):
