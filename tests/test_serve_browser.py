@@ -126,9 +126,12 @@ def test_phone_size_and_keyboard(page, live, sample, tmp_path):
     assert page.evaluate("document.activeElement.id") == "file-input"
     outline = page.evaluate("getComputedStyle(document.querySelector('label[for=file-input]')).outlineStyle")
     assert outline != "none"
-    with page.expect_file_chooser() as chooser:
-        page.keyboard.press("Space")  # the keyboard opens the chooser (Enter does too, but not reliably headless)
-    chooser.value.set_files(files=[{"name": "sample.png", "mimeType": "image/png", "buffer": png}])
+    # the focused element is a real, enabled <input type=file>, so Space and Enter open the browser's own chooser.
+    # Opening it is Chromium's behaviour, not this page's: headless Chromium sometimes never reports the chooser
+    # for a synthesised Space (a fresh-clone `make test` under load timed out waiting for it once in 3 runs, at
+    # this line), so the file goes to the focused input directly.
+    assert page.evaluate("(e => e.type === 'file' && !e.disabled)(document.activeElement)")
+    page.set_input_files("#file-input:focus", files=[{"name": "sample.png", "mimeType": "image/png", "buffer": png}])
     sync_api.expect(page.locator("#predictions li")).to_have_count(5)
     assert page.locator("#predictions .label").first.text_content() == want[0]["label"]
     assert page.evaluate("document.documentElement.scrollWidth") <= 375
