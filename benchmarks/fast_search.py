@@ -160,7 +160,8 @@ def main():
                train_s=round(s["train_time_s"], 1), eval_s=round(eval_time[0], 2), wall_s=round(s["wall_time_s"], 1),
                cpu_s=round(cpu, 1), import_s=round(T_IMPORT, 2), load=round(os.getloadavg()[0], 2),
                rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024,
-               vals=[round(float(h["val_acc"]), 4) for h in hist],
+               # epochs the recipe does not validate (val_last) have an empty val_acc
+               vals=[round(float(h["val_acc"]), 4) if h["val_acc"] else None for h in hist],
                ep_s=[round(float(h["epoch_time_s"]), 1) for h in hist])
     print("RESULT " + json.dumps(res))
     import shutil
