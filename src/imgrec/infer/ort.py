@@ -160,6 +160,15 @@ def _providers(device: str) -> list[str]:
     return ["CPUExecutionProvider"]
 
 
+def _new_session(ort, path: Path, threads: int | None, providers: list):
+    """An ONNX Runtime session of ``path`` with ``threads`` intra-op threads (None: ORT's default pool)."""
+    opts = ort.SessionOptions()
+    if threads:
+        opts.intra_op_num_threads = int(threads)
+    opts.log_severity_level = 3  # errors only: ORT's warnings about unused initializers are noise here
+    return ort.InferenceSession(str(path), opts, providers=providers)
+
+
 class OnnxClassifier:
     """An exported model run by ONNX Runtime, with the prediction API of ``Classifier``.
 
@@ -181,12 +190,8 @@ class OnnxClassifier:
         if not path.is_file():
             raise ModelFileError(f"{path}: not a file (an exported model is one .onnx file)")
         check_external_data(path)
-        opts = ort.SessionOptions()
-        if threads:
-            opts.intra_op_num_threads = int(threads)
-        opts.log_severity_level = 3  # errors only: ORT's warnings about unused initializers are noise here
         try:
-            self.session = ort.InferenceSession(str(path), opts, providers=_providers(device))
+            self.session = _new_session(ort, path, threads, _providers(device))
         except Exception as e:  # noqa: BLE001 - ORT raises its own Fail/InvalidGraph/... types
             raise ModelFileError(f"{path}: ONNX Runtime cannot load it ({_first_line(e)})") from None
         self.path = path
@@ -247,10 +252,7 @@ class OnnxClassifier:
         session = self._stream_sessions.get(threads)
         if session is None:
             import onnxruntime as ort
-            opts = ort.SessionOptions()
-            opts.intra_op_num_threads = int(threads)
-            opts.log_severity_level = 3
-            session = ort.InferenceSession(str(self.path), opts, providers=self.session.get_providers())
+            session = _new_session(ort, self.path, threads, self.session.get_providers())
             self._stream_sessions[threads] = session
         return session
 
