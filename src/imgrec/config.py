@@ -91,6 +91,8 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     recipe: str | None = None          # the named recipe applied (imgrec.engine.recipes), if any
     recipe_reason: str | None = None   # why: chosen by hand, or what this machine has
+    data_recipe: dict | None = None    # what the default recipe changed for this data, and why
+                                       # ({"reason": ..., "changes": {...}}; imgrec.engine.recipes.adapt_to_data)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -107,7 +109,7 @@ class RunConfig:
     def update(self, d: dict, source: str = "config") -> None:
         """Apply nested ``{"train": {"lr": ...}}`` or flat ``{"lr": ...}`` overrides, checking every key."""
         for key, value in (d or {}).items():
-            if key in ("recipe", "recipe_reason"):
+            if key in ("recipe", "recipe_reason", "data_recipe"):
                 setattr(self, key, value)
                 continue
             if key in ("data", "model", "train") and isinstance(value, dict):

@@ -128,7 +128,8 @@ def cmd_train(args) -> int:
     if args.no_augment:
         overrides["crop_padding"], overrides["flip"] = 0, False
     # on --resume the run's saved config.yaml governs (only a larger --epochs is taken from the command line)
-    cfg = resolve_config(args.recipe, args.config, overrides, model_given=args.model is not None or args.resume)
+    cfg = resolve_config(args.recipe, args.config, overrides, model_given=args.model is not None or args.resume,
+                         adapt=not args.resume)
     out = Path(args.out) if args.out else default_run_dir(cfg.data.data, cfg.model.name)
     args.out = str(out)  # for the resume hint after Ctrl-C
     if args.nproc is not None:
@@ -140,8 +141,10 @@ def cmd_train(args) -> int:
     if distributed.env_rank() != 0:  # several processes: rank 0 alone prints
         args.quiet = True
     if not args.quiet and not args.json:
-        if cfg.recipe and not args.resume:
-            print(f"recipe {cfg.recipe}: {cfg.recipe_reason}", file=sys.stderr)
+        if not args.resume and (cfg.recipe or cfg.data_recipe):
+            data_why = (cfg.data_recipe or {}).get("reason")
+            head = f"recipe {cfg.recipe}: {cfg.recipe_reason}" if cfg.recipe else f"{cfg.model.name}"
+            print(head + (f"; for {data_why}" if data_why else ""), file=sys.stderr)
         print(f"training {cfg.model.name} on {cfg.data.data} → {out}", file=sys.stderr)
     summary = train(cfg, out, resume=args.resume, overwrite=args.overwrite, progress=not (args.quiet or args.json),
                     extend_epochs=args.epochs)

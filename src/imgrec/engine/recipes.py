@@ -21,6 +21,8 @@ and the machine they were measured on are in ``benchmarks/fast_search.py`` and
 """
 from __future__ import annotations
 
+import math
+
 from imgrec.errors import ConfigError
 
 DEFAULT_RECIPE = "fast"
@@ -100,6 +102,108 @@ def choose_recipe(device_type: str, cpu_has_bf16: bool, cores: int) -> tuple[str
         return "fast-gpu", "an Apple GPU (MPS): the GPU recipe (not measured on MPS)"
     if cpu_has_bf16:
         return "fast-bf16", (f"CPU with bf16 units (AVX512-BF16/AMX), {cores} core{'s' * (cores > 1)}: "
-                             f"fastnet_relu, 6 epochs, bf16 autocast")
+                             f"fastnet_relu in bf16 autocast")
     return "fast-fp32", (f"CPU without bf16 units, {cores} core{'s' * (cores > 1)}: fastnet_small in fp32 "
                          f"(bf16 would be emulated, slower than fp32)")
+
+
+# --- the recipe chosen from the data -------------------------------------------------------------------------
+# The recipes above were measured on Fashion-MNIST: 55,000 training images of 28 px, where batch 512 makes 107
+# optimizer steps an epoch. A folder of a few hundred photos gets one step an epoch from them and trains to
+# chance. ``adapt_to_data`` keeps the machine's architecture and precision and re-derives, from the training set's
+# size and image sizes, what depends on them: the batch (so an epoch has tens of steps), the learning rate
+# (scaled with the batch), the schedule's length (enough optimizer steps, bounded in compute), validation every
+# epoch (a short run cannot afford to pick its epoch blind), crop augmentation, and the image size.
+
+LARGE_DATA = 20_000          # training images from which the machine's recipe applies as it is (at ≤ 32 px)
+SEEN_TARGET = 40_000         # images a small-data run sees in all (e.g. 1,000 images × 40 epochs)
+MIN_EPOCHS, MAX_EPOCHS = 10, 40
+# compute bound of a small-data run, in 28×28-pixel image passes: about the fast recipe's own cost (6-9 epochs of
+# 55,000 images), so no default run costs much more than the Fashion-MNIST one on the same machine
+COST_BOUND = 400_000 * 28 * 28
+SMALL_LR_PER_32 = 0.05       # SGD peak lr at batch 32; scaled linearly with the batch, capped at the recipe's
+MIN_BATCH = 16
+FINE_TUNE_MODEL = "resnet18"  # the pretrained backbone colour photos default to, when its weights are at hand
+FINE_TUNE_LR_PER_32 = 0.01
+
+
+def _pow2_floor(x: float) -> int:
+    return 1 << max(0, int(math.floor(math.log2(max(1.0, x)))))
+
+
+def cached_pretrained(model_name: str) -> str | None:
+    """Path of ``model_name``'s torchvision ImageNet weights when they are already in torch's hub cache (so a
+    default can use them without a download), else None."""
+    import os
+
+    import torch
+
+    from imgrec.models import model_info
+    weights = model_info(model_name).pretrained
+    if not weights:
+        return None
+    try:
+        import torchvision
+        url = torchvision.models.get_weight(weights).url
+    except (ValueError, AttributeError, KeyError):
+        return None
+    path = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(url))
+    return path if os.path.isfile(path) else None
+
+
+def adapt_to_data(probe, current: dict, explicit: set[str]) -> tuple[dict, str]:
+    """Settings to change for the data described by ``probe`` (``imgrec.data.probe.DataProbe``), and the reason
+    in words. ``current``: the resolved flat settings (name, batch_size, lr, optimizer, epochs, image_size, ...);
+    ``explicit``: the keys the user set (command line or config file), never changed here."""
+    if probe is None:
+        return {}, ""
+    n, desc = int(probe.n_train), probe.describe()
+    if n >= LARGE_DATA and probe.max_side <= 32:
+        return {}, f"{desc}: the recipe as measured on data of this kind"
+    changes: dict = {}
+
+    def put(key, value):
+        if key not in explicit and current.get(key) != value:
+            changes[key] = value
+
+    size = current.get("image_size") if "image_size" in explicit else (32 if probe.median_side <= 40 else 64)
+    put("image_size", size)
+    size = int(size or 32)
+    notes = []
+    fine_tune = None
+    if probe.channels == 3 and probe.median_side >= 64 and "name" not in explicit and "pretrained" not in explicit \
+            and "weights" not in explicit:
+        fine_tune = cached_pretrained(FINE_TUNE_MODEL)
+        if fine_tune is None:
+            notes.append(f"trained from scratch: no pretrained {FINE_TUNE_MODEL} weights in the cache "
+                         f"(--model {FINE_TUNE_MODEL} --pretrained downloads them)")
+    base_batch = int(current.get("batch_size") or 512)
+    batch = current["batch_size"] if "batch_size" in explicit else max(MIN_BATCH, min(base_batch, _pow2_floor(n / 40)))
+    put("batch_size", batch)
+    if fine_tune:
+        put("name", FINE_TUNE_MODEL)
+        put("pretrained", True)
+        put("optimizer", "sgd")
+        put("lr", FINE_TUNE_LR_PER_32 * batch / 32)
+        notes.append(f"fine-tuning ImageNet {FINE_TUNE_MODEL} from the cache")
+    elif "lr" not in explicit and (changes.get("optimizer") or current.get("optimizer")) == "sgd":
+        put("lr", round(min(float(current.get("lr") or 0.4), SMALL_LR_PER_32 * batch / 32), 6))
+    steps_per_epoch = max(1, n // int(batch))
+    if "epochs" in explicit:
+        epochs = int(current["epochs"])
+    elif n >= LARGE_DATA:
+        epochs = int(current.get("epochs") or 10)
+    else:
+        epochs = min(MAX_EPOCHS, max(MIN_EPOCHS, math.ceil(SEEN_TARGET / n)))
+        epochs = max(4, min(epochs, COST_BOUND // max(1, n * size * size)))
+        if fine_tune:
+            epochs = min(epochs, 15)  # a pretrained backbone converges in far fewer passes
+    put("epochs", epochs)
+    if n < LARGE_DATA:
+        put("val_last", 0)
+        put("crop_padding", None)  # size // 14 px: the augmentation small data needs most
+    parts = [f"batch {batch} ({steps_per_epoch} steps an epoch)", f"{epochs} epochs ({steps_per_epoch * epochs:,} "
+             f"steps)", f"lr {changes.get('lr', current.get('lr'))}", f"{size} px"]
+    if n < LARGE_DATA:
+        parts.append("validating every epoch")
+    return changes, f"{desc}: " + ", ".join(parts + notes)

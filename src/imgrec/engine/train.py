@@ -33,11 +33,14 @@ def auto_recipe(device: str = "auto") -> tuple[str, str]:
 
 
 def resolve_config(recipe: str | None = None, config_file: str | None = None, overrides: dict | None = None,
-                   model_given: bool = False) -> RunConfig:
+                   model_given: bool = False, adapt: bool = True) -> RunConfig:
     """Defaults ← recipe ← config file ← command line.
 
     Without a recipe and without a model (``--model`` or the config file's), the recipe is chosen for this
-    machine (``auto_recipe``); ``cfg.recipe_reason`` says why, and ``imgrec train`` prints it.
+    machine (``auto_recipe``); ``cfg.recipe_reason`` says why, and ``imgrec train`` prints it. Unless a recipe
+    was named (``--recipe``) or ``adapt`` is false, what depends on the data (batch, lr, epochs, validation,
+    image size, a pretrained start) is then chosen from it for every setting the user did not give
+    (``adapt_config``); ``cfg.data_recipe`` says what and why.
     """
     from imgrec.engine.recipes import get_recipe
 
@@ -49,15 +52,51 @@ def resolve_config(recipe: str | None = None, config_file: str | None = None, ov
     if recipe is None and not model_given and "name" not in (file_cfg.get("model") or {}):
         device = overrides.get("device") or (file_cfg.get("train") or {}).get("device") or file_cfg.get("device")
         recipe, reason = auto_recipe(device or "auto")
+    chosen_by_hand = recipe is not None and reason == "chosen with --recipe"
     if recipe is not None:
         cfg.update(get_recipe(recipe), source=f"recipe {recipe}")
         cfg.recipe, cfg.recipe_reason = recipe, reason
     cfg.update(file_cfg, source=str(config_file))
     cfg.update(overrides, source="command line")
     validate(cfg)
+    if adapt and not chosen_by_hand:
+        adapt_config(cfg, explicit_keys(file_cfg, overrides))
+        validate(cfg)
     from imgrec.models import model_info
     model_info(cfg.model.name)  # an unknown name fails now, listing the choices
     return cfg
+
+
+def explicit_keys(*layers: dict) -> set[str]:
+    """The setting names given in config layers (flat ``{"lr": …}`` or nested ``{"train": {"lr": …}}``)."""
+    keys: set[str] = set()
+    for layer in layers:
+        for k, v in (layer or {}).items():
+            if k in ("data", "model", "train") and isinstance(v, dict):
+                keys.update(v)
+            else:
+                keys.add(k)
+    return keys
+
+
+def adapt_config(cfg: RunConfig, explicit: set[str], probe=None) -> None:
+    """Change the settings that depend on the data, per ``imgrec.engine.recipes.adapt_to_data``, leaving the
+    ``explicit`` ones alone; records what changed and why in ``cfg.data_recipe``. ``probe``: the data's
+    ``DataProbe`` (default: probed from ``cfg.data.data``)."""
+    from imgrec.data.probe import probe_source
+    from imgrec.engine.recipes import adapt_to_data
+    d, m, t = cfg.data, cfg.model, cfg.train
+    if probe is None:
+        probe = probe_source(d.data, val_split=d.val_split, data_dir=d.data_dir)
+    if probe is None:
+        return
+    current = {"name": m.name, "pretrained": m.pretrained, "image_size": d.image_size,
+               **{k: getattr(t, k) for k in ("batch_size", "lr", "optimizer", "epochs", "val_last", "crop_padding")}}
+    changes, reason = adapt_to_data(probe, current, explicit)
+    for key, value in changes.items():
+        section = m if key in ("name", "pretrained") else d if key == "image_size" else t
+        setattr(section, key, value)
+    cfg.data_recipe = {"reason": reason, "changes": changes, "probe": probe.to_dict()}
 
 
 def build_loaders(bundle: DataBundle, cfg: RunConfig, device: torch.device, channels_last: bool, *,
@@ -114,13 +153,25 @@ def model_meta(bundle: DataBundle, cfg: RunConfig, model_kwargs: dict, device: t
         mean=list(bundle.mean), std=list(bundle.std),
         inference={"tta_flip": bool(cfg.train.tta_flip),
                    **logit_adjust_entry(bundle.counts.get("train", []), cfg.train.logit_adjust)},
-        training={"recipe": cfg.recipe, "recipe_reason": cfg.recipe_reason, "device": str(device),
+        training={"recipe": cfg.recipe, "recipe_reason": cfg.recipe_reason, "data_recipe": cfg.data_recipe,
+                  "device": str(device),
                   "precision": "fp32" if amp is None else str(amp).removeprefix("torch."),
                   "channels_last": cfg.train.channels_last, "compile": bool(cfg.train.compile)},
         data={"name": bundle.name, "source": cfg.data.data, "counts": bundle.counts,
-              "val_split": cfg.data.val_split, "split_seed": cfg.data.split_seed},
+              "val_split": cfg.data.val_split, "split_seed": cfg.data.split_seed,
+              "on_bad_image": cfg.data.on_bad_image, "image_sizes": _image_sizes(cfg)},
         config=cfg.to_dict(),
     )
+
+
+def _image_sizes(cfg: RunConfig) -> dict | None:
+    """The training images' size range (``DataProbe.image_sizes``): from the data recipe's probe, else probed
+    now (file headers only)."""
+    from imgrec.data.probe import DataProbe, probe_source
+    p = (cfg.data_recipe or {}).get("probe")
+    probe = DataProbe(**p) if p else probe_source(cfg.data.data, val_split=cfg.data.val_split,
+                                                  data_dir=cfg.data.data_dir)
+    return None if probe is None else probe.image_sizes()
 
 
 def train(cfg: RunConfig, out: str | Path, *, resume: bool = False, overwrite: bool = False,
