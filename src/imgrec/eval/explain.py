@@ -6,7 +6,8 @@ matplotlib (:func:`imgrec.eval.plots.explain_figure`) and a web page can draw th
 Grad-CAM (Selvaraju et al. 2017): weight each channel of the last spatial feature map by the mean
 gradient of the target class's logit with respect to it, sum, keep the positive part, upsample to the
 input size, scale from its minimum to its maximum. For CNNs that map is ``forward_features(x)`` (the head API every imgrec model shares), so no
-per-architecture layer names are needed. A ViT's ``forward_features`` returns tokens after the final
+per-architecture layer names are needed; where that map is smaller than 3×3, or shows no positive evidence,
+the deepest wider map of the forward pass that does is used instead. A ViT's ``forward_features`` returns tokens after the final
 LayerNorm, and its head reads only the class token, so the gradient reaching the patch tokens there is
 exactly zero; we take the patch tokens where the last encoder block reads them instead (the output of its
 first LayerNorm, the layer pytorch-grad-cam recommends for ViTs) and fold them back into the patch grid.
@@ -38,7 +39,7 @@ VERTICAL_EDGE = np.array([[1, 0, -1], [1, 0, -1], [1, 0, -1]], dtype=np.float32)
 _ACTIVATIONS = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.GELU, nn.SiLU, nn.Hardswish, nn.ELU, nn.Tanh)
 _POOLS = (nn.MaxPool2d, nn.AvgPool2d)
 PATCH = 8  # side of the window of input pixels shown as numbers
-MIN_CAM_SIDE = 4  # a Grad-CAM map narrower than this says little about where
+MIN_CAM_SIDE = 3  # a Grad-CAM map narrower than this says little about where
 
 
 def resolve_target(classes: list[str], target: str | int | None) -> int | None:
@@ -76,23 +77,26 @@ def _vit_parts(model: nn.Module) -> tuple[nn.Module, nn.Module, str]:
     return geometry, block, f"{name}.ln_1" if name else "ln_1"
 
 
-def _cnn_target(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, str]:
-    """(activations to explain, logits, their name) for a CNN.
+def _cnn_candidates(model: nn.Module, x: torch.Tensor) -> tuple[list[tuple[torch.Tensor, str]], torch.Tensor]:
+    """(maps that Grad-CAM may explain, best first, with their names; logits) for a CNN.
 
-    Normally the last spatial map, ``forward_features(x)``. Some small-image networks pool that map down
-    to 1×1 or 2×2 (FastNet at 28 px ends at 1×1, AlexNet at 2×2), where Grad-CAM can only say "the whole
-    image"; then we take the deepest map at least ``MIN_CAM_SIDE`` cells wide that the forward pass went
-    through (an activation's output when there is one, as Grad-CAM uses rectified maps).
+    First ``forward_features(x)`` (the last spatial map), when it is at least ``MIN_CAM_SIDE`` cells wide.
+    Some small-image networks pool that map down to 1×1 or 2×2 (FastNet at 28 px ends at 1×1, AlexNet at
+    2×2), where Grad-CAM can only say "the whole image"; then, and as fallbacks when a map holds no positive
+    evidence for the class, every other map at least ``MIN_CAM_SIDE`` wide that the forward pass went
+    through, deepest first (a block's output comes after its layers', so a residual stage's sum comes
+    before the branch inside it).
     """
-    seen: dict[str, tuple[str, torch.Tensor]] = {}
+    seen: dict[int, tuple[str, torch.Tensor]] = {}  # in the order the maps were last produced
 
     def record(name: str):
         def hook(module, inputs, output):
             if isinstance(output, torch.Tensor) and output.dim() == 4 and output.requires_grad \
                     and min(output.shape[-2:]) >= MIN_CAM_SIDE:
-                seen["any"] = (name, output)
-                if isinstance(module, _ACTIVATIONS):
-                    seen["activation"] = (name, output)
+                # an in-place activation or a block returning its last layer's tensor hands back the same
+                # tensor: it is named after the last module that produced it
+                seen.pop(id(output), None)
+                seen[id(output)] = (name, output)
         return hook
 
     handles = [m.register_forward_hook(record(n)) for n, m in model.named_modules() if n]
@@ -102,10 +106,18 @@ def _cnn_target(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, torch.
         for h in handles:
             h.remove()
     logits = model.forward_head(feats)
-    if min(feats.shape[-2:]) >= MIN_CAM_SIDE or not seen:
-        return feats, logits, "forward_features"
-    name, acts = seen.get("activation") or seen["any"]
-    return acts, logits, f"{name} (forward_features is only {feats.shape[-2]}×{feats.shape[-1]})"
+    small = min(feats.shape[-2:]) < MIN_CAM_SIDE
+    why = f"forward_features is only {feats.shape[-2]}×{feats.shape[-1]}" if small else \
+        "no positive evidence in forward_features"
+    out = [] if small else [(feats, "forward_features")]
+    out += [(t, f"{name} ({why})") for name, t in reversed(list(seen.values())) if t is not feats]
+    return out, logits
+
+
+def _cam(a: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """Grad-CAM of one map: channels (C×h×w) weighted by their mean gradient, summed, positive part."""
+    weights = g.mean(dim=(1, 2))
+    return torch.relu((weights[:, None, None] * a).sum(0))
 
 
 def grad_cam(model: nn.Module, x: torch.Tensor, target: int | None, family: str = "cnn"
@@ -115,8 +127,9 @@ def grad_cam(model: nn.Module, x: torch.Tensor, target: int | None, family: str 
     Returns (heat map H×W in 0..1 at the input size, the logits of this un-augmented forward pass, the
     layer's name). ``target`` None means the arg-max class of that pass. Gradients are taken with
     ``torch.autograd.grad`` on the activations only, so no ``.grad`` is left on the model's parameters
-    (the model may be serving other requests). A map with no positive evidence for the class, or the same
-    evidence everywhere, is all zero.
+    (the model may be serving other requests). A CNN's map comes from the first of its candidate layers
+    (:func:`_cnn_candidates`) that shows positive evidence somewhere more than elsewhere; when none does the
+    map is all zero.
     """
     h, w = x.shape[-2:]
     x = x.detach().clone().requires_grad_(True)  # a graph exists even if every parameter is frozen
@@ -130,19 +143,29 @@ def grad_cam(model: nn.Module, x: torch.Tensor, target: int | None, family: str 
                 logits = model(x)
             finally:
                 handle.remove()
-            acts = store["a"]
+            candidates = [(store["a"], layer)]
         else:
-            acts, logits, layer = _cnn_target(model, x)
+            candidates, logits = _cnn_candidates(model, x)
         t = int(logits[0].argmax()) if target is None else int(target)
-        (grads,) = torch.autograd.grad(logits[0, t], acts)
-    a, g = acts.detach()[0].float(), grads[0].float()
-    if geometry is not None:
-        # tokens T×D → drop the class token(s) → D×grid×grid, like a CNN feature map
-        n, grid = int(geometry.num_prefix_tokens), int(geometry.grid_size)
-        a = a[n:].T.reshape(-1, grid, grid)
-        g = g[n:].T.reshape(-1, grid, grid)
-    weights = g.mean(dim=(1, 2))                       # one weight per channel: its average gradient
-    cam = torch.relu((weights[:, None, None] * a).sum(0))
+        grads = torch.autograd.grad(logits[0, t], [a for a, _ in candidates], allow_unused=True) \
+            if candidates else []
+    cam, layer = None, candidates[0][1] if candidates else "none"
+    for (acts, name), grad in zip(candidates, grads):
+        if grad is None:  # a map the target's logit does not depend on
+            continue
+        a, g = acts.detach()[0].float(), grad[0].float()
+        if geometry is not None:
+            # tokens T×D → drop the class token(s) → D×grid×grid, like a CNN feature map
+            n, grid = int(geometry.num_prefix_tokens), int(geometry.grid_size)
+            a = a[n:].T.reshape(-1, grid, grid)
+            g = g[n:].T.reshape(-1, grid, grid)
+        c = _cam(a, g)
+        if cam is None or float(c.max()) > float(c.min()):
+            cam, layer = c, name
+            if float(c.max()) > float(c.min()):
+                break
+    if cam is None:
+        cam = torch.zeros(h, w)
     cam = _to_input_size(cam, h, w, geometry)
     # Scaled from its minimum to its maximum, as the Grad-CAM authors' code does: the map says where
     # relative to the rest of this image. Without subtracting the minimum a ViT's map is a near-constant
