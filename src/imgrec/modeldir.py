@@ -29,7 +29,7 @@ from typing import Any
 from imgrec.errors import ModelFileError
 from imgrec.safeio import atomic_write_json
 
-__all__ = ["FORMAT", "FORMAT_VERSION", "ModelMeta", "RunDir", "read_meta", "write_meta"]
+__all__ = ["FORMAT", "FORMAT_VERSION", "ModelMeta", "RunDir", "check_model_kwargs", "read_meta", "write_meta"]
 
 FORMAT = "imgrec-model"
 FORMAT_VERSION = 3
@@ -39,6 +39,42 @@ READABLE_VERSIONS = (1, 2, 3)
 # in the decoder (imgrec.data.decode) and for arrays (imgrec.data.transforms.resize_uint8). Exporters and other
 # runtimes read this to resize the same way.
 RESIZE_POLICY = "squash-bilinear-antialias"
+
+# model.kwargs are architecture arguments (sizes, depths, rates): plain values only. A model.json is a file
+# people hand each other, and these go to the model's builder (timm's create_model reads checkpoint_path,
+# pretrained_cfg and pretrained_cfg_overlay as files and URLs to load). The timm builder checks its own
+# allow-list (models.timm_models.TIMM_ARCH_KWARGS); this check refuses what no architecture argument looks like
+# as soon as the file is read, before anything is built.
+_MAX_KWARGS = 64
+_MAX_KWARG_LIST = 16
+_FILE_LIKE_NAMES = ("file", "path", "url", "dir", "checkpoint")
+
+
+def _file_like(key: str) -> bool:
+    """checkpoint_path, cache_dir, pretrained_cfg_overlay, file … (drop_path_rate is a rate, not a path)."""
+    k = key.lower()
+    return (k in _FILE_LIKE_NAMES or k.startswith(("pretrained", "checkpoint"))
+            or k.endswith(tuple("_" + n for n in _FILE_LIKE_NAMES)))
+
+
+def check_model_kwargs(kwargs: Any, where: str = "model.json") -> dict[str, Any]:
+    """``model.kwargs`` as a dict of plain architecture arguments, or a ModelFileError naming the bad key."""
+    if not isinstance(kwargs, dict) or len(kwargs) > _MAX_KWARGS:
+        raise ModelFileError(f"{where}: model.kwargs must be a mapping of at most {_MAX_KWARGS} arguments")
+    for key, value in kwargs.items():
+        if not isinstance(key, str) or not key.isidentifier():
+            raise ModelFileError(f"{where}: model.kwargs: bad argument name {str(key)[:40]!r}")
+        if _file_like(key):
+            raise ModelFileError(f"{where}: model.kwargs: {key!r} is refused (an argument that names a file, URL "
+                                 f"or settings to load is not an architecture argument)")
+        plain = isinstance(value, (str, int, float, bool, type(None))) or (
+            isinstance(value, list) and len(value) <= _MAX_KWARG_LIST
+            and all(isinstance(v, (str, int, float, bool)) for v in value))
+        if not plain or (isinstance(value, str) and len(value) > 64):
+            raise ModelFileError(f"{where}: model.kwargs: {key!r} must be a number, a short string, a boolean or a "
+                                 f"short list of them, got {type(value).__name__}")
+    return dict(kwargs)
+
 
 # "classification": exactly one label per image (softmax, cross-entropy); "multilabel": any subset of the
 # labels per image (one sigmoid per label, binary cross-entropy, a decision threshold per label)
@@ -201,9 +237,10 @@ class ModelMeta:
             raise ModelFileError(f"{where}: model metadata lacks {', '.join(missing)}")
         if not isinstance(d["model"], dict) or not isinstance(d["model"].get("name"), str):
             raise ModelFileError(f"{where}: model metadata lacks the architecture name")
+        kwargs = check_model_kwargs(d["model"].get("kwargs") or {}, where)
         try:
             meta = cls(
-                model={"name": d["model"]["name"], "kwargs": dict(d["model"].get("kwargs") or {})},
+                model={"name": d["model"]["name"], "kwargs": kwargs},
                 classes=[str(c) for c in d["classes"]],
                 image_size=int(d["image_size"]), channels=int(d["channels"]),
                 mean=[float(v) for v in d["mean"]], std=[float(v) for v in d["std"]],

@@ -10,14 +10,19 @@ timm models already have imgrec's head API (design principle 3 comes from timm):
 How the arguments map:
 
 - ``num_classes``, ``in_chans`` go to ``timm.create_model`` as they are; extra ``model.kwargs`` pass through
-  (``drop_rate``, ``depth``, ``pretrained_cfg_overlay`` ...).
+  when they are plain architecture arguments (:data:`TIMM_ARCH_KWARGS`: ``drop_rate``, ``depth``,
+  ``embed_dim`` ..., numbers, strings, booleans or short lists of them). Anything else is refused in one line
+  naming the key, before timm sees it: ``model.kwargs`` comes from files people hand each other (``model.json``,
+  a ``--config`` file, a resumed ``config.yaml``), and timm's own keywords reach far beyond the architecture —
+  ``checkpoint_path`` makes it load a file right after building (with ``torch.load(weights_only=False)``
+  before timm 1.0.26), ``pretrained_cfg``/``pretrained_cfg_overlay`` name files and URLs to fetch.
 - ``image_size`` goes to the models that are built for one input size (timm's ``fixed_input_size``: ViTs,
   Swin, ...) as ``img_size``. When the default patch would leave a grid under ``MIN_GRID`` patches per side
   (16 px patches on 28 px Fashion-MNIST: 1 x 1), ``patch_size`` shrinks as for imgrec's own ViTs
   (``zoo.vit_patch_size``: 4 px at 28-32 px). CNNs take any size and are built as timm builds them (their
   ImageNet stems reduce 28 px to a 1 x 1 map: they run, but ``--image-size 64`` or more suits them better).
-- Weights: ``--pretrained`` loads timm's own (its hub download, or its ``pretrained_cfg_overlay=dict(file=...)``
-  override) and ``--weights FILE`` a timm state dict. Both go through timm's loader on a twin of the model,
+- Weights: ``--pretrained`` loads timm's own (its hub download) and ``--weights FILE`` a timm state dict
+  (offline, that is the way to start from a local copy of timm's weights). Both go through timm's loader on a twin of the model,
   built for the source's classifier, so timm's own conversions apply (position-embedding and patch-embedding
   resampling, input-channel adaptation); then ``pretrained.transfer_state_dict`` copies it over and reports,
   as for built-in models (the classifier re-initialised for the new classes when its shape differs).
@@ -36,12 +41,48 @@ import torch.nn as nn
 from imgrec.errors import ConfigError, ModelFileError
 from imgrec.models.registry import ModelInfo, register_prefix
 
-__all__ = ["TIMM_PREFIX", "INSTALL_HINT", "MIN_GRID", "timm_model_info", "create_timm_model", "timm_source_state",
-           "timm_catalog_rows"]
+__all__ = ["TIMM_PREFIX", "INSTALL_HINT", "MIN_GRID", "TIMM_ARCH_KWARGS", "check_timm_kwargs", "timm_model_info",
+           "create_timm_model", "timm_source_state", "timm_catalog_rows"]
 
 TIMM_PREFIX = "timm"
 INSTALL_HINT = "pip install 'imgrec[timm]'"
 MIN_GRID = 7  # patches per side below which a ViT gets smaller patches (zoo.vit_patch_size keeps 7-14)
+
+# The keyword arguments of timm's builders that only shape the architecture (sizes, depths, dropout rates,
+# pooling, token options). An allow-list, not a deny-list: timm.create_model forwards unknown keywords to the
+# model's builder and also reads checkpoint_path, pretrained_cfg, pretrained_cfg_overlay, cache_dir … which
+# load files or fetch URLs; a new timm release may add more of those, never to this list.
+TIMM_ARCH_KWARGS = frozenset({
+    "num_classes", "in_chans", "img_size", "patch_size", "embed_dim", "depth", "depths", "dims", "num_heads",
+    "mlp_ratio", "window_size", "drop_rate", "drop_path_rate", "drop_block_rate", "proj_drop_rate",
+    "attn_drop_rate", "pos_drop_rate", "patch_drop_rate", "global_pool", "qkv_bias", "qk_norm", "class_token",
+    "no_embed_class", "reg_tokens", "pre_norm", "fc_norm", "dynamic_img_size", "dynamic_img_pad",
+    "init_values", "output_stride", "channel_multiplier", "depth_multiplier", "head_hidden_size",
+})
+_MAX_LIST = 16  # a list argument (depths, dims, img_size as (h, w)) is a handful of numbers
+
+
+def _plain_value(v: Any) -> bool:
+    scalar = (str, int, float, bool, type(None))
+    if isinstance(v, scalar):
+        return not isinstance(v, str) or len(v) <= 64
+    return isinstance(v, (list, tuple)) and len(v) <= _MAX_LIST and all(
+        isinstance(x, (int, float, bool)) for x in v)
+
+
+def check_timm_kwargs(name: str, kwargs: dict[str, Any]) -> None:
+    """ConfigError naming the first keyword of ``model.kwargs`` that is not a plain architecture argument of
+    :data:`TIMM_ARCH_KWARGS` (or whose value is not a number, short string, boolean or short list)."""
+    for key, value in kwargs.items():
+        if key not in TIMM_ARCH_KWARGS:
+            raise ConfigError(f"model.kwargs of timm:{name}: {key!r} is not an architecture argument imgrec passes "
+                              f"to timm (arguments that load files, fetch URLs or replace timm's settings are "
+                              f"refused; allowed: drop_rate, drop_path_rate, img_size, patch_size, embed_dim, depth, "
+                              f"num_heads, mlp_ratio, global_pool … {len(TIMM_ARCH_KWARGS)} in all)")
+        if not _plain_value(value):
+            raise ConfigError(f"model.kwargs of timm:{name}: {key!r} must be a number, a short string, a boolean "
+                              f"or a short list of numbers, got {type(value).__name__}")
+
 
 # timm modules whose forward_features returns a token sequence N x T x D (ViT-like): imgrec's "vit" family,
 # trained without channels_last (it only slows attention down). Every other timm model returns a spatial
@@ -127,6 +168,7 @@ def _build_kwargs(timm, name: str, num_classes: int, in_chans: int, image_size: 
 def create_timm_model(name: str, num_classes: int = 10, in_chans: int = 3, image_size: int = 224,
                       **kwargs) -> nn.Module:
     """``timm.create_model(name, ...)`` with random weights for ``image_size`` px (see the module doc)."""
+    check_timm_kwargs(name, kwargs)  # before timm is imported or called: nothing of a refused file is read
     timm = _timm(name)
     kw = _build_kwargs(timm, name, num_classes, in_chans, image_size, kwargs)
     try:
@@ -155,7 +197,8 @@ def timm_source_state(model: nn.Module, *, pretrained: bool = False, weights_fil
     name = args["name"]
     timm = _timm(name)
     kw = dict(args["kwargs"])
-    overlay = dict(kw.pop("pretrained_cfg_overlay", None) or {})
+    check_timm_kwargs(name, kw)  # what create_timm_model accepted (a hand-set attribute would be checked here)
+    overlay: dict[str, Any] = {}  # imgrec's own: a --weights file's state dict, never one from model.kwargs
     cfg = model.pretrained_cfg
     if weights_file is not None:
         from imgrec.safeio import load_weights
@@ -172,18 +215,15 @@ def timm_source_state(model: nn.Module, *, pretrained: bool = False, weights_fil
         source = str(weights_file)
     elif pretrained:
         info = timm_model_info(name)
-        if info.pretrained is None and not overlay:
+        if info.pretrained is None:
             with_weights = ", ".join(timm.list_models(name.split(".")[0] + "*", pretrained=True)[:5])
             raise ConfigError(f"timm model {name!r} has no pretrained weights"
                               + (f" (tagged ones: {with_weights})" if with_weights else "")
                               + "; or load a local file with --weights FILE")
-        classes = int(overlay.get("num_classes", cfg.get("num_classes") or 0))
-        source = info.pretrained or f"timm:{name}"
+        classes = int(cfg.get("num_classes") or 0)
+        source = info.pretrained
         offline_hint = "; offline, pass --weights FILE (a timm state dict: .safetensors or weights-only .pth)"
-        local = overlay.get("file")
-        if local and not os.path.isfile(local):  # timm would log it and raise a bare FileNotFoundError
-            raise ModelFileError(f"{local}: weights file not found (pretrained_cfg_overlay file of timm:{name})")
-        if not local and "state_dict" not in overlay and os.environ.get("IMGREC_OFFLINE"):
+        if os.environ.get("IMGREC_OFFLINE"):
             # huggingface_hub retries for most of a minute before giving up without a network
             raise ModelFileError(f"{source}: IMGREC_OFFLINE is set, so timm's weights are not downloaded"
                                  f"{offline_hint}")

@@ -1,0 +1,126 @@
+"""Files people hand each other cannot run code or reach outside: one small crafted input per hole.
+
+model.json / config kwargs into timm, pack chunk names for every location, idle and half-sent connections,
+decode cost from the image header, TorchScript files, ONNX external data, YAML aliases, dependency floors.
+Every bad case is one clear line (CLI: non-zero exit, no traceback; HTTP: a 4xx JSON message).
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import pickle
+import re
+import socket
+import struct
+import sys
+import threading
+import time
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from imgrec.cli import main
+from imgrec.errors import ConfigError, DatasetError, ModelFileError
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def cli(*args) -> tuple[int, str, str]:
+    """``imgrec ARGS`` in this process: (exit code, stdout, stderr)."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        rc = main([str(a) for a in args])
+    return rc, out.getvalue(), err.getvalue()
+
+
+def one_error_line(err: str) -> str:
+    lines = [ln for ln in err.strip().splitlines() if ln.strip()]
+    assert "Traceback" not in err and lines and lines[-1].startswith("imgrec: error:"), err
+    assert sum(ln.startswith("imgrec: error:") for ln in lines) == 1, err
+    return lines[-1]
+
+
+class _Marker:
+    """A pickle that creates a file when unpickled: if the file exists, foreign code ran."""
+
+    def __init__(self, path: Path):
+        self.path = str(path)
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def _png(arr: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+# -- 1. model.kwargs never reach timm with file-loading keys ---------------------------------------------
+def _model_dir(tmp_path: Path, kwargs: dict, name: str = "timm:resnet18") -> Path:
+    d = tmp_path / "handed-model"
+    d.mkdir()
+    meta = {"format": "imgrec-model", "format_version": 2, "model": {"name": name, "kwargs": kwargs},
+            "classes": ["a", "b"], "image_size": 32, "channels": 1, "mean": [0.5], "std": [0.25]}
+    (d / "model.json").write_text(json.dumps(meta))
+    return d
+
+
+def test_model_json_with_checkpoint_path_is_refused_before_timm(tmp_path):
+    evil = tmp_path / "evil.pth"
+    marker = tmp_path / "ran"
+    evil.write_bytes(pickle.dumps({"state_dict": _Marker(marker)}))
+    model = _model_dir(tmp_path, {"checkpoint_path": str(evil)})
+    (tmp_path / "x.png").write_bytes(_png(np.zeros((32, 32), np.uint8)))
+    rc, _, err = cli("predict", "--model", model, tmp_path / "x.png")
+    assert rc != 0
+    assert "checkpoint_path" in one_error_line(err)
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("kwargs", [{"pretrained_cfg_overlay": {"file": "/etc/passwd"}},
+                                    {"pretrained_cfg": {"url": "http://127.0.0.1:9/x.pth"}},
+                                    {"drop_rate": {"nested": 1}}])
+def test_model_json_with_non_architecture_kwargs_is_refused(tmp_path, kwargs):
+    from imgrec.modeldir import read_meta
+    with pytest.raises(ModelFileError, match=re.escape(next(iter(kwargs)))) as e:
+        read_meta(_model_dir(tmp_path, kwargs))
+    assert "\n" not in str(e.value)
+
+
+def test_timm_builder_allows_only_architecture_kwargs(monkeypatch, tmp_path):
+    timm = pytest.importorskip("timm")
+    from imgrec.models import create_model
+
+    calls = []
+    monkeypatch.setattr(timm, "create_model", lambda *a, **k: calls.append(k))
+    for bad in ({"checkpoint_path": str(tmp_path / "x.pth")}, {"pretrained_cfg_overlay": {"file": "x"}},
+                {"pretrained_cfg": {}}, {"cache_dir": str(tmp_path)}, {"drop_rate": [{"a": 1}]}):
+        with pytest.raises(ConfigError, match=re.escape(next(iter(bad)))):
+            create_model("timm:resnet18", num_classes=2, in_chans=1, image_size=32, **bad)
+    assert calls == []  # refused before timm was called
+    monkeypatch.undo()
+    m = create_model("timm:resnet18", num_classes=2, in_chans=1, image_size=32, drop_rate=0.1)
+    assert m.imgrec_timm["kwargs"] == {"drop_rate": 0.1}
+
+
+def test_config_file_kwargs_are_refused_in_one_line(tmp_path):
+    pytest.importorskip("timm")
+    data = tmp_path / "data"
+    for c in ("a", "b"):
+        (data / c).mkdir(parents=True)
+        for i in range(4):
+            (data / c / f"{i}.png").write_bytes(_png(np.full((16, 16), 40 * i, np.uint8)))
+    marker = tmp_path / "ran"
+    (tmp_path / "evil.pth").write_bytes(pickle.dumps(_Marker(marker)))
+    cfg = tmp_path / "run.yaml"
+    cfg.write_text(f"model:\n  name: timm:resnet18\n  kwargs:\n    checkpoint_path: {tmp_path / 'evil.pth'}\n")
+    rc, _, err = cli("train", "--config", cfg, "--data", data, "--epochs", 1, "--image-size", 32,
+                     "--out", tmp_path / "run")
+    assert rc != 0 and "checkpoint_path" in one_error_line(err)
+    assert not marker.exists()
