@@ -124,3 +124,27 @@ def test_config_file_kwargs_are_refused_in_one_line(tmp_path):
                      "--out", tmp_path / "run")
     assert rc != 0 and "checkpoint_path" in one_error_line(err)
     assert not marker.exists()
+
+
+# -- 6. dependency floors exclude the versions with known holes; what is installed meets them ----------------
+def test_dependency_floors():
+    import tomllib
+    from importlib.metadata import PackageNotFoundError, version
+
+    from packaging.requirements import Requirement
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    reqs = [Requirement(r) for r in project["dependencies"]]
+    reqs += [Requirement(r) for extra in project["optional-dependencies"].values() for r in extra]
+    by_name = {r.name.lower(): r for r in reqs}
+    excluded = {"pillow": ["10.0.0"], "timm": ["1.0.9", "1.0.25"], "python-multipart": ["0.0.9", "0.0.12"],
+                "h11": ["0.14.0"]}
+    for name, versions in excluded.items():
+        for v in versions:
+            assert not by_name[name].specifier.contains(v), (name, v)
+    for r in reqs:
+        try:
+            have = version(r.name)
+        except PackageNotFoundError:
+            continue
+        assert r.specifier.contains(have, prereleases=True), f"installed {r.name} {have} is outside {r}"
