@@ -148,3 +148,59 @@ def test_dependency_floors():
         except PackageNotFoundError:
             continue
         assert r.specifier.contains(have, prereleases=True), f"installed {r.name} {have} is outside {r}"
+
+
+# -- 2. pack chunk names are plain file names, for every location ------------------------------------------
+EVIL_CHUNK = "../../evil/chunk-0-0.bin"
+
+
+def _evil_index(split_dir: Path, name: str = EVIL_CHUNK) -> Path:
+    split_dir.mkdir(parents=True, exist_ok=True)
+    index = {"config": {"data_format": ["tensor", "int"], "compression": None, "encryption": None,
+                        "item_loader": "PyTreeLoader", "chunk_bytes": 1 << 20,
+                        "data_spec": json.dumps([1, {"context": json.dumps(["image", "label"])}])},
+             "chunks": [{"filename": name, "chunk_bytes": 64, "chunk_size": 1, "dim": None}],
+             "updated_at": "1"}
+    (split_dir / "index.json").write_text(json.dumps(index))
+    return split_dir / "index.json"
+
+
+@pytest.mark.parametrize("name", [EVIL_CHUNK, "/etc/passwd", "..", "a/b.bin", "a\\b.bin", "C:chunk.bin",
+                                  "chunk\0.bin", "", None, 7])
+def test_chunk_names_must_be_plain_file_names(name):
+    from imgrec.data.stream import check_chunk_name
+    with pytest.raises(DatasetError, match="refusing a shard"):
+        check_chunk_name(name)
+    assert check_chunk_name("chunk-0-12.bin") == "chunk-0-12.bin"
+
+
+def test_chunk_names_are_checked_for_local_urls(tmp_path):
+    pytest.importorskip("litdata")
+    from imgrec.data.stream import check_index
+    _evil_index(tmp_path / "pack" / "train")
+    with pytest.raises(DatasetError, match=re.escape(repr(EVIL_CHUNK))):
+        check_index(f"local:{tmp_path / 'pack' / 'train'}")
+    assert not (tmp_path / "evil").exists()
+
+
+@pytest.mark.parametrize("scheme", ["s3://", "gs://", "hf://"])
+def test_chunk_names_are_checked_for_object_stores_before_any_chunk(tmp_path, monkeypatch, scheme):
+    from imgrec.data import stream
+    index = _evil_index(tmp_path / "fetched")
+    meta = tmp_path / "imgrec-pack.json"
+    meta.write_text(json.dumps({"format": "imgrec-pack", "version": 1, "classes": ["a", "b"], "channels": 1,
+                                "image_size": 8, "mean": [0.5], "std": [0.25], "splits": {"train": {"images": 1}}}))
+    fetched = []
+
+    def fake_fetch(url, name, into):  # the object store, answered from disk: no network
+        fetched.append(name)
+        return meta if name == "imgrec-pack.json" else index
+
+    def no_dataset(*a, **k):
+        raise AssertionError("a dataset was built over a refused index")
+
+    monkeypatch.setattr(stream, "_fetch", fake_fetch)
+    monkeypatch.setattr(stream, "_dataset", no_dataset)
+    with pytest.raises(DatasetError, match="refusing a shard"):
+        stream.read_split(f"{scheme}bucket/pack", "train")
+    assert fetched == ["imgrec-pack.json", "index.json"]  # no chunk was asked for

@@ -35,7 +35,8 @@ from imgrec.errors import DatasetError
 # LitData may ask PyPI for a newer version when a dataset is built (a 30 s timeout offline); never phone home.
 os.environ.setdefault("LITDATA_DISABLE_VERSION_CHECK", "1")
 
-__all__ = ["PACK_META", "StreamLoader", "available_memory", "check_index", "choose_stream", "default_workers",
+__all__ = ["PACK_META", "StreamLoader", "available_memory", "check_chunk_name", "check_index", "choose_stream",
+           "default_workers",
            "is_pack", "is_url", "read_pack_meta", "read_split"]
 
 PACK_META = "imgrec-pack.json"
@@ -131,15 +132,32 @@ def check_index(split_dir: str | os.PathLike, meta: dict | None = None) -> dict:
                            f"an int label; other formats may unpickle code)")
     if not isinstance(chunks, list) or not all(isinstance(ch, dict) for ch in chunks):
         raise DatasetError(f"{path}: corrupt shard index (no chunk list)")
+    for ch in chunks:  # every location: URLs are joined the same way as folders
+        check_chunk_name(ch.get("filename"), str(path))
     if not is_url(s):
         for ch in chunks:
-            f = Path(s) / str(ch.get("filename", ""))
-            if Path(ch.get("filename", "")).name != ch.get("filename") or not f.is_file():
+            f = Path(s) / ch["filename"]
+            if not f.is_file():
                 raise DatasetError(f"{f}: shard missing")
             size, want = f.stat().st_size, int(ch.get("chunk_bytes", -1))
             if size != want:
                 raise DatasetError(f"{f}: truncated or corrupt shard ({size} bytes, the index says {want})")
     return index
+
+
+def check_chunk_name(name: object, where: str = "index.json") -> str:
+    """A chunk file name from an index, or a DatasetError: only a plain file name is allowed.
+
+    LitData joins the name to the pack's location to read it and to its cache folder to write it, for every
+    scheme (s3://, gs://, hf://, local:, a folder), so ``../../x`` would be read from outside the pack and
+    written outside the cache. imgrec writes ``chunk-<rank>-<n>.bin``; anything with a separator, a parent
+    reference, a drive letter or a NUL is refused."""
+    ok = (isinstance(name, str) and 0 < len(name) <= 255 and name not in (".", "..")
+          and not any(ch in name for ch in "/\\\0:") and not name.startswith(("~", "..")) and name.isprintable())
+    if not ok:
+        raise DatasetError(f"{where}: refusing a shard named {str(name)[:80]!r} (a chunk must be a plain file name "
+                           f"inside the pack)")
+    return name
 
 
 class _Refuse:
@@ -199,6 +217,10 @@ def _dataset(split_dir: str, *, shuffle: bool, seed: int, drop_last: bool, cache
                                   **kwargs)
         finally:
             lit_log.setLevel(level)
+        # the index LitData itself downloaded and will use (for a URL, a second copy of index.json that may
+        # differ from the one check_index read): its chunk names pass the same check before any chunk is read
+        for name in getattr(ds, "subsampled_files", None) or []:
+            check_chunk_name(name, f"{split_dir}/index.json")
         if every_rank:
             ds.distributed_env = _DistributedEnv(1, 0, 1)
         return ds
