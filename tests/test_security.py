@@ -204,3 +204,44 @@ def test_chunk_names_are_checked_for_object_stores_before_any_chunk(tmp_path, mo
     with pytest.raises(DatasetError, match="refusing a shard"):
         stream.read_split(f"{scheme}bucket/pack", "train")
     assert fetched == ["imgrec-pack.json", "index.json"]  # no chunk was asked for
+
+
+# -- 7. YAML: no aliases, at most 1 MB ---------------------------------------------------------------------
+BILLION_LAUGHS = """\
+a: &a ["lol","lol","lol","lol","lol","lol","lol","lol","lol"]
+b: &b [*a,*a,*a,*a,*a,*a,*a,*a,*a]
+c: &c [*b,*b,*b,*b,*b,*b,*b,*b,*b]
+d: &d [*c,*c,*c,*c,*c,*c,*c,*c,*c]
+e: &e [*d,*d,*d,*d,*d,*d,*d,*d,*d]
+f: &f [*e,*e,*e,*e,*e,*e,*e,*e,*e]
+g: &g [*f,*f,*f,*f,*f,*f,*f,*f,*f]
+h: &h [*g,*g,*g,*g,*g,*g,*g,*g,*g]
+recipe: &i [*h,*h,*h,*h,*h,*h,*h,*h,*h]
+"""
+
+
+def test_yaml_alias_bomb_is_refused_in_one_line(tmp_path):
+    from imgrec.config import load_yaml
+    bomb = tmp_path / "bomb.yaml"
+    bomb.write_text(BILLION_LAUGHS)
+    with pytest.raises(ConfigError, match="aliases") as e:
+        load_yaml(bomb)
+    assert "\n" not in str(e.value)
+    rc, _, err = cli("train", "--config", bomb, "--out", tmp_path / "run")
+    assert rc != 0 and "aliases" in one_error_line(err)
+    assert not (tmp_path / "run").exists()
+
+
+def test_yaml_size_and_depth_are_capped(tmp_path):
+    from imgrec.config import load_yaml
+    big = tmp_path / "big.yaml"
+    big.write_text("lr: 0.1\n" + "# padding\n" * 120_000)
+    with pytest.raises(ConfigError, match="larger than 1 MB"):
+        load_yaml(big)
+    deep = tmp_path / "deep.yaml"
+    deep.write_text("recipe: " + "[" * 5000 + "]" * 5000 + "\n")
+    with pytest.raises(ConfigError, match="cannot read config"):
+        load_yaml(deep)
+    ok = tmp_path / "ok.yaml"
+    ok.write_text("train:\n  lr: 0.05\nmodel:\n  name: simple_cnn\n")
+    assert load_yaml(ok) == {"train": {"lr": 0.05}, "model": {"name": "simple_cnn"}}
