@@ -33,12 +33,16 @@ def add_model_dir_options(p, *, which: bool = True) -> None:
     p.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:N, mps")
 
 
-def add_eval_data_options(p) -> None:
-    """--data/--data-dir/--split/--on-bad-image: a labelled split to evaluate on (default: the model's own data)."""
+def add_eval_data_options(p, default_split: str = "test, else val") -> None:
+    """--data/--data-dir/--split/--on-bad-image: a labelled split to evaluate on. Each defaults to what the
+    model directory recorded of its run (data source, validation split, bad-image policy)."""
     p.add_argument("--data", help="dataset (default: the one it was trained on)")
-    p.add_argument("--data-dir", help="folder holding the named dataset's IDX files")
-    p.add_argument("--split", default="test", choices=("test", "val", "train"))
-    add_bad_image_option(p)
+    p.add_argument("--data-dir", help="folder holding the named dataset's IDX files (default: the run's)")
+    p.add_argument("--split", default=None, choices=("test", "val", "train"),
+                   help=f"split to use (default: {default_split})")
+    p.add_argument("--on-bad-image", default=None, choices=("fail", "skip"),
+                   help="an unreadable image stops the command (fail) or is reported and left out (skip); "
+                        "default: what the run was trained with")
 
 
 def add_bad_image_option(p, default: str | None = "fail") -> None:

@@ -13,11 +13,15 @@ from imgrec.cli.common import (add_backend_option, add_eval_data_options, add_js
                                fmt_table, print_json)
 
 
+TOP_K_HELP = ("top-k accuracy to report (default 5; single-label models; '-' in text and null in JSON where k is "
+              "not below the number of classes)")
+
+
 def add_parsers(sub) -> None:
     p = sub.add_parser("eval", help="evaluate a model on a dataset split")
     add_model_dir_options(p)
     add_eval_data_options(p)
-    p.add_argument("--top-k", type=int, help="top-k accuracy to report (default 5; single-label models)")
+    p.add_argument("--top-k", type=int, help=TOP_K_HELP)
     add_backend_option(p)
     add_json_option(p)
     p.set_defaults(func=cmd_eval)
@@ -29,7 +33,7 @@ def add_parsers(sub) -> None:
     add_model_dir_options(p)
     add_eval_data_options(p)
     p.add_argument("--out", default="report.html", help="HTML file to write (default report.html)")
-    p.add_argument("--top-k", type=int, help="top-k accuracy to report (default 5; single-label models)")
+    p.add_argument("--top-k", type=int, help=TOP_K_HELP)
     p.add_argument("--max-gallery", type=int, default=60, help="misclassified images shown (default 60)")
     add_json_option(p, "print the report's numbers as JSON")
     p.set_defaults(func=cmd_report)
@@ -48,8 +52,9 @@ def add_parsers(sub) -> None:
 
 
 def _load_labelled(args):
-    """The classifier and the labelled split that eval and report look at (the same data, the same numbers)."""
-    from imgrec.data.dataset import load_eval_split
+    """The classifier and the labelled split that eval and report look at (the same data, the same numbers).
+    Data settings not given are the run's own (model.json); ``args.split`` becomes the split used."""
+    from imgrec.data.dataset import load_run_split
     from imgrec.errors import ConfigError
     from imgrec.infer.backends import load_classifier
 
@@ -62,8 +67,11 @@ def _load_labelled(args):
         from imgrec.infer.multilabel import top_k_error
         raise top_k_error()
     args.top_k = 5 if args.top_k is None else args.top_k
-    bundle, data = load_eval_split(clf.meta, args.data, args.data_dir, args.split, args.on_bad_image)
-    return clf, bundle, data
+    r = load_run_split(clf.meta, args.data, args.data_dir, args.split, args.on_bad_image)
+    if r.note:
+        print(f"imgrec: note: {r.note}", file=sys.stderr)
+    args.split = r.split
+    return clf, r.bundle, r.data
 
 
 def cmd_eval(args) -> int:
@@ -79,7 +87,10 @@ def cmd_eval(args) -> int:
         print_multilabel(args, clf, res)
         return 0
     print(f"model {args.model} ({clf.name})  data {res['data']}  split {args.split}  n={res['n']}")
-    print(f"top-1 accuracy {res['top1']:.4f}   top-{args.top_k} accuracy {res[f'top{args.top_k}']:.4f}   "
+    topk = res.get(f"top{args.top_k}")
+    shown = "" if args.top_k == 1 else \
+        f"top-{args.top_k} accuracy {'-' if topk is None else f'{topk:.4f}'}   "
+    print(f"top-1 accuracy {res['top1']:.4f}   {shown}"
           f"loss {res['loss']:.4f}   macro F1 {res['macro_f1']:.4f}   balanced accuracy {res['balanced_acc']:.4f}\n")
     print(fmt_table([[r["class"], f"{r['precision']:.4f}", f"{r['recall']:.4f}", f"{r['f1']:.4f}", r["support"]]
                      for r in res["per_class"]], ["class", "precision", "recall", "f1", "support"]))

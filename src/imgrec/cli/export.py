@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 
-from imgrec.cli.common import add_json_option, print_json
+from imgrec.cli.common import add_eval_data_options, add_json_option, print_json
 
 
 def add_parsers(sub) -> None:
@@ -12,8 +12,9 @@ def add_parsers(sub) -> None:
         "export", help="export a model to ONNX or TorchScript with the preprocessing inside, and check it",
         description="Write one file whose graph takes uint8 pixels (N×H×W×C, RGB or gray, any size) and does the "
                     "resize, normalisation, network, flip-TTA and softmax; class names and input size go into its "
-                    "metadata. The export is checked against PyTorch on the validation split (or --check-data) and "
-                    "replaces --out only when top-1 agreement and probabilities are within tolerance.")
+                    "metadata. The export is checked against PyTorch on the validation split (or --split, "
+                    "--data, --check-data) and replaces --out only when top-1 agreement and probabilities are within "
+                    "tolerance. The data options default to the run's own (model.json), as for `imgrec eval`.")
     p.add_argument("--model", required=True, help="model directory (a run directory)")
     p.add_argument("--which", default="best", choices=("best", "last"), help="which weights (default best)")
     p.add_argument("--format", default="onnx", help="onnx (default) or torchscript")
@@ -26,7 +27,7 @@ def add_parsers(sub) -> None:
     p.add_argument("--check-data", nargs="+", metavar="PATH",
                    help="image files/folders to check on (default: the model's validation split)")
     p.add_argument("--check-limit", type=int, help="check on at most this many images (default all)")
-    p.add_argument("--data-dir", help="folder holding the named dataset's files")
+    add_eval_data_options(p, default_split="val")
     add_json_option(p)
     p.set_defaults(func=cmd_export)
 
@@ -39,7 +40,8 @@ def cmd_export(args) -> int:
         raise ConfigError("--check-limit must be at least 1")
     if args.check:
         res = check_exported(args.model, args.out, which=args.which, data=args.check_data, data_dir=args.data_dir,
-                             limit=args.check_limit)
+                             limit=args.check_limit, source=args.data, split=args.split,
+                             on_bad_image=args.on_bad_image)
         if args.json:
             from dataclasses import asdict
             print_json(asdict(res))
@@ -51,7 +53,8 @@ def cmd_export(args) -> int:
     log = None if args.json else (lambda s: print(f"imgrec: {s}", file=sys.stderr))
     result = export_model(args.model, args.out, args.format, which=args.which, int8=args.int8,
                           check_data=args.check_data, data_dir=args.data_dir, check_limit=args.check_limit,
-                          calib_size=args.calib_size, log=log)
+                          calib_size=args.calib_size, log=log, source=args.data, split=args.split,
+                          on_bad_image=args.on_bad_image)
     if args.json:
         print_json(result.to_dict())
     else:

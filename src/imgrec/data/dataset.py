@@ -251,36 +251,93 @@ def _bundle(name, classes, train, val, test, chans, size, mean, std, flip, task=
     return DataBundle(name, classes, train, val, test, chans, size, mean, std, flip, counts, task)
 
 
-def load_eval_split(meta: ModelMeta, data: str | None, data_dir: str | None, split: str,
-                    on_bad_image: str = "fail", at_model_size: bool = True) -> tuple[DataBundle, ImageData]:
-    """The data a model directory was trained on (or ``data``), with the same validation split, at the model's
-    size and channels; returns (bundle, the requested split). Used by ``imgrec eval`` and ``imgrec report``.
+@dataclass
+class EvalSplit:
+    """What :func:`load_run_split` loaded: the bundle, the split's images, which split that is, and a note
+    (None, or one line saying that the split asked for by default was not there and which one was used)."""
+    bundle: DataBundle
+    data: ImageData
+    split: str
+    note: str | None = None
+    on_bad_image: str = "fail"
+
+
+def run_data_settings(meta: ModelMeta, data: str | None = None, data_dir: str | None = None,
+                      on_bad_image: str | None = None) -> dict:
+    """The data settings a model directory's run used, with what was given explicitly taking precedence:
+    ``source``, ``data_dir``, ``on_bad_image``, ``val_split``, ``split_seed``, ``same_source``. The validation
+    split and the bad-image policy are the run's own so that ``eval``/``report``/``export`` see the images
+    training saw (a run trained with ``--on-bad-image skip`` skips the same files again)."""
+    # an exported file's metadata (imgrec.infer.ort) has ``data`` but no ``config``
+    d, cfg = dict(meta.data or {}), dict((getattr(meta, "config", None) or {}).get("data") or {})
+    spec = data or d.get("source") or cfg.get("data")
+    same = bool(spec) and spec == (d.get("source") or cfg.get("data"))
+    policy = on_bad_image or d.get("on_bad_image") or cfg.get("on_bad_image") or "fail"
+    val_split = d.get("val_split", cfg.get("val_split")) if same else None
+    seed = d.get("split_seed", cfg.get("split_seed"))
+    return {"source": spec, "data_dir": data_dir or (cfg.get("data_dir") if same else None),
+            "on_bad_image": policy, "val_split": val_split, "split_seed": int(seed or 0), "same_source": same}
+
+
+def load_run_split(meta: ModelMeta, data: str | None = None, data_dir: str | None = None, split: str | None = None,
+                   on_bad_image: str | None = None, at_model_size: bool = True) -> EvalSplit:
+    """The data a model directory was trained on (or ``data``), with the run's validation split and bad-image
+    policy (:func:`run_data_settings`), at the model's size and channels. Used by ``imgrec eval``, ``report``
+    and ``export``'s check.
+
+    ``split`` None: the test split, or the validation split (with a note) when the source has none; a
+    ``"test"`` asked for explicitly that is not there is a DatasetError that suggests ``--split val``.
     Of a named dataset only the requested split is brought to the model's size; the bundle's other splits keep
     the source's (see ``load_data``'s ``sized``).
     ``at_model_size=False``: at the source's own size and channels (a pack: its packed size) — to pick a
     subset first and bring only that to the model's size (see :func:`at_model_size`)."""
-    d = meta.data
-    spec = data or d.get("source")
+    run = run_data_settings(meta, data, data_dir, on_bad_image)
+    spec = run["source"]
     if not spec:
         raise ConfigError("--data is required (the model directory does not say what it was trained on)")
+    want = split or "test"
     from imgrec.data import stream
     if stream.is_pack(spec):  # a pack from `imgrec data pack`: read only the requested split
-        bundle = _open_pack_split(spec, split, meta.image_size, meta.channels)
+        if want == "test" and "test" not in stream.read_pack_meta(spec)["splits"]:
+            want = _no_test(spec, split)
+        bundle = _open_pack_split(spec, want, meta.image_size, meta.channels)
         if list(bundle.classes) != list(meta.classes):
             raise DatasetError(f"{spec}: its classes ({', '.join(bundle.classes[:5])}…) differ from the model's")
-        return bundle, bundle.split(split)
-    splits = ("train", "val", "test") if split == "test" else ("train", "val")
-    same_source = spec == d.get("source")
+        return EvalSplit(bundle, bundle.split(want), want, _note(spec, split, want), run["on_bad_image"])
+    splits = ("train", "val", "test") if want == "test" else ("train", "val")
     bundle = load_data(spec, image_size=meta.image_size if at_model_size else None,
                        channels=meta.channels if at_model_size else None,
-                       val_split=d.get("val_split") if same_source else None,
-                       split_seed=int(d.get("split_seed") or 0), data_dir=data_dir, on_bad_image=on_bad_image,
-                       splits=splits, progress=False, task=meta.task, sized=(split,) if at_model_size else (),
+                       val_split=run["val_split"], split_seed=run["split_seed"], data_dir=run["data_dir"],
+                       on_bad_image=run["on_bad_image"], splits=splits, progress=False, task=meta.task,
+                       sized=(want,) if at_model_size else (),
                        # multi-label: a label outside the model's is reported with its CSV row
                        classes=list(meta.classes) if meta.task == "multilabel" else None)
     if list(bundle.classes) != list(meta.classes):
         raise DatasetError(f"{spec}: its classes ({', '.join(bundle.classes[:5])}…) differ from the model's")
-    return bundle, bundle.split(split)
+    if want == "test" and bundle.test is None:
+        want = _no_test(spec, split)
+    return EvalSplit(bundle, bundle.split(want), want, _note(spec, split, want), run["on_bad_image"])
+
+
+def _no_test(spec: str, split: str | None) -> str:
+    """The split to use when the source has no test split: validation when none was asked for."""
+    if split == "test":
+        raise DatasetError(f"{spec}: has no 'test' split (no test/ folder or test rows); pass --split val to "
+                           "evaluate on the validation split")
+    return "val"
+
+
+def _note(spec: str, split: str | None, used: str) -> str | None:
+    if split is None and used == "val":
+        return f"{spec} has no test split: using the validation split (pass --split to choose)"
+    return None
+
+
+def load_eval_split(meta: ModelMeta, data: str | None, data_dir: str | None, split: str | None,
+                    on_bad_image: str | None = None, at_model_size: bool = True) -> tuple[DataBundle, ImageData]:
+    """:func:`load_run_split` as (bundle, the split's images)."""
+    r = load_run_split(meta, data, data_dir, split, on_bad_image, at_model_size)
+    return r.bundle, r.data
 
 
 def at_model_size(data: ImageData, meta: ModelMeta) -> torch.Tensor:

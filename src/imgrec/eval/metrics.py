@@ -74,8 +74,14 @@ def expected_calibration_error(probs: torch.Tensor, target: torch.Tensor, n_bins
                                  "confidence": (sum_conf / safe).tolist(), "accuracy": (sum_acc / safe).tolist()}}
 
 
+def has_topk(top_k: int, num_classes: int) -> bool:
+    """Whether top-k accuracy means anything: k below the number of classes (and above 1, which is top-1)."""
+    return 1 < int(top_k) < int(num_classes)
+
+
 def summarize(logits: torch.Tensor, target: torch.Tensor, classes: list[str], top_k: int = 5) -> dict:
-    """Everything ``imgrec eval`` reports: top-1/top-k accuracy, per-class P/R/F1/support, confusion matrix."""
+    """Everything ``imgrec eval`` reports: top-1/top-k accuracy, per-class P/R/F1/support, confusion matrix.
+    ``top{k}`` is None where k is not below the number of classes (see :func:`has_topk`)."""
     k = len(classes)
     logits = logits.float()
     pred = logits.argmax(1)
@@ -87,7 +93,8 @@ def summarize(logits: torch.Tensor, target: torch.Tensor, classes: list[str], to
     return {
         "n": n,
         "top1": top1,
-        f"top{top_k}": topk_accuracy(logits, target, top_k),
+        # with k ≥ the number of classes every label is "in the top k": 1.0 says nothing, so it is null
+        f"top{top_k}": topk_accuracy(logits, target, top_k) if has_topk(top_k, k) else None,
         "loss": torch.nn.functional.cross_entropy(logits, target).item() if n else float("nan"),
         "macro_f1": float(sum(prf["f1"]) / k),
         "balanced_acc": balanced_accuracy(cm),

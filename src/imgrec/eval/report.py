@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from imgrec.eval.evaluate import evaluate
-from imgrec.eval.metrics import expected_calibration_error
+from imgrec.eval.metrics import expected_calibration_error, has_topk
 
 __all__ = ["Report", "build_report", "wilson_interval", "read_metrics_csv", "png_data_uri", "image_data_uri"]
 
@@ -207,7 +207,8 @@ def build_report(clf, data, *, bundle=None, split: str = "test", data_name: str 
     cm = np.asarray(results["confusion_matrix"], dtype=np.int64)
 
     accuracy = {}
-    for key, k in (("top1", 1), (f"top{top_k}", top_k)):
+    shown_k = top_k if has_topk(top_k, len(classes)) else None  # top-k with k ≥ K would always be 100%
+    for key, k in (("top1", 1), (f"top{top_k}", top_k)) if shown_k else (("top1", 1),):
         # count the hits rather than rounding the float fraction back: top-1 is the confusion matrix's diagonal
         # (summarize takes top-1 from the same argmax), top-k caps k at K as topk_accuracy does
         if k == 1:
@@ -254,7 +255,7 @@ def build_report(clf, data, *, bundle=None, split: str = "test", data_name: str 
     context = {
         "title": f"{clf.name} on {data_name} ({split})",
         "run": _run_info(clf, model_dir, model_label, data_name, split, n),
-        "r": results, "top_k": top_k, "accuracy": accuracy, "calibration": calibration, "n_bins": n_bins,
+        "r": results, "top_k": shown_k, "accuracy": accuracy, "calibration": calibration, "n_bins": n_bins,
         "classes": classes, "cm": cm.tolist(),
         "pairs": pairs, "gallery": gallery, "misclassified": int(len(wrong)), "max_gallery": max_gallery,
         "counts": counts, "count_splits": list(counts),

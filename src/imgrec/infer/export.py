@@ -190,7 +190,8 @@ def _is_x86() -> bool:
 def export_model(model_dir: str | os.PathLike, out: str | os.PathLike | None = None, fmt: str = "onnx", *,
                  which: str = "best", int8: bool = False, check_data: str | list[str] | None = None,
                  data_dir: str | None = None, check_limit: int | None = None, calib_size: int = 512,
-                 log: Callable[[str], None] | None = None) -> ExportResult:
+                 log: Callable[[str], None] | None = None, source: str | None = None, split: str | None = None,
+                 on_bad_image: str | None = None) -> ExportResult:
     """Export ``model_dir`` to ``out`` (default ``<model_dir>/model.onnx``, ``model.int8.onnx`` or
     ``model.torchscript.pt``) and check it against PyTorch; the file replaces ``out`` only if the check passes.
 
@@ -200,6 +201,9 @@ def export_model(model_dir: str | os.PathLike, out: str | os.PathLike | None = N
         check_data: image files/folders to check on (default: the model's validation split).
         data_dir: where the named dataset's files are (as ``imgrec eval --data-dir``).
         check_limit: check on at most this many images (default: all).
+        source, split, on_bad_image: the labelled data to check on (and calibrate on) when ``check_data`` is
+            None, as ``imgrec eval`` takes them; each defaults to the run's own (model.json), the split to
+            "val".
         log: called with progress lines.
 
     Raises:
@@ -233,7 +237,7 @@ def export_model(model_dir: str | os.PathLike, out: str | os.PathLike | None = N
             try:
                 _export_onnx(graph, meta, fp32, model_dir)
                 log(f"calibrating int8 on {calib_size} training images")
-                calib = _calibration_images(meta, data_dir, calib_size)
+                calib = _calibration_images(meta, data_dir, calib_size, source, on_bad_image)
                 quant = _quantize(fp32, tmp, calib, meta)
             finally:
                 for leftover in (fp32, fp32.with_name(fp32.name + ".pre")):
@@ -242,7 +246,7 @@ def export_model(model_dir: str | os.PathLike, out: str | os.PathLike | None = N
         seconds = time.perf_counter() - t0
         log(f"exported {meta.name} to {fmt}{' int8' if int8 else ''} in {seconds:.1f} s; checking against PyTorch")
         result = check_export(model, meta, tmp, fmt=fmt, int8=int8, data=check_data, data_dir=data_dir,
-                              limit=check_limit)
+                              limit=check_limit, source=source, split=split, on_bad_image=on_bad_image)
         if not result.passed:
             raise ModelFileError(f"{out}: not written: the export does not match PyTorch: {'; '.join(result.failures)}"
                                  f" ({result.summary()})")
@@ -251,7 +255,8 @@ def export_model(model_dir: str | os.PathLike, out: str | os.PathLike | None = N
 
 
 def check_exported(model_dir: str | os.PathLike, path: str | os.PathLike | None = None, *, which: str = "best",
-                   data=None, data_dir: str | None = None, limit: int | None = None) -> CheckResult:
+                   data=None, data_dir: str | None = None, limit: int | None = None, source: str | None = None,
+                   split: str | None = None, on_bad_image: str | None = None) -> CheckResult:
     """Check an exported file that already exists (``imgrec export --check``) against its model directory.
 
     The format comes from the file name (``.onnx``, else TorchScript), int8 from the ONNX file's metadata.
@@ -269,7 +274,8 @@ def check_exported(model_dir: str | os.PathLike, path: str | os.PathLike | None 
         int8 = exported.meta.precision == "int8"
         if list(exported.classes) != list(meta.classes) or exported.image_size != meta.image_size:
             raise ModelFileError(f"{path}: exported from another model (classes or input size differ from {model_dir})")
-    return check_export(model, meta, path, fmt=fmt, int8=int8, data=data, data_dir=data_dir, limit=limit)
+    return check_export(model, meta, path, fmt=fmt, int8=int8, data=data, data_dir=data_dir, limit=limit,
+                        source=source, split=split, on_bad_image=on_bad_image)
 
 
 def _need_onnx() -> None:
@@ -282,7 +288,10 @@ def _need_onnx() -> None:
 
 def _metadata(meta: ModelMeta, precision: str, extra: dict | None = None) -> dict[str, str]:
     from imgrec import __version__
-    data = {k: meta.data.get(k) for k in ("source", "val_split", "split_seed") if k in meta.data}
+    # what eval of the exported file reuses (the split, the bad-image policy) and what predict compares
+    # inputs with (the training images' sizes)
+    data = {k: meta.data.get(k) for k in ("source", "val_split", "split_seed", "on_bad_image", "image_sizes")
+            if k in meta.data}
     metrics = {k: v for k, v in meta.metrics.items() if isinstance(v, (int, float, bool)) or v is None}
     return {
         "imgrec_format": ONNX_FORMAT, "imgrec_format_version": str(ONNX_FORMAT_VERSION),
@@ -346,7 +355,8 @@ def _export_torchscript(graph: ExportGraph, meta: ModelMeta, path: Path) -> None
 
 # ------------------------------------------------------------------------------------------------
 # int8
-def _calibration_images(meta: ModelMeta, data_dir: str | None, n: int) -> np.ndarray:
+def _calibration_images(meta: ModelMeta, data_dir: str | None, n: int, source: str | None = None,
+                        on_bad_image: str | None = None) -> np.ndarray:
     """``n`` images of the model's training split (a fixed, class-mixed sample), N×H×W×C uint8.
 
     The split is loaded at the source's own size and only the chosen images are brought to the model's size:
@@ -354,7 +364,7 @@ def _calibration_images(meta: ModelMeta, data_dir: str | None, n: int) -> np.nda
     model: 60,000 × 3×224×224 bytes = 9 GB, more with the float copies of the resize)."""
     from imgrec.data.dataset import at_model_size, load_eval_split
 
-    _, train = load_eval_split(meta, None, data_dir, "train", at_model_size=False)
+    _, train = load_eval_split(meta, source, data_dir, "train", on_bad_image, at_model_size=False)
     g = torch.Generator().manual_seed(0)
     idx = torch.randperm(len(train), generator=g)[:n]
     return at_model_size(train.subset(idx), meta).permute(0, 2, 3, 1).contiguous().numpy()
@@ -401,15 +411,18 @@ def _quantize(fp32: Path, out: Path, calib: np.ndarray, meta: ModelMeta) -> dict
 
 # ------------------------------------------------------------------------------------------------
 # check
-def _check_images(meta: ModelMeta, data, data_dir: str | None, limit: int | None):
+def _check_images(meta: ModelMeta, data, data_dir: str | None, limit: int | None, source: str | None = None,
+                  split: str | None = None, on_bad_image: str | None = None):
     """(images N×C×S×S uint8, labels or None, description, original-size arrays or None)."""
     if data is None:
-        from imgrec.data.dataset import load_eval_split
-        _, val = load_eval_split(meta, None, data_dir, "val")
-        images, labels = val.images, val.labels
+        from imgrec.data.dataset import load_run_split
+        # the run's own data settings unless given: a run trained with on_bad_image=skip skips the same files
+        r = load_run_split(meta, source, data_dir, split or "val", on_bad_image)
+        images, labels = r.data.images, r.data.labels
         if limit:
             images, labels = images[:limit], labels[:limit]
-        return images, labels, f"{meta.data.get('source', 'training data')} validation split", None
+        name = source or meta.data.get("source", "training data")
+        return images, labels, f"{name} {'validation' if r.split == 'val' else r.split} split", None
     from imgrec.data.decode import decode_image
     from imgrec.errors import ImageDecodeError
     from imgrec.infer.files import expand_inputs
@@ -431,12 +444,13 @@ def _check_images(meta: ModelMeta, data, data_dir: str | None, limit: int | None
 
 def check_export(model: nn.Module, meta: ModelMeta, path: str | os.PathLike, *, fmt: str = "onnx",
                  int8: bool = False, data=None, data_dir: str | None = None, limit: int | None = None,
-                 batch_size: int = 256) -> CheckResult:
+                 batch_size: int = 256, source: str | None = None, split: str | None = None,
+                 on_bad_image: str | None = None) -> CheckResult:
     """Run PyTorch (fp32, the model directory's own forward pass) and the exported file at ``path`` over the
     validation split (or the files in ``data``) and compare top-1 classes and probabilities."""
     from imgrec.infer.predictor import Classifier
 
-    images, labels, what, originals = _check_images(meta, data, data_dir, limit)
+    images, labels, what, originals = _check_images(meta, data, data_dir, limit, source, split, on_bad_image)
     reference = Classifier(model, meta, device="cpu", amp="none")
     p_ref = reference.probabilities(images, batch_size)
     run = _runner(path, fmt)
