@@ -245,3 +245,59 @@ def test_yaml_size_and_depth_are_capped(tmp_path):
     ok = tmp_path / "ok.yaml"
     ok.write_text("train:\n  lr: 0.05\nmodel:\n  name: simple_cnn\n")
     assert load_yaml(ok) == {"train": {"lr": 0.05}, "model": {"name": "simple_cnn"}}
+
+
+# -- 5. TorchScript files are never loaded --------------------------------------------------------------
+def _tiny_model_dir(tmp_path: Path) -> Path:
+    import torch
+    from safetensors.torch import save_file
+
+    from imgrec.modeldir import ModelMeta, write_meta
+    from imgrec.models import create_model
+
+    d = tmp_path / "tiny-run"
+    d.mkdir()
+    meta = ModelMeta(model={"name": "simple_cnn", "kwargs": {}}, classes=["a", "b"], image_size=16, channels=1,
+                     mean=[0.5], std=[0.25])
+    torch.manual_seed(0)
+    model = create_model("simple_cnn", **meta.model_kwargs())
+    save_file(model.state_dict(), str(d / "best.safetensors"))
+    write_meta(d, meta)
+    return d
+
+
+def _forbid_jit_load(monkeypatch):
+    import torch
+    loaded = []
+    monkeypatch.setattr(torch.jit, "load", lambda *a, **k: loaded.append(a) or pytest.fail("torch.jit.load called"))
+    return loaded
+
+
+def test_a_foreign_torchscript_file_is_never_loaded(tmp_path, monkeypatch):
+    import torch
+
+    class Payload(torch.nn.Module):
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return x
+
+    foreign = tmp_path / "handed.pt"
+    torch.jit.save(torch.jit.script(Payload()), str(foreign))
+    model = _tiny_model_dir(tmp_path)
+    loaded = _forbid_jit_load(monkeypatch)
+    rc, _, err = cli("export", "--model", model, "--check", "--out", foreign)
+    assert rc != 0 and "does not load TorchScript" in one_error_line(err)
+    assert loaded == []
+
+
+def test_torchscript_export_is_checked_from_memory(tmp_path, monkeypatch):
+    from imgrec.infer import export as export_mod
+    model = _tiny_model_dir(tmp_path)
+    imgs = tmp_path / "imgs"
+    imgs.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(4):
+        (imgs / f"{i}.png").write_bytes(_png(rng.integers(0, 256, (20, 18), dtype=np.uint8)))
+    loaded = _forbid_jit_load(monkeypatch)
+    res = export_mod.export_model(model, tmp_path / "m.pt", "torchscript", check_data=[str(imgs)])
+    assert res.check.passed and res.check.n == 4 and (tmp_path / "m.pt").is_file()
+    assert loaded == [] and export_mod._TRACED_HERE == {}

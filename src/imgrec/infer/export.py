@@ -266,6 +266,8 @@ def check_exported(model_dir: str | os.PathLike, path: str | os.PathLike | None 
     if not path.is_file():
         raise ModelFileError(f"{path}: no exported model to check (run `imgrec export --model {model_dir}` first)")
     fmt = "onnx" if path.suffix.lower() == ".onnx" else "torchscript"
+    if fmt == "torchscript":  # an existing file: never loaded (see _TRACED_HERE)
+        raise _refuse_torchscript(path)
     int8 = False
     if fmt == "onnx":
         _need_onnx()
@@ -346,11 +348,24 @@ def _set_metadata(proto, props: dict[str, str]) -> None:
         entry.key, entry.value = k, v
 
 
+# TorchScript files are programs: torch.jit.load runs whatever operators the file holds (aten::from_file reads
+# and writes files). So imgrec never loads one. The export check runs the traced module that was just saved,
+# from memory; it is kept here, keyed by the file it was saved to, only between the save and the check.
+_TRACED_HERE: dict[str, torch.jit.ScriptModule] = {}
+
+
 def _export_torchscript(graph: ExportGraph, meta: ModelMeta, path: Path) -> None:
     with warnings.catch_warnings(), torch.no_grad():
         warnings.simplefilter("ignore")
         traced = torch.jit.trace(graph, (_example(meta),), check_trace=False)
         torch.jit.save(traced, str(path), _extra_files={"imgrec.json": json.dumps(_metadata(meta, "fp32"))})
+    _TRACED_HERE.clear()  # at most one export in flight per process: nothing older is kept alive
+    _TRACED_HERE[os.path.realpath(path)] = traced
+
+
+def _refuse_torchscript(path: str | os.PathLike) -> ModelFileError:
+    return ModelFileError(f"{path}: imgrec does not load TorchScript files (loading one runs the code it holds); "
+                          f"`imgrec export --format torchscript` checks the model while it writes the file")
 
 
 # ------------------------------------------------------------------------------------------------
@@ -482,7 +497,10 @@ def check_export(model: nn.Module, meta: ModelMeta, path: str | os.PathLike, *, 
 def _runner(path: str | os.PathLike, fmt: str) -> Callable[[torch.Tensor, int], torch.Tensor]:
     """N×H×W×C uint8 → probabilities with the exported file."""
     if fmt == "torchscript":
-        module = torch.jit.load(str(path), map_location="cpu").eval()
+        module = _TRACED_HERE.pop(os.path.realpath(path), None)  # the module imgrec just saved there, or none
+        if module is None:
+            raise _refuse_torchscript(path)
+        module = module.eval()
 
         @torch.inference_mode()
         def run_ts(x: torch.Tensor, bs: int) -> torch.Tensor:
