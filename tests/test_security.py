@@ -301,3 +301,57 @@ def test_torchscript_export_is_checked_from_memory(tmp_path, monkeypatch):
     res = export_mod.export_model(model, tmp_path / "m.pt", "torchscript", check_data=[str(imgs)])
     assert res.check.passed and res.check.n == 4 and (tmp_path / "m.pt").is_file()
     assert loaded == [] and export_mod._TRACED_HERE == {}
+
+
+# -- 6. ONNX external data stays inside the model's folder (sparse initializers and links included) --------
+def _onnx_model(path: Path, location: str | None, sparse: bool = False) -> Path:
+    onnx = pytest.importorskip("onnx")
+    from onnx import TensorProto, helper
+    from onnx.external_data_helper import set_external_data
+
+    values = helper.make_tensor("w_values" if sparse else "w", TensorProto.FLOAT, [2],
+                                np.array([1.0, 2.0], np.float32).tobytes(), raw=True)
+    if location is not None:
+        set_external_data(values, location=location, offset=0, length=8)
+        values.data_location = TensorProto.EXTERNAL
+        values.ClearField("raw_data")
+    out = helper.make_tensor_value_info("y", TensorProto.FLOAT, [4] if sparse else [2])
+    if sparse:
+        indices = helper.make_tensor("w_indices", TensorProto.INT64, [2], [0, 3])
+        graph = helper.make_graph([helper.make_node("Identity", ["w"], ["y"])], "g", [], [out],
+                                  sparse_initializer=[helper.make_sparse_tensor(values, indices, [4])])
+    else:
+        graph = helper.make_graph([helper.make_node("Identity", ["w"], ["y"])], "g", [], [out], initializer=[values])
+    path.write_bytes(helper.make_model(graph).SerializeToString())
+    return path
+
+
+def test_onnx_external_data_outside_the_folder_is_refused(tmp_path):
+    from imgrec.infer.ort import check_external_data
+    secret = tmp_path / "secret.bin"
+    secret.write_bytes(b"\0" * 8)
+    models = tmp_path / "models"
+    models.mkdir()
+    # a sparse initializer's values, pointing up and out
+    with pytest.raises(ModelFileError, match=re.escape("'../secret.bin'")):
+        check_external_data(_onnx_model(models / "sparse.onnx", "../secret.bin", sparse=True))
+    # a plain name inside the folder that is a symbolic link out of it
+    (models / "data.bin").symlink_to(secret)
+    with pytest.raises(ModelFileError, match="outside the model's folder"):
+        check_external_data(_onnx_model(models / "linked.onnx", "data.bin"))
+    for bad in (str(secret), "sub\\..\\..\\secret.bin"):
+        with pytest.raises(ModelFileError, match="refused"):
+            check_external_data(_onnx_model(models / "abs.onnx", bad))
+    # a real file beside the model is fine
+    (models / "inside.bin").write_bytes(b"\0" * 8)
+    check_external_data(_onnx_model(models / "inside.onnx", "inside.bin"))
+
+
+def test_onnx_check_skips_importing_onnx_without_external_data(tmp_path, monkeypatch):
+    from imgrec.infer.ort import check_external_data
+    plain = _onnx_model(tmp_path / "plain.onnx", None)
+    ext = _onnx_model(tmp_path / "ext.onnx", "x.bin")
+    monkeypatch.setitem(sys.modules, "onnx", None)  # `import onnx` would raise
+    check_external_data(plain)
+    with pytest.raises(ConfigError, match="needs onnx"):
+        check_external_data(ext)  # declares external data: onnx is needed (and said so in one line)
