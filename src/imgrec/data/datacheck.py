@@ -146,6 +146,8 @@ class Catalog:
     refs: list                    # Path for files, int index for named data
     arrays: dict[str, np.ndarray] = field(default_factory=dict)
     flip: bool = True
+    # what the folder scan left out: {"hidden": n, "outside": n, "examples": [...]} (folder.FileList)
+    skipped: dict = field(default_factory=dict)
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -216,13 +218,16 @@ def catalog(spec: str, data_dir: str | None = None, splits: Iterable[str] = SPLI
     if len(classes) < 2:
         raise DatasetError(f"{path}: needs at least 2 classes, found {len(classes)} ({', '.join(classes)})")
     sp, labels, refs = [], [], []
+    skipped = folder_source.FileList()
     for s in SPLITS:
         if s in groups and s in want:
             p, lab = groups[s]
             sp += [s] * len(p)
             labels += list(lab)
             refs += list(p)
-    return Catalog(cname, kind, list(classes), sp, labels, refs)
+            skipped.absorb(p)
+    return Catalog(cname, kind, list(classes), sp, labels, refs,
+                   skipped={**skipped.skipped, "examples": skipped.examples} if kind == "folder" else {})
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -317,6 +322,11 @@ class CheckReport:
         lines = [f"{d['source']} ({d['kind']}): {d['images']} images, {d['readable']} readable, "
                  f"{len(d['classes'])} classes, splits: "
                  + ", ".join(f"{s} {n}" for s, n in d["split_sizes"].items()) + f"  [{d['time_s']:.1f} s]"]
+        sk = d.get("skipped") or {}
+        if sk.get("hidden") or sk.get("outside"):
+            lines.append(f"skipped: {sk.get('hidden', 0)} hidden or system entries (.* files and folders, ._* "
+                         f"AppleDouble files, __MACOSX), {sk.get('outside', 0)} symbolic link(s) leading outside "
+                         f"the folder; e.g. " + ", ".join(sk.get("examples", [])[:3]))
         bad = d["unreadable"]
         lines.append(f"unreadable files: {len(bad)}")
         for b in bad[:limit]:
@@ -469,6 +479,7 @@ def check(source: str, *, data_dir: str | None = None, near_threshold: float = N
         "source": source, "kind": cat.kind, "classes": cat.classes, "images": n, "readable": readable,
         "split_sizes": dict(Counter(cat.splits)),
         "unreadable": bad,
+        "skipped": cat.skipped,
         "sizes": _size_summary(cat, ok, width, height, chans, modes, formats),
         "class_counts": {}, "imbalance": {},
         "exact_duplicates": exact, "near_duplicates": near,
