@@ -355,3 +355,148 @@ def test_onnx_check_skips_importing_onnx_without_external_data(tmp_path, monkeyp
     check_external_data(plain)
     with pytest.raises(ConfigError, match="needs onnx"):
         check_external_data(ext)  # declares external data: onnx is needed (and said so in one line)
+
+
+# -- 3 and 4. the server: idle and half-sent connections, decode cost judged from the header -------------
+class _LiveServer:
+    """uvicorn configured as ``imgrec serve`` configures it, on a free 127.0.0.1 port, in a thread."""
+
+    def __init__(self, app, settings):
+        import uvicorn
+
+        from imgrec.serve.app import _uvicorn_options, bind_socket
+        self.sock = bind_socket("127.0.0.1", 0)
+        self.port = self.sock.getsockname()[1]
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.server = uvicorn.Server(uvicorn.Config(app, **_uvicorn_options("127.0.0.1", self.port, settings,
+                                                                            "warning", False)))
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
+
+    def __enter__(self):
+        self.thread.start()
+        _wait_until(lambda: self.server.started or not self.thread.is_alive(), "the server to start")
+        assert self.server.started
+        return self
+
+    def __exit__(self, *exc):
+        self.server.should_exit = True
+        self.thread.join(15)
+        self.sock.close()
+
+
+def _wait_until(condition, what: str, limit_s: float = 120.0) -> None:
+    """Poll for an event; the limit only turns a hang into a failure."""
+    deadline = time.monotonic() + limit_s
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.01)
+
+
+def _closed_by_peer(s: socket.socket, limit_s: float = 60.0) -> bool:
+    s.settimeout(limit_s)
+    try:
+        return s.recv(1) == b""
+    except ConnectionResetError:
+        return True
+    except socket.timeout:
+        return False
+
+
+@pytest.fixture(scope="module")
+def tiny_classifier(tmp_path_factory):
+    pytest.importorskip("fastapi")
+    from imgrec.serve.app import load_classifier
+    return load_classifier(_tiny_model_dir(tmp_path_factory.mktemp("serve")))
+
+
+def _socket_budget() -> int:
+    """Idle sockets this test may open (each costs two descriptors here: client and server in one process)."""
+    import resource
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = 2 * 1100 + 400
+    if soft < want and (hard == resource.RLIM_INFINITY or hard > soft):
+        resource.setrlimit(resource.RLIMIT_NOFILE, (want if hard == resource.RLIM_INFINITY else min(want, hard), hard))
+        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    return min(1100, (soft - 400) // 2)
+
+
+def test_idle_and_half_sent_connections_do_not_shut_the_server_out(tiny_classifier):
+    httpx = pytest.importorskip("httpx")
+    from imgrec.serve.app import ServeSettings, create_app
+    n = _socket_budget()
+    if n < 300:
+        pytest.skip(f"the open-file limit allows only {n} idle sockets")
+    settings = ServeSettings(header_timeout_s=4.0)
+    with _LiveServer(create_app(tiny_classifier, settings), settings) as srv:
+        idle = []
+        try:
+            for _ in range(n):
+                idle.append(socket.create_connection(("127.0.0.1", srv.port), timeout=30))
+            half = socket.create_connection(("127.0.0.1", srv.port), timeout=30)
+            idle.append(half)
+            half.sendall(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Slow: ")  # the head never ends
+            # every idle socket accepted and held by the server, then a real client still gets through
+            _wait_until(lambda: len(srv.server.server_state.connections) >= n, f"{n} connections accepted")
+            assert httpx.get(srv.url + "/healthz", timeout=30).status_code == 200
+            # the server ends the half-sent head and the silent connections itself (the limit only bounds a hang)
+            assert _closed_by_peer(half)
+            assert all(_closed_by_peer(s) for s in idle)
+            assert httpx.get(srv.url + "/healthz", timeout=30).status_code == 200
+        finally:
+            for s in idle:
+                s.close()
+
+
+def _png_bytes(width: int, height: int, mode: int = 6) -> bytes:
+    """A valid PNG of zeros (colour type 6: RGBA, 0: grey), compressed with zlib: tiny on disk, huge decoded."""
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+    row = b"\0" * (1 + width * (4 if mode == 6 else 1))
+    c = zlib.compressobj(9)
+    per = max(1, (1 << 21) // len(row))
+    idat = b"".join(c.compress(row * min(per, height - y)) for y in range(0, height, per)) + c.flush()
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", width, height, 8, mode, 0, 0, 0))
+            + chunk(b"IDAT", idat) + chunk(b"IEND", b""))
+
+
+class _CountingClassifier:
+    """A classifier that counts the images it is asked to decode."""
+
+    def __init__(self, clf):
+        self._clf = clf
+        self.decoded = 0
+
+    def __getattr__(self, name):
+        return getattr(self._clf, name)
+
+    def load_image(self, image):
+        self.decoded += 1
+        return self._clf.load_image(image)
+
+
+def test_uploads_are_refused_from_the_header_before_decoding(tiny_classifier):
+    httpx = pytest.importorskip("httpx")
+    from imgrec.serve.app import ServeSettings, create_app
+    square = _png_bytes(6320, 6320)            # 155 KB: 40 Mpx RGBA, 160 MB decoded
+    strip = _png_bytes(1, 39_999_999, mode=0)  # 78 KB: a 1 × 40-million-pixel strip
+    assert len(square) < 200_000 and len(strip) < 100_000
+    wide = _png(np.zeros((40, 4000), np.uint8))  # 100:1
+    small = _png(np.zeros((64, 64), np.uint8))
+    counting = _CountingClassifier(tiny_classifier)
+    settings = ServeSettings(max_request_pixels=64 * 64 * 2)
+    with _LiveServer(create_app(counting, settings), settings) as srv, httpx.Client(base_url=srv.url, timeout=60) as c:
+        counting.decoded = 0  # the warm-up's blank images
+        for data, status, words in ((square, 413, "image too large"), (strip, 413, "image too large"),
+                                    (wide, 422, "aspect ratio")):
+            for multipart in (True, False):
+                r = (c.post("/v1/predict", files={"files": ("x.png", data, "image/png")}) if multipart else
+                     c.post("/v1/predict", content=data, headers={"content-type": "image/png"}))
+                assert r.status_code == status, r.text
+                assert r.headers["content-type"].startswith("application/json") and words in r.json()["detail"]
+        assert counting.decoded == 0  # refused from the headers alone
+        # the request's pixels together: two 64×64 fit, three do not (and none of the three is decoded)
+        r = c.post("/v1/predict", files=[("files", (f"{i}.png", small, "image/png")) for i in range(3)])
+        assert r.status_code == 413 and "together" in r.json()["detail"] and counting.decoded == 0
+        r = c.post("/v1/predict", files=[("files", (f"{i}.png", small, "image/png")) for i in range(2)])
+        assert r.status_code == 200, r.text
+        assert len(r.json()["predictions"]) == 2 and counting.decoded == 2

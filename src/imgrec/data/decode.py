@@ -46,6 +46,8 @@ __all__ = [
     "MAX_FRAMES",
     "sniff_format",
     "decode_image",
+    "image_header",
+    "ImageTooLargeError",
     "load_image_tensor",
 ]
 
@@ -209,6 +211,45 @@ def decode_image(
             return _to_array(opened, out_channels, out_size, background)
         except _PIL_ERRORS as e:
             raise ImageDecodeError(f"cannot convert {fmt} image ({_describe(e)})", source) from e
+
+
+class ImageTooLargeError(ImageDecodeError):
+    """An image refused for its size alone (pixels, side or aspect ratio, read from the header): a usable
+    image, too big for this caller's limits. The server answers it with 413/422 rather than 415. ``kind``:
+    "pixels", "side" or "aspect"."""
+
+    def __init__(self, reason: str, source: str | None = None, kind: str = "pixels"):
+        super().__init__(reason, source)
+        self.kind = kind
+
+
+def image_header(
+    src: ImageSource,
+    *,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    max_side: int | None = None,
+    max_aspect: float | None = None,
+    max_bytes: int = DEFAULT_MAX_BYTES,
+    source: str | None = None,
+) -> tuple[str, int, int]:
+    """``(format, width, height)`` from the header alone, after the same checks as :func:`decode_image` up to
+    and including ``Image.open`` (no pixel buffer exists yet), so a caller can refuse by size before paying
+    for a decode: :class:`ImageTooLargeError` past ``max_pixels``, a side over ``max_side`` or a longer/shorter
+    side ratio over ``max_aspect`` (a 1×39,999,999 PNG is 78 KB and seconds of decoding), ImageDecodeError for
+    anything that is not a usable image."""
+    data, source = _read_source(src, max_bytes, source)
+    fmt = _sniff_or_refuse(data, source)
+    _check_structure(data, fmt, max_pixels, source)
+    with _open(data, fmt, source) as opened:
+        width, height = opened.size
+    _check_pixels((width, height), max_pixels, source)
+    if max_side is not None and max(width, height) > max_side:
+        raise ImageTooLargeError(f"image side too long ({width}x{height}, limit {max_side} pixels per side)", source,
+                                 "side")
+    if max_aspect is not None and max(width, height) > max_aspect * max(1, min(width, height)):
+        raise ImageTooLargeError(f"extreme aspect ratio ({width}x{height}, limit {max_aspect:g}:1)", source,
+                                 "aspect")
+    return fmt, int(width), int(height)
 
 
 def load_image_tensor(
@@ -501,7 +542,7 @@ def _scan_bmp(data: bytes, source: str | None) -> None:
 def _check_pixels(size: tuple[int, int], max_pixels: int, source: str | None) -> None:
     width, height = size
     if width * height > max_pixels:
-        raise ImageDecodeError(
+        raise ImageTooLargeError(
             f"image too large ({width}x{height} = {width * height} pixels, limit {max_pixels})", source
         )
 

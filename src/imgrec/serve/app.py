@@ -15,6 +15,10 @@ A request's way through the server, and what bounds each step (the server faces 
                  all requests' bodies together stay under ``max_buffered_mb`` → 503; slow senders → 408
     multipart    parsed as it streams, in memory (nothing is written to disk), at most ``max_files``
                  files and a few other fields → 400 past that, before the rest is read
+    header       each image's header is read before any is decoded: more than ``max_pixels`` (16 Mpx), a
+                 side over ``max_side`` or all the request's images over ``max_request_pixels`` → 413, an
+                 aspect ratio over ``max_aspect`` → 422 (decoding costs far more than the upload: a 155 KB
+                 PNG can decode to 40 Mpx, a 78 KB one to a 1×39,999,999 strip)
     decode       imgrec's safe decoder, in worker threads (never on the event loop), at most
                  ``decode_threads`` at once so pixel buffers stay bounded → 415 for anything not an image
     batch        the Batcher (batcher.py) runs one forward pass for many requests; its queue is bounded
@@ -81,8 +85,18 @@ class ServeSettings:
     max_concurrent: int | None = None  # predict requests in progress (reading, decoding, waiting); None: queue_size
     timeout_s: float = 10.0  # per request, from arrival to answer → 504
     read_timeout_s: float = 30.0  # to receive a request body (slow or stalled senders) → 408
-    decode_threads: int | None = None  # images decoded at once; None: the number of CPU cores
+    decode_threads: int | None = None  # images decoded at once; None: half the CPU cores, 1 to 4
     max_buffered_mb: float | None = None  # all bodies in memory together; None: max(4 × max_upload_mb, 64)
+    # decode limits, checked from each image's header before anything is decoded (→ 413 / 422)
+    max_pixels: int = 16_000_000  # per image (the library's own cap is 40 Mpx); a 16-Mpx photo is 4900×3265
+    max_side: int = 16_384  # pixels on the longer side
+    max_aspect: float = 50.0  # longer side / shorter side (a phone's long screenshot is about 20)
+    max_request_pixels: int | None = None  # all images of one request together; None: 4 × max_pixels
+    # connections (uvicorn): a client that opens a connection and never finishes its request line and headers
+    # is cut off after header_timeout_s (uvicorn's h11 protocol has no such deadline of its own); at most
+    # max_connections are open at once, fewer when the open-file limit is lower, after which uvicorn answers 503
+    header_timeout_s: float = 10.0
+    max_connections: int = 4096
 
     def __post_init__(self) -> None:
         def positive(name: str, integer: bool = True, zero_ok: bool = False) -> None:
@@ -95,15 +109,21 @@ class ServeSettings:
                 raise ConfigError(f"{name.replace('_', '-')} must be a {'whole ' if integer else ''}number "
                                   f"{'≥ 0' if zero_ok else '> 0'}, got {v!r}")
 
-        for name in ("max_batch", "max_files", "queue_size", "max_concurrent", "decode_threads"):
+        for name in ("max_batch", "max_files", "queue_size", "max_concurrent", "decode_threads", "max_pixels",
+                     "max_side", "max_request_pixels", "max_connections"):
             positive(name)
-        for name in ("max_upload_mb", "timeout_s", "read_timeout_s", "max_buffered_mb"):
+        for name in ("max_upload_mb", "timeout_s", "read_timeout_s", "max_buffered_mb", "max_aspect",
+                     "header_timeout_s"):
             positive(name, integer=False)
         positive("max_wait_ms", integer=False, zero_ok=True)
 
     @property
     def max_upload_bytes(self) -> int:
         return int(self.max_upload_mb * 1024 * 1024)
+
+    @property
+    def request_pixels(self) -> int:
+        return int(self.max_request_pixels if self.max_request_pixels is not None else 4 * self.max_pixels)
 
     @property
     def max_buffered_bytes(self) -> int:
@@ -185,7 +205,9 @@ class _ServerState:
         self.max_concurrent = settings.max_concurrent or settings.queue_size
         self.active = 0  # predict requests in progress (touched only on the event loop: no lock)
         self.buffered = 0  # bytes of request bodies held in memory, all requests together
-        self.decode_limiter = anyio.CapacityLimiter(settings.decode_threads or os.cpu_count() or 1)
+        # decoding competes with the model for the cores: by default at most half of them decode at once
+        self.decode_limiter = anyio.CapacityLimiter(settings.decode_threads
+                                                    or max(1, min(4, (os.cpu_count() or 1) // 2)))
         self.ready = False
         self.batcher = Batcher(self._forward, settings.max_batch, settings.max_wait_ms / 1000, settings.queue_size)
 
@@ -366,6 +388,7 @@ async def _read_uploads(request: Request, body: _Body, max_files: int) -> tuple[
             raise _http_error(400, "malformed multipart body (it ends before its closing boundary)")
         if not form.files:
             raise _http_error(400, "no image: send one or more multipart fields named 'files'")
+        await _check_headers(body.state, form.files, True)
         return form.files, True
     data = bytearray()
     async for chunk in request.stream():
@@ -373,7 +396,33 @@ async def _read_uploads(request: Request, body: _Body, max_files: int) -> tuple[
             body.count(len(chunk))
             data += chunk
     body.finished = True
+    await _check_headers(body.state, [(None, data)], False)
     return [(None, data)], False
+
+
+async def _check_headers(state: _ServerState, uploads: Uploads, multipart: bool) -> None:
+    """Refuse the request from its images' headers, before any is decoded (in a worker thread: a PNG's chunks
+    are walked in Python), against the per-image and per-request pixel limits."""
+    await anyio.to_thread.run_sync(_check_headers_sync, state.settings, uploads, multipart,
+                                   limiter=state.decode_limiter)
+
+
+def _check_headers_sync(settings: ServeSettings, uploads: Uploads, multipart: bool) -> None:
+    from imgrec.data.decode import ImageTooLargeError, image_header
+    total = 0
+    for i, (name, data) in enumerate(uploads):
+        try:
+            _, w, h = image_header(bytes(data), max_pixels=settings.max_pixels, max_side=settings.max_side,
+                                   max_aspect=settings.max_aspect)
+        except ImageTooLargeError as e:
+            status = 422 if e.kind == "aspect" else 413
+            raise _http_error(status, f"{_describe_upload(i, name, multipart)}: {e.reason}") from None
+        except ImageDecodeError as e:
+            raise _http_error(415, f"{_describe_upload(i, name, multipart)}: {e.reason}") from None
+        total += w * h
+        if total > settings.request_pixels:
+            raise _http_error(413, f"the request's images hold more than {settings.request_pixels} pixels together "
+                                   f"(the first {i + 1} of {len(uploads)}); send fewer or smaller images")
 
 
 async def _drain(request: Request, body: _Body, timeout_s: float) -> bool:
@@ -693,18 +742,98 @@ def app_from_env() -> FastAPI:
     backend = cfg.get("backend", "auto")
     n = _set_threads(cfg["threads"], cfg["workers"], resolve_backend(cfg["model"], backend))
     clf = load_classifier(cfg["model"], cfg["which"], cfg["device"], backend, n)
-    return create_app(clf, ServeSettings(**cfg["settings"]))
+    settings = ServeSettings(**cfg["settings"])
+    _HEADER_TIMEOUT_S[0] = float(settings.header_timeout_s)  # this worker process's protocols read it
+    return create_app(clf, settings)
+
+
+# -- connections: a deadline for the request line and headers ---------------------------------------
+# uvicorn's h11 protocol starts its keep-alive timer only after a response, so a connection that sends nothing,
+# or half a request line, stays open for ever: 1,030 such sockets held every connection slot (/healthz
+# answered 503), and a half-sent header was still open after 45 s. This subclass gives every request head a
+# deadline, from the connection's start (or the first byte after a keep-alive response) and not extended by
+# further bytes, so a client dribbling one byte a second is cut off too. Bodies have their own deadline in the
+# app (read_timeout_s → 408). One value per process (uvicorn builds protocols from its Config, which holds
+# no custom fields): set by _uvicorn_options and, in --workers processes, by app_from_env.
+_HEADER_TIMEOUT_S = [ServeSettings.header_timeout_s]
+
+try:
+    import h11
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+except ImportError:  # pragma: no cover - the serve extra is not installed: create_app still works in tests
+    H11Protocol = None
+
+if H11Protocol is not None:
+    class HeaderDeadlineH11Protocol(H11Protocol):
+        """uvicorn's h11 protocol with a deadline for each request's line and headers (see above)."""
+
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self._head_timer: asyncio.TimerHandle | None = None
+
+        def _arm_head_deadline(self) -> None:
+            if self._head_timer is None:
+                self._head_timer = self.loop.call_later(_HEADER_TIMEOUT_S[0], self._head_deadline_passed)
+
+        def _disarm_head_deadline(self) -> None:
+            if self._head_timer is not None:
+                self._head_timer.cancel()
+                self._head_timer = None
+
+        def connection_made(self, transport) -> None:
+            super().connection_made(transport)
+            self._arm_head_deadline()
+
+        def data_received(self, data: bytes) -> None:
+            super().data_received(data)
+            # IDLE on the client's side: the request line and headers are not complete yet
+            if self.conn.their_state is h11.IDLE and not self.transport.is_closing():
+                self._arm_head_deadline()
+            else:
+                self._disarm_head_deadline()
+
+        def connection_lost(self, exc) -> None:
+            self._disarm_head_deadline()
+            super().connection_lost(exc)
+
+        def _head_deadline_passed(self) -> None:
+            self._head_timer = None
+            if not self.transport.is_closing() and self.conn.their_state is h11.IDLE:
+                self.transport.close()  # h11 cannot answer before a request exists: close, as keep-alive does
+
+
+def _open_file_budget(want: int) -> int:
+    """File descriptors this process may open: the soft limit raised towards ``want`` (up to the hard limit)."""
+    try:
+        import resource
+    except ImportError:  # pragma: no cover - not POSIX
+        return want
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and soft < want:
+        new = want if hard == resource.RLIM_INFINITY else min(want, hard)
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (new, hard))
+            soft = new
+        except (ValueError, OSError):
+            pass
+    return want if soft == resource.RLIM_INFINITY else int(soft)
 
 
 def _uvicorn_options(host: str, port: int, settings: ServeSettings, log_level: str, access_log: bool) -> dict:
-    return dict(
+    _HEADER_TIMEOUT_S[0] = float(settings.header_timeout_s)
+    # uvicorn answers 503 past limit_concurrency open connections: keep that under the open-file limit (with
+    # room for the model's files and the thread pools), so a flood gets 503s rather than failed accepts
+    fds = _open_file_budget(settings.max_connections + 256)
+    options = dict(
         host=host, port=port, log_level=log_level, access_log=access_log, lifespan="on", ws="none",
         server_header=False,  # do not advertise the server software
         proxy_headers=False,  # no client may claim another address through X-Forwarded-For
         timeout_keep_alive=5,
         h11_max_incomplete_event_size=16 * 1024,  # request line and headers: 16 KiB at most
-        # a backstop behind our own admission control, for floods of connections that never send a request
-        limit_concurrency=max(1024, 4 * (settings.max_concurrent or settings.queue_size)))
+        limit_concurrency=max(64, min(settings.max_connections, fds - 128)))
+    if H11Protocol is not None:
+        options["http"] = HeaderDeadlineH11Protocol
+    return options
 
 
 def bind_socket(host: str, port: int):
