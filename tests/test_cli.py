@@ -75,7 +75,7 @@ def test_train_eval_predict_on_image_folder(tmp_path, fmnist_arrays):
     r = run_cli("predict", "--model", out, root / "test" / "bag", "--csv", tmp_path / "p.csv")
     assert r.returncode == 0, r.stderr
     rows = list(csv.DictReader((tmp_path / "p.csv").open()))
-    assert len(rows) == 20 * 5 and set(rows[0]) == {"file", "rank", "label", "score"}
+    assert len(rows) == 20 * 5 and set(rows[0]) == {"file", "rank", "label", "score", "error", "input_notes"}
 
 
 def test_predict_table_and_bad_images(trained_run, tmp_path, fmnist_arrays):
@@ -91,10 +91,13 @@ def test_predict_table_and_bad_images(trained_run, tmp_path, fmnist_arrays):
 
     (d / "corrupt.jpg").write_bytes(b"\xff\xd8\xff\xe0" + b"\x00" * 50)
     r = run_cli("predict", "--model", out, d)
-    assert_clean_error(r, "corrupt.jpg")
+    assert_clean_error(r, "corrupt.jpg", "--on-bad-image skip")
+    assert r.returncode == 1 and "0.png" in r.stdout  # the rest was predicted
     r = run_cli("predict", "--model", out, d, "--on-bad-image", "skip", "--json")
     assert r.returncode == 0
-    assert len(json.loads(r.stdout)) == 3 and "corrupt.jpg" in r.stderr and "Traceback" not in r.stderr
+    entries = json.loads(r.stdout)
+    assert len(entries) == 4 and [e["file"].endswith("corrupt.jpg") for e in entries if "error" in e] == [True]
+    assert "corrupt.jpg" in r.stderr and "Traceback" not in r.stderr
 
     r = run_cli("predict", "--model", out, tmp_path / "missing.png")
     assert_clean_error(r, "missing.png")

@@ -3,6 +3,10 @@
 ``--backend onnxruntime`` (or ``--model x.onnx``) runs an exported file with ONNX Runtime; that path never
 imports PyTorch (imgrec.infer.backends).
 
+Unreadable files (``--on-bad-image``): by default (``report``) each gets an error row in the table, JSON and
+CSV, the other files are predicted, and the exit code is 1 when any file could not be read; ``skip`` prints
+the same rows and exits 0; ``fail`` stops at the first unreadable file (exit 2, nothing written).
+
 A new output format is one more writer function here and one more option.
 """
 from __future__ import annotations
@@ -11,12 +15,20 @@ import csv
 import io
 import sys
 
-from imgrec.cli.common import add_backend_option, add_bad_image_option, fmt_table, print_json
+from imgrec.cli.common import add_backend_option, fmt_table, print_json
 
+EXIT_SOME_UNREADABLE = 1  # some files could not be read; the others were predicted (imgrec.cli: 2 = bad input)
+BAD_IMAGE_HELP = ("what an unreadable file does: report (default: an error row in the table, JSON and CSV, "
+                  "the rest is predicted, exit code 1), skip (the same rows, exit code 0) or fail (stop at the "
+                  "first one, exit code 2)")
 
 
 def add_parsers(sub) -> None:
-    p = sub.add_parser("predict", help="predict labels for image files and folders")
+    p = sub.add_parser("predict", help="predict labels for image files and folders",
+                       description="Predict every image file given or found in the folders given. Each answer "
+                                   "comes with notes where the image differs much from the training images "
+                                   "(colour into a grey model, a much larger or smaller size, a far-off aspect "
+                                   "ratio). " + BAD_IMAGE_HELP[0].upper() + BAD_IMAGE_HELP[1:] + ".")
     p.add_argument("--model", required=True, help="model directory, or an exported .onnx file")
     p.add_argument("inputs", nargs="+", help="image files and folders (searched recursively)")
     p.add_argument("--top-k", type=int, help="labels per image, best first (default 5; single-label models)")
@@ -31,15 +43,17 @@ def add_parsers(sub) -> None:
     add_backend_option(p)
     p.add_argument("--decode-threads", type=int,
                    help="threads decoding images while the model runs (default: one per core; 0: no pipeline)")
-    add_bad_image_option(p)
-    p.add_argument("--json", action="store_true", help='print [{"file", "predictions": [{"label", "score"}]}]')
-    p.add_argument("--csv", help="write file,rank,label,score rows to this CSV file")
+    p.add_argument("--on-bad-image", default="report", choices=("report", "skip", "fail"), help=BAD_IMAGE_HELP)
+    p.add_argument("--json", action="store_true",
+                   help='print [{"file", "predictions": [{"label", "score"}], "input_notes": [...]}]; an '
+                        'unreadable file has "error" and no predictions')
+    p.add_argument("--csv", help="write file,rank,label,score,error,input_notes rows to this CSV file")
     p.add_argument("--verbose", action="store_true", help="print the table even with --csv")
     p.set_defaults(func=cmd_predict)
 
 
 def cmd_predict(args) -> int:
-    from imgrec.errors import ConfigError
+    from imgrec.errors import ConfigError, ImageDecodeError
     from imgrec.infer.backends import load_classifier
 
     if args.top_k is not None and args.top_k < 1:
@@ -52,39 +66,80 @@ def cmd_predict(args) -> int:
     if args.threshold:
         clf.set_thresholds(args.threshold)  # a single-label model refuses in one line
     args.top_k = 5 if args.top_k is None else args.top_k
-    results = clf.predict_files(args.inputs, top_k=args.top_k, batch_size=args.batch_size,
-                                on_bad_image=args.on_bad_image, decode_threads=args.decode_threads).results
+    try:
+        # report and skip both go on past an unreadable file; they differ only in the exit code
+        out = clf.predict_files(args.inputs, top_k=args.top_k, batch_size=args.batch_size,
+                                on_bad_image="fail" if args.on_bad_image == "fail" else "skip", warn=False,
+                                decode_threads=args.decode_threads)
+    except ImageDecodeError as e:
+        raise ImageDecodeError(f"{e.reason}; pass --on-bad-image report to list unreadable files and predict the "
+                               "rest", e.source) from None
+    entries = out.entries()
     if args.csv:
-        write_csv(args.csv, results)
+        write_csv(args.csv, entries)
     if args.json:
-        print_json(results)
+        print_json(entries)
     elif not args.csv or args.verbose:
-        print(format_labels(results) if multilabel else format_table(results, args.top_k))
+        print(format_labels(entries) if multilabel else format_table(entries, args.top_k))
     if args.csv and not args.json:
-        print(f"wrote {len(results)} predictions to {args.csv}", file=sys.stderr)
+        print(f"wrote {len(entries)} files' predictions to {args.csv}", file=sys.stderr)
+    if out.skipped:
+        shown = "; ".join(f"{f}: {r}" for f, r in out.skipped[:3]) + (" …" if len(out.skipped) > 3 else "")
+        what = f"{len(out.skipped)} of {len(entries)} file(s) could not be read ({shown})"
+        if args.on_bad_image == "skip":
+            print(f"imgrec: warning: {what}; skipped", file=sys.stderr)
+            return 0
+        print(f"imgrec: error: {what}; the others were predicted; pass --on-bad-image skip to exit 0 anyway",
+              file=sys.stderr)
+        return EXIT_SOME_UNREADABLE
     return 0
 
 
+def _notes(r: dict) -> str:
+    return "; ".join(r.get("input_notes") or [])
+
+
 def format_table(results: list[dict], top_k: int) -> str:
-    rows = [[r["file"]] + [f"{p['label']} ({p['score'] * 100:.1f}%)" for p in r["predictions"]] for r in results]
-    return fmt_table(rows, ["file"] + [f"top {i}" for i in range(1, top_k + 1)][:len(rows[0]) - 1 if rows else 1])
+    width = max([len(r["predictions"]) for r in results] + [1])
+    rows = []
+    for r in results:
+        if "error" in r:
+            cells = [f"error: {r['error']}"] + [""] * (width - 1)
+        else:
+            cells = [f"{p['label']} ({p['score'] * 100:.1f}%)" for p in r["predictions"]]
+            cells += [""] * (width - len(cells))
+        rows.append([r["file"]] + cells)
+    header = ["file"] + [f"top {i}" for i in range(1, min(top_k, width) + 1)]
+    if any(r.get("input_notes") for r in results):
+        header.append("input notes")
+        rows = [row + [_notes(r)] for row, r in zip(rows, results)]
+    return fmt_table(rows, header)
 
 
 def format_labels(results: list[dict]) -> str:
     """Multi-label: every label at or above its threshold, best first ("-" for none)."""
-    rows = [[r["file"], ", ".join(f"{p['label']} ({p['score'] * 100:.1f}%)" for p in r["predictions"]) or "-"]
+    rows = [[r["file"], f"error: {r['error']}" if "error" in r else
+             ", ".join(f"{p['label']} ({p['score'] * 100:.1f}%)" for p in r["predictions"]) or "-"]
             for r in results]
-    return fmt_table(rows, ["file", "labels"])
+    header = ["file", "labels"]
+    if any(r.get("input_notes") for r in results):
+        header.append("input notes")
+        rows = [row + [_notes(r)] for row, r in zip(rows, results)]
+    return fmt_table(rows, header)
 
 
 def write_csv(path: str, results: list[dict]) -> None:
-    """``file,rank,label,score`` rows, written atomically (without importing PyTorch: the ONNX Runtime path)."""
+    """``file,rank,label,score,error,input_notes`` rows (one per label; one row with the reason and no label
+    for an unreadable file), written atomically (without importing PyTorch: the ONNX Runtime path)."""
     from imgrec.safeio import atomic_write_text
 
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
-    w.writerow(["file", "rank", "label", "score"])
+    w.writerow(["file", "rank", "label", "score", "error", "input_notes"])
     for r in results:
+        if "error" in r:
+            w.writerow([r["file"], "", "", "", r["error"], ""])
+            continue
         for i, p in enumerate(r["predictions"], 1):
-            w.writerow([r["file"], i, p["label"], f"{p['score']:.6f}"])
+            w.writerow([r["file"], i, p["label"], f"{p['score']:.6f}", "", _notes(r)])
     atomic_write_text(path, buf.getvalue())

@@ -35,8 +35,9 @@ from typing import Any, Callable, Iterable, Iterator
 
 from imgrec.errors import ConfigError, ImageDecodeError
 
-__all__ = ["FilePredictions", "ON_BAD_IMAGE", "check_file_options", "cpu_pass_size", "cpu_streams",
-           "decoded_batches", "default_decode_threads", "expand_inputs", "run_batches", "usable_cores"]
+__all__ = ["FilePredictions", "ON_BAD_IMAGE", "add_results", "check_file_options", "cpu_pass_size", "cpu_streams",
+           "decode_with_notes", "decoded_batches", "default_decode_threads", "expand_inputs", "run_batches",
+           "usable_cores"]
 
 ON_BAD_IMAGE = ("fail", "skip")
 MAX_STREAMS = 4  # batches in flight at once on a CPU: more cores go to each batch's intra-op threads
@@ -45,10 +46,30 @@ PIXELS_PER_PASS = 8 * 224 * 224  # images × height × width per forward pass on
 
 @dataclass
 class FilePredictions:
-    """What ``predict_files`` returns: one ``{"file", "predictions"}`` per readable file, and the
-    ``(file, reason)`` of each file skipped with ``on_bad_image="skip"``."""
+    """What ``predict_files`` returns: one ``{"file", "predictions", "input_notes"}`` per readable file (notes:
+    how the image differs much from the training data, imgrec.infer.inputs), the
+    ``(file, reason)`` of each file skipped with ``on_bad_image="skip"``, and every file looked at
+    (``files``, in input order). :meth:`entries` merges the two into one list in input order."""
     results: list[dict] = field(default_factory=list)
     skipped: list[tuple[str, str]] = field(default_factory=list)
+    files: list[str] = field(default_factory=list)
+
+    def entries(self) -> list[dict]:
+        """Every file in input order: its result, or ``{"file", "error", "predictions": [], ...}`` for a file that
+        could not be read, so a skipped file still has its line in a table, JSON or CSV."""
+        out: list[dict] = []
+        i = j = 0
+        for f in self.files:  # results and skipped are both in input order: merge them
+            if i < len(self.results) and self.results[i]["file"] == f:
+                out.append(self.results[i])
+                i += 1
+            elif j < len(self.skipped) and self.skipped[j][0] == f:
+                out.append({"file": f, "error": self.skipped[j][1], "predictions": [], "input_notes": []})
+                j += 1
+        # anything not matched (files never set: a caller that filled results itself) keeps its place at the end
+        out += self.results[i:] + [{"file": f, "error": r, "predictions": [], "input_notes": []}
+                                   for f, r in self.skipped[j:]]
+        return out
 
 
 def expand_inputs(paths: Iterable[str | os.PathLike]) -> list[Path]:
@@ -77,6 +98,23 @@ def check_file_options(paths, top_k: int, batch_size: int, on_bad_image: str) ->
     if not files:
         raise ConfigError(f"no images found in {', '.join(paths)} (looked for .jpg .jpeg .png .webp .bmp .gif)")
     return files
+
+
+def decode_with_notes(decode: Callable[[Path], Any], meta: Any) -> Callable[[Path], tuple[Any, list[str]]]:
+    """``decode`` that also returns the file's :func:`imgrec.infer.inputs.input_notes` (from its header,
+    read after the decode succeeded), for :func:`add_results`."""
+    from imgrec.infer.inputs import image_info, input_notes
+
+    def run(f: Path) -> tuple[Any, list[str]]:
+        image = decode(f)
+        info = image_info(f)
+        return image, (input_notes(meta, info[:2], info[2]) if info else [])
+    return run
+
+
+def add_results(out: FilePredictions, files: list[Path], preds: list, notes: list[list[str]]) -> None:
+    """Append one ``{"file", "predictions", "input_notes"}`` per predicted file."""
+    out.results += [{"file": str(f), "predictions": p, "input_notes": n} for f, p, n in zip(files, preds, notes)]
 
 
 def usable_cores() -> int:
@@ -145,6 +183,7 @@ def decoded_batches(files: list[Path], decode: Callable[[Path], Any], batch_size
     threads = default_decode_threads() if threads is None else int(threads)
     if threads < 0:
         raise ConfigError("decode threads must be 0 (inline) or more")
+    out.files = [str(f) for f in files]
 
     def handle_bad(f: Path, e: ImageDecodeError) -> None:
         if on_bad_image == "fail":

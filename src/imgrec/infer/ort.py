@@ -30,8 +30,8 @@ from typing import Any, Iterable
 import numpy as np
 
 from imgrec.errors import ConfigError, ImageDecodeError, ModelFileError
-from imgrec.infer.files import (FilePredictions, check_file_options, cpu_pass_size, cpu_streams, decoded_batches,
-                                run_batches, usable_cores)
+from imgrec.infer.files import (FilePredictions, add_results, check_file_options, cpu_pass_size, cpu_streams,
+                                decode_with_notes, decoded_batches, run_batches, usable_cores)
 from imgrec.infer.multilabel import parse_thresholds, select_labels
 
 __all__ = ["ONNX_FORMAT", "ONNX_FORMAT_VERSION", "OnnxClassifier", "OnnxModelInfo", "check_external_data",
@@ -377,13 +377,14 @@ class OnnxClassifier:
             if streams > 1:
                 session = self._session_for_streams(each)
 
-        def run(arrays: list[np.ndarray]) -> list[list[dict]]:  # ORT sessions may be run from several threads
-            return self.topk(self._run(np.stack(arrays), batch_size, PROBS_NAME, session), top_k)
+        def run(items: list) -> tuple[list[list[dict]], list[list[str]]]:  # ORT sessions may run in several threads
+            arrays = np.stack([a for a, _ in items])
+            return self.topk(self._run(arrays, batch_size, PROBS_NAME, session), top_k), [n for _, n in items]
 
-        batches = decoded_batches(files, self.load_image, batch_size, on_bad_image, out, warn, decode_threads,
-                                  ahead=streams + 1)
-        for kept, preds in run_batches(batches, run, streams):
-            out.results += [{"file": str(f), "predictions": p} for f, p in zip(kept, preds)]
+        batches = decoded_batches(files, decode_with_notes(self.load_image, self.meta), batch_size, on_bad_image,
+                                  out, warn, decode_threads, ahead=streams + 1)
+        for kept, (preds, notes) in run_batches(batches, run, streams):
+            add_results(out, kept, preds, notes)
         return out
 
 

@@ -13,8 +13,8 @@ from imgrec.data.decode import decode_image
 from imgrec.data.transforms import Preprocess, convert_channels, resize_uint8
 from imgrec.device import pick_device
 from imgrec.errors import ConfigError, ImageDecodeError
-from imgrec.infer.files import (FilePredictions, check_file_options, cpu_pass_size, cpu_streams, decoded_batches,
-                                expand_inputs, run_batches)
+from imgrec.infer.files import (FilePredictions, add_results, check_file_options, cpu_pass_size, cpu_streams,
+                                decode_with_notes, decoded_batches, expand_inputs, run_batches)
 from imgrec.infer.multilabel import parse_thresholds, select_labels
 from imgrec.infer.runtime import forward_logits, load_model, resolve_amp
 from imgrec.modeldir import ModelMeta
@@ -158,7 +158,8 @@ class Classifier:
         lowered for the call and restored after (``imgrec.infer.files.cpu_streams``); and large images go
         through in passes of fewer than ``batch_size`` (``cpu_pass_size``: 8 at 224 px). ``on_bad_image="fail"``
         raises ImageDecodeError naming the first unreadable file; ``"skip"`` leaves it out (listed in
-        ``.skipped``, and warned about on stderr when ``warn``) and goes on with the rest.
+        ``.skipped``, and warned about on stderr when ``warn``) and goes on with the rest. Each result has
+        ``input_notes``: how that image differs much from the training images (imgrec.infer.inputs).
         """
         files = check_file_options(paths, top_k, batch_size, on_bad_image)
         out = FilePredictions()
@@ -167,17 +168,17 @@ class Classifier:
             streams, per_stream = cpu_streams(torch.get_num_threads())
             batch_size = cpu_pass_size(self.image_size, batch_size)
 
-        def run(tensors: list[torch.Tensor]) -> list[list[dict]]:
-            return self.topk(self.probabilities(torch.stack(tensors)), top_k)
+        def run(items: list[tuple[torch.Tensor, list[str]]]) -> tuple[list[list[dict]], list[list[str]]]:
+            return self.topk(self.probabilities(torch.stack([t for t, _ in items])), top_k), [n for _, n in items]
 
         before = torch.get_num_threads()
         if per_stream:
             torch.set_num_threads(per_stream)
         try:
-            batches = decoded_batches(files, self.load_image, batch_size, on_bad_image, out, warn, decode_threads,
-                                      ahead=streams + 1)
-            for kept, preds in run_batches(batches, run, streams):
-                out.results += [{"file": str(f), "predictions": p} for f, p in zip(kept, preds)]
+            batches = decoded_batches(files, decode_with_notes(self.load_image, self.meta), batch_size, on_bad_image,
+                                      out, warn, decode_threads, ahead=streams + 1)
+            for kept, (preds, notes) in run_batches(batches, run, streams):
+                add_results(out, kept, preds, notes)
         finally:
             torch.set_num_threads(before)
         return out
