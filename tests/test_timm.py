@@ -177,22 +177,23 @@ def test_pickle_with_code_is_refused_for_timm(tmp_path):
         load_pretrained(model, "timm:resnet18", weights_file=tmp_path / "evil.pth")
 
 
-def test_pretrained_goes_through_timm_with_a_local_file(tmp_path, monkeypatch):
-    """``--pretrained``: timm's own loader (offline here: its pretrained_cfg_overlay file= override)."""
+def test_pretrained_offline_is_a_local_file_and_timm_file_overrides_are_refused(tmp_path, monkeypatch):
+    """Offline, timm weights come in through ``--weights FILE`` (the same transfer as ``--pretrained``);
+    timm's own file override (``pretrained_cfg_overlay={"file": ...}``) would read any path a handed
+    model.json names, so it is refused before timm sees it."""
     from safetensors.torch import save_file
+
+    from imgrec.errors import ConfigError
     torch.manual_seed(1)
     imagenet_like = timm.create_model("resnet18")  # 1000 classes, as timm's weights
     save_file(imagenet_like.state_dict(), str(tmp_path / "r18-in1k.safetensors"))
-    model = create_model("timm:resnet18", num_classes=10, in_chans=1, image_size=28,
-                         pretrained_cfg_overlay={"file": str(tmp_path / "r18-in1k.safetensors")})
-    report = load_pretrained(model, "timm:resnet18", pretrained=True)
-    assert report.source == "resnet18.a1_in1k" and set(report.skipped) == {"fc.weight", "fc.bias"}
+    with pytest.raises(ConfigError, match="pretrained_cfg_overlay"):
+        create_model("timm:resnet18", num_classes=10, in_chans=1, image_size=28,
+                     pretrained_cfg_overlay={"file": str(tmp_path / "r18-in1k.safetensors")})
+    model = create_model("timm:resnet18", num_classes=10, in_chans=1, image_size=28)
+    report = load_pretrained(model, "timm:resnet18", weights_file=tmp_path / "r18-in1k.safetensors")
+    assert {"fc.weight", "fc.bias"} <= set(report.skipped)
     assert torch.equal(model.layer3[0].conv1.weight, imagenet_like.layer3[0].conv1.weight)
-
-    missing = create_model("timm:resnet18", num_classes=10, in_chans=1, image_size=28,
-                           pretrained_cfg_overlay={"file": str(tmp_path / "nope.safetensors")})
-    with pytest.raises(ModelFileError, match="not found"):
-        load_pretrained(missing, "timm:resnet18", pretrained=True)
     monkeypatch.setenv("IMGREC_OFFLINE", "1")  # no hub download attempted (it would retry for a minute)
     with pytest.raises(ModelFileError, match="--weights FILE"):
         load_pretrained(create_model("timm:resnet18", image_size=32), "timm:resnet18", pretrained=True)

@@ -82,6 +82,8 @@ class TrainConfig:
     reweight_from: float = 0.0         # deferred re-weighting (Cao et al. 2019): class_weights apply from this
                                        # fraction of the epochs on (0 = from the start; 0.7 = the last 30%)
     logit_adjust_loss: float = 0.0     # τ of the logit-adjusted training loss (Menon et al. 2021); 0 = off
+    time_budget: float | None = None   # seconds of training: the epochs are set from the first epoch's speed
+                                       # to fit, and training stops at an epoch end when the time is up
 
 
 @dataclass
@@ -226,5 +228,7 @@ def validate(cfg: RunConfig) -> None:
                                 or str(t.class_weights or "none").lower() != "none"):
         raise ConfigError("logit_adjust_loss already corrects for the class prior: use it without logit_adjust, "
                           "class_weights and sampler balanced")
+    if t.time_budget is not None and not (isinstance(t.time_budget, (int, float)) and t.time_budget > 0):
+        raise ConfigError(f"time_budget must be a positive number of seconds, got {t.time_budget!r}")
     if cfg.data.long_tail is not None and not cfg.data.long_tail >= 1:
         raise ConfigError(f"long_tail must be an imbalance ratio ≥ 1, got {cfg.data.long_tail}")

@@ -132,7 +132,8 @@ def default_run_dir(data: str, model: str, root: str | Path = "runs") -> Path:
     base = f"{Path(data).name or data}-{model}".replace("/", "-").replace(":", "-")
     out = Path(root) / base
     i = 2
-    while out.exists():
+    # an empty folder (made by hand, or by an older imgrec's failed start) is free
+    while out.exists() and (not out.is_dir() or any(out.iterdir())):
         out = Path(root) / f"{base}-{i}"
         i += 1
     return out

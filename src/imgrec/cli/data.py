@@ -48,7 +48,10 @@ def add_parsers(sub) -> None:
     a.add_argument("source", help="fashion-mnist, mnist, an image folder or a CSV list (path,label[,split])")
     a.add_argument("--data-dir", help="folder holding the named dataset's IDX files")
     a.add_argument("--folds", type=int, default=5, help="K of the cross-fitting (default 5)")
-    a.add_argument("--recipe", default="fast", help="training recipe of each fold (default fast)")
+    a.add_argument("--recipe", help="training recipe of each fold (default: chosen for this machine and the data, "
+                                    "as imgrec train chooses it)")
+    a.add_argument("--force", action="store_true",
+                   help="rank even when the fold models are too weak to judge labels (default: refuse)")
     a.add_argument("--model", dest="name", help="architecture (default: the recipe's)")
     a.add_argument("--epochs", type=int, help="epochs per fold (default: the recipe's)")
     a.add_argument("--batch-size", type=int)
@@ -140,7 +143,7 @@ def cmd_data_audit(args) -> int:
     splits = tuple(s.strip() for s in args.splits.split(",") if s.strip())
     result = audit(args.source, folds=args.folds, recipe=args.recipe, overrides=overrides, data_dir=args.data_dir,
                    image_size=args.image_size, channels=args.channels, splits=splits, method=args.method,
-                   rank_by=args.rank_by, seed=args.seed, progress=not args.json)
+                   rank_by=args.rank_by, seed=args.seed, progress=not args.json, force=args.force)
     written = []
     if args.csv:
         written.append(str(result.write_csv(args.csv)))

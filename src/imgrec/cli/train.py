@@ -20,7 +20,7 @@ TRAIN_OPTIONS = {
     "checkpoint_every": "checkpoint_every", "val_last": "val_last", "sync_bn": "sync_bn",
     "class_weights": "class_weights", "class_weight_beta": "class_weight_beta", "sampler": "sampler",
     "logit_adjust": "logit_adjust", "best_metric": "best_metric", "long_tail": "long_tail",
-    "reweight_from": "reweight_from", "logit_adjust_loss": "logit_adjust_loss",
+    "reweight_from": "reweight_from", "logit_adjust_loss": "logit_adjust_loss", "time_budget": "time_budget",
 }
 
 
@@ -69,6 +69,9 @@ def add_parsers(sub) -> None:
     bool_flag(g, "tta", "average predictions over the image and its mirror")
     g.add_argument("--grad-clip", type=float)
     g.add_argument("--patience", type=int, help="early stopping after N epochs without val improvement")
+    g.add_argument("--time-budget", type=_duration, metavar="DURATION",
+                   help="train for at most this long (90, 90s, 5m, 1h): the epochs are set from the first epoch's "
+                        "speed, and training stops at an epoch end with the best weights when the time is up")
     g.add_argument("--val-last", type=int, help="validate only the last N epochs (0: every epoch)")
     g.add_argument("--best-metric", choices=("auto", "acc", "balanced_acc", "macro_f1"),
                    help="validation number that picks the best epoch (auto: balanced_acc with an imbalance option)")
@@ -114,6 +117,16 @@ def add_parsers(sub) -> None:
     p.set_defaults(func=cmd_train)
 
 
+def _duration(text: str) -> float:
+    """``90``, ``90s``, ``5m``, ``1.5h`` → seconds (argparse turns the ValueError into one usage line)."""
+    t = text.strip().lower()
+    scale = {"s": 1, "m": 60, "h": 3600}.get(t[-1:], None)
+    value = float(t[:-1] if scale else t) * (scale or 1)
+    if not value > 0:
+        raise ValueError(text)
+    return value
+
+
 def _tau(text: str):
     return "auto" if text.strip().lower() == "auto" else float(text)
 
@@ -145,7 +158,9 @@ def cmd_train(args) -> int:
             data_why = (cfg.data_recipe or {}).get("reason")
             head = f"recipe {cfg.recipe}: {cfg.recipe_reason}" if cfg.recipe else f"{cfg.model.name}"
             print(head + (f"; for {data_why}" if data_why else ""), file=sys.stderr)
-        print(f"training {cfg.model.name} on {cfg.data.data} → {out}", file=sys.stderr)
+        shown = _saved_config(out) if args.resume else cfg  # on --resume the run's own settings, not the defaults
+        print(f"{'resuming' if args.resume else 'training'} {shown.model.name} on {shown.data.data} → {out}",
+              file=sys.stderr)
     summary = train(cfg, out, resume=args.resume, overwrite=args.overwrite, progress=not (args.quiet or args.json),
                     extend_epochs=args.epochs)
     if distributed.launched() and distributed.env_rank() != 0:
@@ -159,11 +174,24 @@ def cmd_train(args) -> int:
             if "test_map_macro" in summary:
                 msg += f"  test_mAP {summary['test_map_macro']:.4f}  test_exact_match {summary['test_acc']:.4f}"
         elif "test_acc" in summary:
-            msg += f"  test_acc {summary['test_acc']:.4f}  test_top5 {summary['test_top5']:.4f}"
+            msg += f"  test_acc {summary['test_acc']:.4f}"
+            if summary.get("test_top5") is not None:
+                msg += f"  test_top5 {summary['test_top5']:.4f}"
         print(f"{msg}  train {summary['train_time_s']:.1f}s  wall {summary['wall_time_s']:.1f}s  → {out}")
     if distributed.launched():
         _leave_now(0)
     return 0
+
+
+def _saved_config(out):
+    """The run's saved config.yaml (what --resume continues), or a ConfigError saying there is nothing to resume."""
+    from imgrec.config import RunConfig, load_yaml
+    from imgrec.errors import ConfigError
+    from imgrec.modeldir import RunDir
+    path = RunDir(out).config
+    if not path.is_file():
+        raise ConfigError(f"{out}: nothing to resume (no config.yaml; start it without --resume)")
+    return RunConfig.from_dict(load_yaml(path))
 
 
 def _leave_now(code: int) -> None:

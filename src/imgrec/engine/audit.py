@@ -101,6 +101,50 @@ def _guess_channels(paths, probe: int = 32) -> int:
     return 1
 
 
+# The fold models must be far better than a guess before their probabilities can judge labels: confident
+# learning takes every disagreement of a weak model with a label as evidence of a label error (fold models at
+# 13% on 10 classes "found" 87% label noise). SKILL is the fraction of the way from the majority-class guess to
+# perfect that the out-of-sample accuracy must reach; FOLD_SPREAD the most the fold models may disagree.
+MIN_SKILL = 0.5
+MAX_FOLD_SPREAD = 0.2
+
+
+def fold_config(recipe: str | None, overrides: dict | None, *, n_fit: int, num_classes: int, channels: int,
+                side: int, counts: list[int] | None = None):
+    """The training settings of every fold: ``recipe`` as named, or (None) the one ``imgrec train`` would choose
+    for this machine and for data of the fold's size, with ``overrides`` on top."""
+    from imgrec.data.probe import probe_tensor
+    from imgrec.engine.train import adapt_config, explicit_keys, resolve_config
+    overrides = dict(overrides or {})
+    cfg = resolve_config(recipe, None, overrides, model_given=bool(overrides.get("name")), adapt=False)
+    if recipe is None:
+        # the images are already decoded at their training size: only the schedule adapts to them
+        adapt_config(cfg, explicit_keys(overrides) | {"image_size"},
+                     probe_tensor(n_fit, num_classes, channels, side, counts))
+    return cfg
+
+
+def judge_folds(probs: np.ndarray, labels: np.ndarray, stats: list[dict]) -> dict:
+    """How far the fold models are to be trusted: their out-of-sample accuracy against the majority-class guess
+    (``skill``: 0 = no better than the guess, 1 = perfect) and against each other (``fold_spread``: best minus
+    worst fold accuracy); ``weak`` says in words why they cannot judge labels, or is None."""
+    m = probs.shape[1]
+    acc = float((probs.argmax(1) == labels).mean()) if len(labels) else 0.0
+    base = float(np.bincount(labels, minlength=m).max() / max(1, len(labels)))
+    skill = (acc - base) / max(1e-9, 1 - base)
+    accs = [f["held_out_acc"] for f in stats]
+    spread = float(max(accs) - min(accs)) if accs else 0.0
+    weak = None
+    if skill < MIN_SKILL:
+        weak = (f"the fold models reach {acc:.1%} out of sample, against {base:.1%} for always guessing the largest "
+                f"class (skill {skill:.2f}, at least {MIN_SKILL} needed)")
+    elif spread > MAX_FOLD_SPREAD:
+        weak = (f"the fold models disagree: their accuracies range from {min(accs):.1%} to {max(accs):.1%} "
+                f"(at most {MAX_FOLD_SPREAD:.0%} apart needed)")
+    return {"out_of_sample_acc": round(acc, 4), "majority_guess_acc": round(base, 4), "skill": round(skill, 4),
+            "fold_spread": round(spread, 4), "weak": weak}
+
+
 def cross_fit(images: torch.Tensor, labels: np.ndarray, classes: list[str], *, folds: int = 5,
               recipe: str | None = "fast", overrides: dict | None = None, flip: bool = True, seed: int = 0,
               progress: bool = True) -> tuple[np.ndarray, list[dict]]:
@@ -112,7 +156,7 @@ def cross_fit(images: torch.Tensor, labels: np.ndarray, classes: list[str], *, f
     from imgrec.data.memory import BatchLoader
     from imgrec.device import pick_device, set_threads
     from imgrec.engine.callbacks import ProgressBar
-    from imgrec.engine.train import build_loaders, resolve_config
+    from imgrec.engine.train import build_loaders
     from imgrec.engine.trainer import Trainer, seed_everything
     from imgrec.infer.runtime import forward_logits, resolve_amp
     from imgrec.models import create_model, model_info
@@ -125,7 +169,8 @@ def cross_fit(images: torch.Tensor, labels: np.ndarray, classes: list[str], *, f
         raise DatasetError("the audited images hold fewer than 2 classes")
     if n < 2 * folds:
         raise DatasetError(f"{n} images are too few for {folds} folds")
-    cfg = resolve_config(recipe, None, overrides, model_given=bool((overrides or {}).get("name")))
+    cfg = fold_config(recipe, overrides, n_fit=n - n // folds, num_classes=m, channels=int(images.shape[1]),
+                      side=int(images.shape[-1]), counts=counts.tolist())
     t = cfg.train
     set_threads(t.threads)
     device = pick_device(t.device)
@@ -216,6 +261,10 @@ class AuditResult:
                  f"{d['out_of_sample_acc']:.4f} [{d['time_s']:.1f} s]",
                  f"estimated label noise: {d['estimated_noise_rate']:.2%}; suspects ({self.settings['method']}): "
                  f"{d['suspects_total']}"]
+        q = self.settings.get("quality")
+        if q:
+            lines.insert(1, f"fold models: skill {q['skill']:.2f} over always guessing the largest class "
+                            f"({q['majority_guess_acc']:.1%}); folds within {q['fold_spread']:.1%} of each other")
         for s in d["suspects"][:limit]:
             where = s.get("path", f"{s['split']}#{s.get('index')}")
             lines.append(f"  {s['rank']:>4}  {where}  given {s['given']!r} → suggested {s['suggested']!r}  "
@@ -329,17 +378,19 @@ class AuditResult:
         return {"path": str(path), "rows": written, "removed": removed, "relabelled": relabelled}
 
 
-def audit(source: str, *, folds: int = 5, recipe: str | None = "fast", overrides: dict | None = None,
+def audit(source: str, *, folds: int = 5, recipe: str | None = None, overrides: dict | None = None,
           data_dir: str | None = None, image_size: int | None = None, channels: int | None = None,
           splits: tuple[str, ...] = ("train",), method: str = "prune_by_noise_rate",
-          rank_by: str = "self_confidence", seed: int = 0, progress: bool = True) -> AuditResult:
+          rank_by: str = "self_confidence", seed: int = 0, progress: bool = True, force: bool = False) -> AuditResult:
     """Find likely label errors in ``source`` (named dataset, folder or CSV list) by K-fold cross-fitting and
     confident learning.
 
     Args:
         folds: K; each image is scored by a model trained on the other K−1 folds (default 5).
-        recipe: the training recipe of every fold (default ``fast``); ``overrides`` are settings on top, as
-            ``imgrec train``'s options (e.g. ``{"epochs": 4, "batch_size": 256}``).
+        recipe: the training recipe of every fold (default: chosen for this machine and the data, as ``imgrec
+            train`` chooses it); ``overrides`` are settings on top, as ``imgrec train``'s options (e.g.
+            ``{"epochs": 4, "batch_size": 256}``).
+        force: rank even when the fold models are too weak to judge labels (otherwise a DatasetError says so).
         splits: which splits to audit (pooled); splits not audited are copied unchanged into a cleaned CSV.
         method: how suspects are flagged (``prune_by_noise_rate`` default; see ``imgrec.data.confident``).
         rank_by: ``self_confidence`` (default) or ``normalized_margin``.
@@ -357,8 +408,13 @@ def audit(source: str, *, folds: int = 5, recipe: str | None = "fast", overrides
         raise ConfigError(f"--folds must be at least 2, not {folds}")
     from imgrec.engine.train import resolve_config
     # settings first: an unknown recipe, model or option fails before any image is decoded
-    cfg = resolve_config(recipe, None, overrides, model_given=bool((overrides or {}).get("name")))
+    cfg = resolve_config(recipe, None, overrides, model_given=bool((overrides or {}).get("name")), adapt=False)
     cat = catalog(source, data_dir)
+    if image_size is None and cat.kind != "named":
+        from imgrec.data.probe import probe_source
+        from imgrec.engine.recipes import adapt_to_data
+        probe = probe_source(source, data_dir=data_dir)  # the image size imgrec train would choose for these files
+        image_size = adapt_to_data(probe, {"image_size": None}, set())[0].get("image_size") if probe else None
     idx = np.array([i for i in range(len(cat)) if cat.splits[i] in splits], dtype=np.int64)
     if len(idx) == 0:
         raise DatasetError(f"{source}: no images in the split(s) {', '.join(splits)}")
@@ -370,8 +426,17 @@ def audit(source: str, *, folds: int = 5, recipe: str | None = "fast", overrides
     probs, fold_stats = cross_fit(images, labels, cat.classes, folds=folds, recipe=recipe, overrides=overrides,
                                   flip=cat.flip, seed=seed, progress=progress)
     del images
+    quality = judge_folds(probs, labels, fold_stats)
+    if quality["weak"] and not force:
+        raise DatasetError(f"{source}: not ranking label errors: {quality['weak']}, too weak to tell a wrong label "
+                           f"from a model error; train longer (--epochs), or pass --force to rank anyway")
+    if quality["weak"] and progress:
+        print(f"imgrec: warning: {quality['weak']}; ranking anyway (--force)", file=sys.stderr)
     issues = find_label_issues(labels, probs, method=method, rank_by=rank_by)
+    cfg = fold_config(recipe, overrides, n_fit=len(labels) - len(labels) // folds, num_classes=len(cat.classes),
+                      channels=chans, side=size)
     settings = {"folds": folds, "recipe": cfg.recipe, "model": cfg.model.name, "epochs": cfg.train.epochs,
+                "batch_size": cfg.train.batch_size, "quality": quality,
                 "overrides": dict(overrides or {}), "method": method, "rank_by": rank_by, "seed": seed,
                 "splits": list(splits), "image_size": size, "channels": chans}
     return AuditResult(source, cat, idx, labels, probs, issues, fold_stats, settings, bad,

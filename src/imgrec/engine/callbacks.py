@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import csv
 import io
+import math
 import sys
 import time
 from pathlib import Path
@@ -94,4 +95,79 @@ class EarlyStopping(Callback):
     def on_epoch_end(self, trainer, epoch, logs):
         if logs["val_acc"] is not None and epoch - trainer.best_epoch >= self.patience:
             print(f"early stopping: no val_acc improvement for {self.patience} epochs", file=sys.stderr)
+            trainer.stop_training = True
+
+
+class GuardRails(Callback):
+    """Warnings a user can act on, where the run cannot learn well: too few optimizer steps an epoch or in all,
+    validation skipped (and why), and a best validation accuracy near chance at the end."""
+
+    MIN_STEPS_PER_EPOCH = 4
+    MIN_STEPS = 100
+
+    def __init__(self, num_classes: int, val_images: int, task: str = "classification", enabled: bool = True):
+        self.k, self.n_val, self.task, self.enabled = int(num_classes), max(1, int(val_images)), task, enabled
+
+    def _say(self, text: str) -> None:
+        if self.enabled:
+            print(f"imgrec: warning: {text}", file=sys.stderr)
+
+    def on_train_begin(self, trainer):
+        if trainer.epoch:  # resumed: said when the run started
+            return
+        spe, cfg = trainer.steps_per_epoch, trainer.cfg
+        total = spe * cfg.epochs
+        if spe < self.MIN_STEPS_PER_EPOCH:
+            self._say(f"{spe} optimizer step{'s' * (spe != 1)} an epoch (batch {cfg.batch_size}): too few to learn "
+                      f"from; a smaller --batch-size gives more")
+        elif total < self.MIN_STEPS:
+            self._say(f"{total} optimizer steps in all ({spe} an epoch × {cfg.epochs} epochs): short for a model "
+                      f"trained from scratch; more --epochs or a smaller --batch-size give more")
+        if cfg.val_last and cfg.val_last < cfg.epochs and self.enabled:
+            # not a warning: the fast recipes skip early validation on purpose (their last epoch was the best
+            # in every measured run), but a "-" in the log must not look like a failure
+            print(f"validating only the last {cfg.val_last} of {cfg.epochs} epochs (--val-last {cfg.val_last}; "
+                  f"--val-last 0 validates every epoch)", file=sys.stderr)
+
+    def on_train_end(self, trainer):
+        if self.task != "classification" or trainer.best_epoch < 0 or self.k < 2:
+            return
+        chance = 1.0 / self.k
+        n_val = self.n_val
+        # near chance: within two standard errors of a guess, or less than a tenth of the way to perfect
+        margin = max(2 * math.sqrt(chance * (1 - chance) / n_val), 0.1 * (1 - chance))
+        if trainer.best_acc <= chance + margin:
+            self._say(f"the best validation accuracy {trainer.best_acc:.3f} is near chance ({chance:.3f} for "
+                      f"{self.k} classes): the model has not learned. Try more --epochs, a smaller --batch-size or "
+                      f"--lr, or check the labels (imgrec data check)")
+
+
+class TimeBudget(Callback):
+    """``--time-budget``: after the first epoch, the run's length is set from its measured speed so that training
+    ends within ``seconds`` (the learning-rate schedule is rebuilt for the new length, so it still anneals); if
+    later epochs run slower, training stops cleanly at an epoch end, keeping the best weights so far."""
+
+    def __init__(self, seconds: float, enabled: bool = True, on_change=None):
+        self.budget, self.enabled, self.on_change = float(seconds), enabled, on_change
+        self.t0 = None
+
+    def on_train_begin(self, trainer):
+        self.t0 = time.perf_counter() - float(trainer.train_time_s or 0.0)
+
+    def on_epoch_end(self, trainer, epoch, logs):
+        elapsed = time.perf_counter() - self.t0
+        per_epoch = elapsed / max(1, len(trainer.history))
+        if epoch == 0 and len(trainer.history) == 1:
+            fits = max(1, int(self.budget // max(per_epoch, 1e-9)))
+            if fits < trainer.cfg.epochs:
+                if self.enabled:
+                    print(f"time budget {self.budget:g}s: an epoch takes {per_epoch:.1f}s, so {fits} epochs "
+                          f"instead of {trainer.cfg.epochs}", file=sys.stderr)
+                trainer.set_epochs(fits)
+                if self.on_change is not None:
+                    self.on_change(trainer)
+        elif elapsed + per_epoch > self.budget * 1.05 and trainer.epoch < trainer.cfg.epochs:
+            if self.enabled:
+                print(f"time budget {self.budget:g}s reached after {elapsed:.0f}s: stopping with the best weights "
+                      f"(epoch {trainer.best_epoch + 1})", file=sys.stderr)
             trainer.stop_training = True

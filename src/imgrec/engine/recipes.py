@@ -166,8 +166,11 @@ def adapt_to_data(probe, current: dict, explicit: set[str]) -> tuple[dict, str]:
         if key not in explicit and current.get(key) != value:
             changes[key] = value
 
-    size = current.get("image_size") if "image_size" in explicit else (32 if probe.median_side <= 40 else 64)
-    put("image_size", size)
+    if "image_size" in explicit or probe.kind in ("pack", "tensor"):
+        size = current.get("image_size") or probe.median_side  # a pack or a tensor holds its images at one size
+    else:
+        size = 32 if probe.median_side <= 40 else 64
+        put("image_size", size)
     size = int(size or 32)
     notes = []
     fine_tune = None
@@ -188,7 +191,8 @@ def adapt_to_data(probe, current: dict, explicit: set[str]) -> tuple[dict, str]:
         notes.append(f"fine-tuning ImageNet {FINE_TUNE_MODEL} from the cache")
     elif "lr" not in explicit and (changes.get("optimizer") or current.get("optimizer")) == "sgd":
         put("lr", round(min(float(current.get("lr") or 0.4), SMALL_LR_PER_32 * batch / 32), 6))
-    steps_per_epoch = max(1, n // int(batch))
+    # the loader keeps a short last batch unless an epoch has at least 4 full ones (imgrec.engine.train)
+    steps_per_epoch = n // int(batch) if n >= 4 * int(batch) else math.ceil(n / int(batch))
     if "epochs" in explicit:
         epochs = int(current["epochs"])
     elif n >= LARGE_DATA:

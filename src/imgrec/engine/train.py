@@ -15,7 +15,7 @@ from imgrec.data.pack import Packed, open_data
 from imgrec.data.stream import StreamLoader, default_workers
 from imgrec.device import cpu_has_fast_bf16, pick_device, set_threads, usable_cores
 from imgrec.engine import distributed
-from imgrec.engine.callbacks import CSVLogger, EarlyStopping, ProgressBar
+from imgrec.engine.callbacks import CSVLogger, EarlyStopping, GuardRails, ProgressBar, TimeBudget
 from imgrec.engine.trainer import Trainer, seed_everything
 from imgrec.errors import ConfigError
 from imgrec.infer.runtime import resolve_amp
@@ -175,17 +175,37 @@ def _image_sizes(cfg: RunConfig) -> dict | None:
 
 
 def train(cfg: RunConfig, out: str | Path, *, resume: bool = False, overwrite: bool = False,
-          progress: bool = True, evaluate_test: bool = True, extend_epochs: int | None = None) -> dict:
+          progress: bool = True, evaluate_test: bool = True, extend_epochs: int | None = None,
+          callbacks: list | None = None) -> dict:
     """Train per ``cfg`` into run directory ``out``; returns a summary (best val accuracy, test accuracy, times).
 
     With ``resume`` the run's saved config.yaml governs and ``cfg`` is ignored, except that
-    ``extend_epochs`` may raise the number of epochs of a run (a finished one included).
+    ``extend_epochs`` may raise the number of epochs of a run (a finished one included). ``callbacks``: your own
+    ``imgrec.engine.callbacks.Callback`` objects, called after imgrec's own.
+
+    A run folder that did not exist before is removed again when the run fails before writing anything into it
+    (a bad dataset, an unknown option), so the next run does not get a ``-2`` name beside an empty folder.
     """
+    out = Path(out)
+    created = not out.exists()
+    try:
+        return _train(cfg, out, resume=resume, overwrite=overwrite, progress=progress, evaluate_test=evaluate_test,
+                      extend_epochs=extend_epochs, user_callbacks=list(callbacks or []))
+    except BaseException:
+        if created and out.is_dir() and distributed.env_rank() == 0:
+            for stale in out.glob(".imgrec-write-test-*"):
+                stale.unlink(missing_ok=True)
+            if not any(out.iterdir()):
+                out.rmdir()
+        raise
+
+
+def _train(cfg: RunConfig, out: Path, *, resume: bool, overwrite: bool, progress: bool, evaluate_test: bool,
+           extend_epochs: int | None, user_callbacks: list) -> dict:
     t_start = time.perf_counter()
     # several processes (torchrun): rank 0 alone prints and writes the run directory; the others read it
     main = distributed.env_rank() == 0
     progress = progress and main
-    out = Path(out)
     rd = RunDir(out)
     has_checkpoint = rd.checkpoint.is_file()
     if resume:
@@ -280,8 +300,14 @@ def train(cfg: RunConfig, out: str | Path, *, resume: bool = False, overwrite: b
         write_meta(out, meta)
 
     callbacks = [ProgressBar(enabled=progress)] + ([CSVLogger(rd.metrics)] if main else [])
+    callbacks.append(GuardRails(len(bundle.classes), len(bundle.val), bundle.task, enabled=progress))
     if t.patience:
         callbacks.append(EarlyStopping(t.patience))
+    if t.time_budget:
+        # the new length is recorded at once, so that --resume continues the same schedule
+        callbacks.append(TimeBudget(t.time_budget, enabled=progress, on_change=lambda tr: main and atomic_write_text(
+            rd.config, cfg.to_yaml())))
+    callbacks += user_callbacks
     trainer = Trainer(model, t, train_loader, val_loader, device=device, amp=amp, channels_last=channels_last,
                       run_dir=out, callbacks=callbacks, on_save=on_save, task=bundle.task, class_weights=weights,
                       logit_bias=None if meta.logit_bias is None else torch.tensor(meta.logit_bias),
@@ -293,6 +319,13 @@ def train(cfg: RunConfig, out: str | Path, *, resume: bool = False, overwrite: b
                                                                       + trainer.start_step))
         if main:
             atomic_write_text(rd.config, cfg.to_yaml())  # records an extended --epochs
+        if trainer.epoch >= t.epochs:
+            # nothing left to do: say so, and return what the run reached (its model.json is complete)
+            if progress:
+                print(f"{out}: the run is finished ({trainer.epoch} of {t.epochs} epochs); pass --epochs N (more "
+                      f"than {t.epochs}) to extend it", file=sys.stderr)
+            distributed.cleanup(ctx) if ctx.world_size > 1 else None
+            return _finished_summary(out, cfg, trainer, t_start)
         if progress:
             print(f"resuming {out} at epoch {trainer.epoch + 1}, step {trainer.start_step}", file=sys.stderr)
         if main and (trainer.resume_note or ctx.world_size > 1):
@@ -342,10 +375,23 @@ def train(cfg: RunConfig, out: str | Path, *, resume: bool = False, overwrite: b
             summary.update(test_n=res["n"], **test)
             on_save(trainer, {**extra, **test})
         else:
-            summary.update(test_acc=res["top1"], test_top5=res["top5"], test_n=res["n"],
+            summary.update(test_acc=res["top1"], test_top5=res.get("top5"), test_n=res["n"],
                            test_macro_f1=res["macro_f1"], test_balanced_acc=res["balanced_acc"])
-            on_save(trainer, {"test_acc": res["top1"], "test_top5": res["top5"], "test_macro_f1": res["macro_f1"],
+            on_save(trainer, {"test_acc": res["top1"], "test_top5": res.get("top5"), "test_macro_f1": res["macro_f1"],
                               "test_balanced_acc": res["balanced_acc"]})
+    summary["wall_time_s"] = time.perf_counter() - t_start
+    return summary
+
+
+def _finished_summary(out: Path, cfg: RunConfig, trainer: Trainer, t_start: float) -> dict:
+    """The summary of a finished run that ``--resume`` found nothing left to do in, from its model.json."""
+    from imgrec.modeldir import read_meta
+    metrics = dict(read_meta(out).metrics or {})
+    summary = {"run": str(out), "model": cfg.model.name, "recipe": cfg.recipe, "epochs_run": len(trainer.history),
+               "best_epoch": trainer.best_epoch + 1, "val_acc": trainer.best_acc, "train_time_s": trainer.train_time_s,
+               "finished": True}
+    summary.update({k: v for k, v in metrics.items() if k.startswith("test_") or k.startswith("val_")})
+    summary["val_acc"] = trainer.best_acc
     summary["wall_time_s"] = time.perf_counter() - t_start
     return summary
 

@@ -366,6 +366,19 @@ class Trainer:
             "loader": self.train_loader.state_dict() if hasattr(self.train_loader, "state_dict") else None,
         }
 
+    def set_epochs(self, epochs: int) -> None:
+        """Change the run's length now (``--time-budget``): the schedule is rebuilt for the new number of steps
+        and continues from the step reached, as an extended ``--resume`` does."""
+        import warnings
+        done = self.epoch * self.steps_per_epoch + self.start_step
+        self.cfg.epochs = int(epochs)
+        self.total_steps = self.cfg.epochs * self.steps_per_epoch
+        self.scheduler = build_scheduler(self.optimizer, self.cfg, self.total_steps)
+        self.scheduler.last_epoch = done - 1
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "scheduler.step() before optimizer.step()": intended here
+            self.scheduler.step()
+
     def load_state_dict(self, state: dict) -> None:
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
