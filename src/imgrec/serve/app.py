@@ -140,6 +140,11 @@ class Prediction(BaseModel):
 class PredictResponse(BaseModel):
     model: str = Field(description="architecture of the served model")
     predictions: list[list[Prediction]] = Field(description="one list per image, in upload order, best first")
+    input_notes: list[list[str]] = Field(default_factory=list,
+                                         description="one list per image, in upload order: how that image differs "
+                                                     "much from the training images (colour into a grey model, a "
+                                                     "much larger or smaller size, a far-off aspect ratio); empty "
+                                                     "when it does not")
     time_ms: float = Field(description="time the server spent on the request")
 
 
@@ -441,17 +446,22 @@ async def _drain(request: Request, body: _Body, timeout_s: float) -> bool:
     return True
 
 
-def _decode_all(classifier, uploads: Uploads, multipart: bool) -> torch.Tensor | np.ndarray:
+def _decode_all(classifier, uploads: Uploads, multipart: bool) -> tuple[torch.Tensor | np.ndarray, list[list[str]]]:
     """Decode every upload to the model's size and channels (runs in a worker thread): a torch tensor
-    (PyTorch backend) or a numpy array (ONNX Runtime backend), as the classifier's ``load_image`` gives."""
-    images = []
+    (PyTorch backend) or a numpy array (ONNX Runtime backend), as the classifier's ``load_image`` gives,
+    and each upload's input notes (imgrec.infer.inputs, from its header)."""
+    from imgrec.infer.inputs import image_info, input_notes
+    images, notes = [], []
     for i, (name, data) in enumerate(uploads):
         try:
             images.append(classifier.load_image(bytes(data)))
         except ImageDecodeError as e:
             raise _http_error(415, f"{_describe_upload(i, name, multipart)}: {e.reason}") from None
+        info = image_info(data)
+        meta = getattr(classifier, "meta", None)
+        notes.append(input_notes(meta, info[:2], info[2]) if info and meta is not None else [])
         data.clear()  # the encoded bytes are no longer needed: free them while the rest decode
-    return _stack(images)
+    return _stack(images), notes
 
 
 # -- static files: read once from the package, served from memory ---------------------------------
@@ -584,7 +594,7 @@ def create_app(classifier, settings: ServeSettings | None = None) -> FastAPI:
             if multilabel and top_k is not None:
                 raise _http_error(400, "top_k does not apply to a multi-label model: it returns every label "
                                        "whose score reaches that label's threshold")
-            rows = await _run_predict(request, body, t0)
+            rows, notes = await _run_predict(request, body, t0)
         except StarletteHTTPException as e:
             if not body.finished:
                 # Answered before the whole body was read. A short remainder is read and dropped so the
@@ -601,10 +611,11 @@ def create_app(classifier, settings: ServeSettings | None = None) -> FastAPI:
             top_k = 5 if top_k is None else top_k
             predictions = [[{"label": classes[j], "score": sc} for sc, j in zip(scores[:top_k], idx[:top_k])]
                            for scores, idx in rows]
-        return JSONResponse({"model": classifier.name, "predictions": predictions,
+        return JSONResponse({"model": classifier.name, "predictions": predictions, "input_notes": notes,
                              "time_ms": round((time.perf_counter() - t0) * 1000, 3)})
 
-    async def _run_predict(request: Request, body: _Body, t0: float) -> list[tuple[list[float], list[int]]]:
+    async def _run_predict(request: Request, body: _Body, t0: float
+                           ) -> tuple[list[tuple[list[float], list[int]]], list[list[str]]]:
         if not state.ready or not state.batcher.alive:
             raise _http_error(503, "the model is not ready", retry_after=1)
         if state.active >= state.max_concurrent:
@@ -622,8 +633,8 @@ def create_app(classifier, settings: ServeSettings | None = None) -> FastAPI:
                     from None
             except ClientDisconnect:
                 raise _http_error(400, "the client disconnected before sending the whole body") from None
-            images = await anyio.to_thread.run_sync(_decode_all, classifier, uploads, multipart,
-                                                    limiter=state.decode_limiter)
+            images, notes = await anyio.to_thread.run_sync(_decode_all, classifier, uploads, multipart,
+                                                           limiter=state.decode_limiter)
             del uploads
             body.release()
             remaining = settings.timeout_s - (time.perf_counter() - t0)
@@ -636,7 +647,7 @@ def create_app(classifier, settings: ServeSettings | None = None) -> FastAPI:
                 raise _http_error(503, str(e), retry_after=1) from None
             try:
                 # on timeout wait_for cancels the future: the worker skips it, or drops its finished rows
-                return await asyncio.wait_for(result, max(remaining, 0.0))
+                return await asyncio.wait_for(result, max(remaining, 0.0)), notes
             except TimeoutError:
                 raise _http_error(504, f"inference did not finish within {settings.timeout_s:g} s") from None
             except BatcherStopped as e:

@@ -38,6 +38,7 @@ async function loadModelInfo() {
 function showError(message) {
   $("status").hidden = true;
   $("predictions").hidden = true;
+  $("input-notes").hidden = true;
   $("timing").hidden = true;
   $("error").textContent = message;
   $("error").hidden = false;
@@ -47,6 +48,7 @@ function showError(message) {
 function showStatus(message) {
   $("error").hidden = true;
   $("predictions").hidden = true;
+  $("input-notes").hidden = true;
   $("timing").hidden = true;
   $("status").textContent = message;
   $("status").hidden = false;
@@ -62,7 +64,19 @@ function showPreview(file) {
   $("preview-figure").hidden = false;
 }
 
-function showPredictions(predictions, serverMs, totalMs) {
+// How the image differs much from the training images (the server's input_notes), shown under the answer.
+function showInputNotes(notes) {
+  const list = $("input-notes");
+  list.replaceChildren();
+  for (const note of notes) {
+    const li = document.createElement("li");
+    li.textContent = note;
+    list.append(li);
+  }
+  list.hidden = notes.length === 0;
+}
+
+function showPredictions(predictions, serverMs, totalMs, notes = []) {
   const list = $("predictions");
   list.replaceChildren();
   for (const p of predictions) {
@@ -95,6 +109,7 @@ function showPredictions(predictions, serverMs, totalMs) {
     $("status").hidden = true;
   }
   list.hidden = false;
+  showInputNotes(notes);
   $("timing").textContent = `Took ${totalMs.toFixed(0)} ms (${serverMs.toFixed(1)} ms on the server).`;
   $("timing").hidden = false;
   revealResult();
@@ -142,7 +157,8 @@ async function classify(file) {
       showError(errorText(res.status, detail, file));
       return;
     }
-    showPredictions(body.predictions[0], body.time_ms, performance.now() - started);
+    const notes = Array.isArray(body.input_notes) && Array.isArray(body.input_notes[0]) ? body.input_notes[0] : [];
+    showPredictions(body.predictions[0], body.time_ms, performance.now() - started, notes);
   } catch (err) {
     if (id === requestId) showError("The server could not be reached. Is it still running?");
   } finally {
