@@ -100,3 +100,4 @@ def test_summarize_reports_top_k_only_below_the_class_count():
     assert summarize(logits, target, list("abc"), top_k=3)["top3"] is None
     assert summarize(logits[:, :2], target.clamp(max=1), list("ab"), top_k=5)["top5"] is None
     assert [has_topk(k, 5) for k in (1, 2, 4, 5, 6)] == [False, True, True, False, False]
+    assert summarize(logits, target, list("abc"), top_k=1)["top1"] == pytest.approx(0.25)  # not overwritten

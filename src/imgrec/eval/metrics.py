@@ -90,11 +90,13 @@ def summarize(logits: torch.Tensor, target: torch.Tensor, classes: list[str], to
     n = int(target.numel())
     # top-1 from the same argmax as the confusion matrix, so the two agree even when scores tie (bf16)
     top1 = float(cm.diag().sum()) / max(n, 1)
+    # with k ≥ the number of classes every label is "in the top k": 1.0 says nothing, so it is null
+    topk = {} if int(top_k) == 1 else {f"top{top_k}": topk_accuracy(logits, target, top_k) if has_topk(top_k, k)
+                                       else None}
     return {
         "n": n,
         "top1": top1,
-        # with k ≥ the number of classes every label is "in the top k": 1.0 says nothing, so it is null
-        f"top{top_k}": topk_accuracy(logits, target, top_k) if has_topk(top_k, k) else None,
+        **topk,
         "loss": torch.nn.functional.cross_entropy(logits, target).item() if n else float("nan"),
         "macro_f1": float(sum(prf["f1"]) / k),
         "balanced_acc": balanced_accuracy(cm),
