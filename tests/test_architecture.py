@@ -113,6 +113,27 @@ def test_malformed_fields_are_refused(trained_run, tmp_path):
             ModelMeta.from_dict({**d, key: value})
 
 
+def test_every_model_json_field_is_read_back():
+    """from_dict reads every ModelMeta field (it is built from dataclasses.fields): none resets to its default."""
+    import dataclasses
+    sample = dict(model={"name": "lenet5", "kwargs": {"depth": 2}}, classes=["a", "b"], image_size=32, channels=3,
+                  mean=[0.1, 0.2, 0.3], std=[0.4, 0.5, 0.6], task="multilabel", thresholds=[0.3, 0.6],
+                  resize="some-policy", inference={"tta_flip": True}, training={"recipe": "r"},
+                  data={"source": "s"}, config={"epochs": 3}, metrics={"best_epoch": 2}, train_time_s=12.5,
+                  weights={"best": "b.safetensors", "last": "l.safetensors"},
+                  imgrec_version="9.9", format_version=2)
+    fields = {f.name: f for f in dataclasses.fields(ModelMeta)}
+    assert set(sample) == set(fields), "give the new ModelMeta field a non-default sample value here"
+    meta = ModelMeta(**sample)
+    d = meta.to_dict()
+    d["imgrec_version"] = "9.9"  # to_dict stamps the running version; the reader must keep what the file says
+    again = ModelMeta.from_dict(json.loads(json.dumps(d)))
+    for name, f in fields.items():
+        assert getattr(again, name) == sample[name], name
+        default = f.default if f.default_factory is dataclasses.MISSING else f.default_factory()
+        assert sample[name] != default, f"the sample for {name} is its default: the test would not see a reset"
+
+
 def test_write_meta_is_the_writer(tmp_path):
     meta = ModelMeta(model={"name": "lenet5", "kwargs": {}}, classes=["a", "b"], image_size=28, channels=1,
                      mean=[0.5], std=[0.25])

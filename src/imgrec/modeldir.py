@@ -13,15 +13,20 @@ model directory, so ``--model runs/x`` works for eval, predict, serve, report an
 
 Every file is written atomically (see imgrec.safeio), so a crash never leaves a half-written file in place.
 
-Format versions: 1 (imgrec 0.1.0, untyped), 2 and 3 (this module) are read; 3 is written. 3 added
-``inference.logit_adjust`` (post-hoc logit adjustment): an imgrec that reads only 2 would ignore it and
-silently predict without it, so it must refuse the file instead. A file of a newer or unknown version is
-refused with one line rather than misread.
+Format versions: 1 (imgrec 0.1.0, untyped), 2 and 3 (this module) are read. Each file is written as the
+oldest format that says everything it holds: 3 for a model with ``inference.logit_adjust`` (post-hoc logit
+adjustment: an imgrec that reads only 2 would ignore it and silently predict without it, so it must refuse the
+file instead), 2 for every other model. A file of a newer or unknown version is refused with one line rather
+than misread.
 """
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
+import types
+import typing
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -172,8 +177,6 @@ class ModelMeta:
     imgrec_version: str = ""
     format_version: int = FORMAT_VERSION
 
-    REQUIRED = ("model", "classes", "image_size", "channels", "mean", "std")
-
     @property
     def name(self) -> str:
         return str(self.model["name"])
@@ -233,28 +236,21 @@ class ModelMeta:
                                  f"{FORMAT_VERSION}); upgrade imgrec")
         if version not in READABLE_VERSIONS:
             raise ModelFileError(f"{where}: unknown model format version {version}")
-        missing = [k for k in cls.REQUIRED if k not in d]
+        missing = [f.name for f in dataclasses.fields(cls)
+                   if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+                   and f.name not in d]
         if missing:
             raise ModelFileError(f"{where}: model metadata lacks {', '.join(missing)}")
         if not isinstance(d["model"], dict) or not isinstance(d["model"].get("name"), str):
             raise ModelFileError(f"{where}: model metadata lacks the architecture name")
         kwargs = check_model_kwargs(d["model"].get("kwargs") or {}, where)
+        # every field is read, by the reader its type names (_field_readers); only these two are computed here
+        values: dict[str, Any] = {"model": {"name": d["model"]["name"], "kwargs": kwargs}, "format_version": version}
         try:
-            meta = cls(
-                model={"name": d["model"]["name"], "kwargs": kwargs},
-                classes=[str(c) for c in d["classes"]],
-                image_size=int(d["image_size"]), channels=int(d["channels"]),
-                mean=[float(v) for v in d["mean"]], std=[float(v) for v in d["std"]],
-                task=str(d.get("task", "classification")),
-                thresholds=None if d.get("thresholds") is None else [float(v) for v in d["thresholds"]],
-                resize=str(d.get("resize", RESIZE_POLICY)),
-                inference=dict(d.get("inference") or {"tta_flip": False}),
-                training=dict(d.get("training") or {}),
-                data=dict(d.get("data") or {}), config=dict(d.get("config") or {}),
-                metrics=dict(d.get("metrics") or {}),
-                train_time_s=None if d.get("train_time_s") is None else float(d["train_time_s"]),
-                weights={str(k): str(v) for k, v in (d.get("weights") or RunDir.WEIGHTS).items()},
-                imgrec_version=str(d.get("imgrec_version", "")), format_version=version)
+            for name, read in _field_readers(cls).items():
+                if name not in values and name in d:
+                    values[name] = read(d[name])
+            meta = cls(**values)
         except (TypeError, ValueError, AttributeError) as e:
             raise ModelFileError(f"{where}: malformed model metadata ({e})") from None
         meta.check(where)
@@ -300,6 +296,54 @@ class ModelMeta:
         if which not in self.weights:
             raise ModelFileError(f"{model_dir}: no {which!r} weights (have: {', '.join(self.weights)})")
         return Path(model_dir) / self.weights[which]
+
+
+def _reader(tp: Any, where: str) -> Callable[[Any], Any]:
+    """The converter from a parsed JSON value to a field's type, as its annotation names it: ``str``, ``int``,
+    ``float``, ``bool``, ``list[T]``, ``dict[str, T]`` (``dict[str, Any]`` keeps the values) and ``T | None``.
+    Any other annotation is refused when this module is imported, so a new field is never left unread."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType) and type(None) in args and len(args) == 2:
+        inner = _reader(next(a for a in args if a is not type(None)), where)
+        return lambda v: None if v is None else inner(v)
+    if tp is bool:
+        def read_bool(v: Any) -> bool:
+            if not isinstance(v, bool):
+                raise TypeError(f"expected true or false, got {type(v).__name__}")
+            return v
+        return read_bool
+    if tp in (str, int, float):
+        return tp
+    if origin is list and len(args) == 1:
+        item = _reader(args[0], where)
+        return lambda v: [item(x) for x in v]
+    if origin is dict and len(args) == 2:
+        if args[1] is Any:
+            return dict
+        key, value = _reader(args[0], where), _reader(args[1], where)
+        return lambda v: {key(k): value(x) for k, x in v.items()}
+    raise TypeError(f"{where}: no reader for the annotation {tp!r}; give model.json a reader for it in _reader")
+
+
+def _or_default(read: Callable[[Any], Any], default: Callable[[], Any]) -> Callable[[Any], Any]:
+    return lambda v: read(v) if v else default()
+
+
+@functools.cache
+def _field_readers(cls: type) -> dict[str, Callable[[Any], Any]]:
+    """One reader per dataclass field of ``cls``, built from the fields themselves (a new field is one edit).
+    A mapping field given as null or {} gets its default, as model.json files have always been read."""
+    hints = typing.get_type_hints(cls)
+    readers: dict[str, Callable[[Any], Any]] = {}
+    for f in dataclasses.fields(cls):
+        read = _reader(hints[f.name], f"{cls.__name__}.{f.name}")
+        if typing.get_origin(hints[f.name]) is dict and f.default_factory is not dataclasses.MISSING:
+            read = _or_default(read, f.default_factory)
+        readers[f.name] = read
+    return readers
+
+
+_field_readers(ModelMeta)  # an unreadable field type fails here, on import, not when a file is read
 
 
 def read_meta(model_dir: str | Path) -> ModelMeta:
