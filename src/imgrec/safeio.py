@@ -1,6 +1,6 @@
 """Safe, crash-proof file I/O for weights, checkpoints and metadata.
 
-Two rules from ../shared/reliability.md live here so that every writer and reader follows them:
+Two rules of imgrec's file handling live here so that every writer and reader follows them:
 - nothing is unpickled: tensors go through safetensors, or ``torch.load(weights_only=True)`` for
   foreign ``.pt``/``.pth`` files, which refuses pickles that carry code;
 - nothing half-written ever replaces a good file: write to a temporary file in the same folder,

@@ -26,7 +26,7 @@ Training-side options (``imgrec train``), each off by default:
 * ``--logit-adjust-loss TAU``: the logit-adjusted training loss (Menon et al. 2021, eq. 10): cross-entropy of
   ``logits + τ·log(prior)`` (imgrec.engine.losses.LogitAdjustedLoss); prediction takes the raw logits.
 * Measured there (ratio 100, 3 seeds): auto weights +2.3 points macro-F1, inverse weights −3.8, balanced
-  sampler +1.6 — below the issue's 5-point target; see the file for DRW, the adjusted loss and label
+  sampler +1.6 — short of a 5-point gain; see the file for DRW, the adjusted loss and label
   smoothing 0 (the recipes' 0.1 bounds the logit margins and works against the adjustment).
 """
 from __future__ import annotations

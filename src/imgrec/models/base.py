@@ -1,5 +1,5 @@
-"""The head API every imgrec model shares (design principle 3; timm's ``forward_features`` /
-``forward_head`` / ``reset_classifier``).
+"""The head API every imgrec model shares, the same as timm's (``forward_features`` /
+``forward_head`` / ``reset_classifier``), so that timm models plug in unchanged.
 
 Every registered model provides:
 

@@ -56,7 +56,7 @@ import torch.nn as nn
 
 from imgrec.models.registry import register_model
 
-__all__ = ["FastNet", "param_groups_no_decay", "fastnet", "fastnet_relu", "fastnet_small", "fastnet_wide"]
+__all__ = ["FastNet", "fastnet", "fastnet_relu", "fastnet_small", "fastnet_wide"]
 
 
 def _conv3x3(cin: int, cout: int) -> nn.Conv2d:
@@ -195,21 +195,7 @@ class FastNet(nn.Module):
         self.fc = nn.Linear(self.num_features, num_classes, bias=False)
 
 
-def param_groups_no_decay(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Optimizer parameter groups: weight decay on conv/linear weights only, none on BN/biases.
-
-    Decaying BatchNorm scales only shrinks them towards zero without regularising anything.
-    """
-    decay, no_decay = [], []
-    for p in model.parameters():
-        if not p.requires_grad:
-            continue
-        (decay if p.ndim > 1 else no_decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay},
-            {"params": no_decay, "weight_decay": 0.0}]
-
-
-# The registered variants share FastNet; only sizes (and fastnet_relu's activation) differ (design.md principle 10).
+# The registered variants share FastNet; only sizes (and fastnet_relu's activation) differ.
 FASTNET_CFG = dict(stem_width=32, stem_stride=2, widths=(64, 128, 256), depths=(2, 1, 1),
                    down="pool", logit_scale=1.0)
 # Half of fastnet's widths (~1/4 of its MACs): the better trade-off when the budget is a few CPU-seconds

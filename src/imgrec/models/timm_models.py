@@ -4,7 +4,7 @@ Any name timm knows works, with a pretrained tag or without (``timm:resnet18``, 
 ``timm:vit_tiny_patch16_224``). The registry hands every ``timm:`` name to :func:`timm_model_info`
 (``register_prefix``), so timm is imported only when such a model is used, and the rest of imgrec runs without it.
 
-timm models already have imgrec's head API (design principle 3 comes from timm): ``forward_features``,
+timm models already have imgrec's head API (imgrec took it from timm; see models/base.py): ``forward_features``,
 ``forward_head(x, pre_logits)``, ``get_classifier``, ``reset_classifier`` and ``num_features``.
 
 How the arguments map:
