@@ -1,4 +1,6 @@
-"""The error types imgrec raises for bad input. The CLI prints them as one line; HTTP turns them into 4xx."""
+"""The error types imgrec raises for bad input. The CLI prints them as one line; HTTP turns them into 4xx.
+
+``first_line`` quotes a library's exception inside one of them."""
 
 
 class ImgrecError(Exception):
@@ -24,3 +26,10 @@ class ModelFileError(ImgrecError):
 
 class ConfigError(ImgrecError):
     """An option or configuration value is invalid."""
+
+
+def first_line(e: BaseException, limit: int = 300) -> str:
+    """The first line of an exception's message, at most ``limit`` characters (its type's name if it has none):
+    what an ``ImgrecError`` quotes of a library's error, so that the CLI's one error line stays one line."""
+    lines = str(e).strip().splitlines()
+    return lines[0][:limit] if lines else type(e).__name__

@@ -15,7 +15,7 @@ import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator
 
-from imgrec.errors import ModelFileError
+from imgrec.errors import ModelFileError, first_line
 
 if TYPE_CHECKING:  # torch is imported where it is used: atomic writes alone must not pay for it
     import torch
@@ -153,14 +153,14 @@ def load_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         try:
             return load_file(str(path))
         except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-            raise ModelFileError(f"{path}: corrupt or truncated safetensors file ({_first_line(e)})") from None
+            raise ModelFileError(f"{path}: corrupt or truncated safetensors file ({first_line(e)})") from None
     try:
         import warnings
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # torch's notes on pickle protocols: noise for the user
             obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises UnpicklingError, RuntimeError, EOFError ... for bad files
-        msg = _first_line(e)
+        msg = first_line(e)
         import pickle
         if isinstance(e, pickle.UnpicklingError) or "Weights only load failed" in str(e) or "weights_only" in msg:
             raise ModelFileError(f"{path}: refused: the file is a pickle that is not plain weights "
@@ -180,11 +180,6 @@ def _looks_like_safetensors(path: Path, head: bytes) -> bool:
     if path.suffix == ".safetensors":
         return True
     return len(head) > 8 and head[8:9] == b"{"
-
-
-def _first_line(e: BaseException) -> str:
-    s = str(e).strip().splitlines()
-    return s[0][:300] if s else type(e).__name__
 
 
 def load_state_dict_strict(model: torch.nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
@@ -254,7 +249,7 @@ def load_tree(path: str | os.PathLike) -> Any:
             meta = f.metadata() or {}
             tensors = {k: f.get_tensor(k) for k in f.keys()}
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
-        raise ModelFileError(f"{path}: corrupt or truncated checkpoint ({_first_line(e)})") from None
+        raise ModelFileError(f"{path}: corrupt or truncated checkpoint ({first_line(e)})") from None
     if "imgrec_tree" not in meta:
         raise ModelFileError(f"{path}: not an imgrec checkpoint")
 
@@ -276,7 +271,7 @@ def load_tree(path: str | os.PathLike) -> Any:
     try:
         return dec(json.loads(meta["imgrec_tree"]))
     except (KeyError, ValueError) as e:
-        raise ModelFileError(f"{path}: corrupt checkpoint structure ({_first_line(e)})") from None
+        raise ModelFileError(f"{path}: corrupt checkpoint structure ({first_line(e)})") from None
 
 
 def _hashable(x):

@@ -30,7 +30,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from imgrec.errors import DatasetError
+from imgrec.errors import DatasetError, first_line
 
 # LitData may ask PyPI for a newer version when a dataset is built (a 30 s timeout offline); never phone home.
 os.environ.setdefault("LITDATA_DISABLE_VERSION_CHECK", "1")
@@ -72,7 +72,7 @@ def _fetch(url: str, name: str, into: Path) -> Path:
     try:
         get_downloader(url, str(into), []).download_file(f"{url.rstrip('/')}/{name}", str(local))
     except Exception as e:  # missing credentials, unreachable endpoint, no such object: one line, no traceback
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        first = first_line(e, 200)
         raise DatasetError(f"{url}/{name}: cannot download ({first})") from None
     return local
 
@@ -227,11 +227,7 @@ def _dataset(split_dir: str, *, shuffle: bool, seed: int, drop_last: bool, cache
     except DatasetError:
         raise
     except Exception as e:
-        raise DatasetError(f"{split_dir}: cannot open packed split ({_first_line(e)})") from None
-
-
-def _first_line(e: BaseException) -> str:
-    return (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        raise DatasetError(f"{split_dir}: cannot open packed split ({first_line(e, 200)})") from None
 
 
 def _split_dir(spec: str, split: str) -> str:
@@ -261,7 +257,7 @@ def read_split(spec: str, split: str, meta: dict | None = None) -> tuple[torch.T
     except DatasetError:
         raise
     except Exception as e:
-        raise DatasetError(f"{d}: corrupt shard ({_first_line(e)})") from None
+        raise DatasetError(f"{d}: corrupt shard ({first_line(e, 200)})") from None
     return images, labels
 
 
@@ -471,7 +467,7 @@ class StreamLoader:
             except DatasetError:
                 raise
             except Exception as e:  # a shard damaged in a way its size did not show, a download that failed
-                raise DatasetError(f"{self.split_dir}: cannot read a shard ({_first_line(e)})") from None
+                raise DatasetError(f"{self.split_dir}: cannot read a shard ({first_line(e, 200)})") from None
             # LitData's counters after handing out this batch (what its state_dict() is built from)
             pos = (int(self.loader._num_samples_yielded_streaming), int(self.loader._latest_worker_idx))
             if self._shape is not None and (tuple(x.shape[1:]) != self._shape or int(y.min()) < 0

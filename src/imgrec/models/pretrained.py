@@ -26,7 +26,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from imgrec.errors import ConfigError, ModelFileError
+from imgrec.errors import ConfigError, ModelFileError, first_line
 from imgrec.models.base import classifier_name, count_params, first_conv_name
 from imgrec.models.registry import list_models, model_info
 from imgrec.safeio import load_weights
@@ -116,7 +116,7 @@ def download_state_dict(weights_name: str) -> dict[str, torch.Tensor]:
         raise ModelFileError(f"{weights_name}: the ImageNet weights could not be downloaded ({reason}); "
                              f"to load a local copy instead, pass --weights FILE (.pth or .safetensors)") from None
     except Exception as e:  # noqa: BLE001 - a corrupt cache or a failed hash check, in torch's words
-        raise ModelFileError(f"{weights_name}: the downloaded weights could not be read ({_first_line(e)}); "
+        raise ModelFileError(f"{weights_name}: the downloaded weights could not be read ({first_line(e)}); "
                              f"delete the cached file under {torch.hub.get_dir()}/checkpoints and retry, "
                              f"or pass --weights FILE") from None
 
@@ -256,8 +256,3 @@ def _resize_pos_embedding(pos: torch.Tensor, shape: torch.Size) -> torch.Tensor 
     grid = F.interpolate(grid, size=(new, new), mode="bicubic", align_corners=False)
     grid = grid.permute(0, 2, 3, 1).reshape(1, new * new, -1).to(pos.dtype)
     return torch.cat([cls, grid], dim=1)
-
-
-def _first_line(e: BaseException) -> str:
-    lines = str(e).strip().splitlines()
-    return lines[0][:300] if lines else type(e).__name__
