@@ -68,16 +68,6 @@ def tiny_classifier(seed: int) -> Classifier:
 
 
 @pytest.fixture(scope="module")
-def one_thread():
-    """Batches of 32 tiny images and single-image explanations: on a small CPU, thread hand-offs cost more
-    than they save (10× slower training with 2 threads when other processes compete for the cores)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
 def patch_model(one_thread):
     """(trained classifier, the same network before training, held-out images, labels)."""
     x, y = patch_images(768, seed=0)

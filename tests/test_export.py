@@ -33,13 +33,7 @@ from imgrec.safeio import save_weights  # noqa: E402
 CHECK_LIMIT = 600  # validation images per check in these tests: enough for 99.9% to mean "all but none"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # one intra-op thread: on a small shared CPU, spinning OpenMP threads make these tests much slower
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: one intra-op thread
 
 
 # -- fixtures ---------------------------------------------------------------------------------------
@@ -377,7 +371,7 @@ def test_server_batches_the_same_with_onnxruntime(exported, trained_run, fmnist_
     import httpx
 
     from imgrec.serve.app import ServeSettings, create_app, load_classifier
-    from test_serve import LiveServer, SlowClassifier, wait_until
+    from liveserver import LiveServer, SlowClassifier, wait_until
 
     clf = load_classifier(exported[0])  # backend auto: ONNX Runtime for a .onnx file
     assert isinstance(clf, OnnxClassifier)

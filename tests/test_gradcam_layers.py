@@ -18,13 +18,7 @@ CNNS = [n for n in list_models() if model_info(n).family == "cnn"]
 CASES = [(name, chans, size) for name in CNNS for chans, size in ((1, 28), (3, 32))]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # single-image passes: thread hand-offs cost more than they save on a small shared CPU
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: one intra-op thread
 
 
 def _classifier(name: str, chans: int, size: int) -> Classifier:

@@ -30,14 +30,7 @@ CONTRACT_CASES += [("resnet18", 1, 224), ("efficientnet_b0", 3, 224), ("alexnet"
                    ("vit_tiny", 1, 30), ("simple_cnn", 3, 31), ("lenet5", 1, 224)]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # One intra-op thread: on a small shared CPU, OpenMP threads spinning against other processes
-    # made these tests several times slower (measured: resnet18 backward 4.7 s -> 0.2 s under load).
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: one intra-op thread
 
 
 def _case_id(case) -> str:

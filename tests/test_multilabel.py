@@ -331,7 +331,7 @@ def test_web_page_shows_every_label_above_its_threshold(ml_run, ml_csv, tmp_path
     if not Path("/usr/bin/chromium").exists():
         pytest.skip("Debian's chromium is not installed (apt-get install chromium)")
     sync_api = pytest.importorskip("playwright.sync_api")
-    from test_serve import LiveServer
+    from liveserver import LiveServer
 
     from imgrec.serve.app import ServeSettings, create_app, load_classifier
     clf = load_classifier(ml_run[0])

@@ -15,8 +15,6 @@ import re
 import socket
 import struct
 import sys
-import threading
-import time
 import zlib
 from pathlib import Path
 
@@ -26,6 +24,7 @@ from PIL import Image
 
 from imgrec.cli import main
 from imgrec.errors import ConfigError, DatasetError, ModelFileError
+from liveserver import LiveServer, wait_until
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -358,40 +357,6 @@ def test_onnx_check_skips_importing_onnx_without_external_data(tmp_path, monkeyp
 
 
 # -- 3 and 4. the server: idle and half-sent connections, decode cost judged from the header -------------
-class _LiveServer:
-    """uvicorn configured as ``imgrec serve`` configures it, on a free 127.0.0.1 port, in a thread."""
-
-    def __init__(self, app, settings):
-        import uvicorn
-
-        from imgrec.serve.app import _uvicorn_options, bind_socket
-        self.sock = bind_socket("127.0.0.1", 0)
-        self.port = self.sock.getsockname()[1]
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.server = uvicorn.Server(uvicorn.Config(app, **_uvicorn_options("127.0.0.1", self.port, settings,
-                                                                            "warning", False)))
-        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [self.sock]}, daemon=True)
-
-    def __enter__(self):
-        self.thread.start()
-        _wait_until(lambda: self.server.started or not self.thread.is_alive(), "the server to start")
-        assert self.server.started
-        return self
-
-    def __exit__(self, *exc):
-        self.server.should_exit = True
-        self.thread.join(15)
-        self.sock.close()
-
-
-def _wait_until(condition, what: str, limit_s: float = 120.0) -> None:
-    """Poll for an event; the limit only turns a hang into a failure."""
-    deadline = time.monotonic() + limit_s
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.01)
-
-
 def _closed_by_peer(s: socket.socket, limit_s: float = 60.0) -> bool:
     s.settimeout(limit_s)
     try:
@@ -427,7 +392,7 @@ def test_idle_and_half_sent_connections_do_not_shut_the_server_out(tiny_classifi
     if n < 300:
         pytest.skip(f"the open-file limit allows only {n} idle sockets")
     settings = ServeSettings(header_timeout_s=4.0)
-    with _LiveServer(create_app(tiny_classifier, settings), settings) as srv:
+    with LiveServer(create_app(tiny_classifier, settings), settings) as srv:
         idle = []
         try:
             for _ in range(n):
@@ -436,7 +401,7 @@ def test_idle_and_half_sent_connections_do_not_shut_the_server_out(tiny_classifi
             idle.append(half)
             half.sendall(b"GET /healthz HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Slow: ")  # the head never ends
             # every idle socket accepted and held by the server, then a real client still gets through
-            _wait_until(lambda: len(srv.server.server_state.connections) >= n, f"{n} connections accepted")
+            wait_until(lambda: len(srv.server.server_state.connections) >= n, f"{n} connections accepted")
             assert httpx.get(srv.url + "/healthz", timeout=30).status_code == 200
             # the server ends the half-sent head and the silent connections itself (the limit only bounds a hang)
             assert _closed_by_peer(half)
@@ -484,7 +449,7 @@ def test_uploads_are_refused_from_the_header_before_decoding(tiny_classifier):
     small = _png(np.zeros((64, 64), np.uint8))
     counting = _CountingClassifier(tiny_classifier)
     settings = ServeSettings(max_request_pixels=64 * 64 * 2)
-    with _LiveServer(create_app(counting, settings), settings) as srv, httpx.Client(base_url=srv.url, timeout=60) as c:
+    with LiveServer(create_app(counting, settings), settings) as srv, httpx.Client(base_url=srv.url, timeout=60) as c:
         counting.decoded = 0  # the warm-up's blank images
         for data, status, words in ((square, 413, "image too large"), (strip, 413, "image too large"),
                                     (wide, 422, "aspect ratio")):

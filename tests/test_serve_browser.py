@@ -24,7 +24,7 @@ pytest.importorskip("fastapi")
 from PIL import Image  # noqa: E402
 
 from imgrec.serve.app import ServeSettings, create_app, load_classifier  # noqa: E402
-from test_serve import LiveServer  # noqa: E402
+from liveserver import LiveServer  # noqa: E402
 
 ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"]
 
