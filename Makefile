@@ -7,7 +7,7 @@ STAMP   := $(VENV)/.imgrec-installed
 FMNIST  := /usr/share/datasets/fashion-mnist
 RUN     ?= runs/demo
 
-.PHONY: setup data demo test test-fast bench fuzz clean
+.PHONY: setup data chromium demo test test-fast bench fuzz clean
 
 setup: $(STAMP)
 
@@ -28,19 +28,44 @@ data:
 	  echo "note: could not install dataset-fashion-mnist with apt; imgrec will try to download it"; \
 	fi
 
+# Debian's chromium for the browser tests (playwright is pointed at /usr/bin/chromium and downloads nothing),
+# as .ci/run installs it; without apt, or if the install fails, the browser tests are skipped.
+chromium:
+	@if [ ! -x /usr/bin/chromium ] && command -v apt-get >/dev/null 2>&1; then \
+	  (DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null 2>&1 || \
+	   (apt-get update -qq >/dev/null 2>&1 && \
+	    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null 2>&1)) || \
+	  echo "note: could not install chromium with apt; the browser tests will be skipped"; \
+	fi
+
 demo: setup data
 	$(BIN)/imgrec train --data fashion-mnist --out $(RUN) --overwrite
 	$(BIN)/imgrec eval --model $(RUN) --data fashion-mnist --split test
 	$(BIN)/imgrec export-samples --data fashion-mnist --split test --count 4 --out $(RUN)/samples
 	$(BIN)/imgrec predict --model $(RUN) $(RUN)/samples --top-k 3
 
-test: setup data
+test: setup data chromium
 	$(BIN)/lint-imports
 	$(BIN)/python -m pytest -q -x --timeout=900
+
+# Everything but the tests marked slow (real training runs, torchrun, subprocess servers, browsers, audits):
+# about 2 minutes on 2 cores, for running often while changing code. `make test` still runs everything.
+test-fast: setup data
+	$(BIN)/lint-imports
+	$(BIN)/python -m pytest -q -x --timeout=900 -m "not slow"
+
+# The long fuzzing run of the image decoder (tests/fuzz_decode.py), bounded by FUZZ_RUNS inputs; the corpus
+# folder starts from tests/imagefactory.py's images and keeps what libFuzzer finds. A finding is saved as
+# crash-<sha1> (reproduce: $(BIN)/python tests/fuzz_decode.py crash-<sha1>).
+FUZZ_RUNS   ?= 2000000
+FUZZ_CORPUS ?= fuzz-corpus
+fuzz: setup
+	mkdir -p $(FUZZ_CORPUS)
+	$(BIN)/python tests/fuzz_decode.py -atheris_runs=$(FUZZ_RUNS) -timeout=20 $(FUZZ_CORPUS)/
 
 bench: setup data
 	$(BIN)/python benchmarks/time_to_accuracy.py
 	$(BIN)/python benchmarks/throughput.py
 
 clean:
-	rm -rf $(VENV) runs .pytest_cache
+	rm -rf $(VENV) runs .pytest_cache $(FUZZ_CORPUS)

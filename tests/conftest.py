@@ -101,6 +101,25 @@ def assert_clean_error(r, *needles):
         assert n in errors[0], errors[0]
 
 
+
+# Tests marked `slow` in this hook rather than with @pytest.mark.slow beside them: whole kinds of test (a real
+# browser) and the tests that train K fold models (`imgrec data audit`). `make test-fast` leaves all of them out.
+SLOW_TESTS = {
+    "test_audit.py": ("test_audit_cli_finds_flipped_and_writes_everything", "test_audit_relabel_and_json",
+                      "test_audit_python_api", "test_audit_named_dataset_writes_images_for_the_cleaned_list"),
+    "test_defaults.py": ("test_a_small_user_folder_trains_well_with_no_options",
+                         "test_audit_refuses_to_rank_when_its_fold_models_are_weak"),
+}
+
+
+def pytest_collection_modifyitems(config, items):
+    """``slow``: the tests `make test-fast` leaves out (they train for more than a few seconds, start
+    processes that train or serve, or drive a browser). Browser tests are slow wherever they are."""
+    for item in items:
+        name = item.originalname if hasattr(item, "originalname") else item.name
+        if item.get_closest_marker("browser") or name in SLOW_TESTS.get(item.path.name, ()):
+            item.add_marker(pytest.mark.slow)
+
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item, call):
     """Under IMGREC_STRICT_TESTS=1 (set by .ci/run) a skipped test fails: a missing browser or package in CI

@@ -44,6 +44,7 @@ def test_folder_with_no_images(tmp_path):
     assert_clean_error(r, "no such model directory")
 
 
+@pytest.mark.slow
 def test_train_eval_predict_on_image_folder(tmp_path, fmnist_arrays):
     """The same command trains on a folder of PNG/JPEG files as on a named dataset."""
     x, y, xt, yt = fmnist_arrays

@@ -153,6 +153,7 @@ def test_shards_are_the_global_batch_and_the_split_exactly_once():
 
 
 # -- torchrun runs --------------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_two_processes_equal_one_and_only_rank0_writes(tmp_path, reference):
     ref, _ = reference
     run = tmp_path / "two"
@@ -172,6 +173,7 @@ def test_two_processes_equal_one_and_only_rank0_writes(tmp_path, reference):
     assert any(w.endswith("checkpoint.safetensors") for w in w0) and any(w.endswith("model.json") for w in w0)
 
 
+@pytest.mark.slow
 def test_sigterm_mid_epoch_on_2_then_resume_on_1(tmp_path, reference, capsys):
     ref, _ = reference
     run = tmp_path / "run"
@@ -197,6 +199,7 @@ def test_sigterm_mid_epoch_on_2_then_resume_on_1(tmp_path, reference, capsys):
     assert all(abs(a - b) <= 1 / N_VAL + 1e-9 for a, b in zip(_val_acc(run), _val_acc(ref)))
 
 
+@pytest.mark.slow
 def test_interrupted_on_1_then_resume_on_2_with_torchrun(tmp_path, reference):
     from imgrec.engine import trainer as trainer_mod
 
@@ -232,6 +235,7 @@ def test_interrupted_on_1_then_resume_on_2_with_torchrun(tmp_path, reference):
     assert _writes(tmp_path, 1) == []
 
 
+@pytest.mark.slow
 def test_ctrl_c_to_the_nproc_launcher_is_exit_130_without_a_traceback(tmp_path):
     """Ctrl-C reaches `imgrec train --nproc 2` (torchrun's agent in that process): every process stops, rank 0
     leaves a resumable checkpoint, the command says how to resume in one line and exits 130."""
@@ -284,6 +288,7 @@ def _validate_on_rank(rank: int, world: int, port: int, out: str) -> None:
         dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_validation_across_ranks_counts_each_image_once(tmp_path):
     """7 images on 2 ranks (4 + 3, no padding): the gathered logits are one process's, image for image."""
     import torch.multiprocessing as mp

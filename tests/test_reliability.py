@@ -122,6 +122,7 @@ def test_disk_full_detected_before_training(tmp_path, monkeypatch):
 
 
 # -- training runs: SIGKILL during a checkpoint save, Ctrl-C, resume ---------------------------------------
+@pytest.mark.slow
 def test_sigkill_during_checkpoint_save_then_resume_matches_uninterrupted(tmp_path):
     ref = tmp_path / "ref"
     r = run_cli(*TRAIN, "--epochs", "3", "--out", ref)
@@ -152,6 +153,7 @@ def _ignore_sigint() -> None:
 # "ignored": started as a shell without job control starts a background job (`imgrec train ... &`, some CI
 # runners), with SIGINT ignored. Python keeps that disposition, so before imgrec took SIGINT back the run went
 # on to the end and exited 0 — the fresh-clone failure of this test when `make test` itself ran that way.
+@pytest.mark.slow
 @pytest.mark.parametrize("inherited", ["default", "ignored"])
 def test_ctrl_c_leaves_resumable_checkpoint(tmp_path, inherited):
     run = tmp_path / "run"

@@ -610,6 +610,7 @@ def test_cli_port_in_use_is_one_line(trained_run, capsys):
     assert code == 2 and "cannot listen" in err and err.count("\n") == 1
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("workers", [1, 2])
 def test_cli_serves_on_loopback_and_stops_cleanly(trained_run, images, workers):
     """The real command: a free port, 127.0.0.1 only, answers (one process or several), exits 0 on Ctrl-C."""
@@ -650,6 +651,7 @@ def test_cli_serves_on_loopback_and_stops_cleanly(trained_run, images, workers):
 
 
 # -- schemathesis over the OpenAPI schema ---------------------------------------------------------------------
+@pytest.mark.slow
 def test_schemathesis(server):
     """Random valid and invalid requests to every operation: never a 5xx, always the documented shapes.
 

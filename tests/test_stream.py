@@ -64,6 +64,7 @@ def test_pack_holds_the_in_memory_pixels(fm_pack):
     assert index["config"]["data_format"] == ["tensor", "int"]
 
 
+@pytest.mark.slow
 def test_streamed_training_matches_in_memory_accuracy(fm_pack, tmp_path):
     """Same seed and recipe, in memory vs streamed from the shards (different batch order): test accuracy on
     the 10,000 test images within 0.3 points."""
@@ -77,6 +78,7 @@ def test_streamed_training_matches_in_memory_accuracy(fm_pack, tmp_path):
     assert abs(accs["memory"] - accs["stream"]) <= 0.003, accs
 
 
+@pytest.mark.slow
 def test_pack_folder_with_corrupt_jpegs(tmp_path, fmnist_arrays):
     x, y, _, _ = fmnist_arrays
     classes = [c.replace("/", "-") for c in FASHION_MNIST_CLASSES[:4]]
@@ -166,6 +168,7 @@ def test_truncated_or_missing_shard_is_named(tmp_path, fm_pack):
 
 
 # -- exact resume after SIGKILL mid-epoch ------------------------------------------------------------------
+@pytest.mark.slow
 def test_sigkill_mid_epoch_then_resume_equals_uninterrupted(tmp_path, fm_pack):
     small = tmp_path / "small"
     r = run_cli("data", "pack", "fashion-mnist", "--out", small, "--train-limit", "1500", "--val-split", "300")
@@ -190,6 +193,7 @@ def test_sigkill_mid_epoch_then_resume_equals_uninterrupted(tmp_path, fm_pack):
 
 
 # -- which path, and memory bounded by the cache and the batch, not the dataset ---------------------------
+@pytest.mark.slow
 def test_train_picks_the_path_and_says_why(tmp_path, fm_pack):
     r = run_cli("train", "--data", fm_pack, *FAST[:-1], "--epochs", "1", "--out", tmp_path / "a",
                 env={"IMGREC_MEMORY_LIMIT": "10M"})
@@ -242,6 +246,7 @@ def _synthetic_pack(out: Path, n: int, size: int = 128) -> int:
     return n * per
 
 
+@pytest.mark.slow
 def test_memory_bounded_by_cache_and_batch_not_dataset(tmp_path):
     """Peak RSS of a training subprocess over a pack of 805 MB of decoded pixels, minus the same run over a
     pack of 1024 images (torch, the model and the loader's fixed costs): the data term stays under a budget
@@ -264,6 +269,7 @@ def test_memory_bounded_by_cache_and_batch_not_dataset(tmp_path):
     assert grow["main"] + grow["worker"] < budget, (peaks, grow)
 
 
+@pytest.mark.slow
 def test_two_processes_on_a_pack_evaluate_every_image_once(tmp_path, fm_pack):
     """torchrun × streamed shards: LitData gives each rank its share of the training chunks, but validation and
     the final test (read into memory) must hold the whole split on every rank — not the rank's share."""

@@ -81,6 +81,7 @@ def timm_runs(tmp_path_factory, fm_folder):
     return {"r18": (tmp / "r18", r18, source), "vit": (tmp / "vit", vit, None)}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("which", ["r18", "vit"])
 def test_train_eval_predict_like_a_builtin_model(timm_runs, fm_folder, which):
     run, summary, _ = timm_runs[which]
@@ -104,6 +105,7 @@ def test_train_eval_predict_like_a_builtin_model(timm_runs, fm_folder, which):
     assert scores == sorted(scores, reverse=True) and 0 < sum(scores) <= 1 + 1e-5
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("which", ["r18", "vit"])
 def test_serve_answers_like_predict(timm_runs, fm_folder, which):
     pytest.importorskip("fastapi")
@@ -125,6 +127,7 @@ def test_serve_answers_like_predict(timm_runs, fm_folder, which):
     assert [p["score"] for p in got] == pytest.approx([p["score"] for p in want], abs=1e-5)
 
 
+@pytest.mark.slow
 def test_weights_file_starts_training_and_the_head_is_replaced(timm_runs):
     """The checkpoint's backbone went into training (said on stderr); its 5-class head did not."""
     run, _, source = timm_runs["r18"]
