@@ -16,7 +16,9 @@ Every file is written atomically (see imgrec.safeio), so a crash never leaves a 
 Format versions: 1 (imgrec 0.1.0, untyped), 2 and 3 (this module) are read. Each file is written as the
 oldest format that says everything it holds: 3 for a model with ``inference.logit_adjust`` (post-hoc logit
 adjustment: an imgrec that reads only 2 would ignore it and silently predict without it, so it must refuse the
-file instead), 2 for every other model. A file of a newer or unknown version is refused with one line rather
+file instead), 2 for every other model. ``inference.temperature`` (temperature scaling) needs no new version:
+it divides every row's logits by one positive number, so a reader that ignores it predicts the same labels in
+the same order and only shows the uncalibrated scores. A file of a newer or unknown version is refused with one line rather
 than misread.
 """
 from __future__ import annotations
@@ -154,7 +156,8 @@ class ModelMeta:
     the validation split to maximise each label's F1; None = 0.5), ``classes`` (index → label), ``image_size`` (square side, px), ``channels``
     (1 or 3), ``mean``/``std`` (per channel, in 0..1 units), ``resize`` (how inputs are resized, see
     RESIZE_POLICY), ``inference`` (``{"tta_flip": bool}``, and ``"logit_adjust": {"tau", "prior"}`` when
-    the model predicts with post-hoc logit adjustment), ``training`` (recipe and how it was chosen,
+    the model predicts with post-hoc logit adjustment, ``"temperature": {"T", ...}`` when its probabilities
+    are softmax(logits / T), fitted on the validation split; see imgrec.eval.calibration), ``training`` (recipe and how it was chosen,
     device, precision), ``data`` (source, split counts, validation split and seed), ``config`` (the resolved
     run config), ``metrics`` (best epoch, validation and test numbers), ``train_time_s``.
     """
@@ -204,6 +207,15 @@ class ModelMeta:
             return None
         import math
         return [-float(la["tau"]) * math.log(float(p)) for p in la["prior"]]
+
+    @property
+    def temperature(self) -> float:
+        """Temperature scaling (Guo et al. 2017): single-label probabilities are ``softmax(logits / T)``, from
+        ``inference.temperature.T``; 1.0 when the model has none (raw scores) and for multi-label models."""
+        entry = self.inference.get("temperature")
+        if self.multilabel or not isinstance(entry, dict) or entry.get("T") is None:
+            return 1.0
+        return float(entry["T"])
 
     def model_kwargs(self) -> dict[str, Any]:
         """The arguments that rebuild the architecture: ``create_model(meta.name, **meta.model_kwargs())``."""
@@ -268,6 +280,12 @@ class ModelMeta:
                 raise ModelFileError(f"{where}: {len(self.thresholds)} thresholds for {len(self.classes)} classes")
             if not all(0.0 <= t <= 1.0 for t in self.thresholds):
                 raise ModelFileError(f"{where}: thresholds must lie in 0..1")
+        entry = self.inference.get("temperature")
+        if entry is not None:
+            # refused in one line here rather than turned into NaN or negative probabilities at prediction
+            t = entry.get("T") if isinstance(entry, dict) else None
+            if isinstance(t, bool) or not isinstance(t, (int, float)) or not 0 < t < float("inf"):
+                raise ModelFileError(f"{where}: inference.temperature.T must be a positive number")
         la = self.inference.get("logit_adjust")
         if la:
             try:

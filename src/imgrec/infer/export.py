@@ -11,7 +11,8 @@ cannot re-implement the preprocessing differently (the usual reason an exported 
       → the network; with flip-TTA (model.json inference.tta_flip) the logits of the image and its mirror
         are averaged                                     (imgrec.infer.runtime.forward_logits)
       → plus the post-hoc logit adjustment −τ·log(prior) when model.json has one (inference.logit_adjust)
-      → outputs "probabilities" (softmax) and "logits", float32 N×K
+      → outputs "probabilities" (softmax of the logits divided by the temperature T when model.json has
+        one, inference.temperature) and "logits" (not divided), float32 N×K
 
 The class names, input size, channels, mean/std, resize policy and the export format version go into the ONNX
 file's ``metadata_props`` (imgrec.infer.ort reads them back; see INPUT_SPEC there).
@@ -110,6 +111,9 @@ class ExportGraph(nn.Module):
         # it: an exported file predicts like `imgrec predict` without any runtime knowing about the adjustment
         bias = meta.logit_bias
         self.register_buffer("logit_bias", None if bias is None else torch.tensor(bias, dtype=torch.float32))
+        # temperature scaling inside the graph, as Classifier.probabilities divides: an exported file gives the
+        # calibrated probabilities with no runtime knowing about T; the "logits" output stays undivided
+        self.temperature = float(meta.temperature)
 
     def forward(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         x = pixels.permute(0, 3, 1, 2).to(torch.float32)
@@ -122,7 +126,10 @@ class ExportGraph(nn.Module):
             logits = (logits + self.model(x.flip(3))) / 2
         if self.logit_bias is not None:
             logits = logits + self.logit_bias
-        return (torch.sigmoid(logits) if self.multilabel else torch.softmax(logits, dim=1)), logits
+        if self.multilabel:
+            return torch.sigmoid(logits), logits
+        scaled = logits / self.temperature if self.temperature != 1.0 else logits
+        return torch.softmax(scaled, dim=1), logits
 
 
 @dataclass
@@ -307,6 +314,9 @@ def _metadata(meta: ModelMeta, precision: str, extra: dict | None = None) -> dic
         "task": meta.task, "thresholds": json.dumps(meta.thresholds),
         # informational: the adjustment is already inside the graph's logits
         "logit_adjust": json.dumps(meta.inference.get("logit_adjust")),
+        # the graph's probabilities are already divided by it; imgrec.infer.ort reads it so that eval of the
+        # file computes its calibrated numbers from the "logits" output as eval of the model directory does
+        "temperature": repr(float(meta.temperature)),
     }
 
 

@@ -11,6 +11,8 @@ The graph's interface (also written into the file's metadata as ``input_spec``):
     input   "pixels"         uint8  N×H×W×C   any N, H, W; C = the model's channels (1: gray, 3: R,G,B order)
     output  "probabilities"  float32 N×K      softmax over the K classes (``classes`` metadata, JSON list)
             "logits"         float32 N×K      the network's logits (flip-averaged when the model uses flip-TTA)
+                                              (the probabilities are softmax(logits / T), T the ``temperature``
+                                              metadata, 1 when absent)
 
 ``OnnxClassifier`` decodes files through imgrec's safe decoder at the model's size (exactly the pixels
 ``Classifier`` gets), so both backends see the same input; the in-graph resize serves other runtimes.
@@ -58,6 +60,7 @@ class OnnxModelInfo:
     mean: list[float] = field(default_factory=list)
     std: list[float] = field(default_factory=list)
     tta_flip: bool = False
+    temperature: float = 1.0  # the graph's probabilities are softmax(logits / temperature)
     precision: str = "fp32"
     resize: str = ""
     format_version: int = ONNX_FORMAT_VERSION
@@ -163,6 +166,7 @@ def read_onnx_info(path: str | os.PathLike, metadata: dict[str, str]) -> OnnxMod
             mean=[float(v) for v in json.loads(metadata.get("mean", "[]"))],
             std=[float(v) for v in json.loads(metadata.get("std", "[]"))],
             tta_flip=metadata.get("tta_flip", "false") == "true",
+            temperature=float(metadata.get("temperature", "1")),
             precision=str(metadata.get("precision", "fp32")), resize=str(metadata.get("resize", "")),
             format_version=version, imgrec_version=str(metadata.get("imgrec_version", "")),
             metrics=dict(json.loads(metadata.get("metrics", "{}"))),
@@ -180,6 +184,8 @@ def read_onnx_info(path: str | os.PathLike, metadata: dict[str, str]) -> OnnxMod
     if info.thresholds is not None and (len(info.thresholds) != len(info.classes)
                                         or not all(0.0 <= t <= 1.0 for t in info.thresholds)):
         raise ModelFileError(f"{path}: the metadata needs one threshold in 0..1 per class")
+    if not 0 < info.temperature < float("inf"):
+        raise ModelFileError(f"{path}: the metadata's temperature must be a positive number")
     if info.channels not in (1, 3) or not 1 <= info.image_size <= 4096:
         raise ModelFileError(f"{path}: bad channels/image_size in the metadata ({info.channels}, {info.image_size})")
     return info
@@ -248,6 +254,7 @@ class OnnxClassifier:
         self.image_size = int(self.meta.image_size)
         self.channels = int(self.meta.channels)
         self.tta_flip = self.meta.tta_flip
+        self.temperature = self.meta.temperature  # already applied inside the graph; eval reads it
         self.multilabel = self.meta.task == "multilabel"
         self.thresholds: list[float] | None = parse_thresholds(None, self.classes, self.meta.thresholds) \
             if self.multilabel else None
@@ -313,7 +320,8 @@ class OnnxClassifier:
             pixels = np.ascontiguousarray(arr[start:start + batch_size].transpose(0, 2, 3, 1))
             out = session.run([name], {INPUT_NAME: pixels})[0]
             if output == LOGITS_NAME and not self._has_logits:
-                out = np.log(np.maximum(out, np.finfo(np.float32).tiny))  # logits up to a per-row constant
+                # logits up to a per-row constant (times T: the probabilities are those of logits / T)
+                out = np.log(np.maximum(out, np.finfo(np.float32).tiny)) * self.meta.temperature
             outs.append(out.astype(np.float32, copy=False))
         result = np.concatenate(outs) if outs else np.empty((0, k), np.float32)
         if torch_in:

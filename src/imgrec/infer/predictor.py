@@ -50,6 +50,9 @@ class Classifier:
         # post-hoc logit adjustment recorded in model.json (None: none); every prediction path adds it
         bias = meta.logit_bias
         self.logit_bias = None if bias is None else torch.tensor(bias, dtype=torch.float32, device=self.device)
+        # temperature scaling recorded in model.json (1.0: none): probabilities are softmax(logits / T), so
+        # predict, serve, explain and eval's calibrated numbers all get the same scores; logits() stays raw
+        self.temperature = meta.temperature
         # multilabel: one sigmoid per label and a decision threshold per label (model.json, or set_thresholds)
         self.multilabel = meta.task == "multilabel"
         self.thresholds: list[float] | None = parse_thresholds(None, self.classes, meta.thresholds) \
@@ -114,9 +117,12 @@ class Classifier:
         return torch.cat(outs) if outs else torch.empty(0, len(self.classes))
 
     def probabilities(self, batch_uint8: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
-        """Softmax over the classes; for a multi-label model one independent sigmoid per label."""
+        """Softmax over the classes of the logits divided by the model's temperature (``self.temperature``);
+        for a multi-label model one independent sigmoid per label."""
         logits = self.logits(batch_uint8, batch_size)
-        return torch.sigmoid(logits) if self.multilabel else torch.softmax(logits, dim=1)
+        if self.multilabel:
+            return torch.sigmoid(logits)
+        return torch.softmax(logits / self.temperature if self.temperature != 1.0 else logits, dim=1)
 
     def set_thresholds(self, spec) -> list[float]:
         """Override a multi-label model's decision thresholds: a number for every label, ``{label: number}``,
