@@ -91,7 +91,14 @@ def cmd_eval(args) -> int:
     shown = "" if args.top_k == 1 else \
         f"top-{args.top_k} accuracy {'-' if topk is None else f'{topk:.4f}'}   "
     print(f"top-1 accuracy {res['top1']:.4f}   {shown}"
-          f"loss {res['loss']:.4f}   macro F1 {res['macro_f1']:.4f}   balanced accuracy {res['balanced_acc']:.4f}\n")
+          f"loss {res['loss']:.4f}   macro F1 {res['macro_f1']:.4f}   balanced accuracy {res['balanced_acc']:.4f}")
+    cal = res.get("calibration")
+    if cal:
+        b, a = cal["before"], cal["after"]
+        print(f"calibration, raw scores (T = 1) → the model's (T = {cal['temperature']:.3f}):   "
+              f"ECE {b['ece']:.4f} → {a['ece']:.4f}   NLL {b['nll']:.4f} → {a['nll']:.4f}   "
+              f"Brier {b['brier']:.4f} → {a['brier']:.4f}")
+    print()
     print(fmt_table([[r["class"], f"{r['precision']:.4f}", f"{r['recall']:.4f}", f"{r['f1']:.4f}", r["support"]]
                      for r in res["per_class"]], ["class", "precision", "recall", "f1", "support"]))
     print("\nconfusion matrix (rows: true, columns: predicted)")
@@ -139,8 +146,11 @@ def cmd_report(args) -> int:
               f"n={r['n']}")
     else:
         acc, ece = report.numbers["accuracy"]["top1"], report.numbers["calibration"]["ece"]
+        after = report.numbers["calibration_after"]
+        shown = f"ECE {ece:.4f}" if after["temperature"] == 1.0 else \
+            f"ECE {ece:.4f} raw, {after['ece']:.4f} at T = {after['temperature']:.3f}"
         print(f"wrote {out} ({len(report.html) / 1e6:.1f} MB): top-1 {acc['value']:.4f} "
-              f"[{acc['ci_low']:.4f}, {acc['ci_high']:.4f}]  ECE {ece:.4f}  n={report.numbers['eval']['n']}")
+              f"[{acc['ci_low']:.4f}, {acc['ci_high']:.4f}]  {shown}  n={report.numbers['eval']['n']}")
     return 0
 
 

@@ -91,9 +91,9 @@ def confusion_heatmaps(cm: np.ndarray, classes: Sequence[str]) -> bytes:
     return to_png(fig)
 
 
-def reliability_diagram(bins: dict[str, list], ece: float) -> bytes:
+def reliability_diagram(bins: dict[str, list], ece: float, subtitle: str | None = None) -> bytes:
     """Accuracy against confidence per confidence bin (a calibrated model sits on the diagonal), and how
-    many predictions fall in each bin."""
+    many predictions fall in each bin; ``subtitle`` names the scores (raw, or at which temperature)."""
     lower, upper = np.asarray(bins["lower"]), np.asarray(bins["upper"])
     count = np.asarray(bins["count"])
     acc, conf = np.asarray(bins["accuracy"]), np.asarray(bins["confidence"])
@@ -111,7 +111,7 @@ def reliability_diagram(bins: dict[str, list], ece: float) -> bytes:
     top.set_xlim(0, 1)
     top.set_ylim(0, 1)
     top.set_ylabel("accuracy")
-    top.set_title(f"reliability diagram (ECE {ece:.4f})")
+    top.set_title(f"reliability diagram (ECE {ece:.4f})" + (f"\n{subtitle}" if subtitle else ""))
     top.legend(loc="upper left", fontsize=8)
     top.grid(alpha=0.3)
     bottom.bar(lower, count, width=width, align="edge", color="#8c8c8c", edgecolor="white")

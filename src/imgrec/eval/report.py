@@ -197,9 +197,14 @@ def build_report(clf, data, *, bundle=None, split: str = "test", data_name: str 
     eval_seconds = time.perf_counter() - t0
     results.update(model=model_label, data=data_name, split=split)
 
-    probs_t = torch.softmax(logits.float(), dim=1)
-    calibration = expected_calibration_error(probs_t, labels, n_bins)
-    probs = probs_t.numpy()
+    # "calibration" is the raw scores (T = 1), "calibration_after" the probabilities the model gives (softmax of
+    # logits / T, the model's temperature; the same as the raw ones when it has none): both diagrams are shown
+    temperature = float(getattr(clf, "temperature", 1.0))
+    calibration = expected_calibration_error(torch.softmax(logits.float(), dim=1), labels, n_bins)
+    probs_t = torch.softmax(logits.float() / temperature, dim=1)
+    calibration_after = expected_calibration_error(probs_t, labels, n_bins)
+    calibration_after["temperature"] = temperature
+    probs = probs_t.numpy()  # the galleries show what predict shows
     pred = logits.float().argmax(dim=1).numpy()  # exactly summarize's predictions (the confusion matrix's)
     conf = probs[np.arange(len(pred)), pred]
     y = labels.numpy()
@@ -240,13 +245,18 @@ def build_report(clf, data, *, bundle=None, split: str = "test", data_name: str 
     figures = {
         "curves": png_data_uri(plots.training_curves(curves)) if curves else None,
         "confusion": png_data_uri(plots.confusion_heatmaps(cm, classes)),
-        "reliability": png_data_uri(plots.reliability_diagram(calibration["bins"], calibration["ece"])),
+        "reliability": png_data_uri(plots.reliability_diagram(calibration["bins"], calibration["ece"],
+                                                              "raw scores, T = 1")),
+        "reliability_after": png_data_uri(plots.reliability_diagram(
+            calibration_after["bins"], calibration_after["ece"], f"T = {temperature:.3g}"))
+        if temperature != 1.0 else None,
         "counts": png_data_uri(plots.class_counts(counts, classes)) if counts else None,
     }
     numbers = {
         "eval": results,
         "accuracy": accuracy,
         "calibration": calibration,
+        "calibration_after": calibration_after,
         "confused_pairs": [{k: p[k] for k in ("true", "pred", "count", "share")} for p in pairs],
         "misclassified": int(len(wrong)),
         "tied_top_scores": ties,
@@ -256,6 +266,9 @@ def build_report(clf, data, *, bundle=None, split: str = "test", data_name: str 
         "title": f"{clf.name} on {data_name} ({split})",
         "run": _run_info(clf, model_dir, model_label, data_name, split, n),
         "r": results, "top_k": shown_k, "accuracy": accuracy, "calibration": calibration, "n_bins": n_bins,
+        "calibration_after": calibration_after, "cal": results.get("calibration"),
+        "temperature_split": (clf.meta.inference.get("temperature") or {}).get("split", "validation")
+        if isinstance(getattr(clf.meta, "inference", None), dict) else "validation",
         "classes": classes, "cm": cm.tolist(),
         "pairs": pairs, "gallery": gallery, "misclassified": int(len(wrong)), "max_gallery": max_gallery,
         "counts": counts, "count_splits": list(counts),
