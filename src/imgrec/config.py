@@ -84,6 +84,8 @@ class TrainConfig:
     logit_adjust_loss: float = 0.0     # τ of the logit-adjusted training loss (Menon et al. 2021); 0 = off
     time_budget: float | None = None   # seconds of training: the epochs are set from the first epoch's speed
                                        # to fit, and training stops at an epoch end when the time is up
+    calibrate: bool = True             # fit a temperature T (unitless, > 0) on the validation split after
+                                       # training; probabilities become softmax(logits / T) (single-label only)
 
 
 @dataclass
@@ -204,6 +206,8 @@ def validate(cfg: RunConfig) -> None:
                           f"none of them (no such file)")
     if not 0 <= t.class_weight_beta < 1:
         raise ConfigError(f"class_weight_beta must be in [0, 1), got {t.class_weight_beta}")
+    if not isinstance(t.calibrate, bool):
+        raise ConfigError(f"calibrate must be true or false, got {t.calibrate!r}")
     if t.sampler not in ("shuffle", "balanced"):
         raise ConfigError(f"sampler must be shuffle or balanced, got {t.sampler!r}")
     if t.best_metric not in ("auto", "acc", "balanced_acc", "macro_f1"):

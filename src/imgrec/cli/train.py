@@ -21,6 +21,7 @@ TRAIN_OPTIONS = {
     "class_weights": "class_weights", "class_weight_beta": "class_weight_beta", "sampler": "sampler",
     "logit_adjust": "logit_adjust", "best_metric": "best_metric", "long_tail": "long_tail",
     "reweight_from": "reweight_from", "logit_adjust_loss": "logit_adjust_loss", "time_budget": "time_budget",
+    "calibrate": "calibrate",
 }
 
 
@@ -67,6 +68,8 @@ def add_parsers(sub) -> None:
     g.add_argument("--no-augment", action="store_true", help="no crop, no flip")
     g.add_argument("--ema", type=float, help="EMA decay of the evaluated weights (e.g. 0.999)")
     bool_flag(g, "tta", "average predictions over the image and its mirror")
+    bool_flag(g, "calibrate", "fit a temperature on the validation split after training so that scores say how "
+                              "sure the model is (default: on; --no-calibrate keeps the raw softmax scores)")
     g.add_argument("--grad-clip", type=float)
     g.add_argument("--patience", type=int, help="early stopping after N epochs without val improvement")
     g.add_argument("--time-budget", type=_duration, metavar="DURATION",

@@ -358,6 +358,12 @@ def _train(cfg: RunConfig, out: Path, *, resume: bool, overwrite: bool, progress
     if str(t.logit_adjust).lower() == "auto" and bundle.task != "multilabel":
         summary["logit_adjust_tau"] = choose_logit_adjust(out, bundle, meta, device, t.amp)
         on_save(trainer)
+    if t.calibrate and bundle.task != "multilabel" and len(bundle.val):
+        # after the logit adjustment (written just above), so T is fitted on the logits predict will use; a
+        # multi-label model is skipped: its per-label sigmoids and thresholds would need one T per label; a
+        # validation split streamed from shards (too big for memory) is not held here, so none is fitted then
+        summary["temperature"] = choose_temperature(out, bundle, meta, device, t.amp)
+        on_save(trainer)
     if bundle.task == "multilabel":
         extra = choose_val_thresholds(out, bundle, meta, device, t.amp)
         summary.update(task="multilabel", **extra)
@@ -394,6 +400,20 @@ def _finished_summary(out: Path, cfg: RunConfig, trainer: Trainer, t_start: floa
     summary["val_acc"] = trainer.best_acc
     summary["wall_time_s"] = time.perf_counter() - t_start
     return summary
+
+
+def choose_temperature(out: Path, bundle: DataBundle, meta: ModelMeta, device: torch.device, amp: str) -> float:
+    """Temperature scaling: the T minimising the validation NLL of ``softmax(logits / T)``, for the best weights
+    as the model directory predicts them (the same forward pass, flip-TTA and logit adjustment included);
+    stored in ``meta.inference["temperature"]`` (written with the next save). The test split is never used to
+    fit it. Returns T."""
+    from imgrec.eval.calibration import temperature_entry
+    from imgrec.eval.evaluate import EVAL_BATCH_SIZE
+    from imgrec.infer.predictor import Classifier
+    clf = Classifier.load(out, device=str(device), amp=amp)
+    logits = clf.logits(bundle.val.images, EVAL_BATCH_SIZE)  # raw: Classifier.logits never divides by T
+    meta.inference["temperature"] = temperature_entry(logits, bundle.val.labels, "val")
+    return float(meta.inference["temperature"]["T"])
 
 
 def choose_val_thresholds(out: Path, bundle: DataBundle, meta: ModelMeta, device: torch.device, amp: str) -> dict:
