@@ -146,6 +146,9 @@ def test_default_run_dir_never_reuses_a_folder(tmp_path):
     first = default_run_dir("fashion-mnist", "fastnet", root=tmp_path)
     assert first == tmp_path / "fashion-mnist-fastnet"
     first.mkdir()
+    # an empty folder holds nothing to lose (a failed start no longer leaves one): it is taken
+    assert default_run_dir("fashion-mnist", "fastnet", root=tmp_path) == first
+    (first / "model.json").write_text("{}")
     assert default_run_dir("fashion-mnist", "fastnet", root=tmp_path) == tmp_path / "fashion-mnist-fastnet-2"
 
 

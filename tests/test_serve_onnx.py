@@ -129,7 +129,7 @@ SERVE_APP = textwrap.dedent("""
             multipart = c.post("/v1/predict", params={"top_k": 3},
                                files=[("files", (p.name, p.read_bytes())) for p in paths[:2]])
             assert multipart.status_code == 200, multipart.text
-            bad = c.post("/v1/predict", content=b"GIF89a not really")
+            bad = c.post("/v1/predict", content=b"not an image at all")
         spy.batch_sizes.clear()
         spy.entered.clear()
         spy.gate.clear()  # hold the next pass: the other requests queue up behind it

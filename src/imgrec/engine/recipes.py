@@ -118,6 +118,7 @@ def choose_recipe(device_type: str, cpu_has_bf16: bool, cores: int) -> tuple[str
 LARGE_DATA = 20_000          # training images from which the machine's recipe applies as it is (at ≤ 32 px)
 SEEN_TARGET = 40_000         # images a small-data run sees in all (e.g. 1,000 images × 40 epochs)
 MIN_EPOCHS, MAX_EPOCHS = 10, 40
+MIN_STEPS, MAX_TINY_EPOCHS = 240, 100  # optimizer steps every small-data run gets, up to this many epochs
 # compute bound of a small-data run, in 28×28-pixel image passes: about the fast recipe's own cost (6-9 epochs of
 # 55,000 images), so no default run costs much more than the Fashion-MNIST one on the same machine
 COST_BOUND = 400_000 * 28 * 28
@@ -199,6 +200,8 @@ def adapt_to_data(probe, current: dict, explicit: set[str]) -> tuple[dict, str]:
         epochs = int(current.get("epochs") or 10)
     else:
         epochs = min(MAX_EPOCHS, max(MIN_EPOCHS, math.ceil(SEEN_TARGET / n)))
+        # the tiniest folders: a batch cannot shrink below MIN_BATCH (BatchNorm statistics), so more epochs
+        epochs = max(epochs, min(MAX_TINY_EPOCHS, math.ceil(MIN_STEPS / steps_per_epoch)))
         epochs = max(4, min(epochs, COST_BOUND // max(1, n * size * size)))
         if fine_tune:
             epochs = min(epochs, 15)  # a pretrained backbone converges in far fewer passes
