@@ -465,3 +465,18 @@ def test_uploads_are_refused_from_the_header_before_decoding(tiny_classifier):
         r = c.post("/v1/predict", files=[("files", (f"{i}.png", small, "image/png")) for i in range(2)])
         assert r.status_code == 200, r.text
         assert len(r.json()["predictions"]) == 2 and counting.decoded == 2
+
+
+def test_decoding_counts_against_the_request_deadline(tiny_classifier):
+    """Decoding is part of the request's time: past its deadline no further upload is decoded and the request
+    gets a 504 (a deadline already in the past here, so no clock is guessed)."""
+    from starlette.exceptions import HTTPException
+
+    from imgrec.serve.app import _decode_all
+    small = _png(np.zeros((64, 64), np.uint8))
+    counting = _CountingClassifier(tiny_classifier)
+    with pytest.raises(HTTPException) as e:
+        _decode_all(counting, [(f"{i}.png", bytearray(small)) for i in range(3)], True, deadline=0.0, timeout_s=10)
+    assert e.value.status_code == 504 and "within 10 s" in str(e.value.detail) and counting.decoded == 0
+    images, notes = _decode_all(counting, [("a.png", bytearray(small))], True, deadline=None)
+    assert len(images) == 1 and counting.decoded == 1

@@ -446,13 +446,19 @@ async def _drain(request: Request, body: _Body, timeout_s: float) -> bool:
     return True
 
 
-def _decode_all(classifier, uploads: Uploads, multipart: bool) -> tuple[torch.Tensor | np.ndarray, list[list[str]]]:
+def _decode_all(classifier, uploads: Uploads, multipart: bool, deadline: float | None = None,
+                timeout_s: float = 0.0) -> tuple[torch.Tensor | np.ndarray, list[list[str]]]:
     """Decode every upload to the model's size and channels (runs in a worker thread): a torch tensor
     (PyTorch backend) or a numpy array (ONNX Runtime backend), as the classifier's ``load_image`` gives,
-    and each upload's input notes (imgrec.infer.inputs, from its header)."""
+    and each upload's input notes (imgrec.infer.inputs, from its header). Decoding counts against the
+    request's ``timeout_s``: past ``deadline`` (a ``time.perf_counter`` value) no further image is decoded and
+    the request gets a 504 (one image's decode is bounded by the header checks' pixel limits)."""
     from imgrec.infer.inputs import image_info, input_notes
     images, notes = [], []
     for i, (name, data) in enumerate(uploads):
+        if deadline is not None and time.perf_counter() > deadline:
+            raise _http_error(504, f"decoding the images did not finish within {timeout_s:g} s "
+                                   f"({i} of {len(uploads)} decoded)")
         try:
             images.append(classifier.load_image(bytes(data)))
         except ImageDecodeError as e:
@@ -634,6 +640,7 @@ def create_app(classifier, settings: ServeSettings | None = None) -> FastAPI:
             except ClientDisconnect:
                 raise _http_error(400, "the client disconnected before sending the whole body") from None
             images, notes = await anyio.to_thread.run_sync(_decode_all, classifier, uploads, multipart,
+                                                           t0 + settings.timeout_s, settings.timeout_s,
                                                            limiter=state.decode_limiter)
             del uploads
             body.release()
