@@ -218,3 +218,29 @@ def test_brier_and_nll_match_numpy():
     assert s["brier"] == pytest.approx(float(((p - onehot) ** 2).sum(1).mean()), abs=1e-12)
     assert s["nll"] == pytest.approx(-float(np.mean(np.log(p[np.arange(len(yn)), yn]))), abs=1e-12)
     assert math.isfinite(s["ece"])
+
+
+def test_server_answers_with_the_calibrated_scores(trained_run, fmnist_arrays):
+    pytest.importorskip("fastapi")
+    pytest.importorskip("uvicorn")
+    httpx = pytest.importorskip("httpx")
+    import io
+
+    from PIL import Image
+
+    from imgrec.serve.app import ServeSettings, create_app, load_classifier
+    from liveserver import LiveServer
+    clf = load_classifier(trained_run[0])
+    assert clf.temperature != 1.0
+    _, _, xt, _ = fmnist_arrays
+    buf = io.BytesIO()
+    Image.fromarray(xt[3]).save(buf, format="PNG")
+    settings = ServeSettings()
+    with LiveServer(create_app(clf, settings), settings) as server, \
+            httpx.Client(base_url=server.url, timeout=60) as client:
+        r = client.post("/v1/predict", content=buf.getvalue(), params={"top_k": 3})
+    assert r.status_code == 200, r.text
+    (got,) = r.json()["predictions"]
+    expected = torch.softmax(clf.logits(clf.load_image(buf.getvalue())[None]) / clf.temperature, 1)[0].topk(3)
+    assert [p["label"] for p in got] == [clf.classes[j] for j in expected.indices.tolist()]
+    assert [p["score"] for p in got] == pytest.approx(expected.values.tolist(), abs=1e-5)
