@@ -177,6 +177,7 @@ def test_predict_files_batches_and_skips(trained_run, fmnist_arrays, tmp_path):
 
 
 # -- `imgrec models` -----------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_catalogue_counts_match_real_models(tmp_path, monkeypatch):
     """Parameters counted on the meta device equal those of the real networks, for every registered model."""
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))

@@ -79,6 +79,7 @@ def test_train_eval_predict_on_image_folder(tmp_path, fmnist_arrays):
     assert len(rows) == 20 * 5 and set(rows[0]) == {"file", "rank", "label", "score", "error", "input_notes"}
 
 
+@pytest.mark.slow
 def test_predict_table_and_bad_images(trained_run, tmp_path, fmnist_arrays):
     out, _ = trained_run
     _, _, xt, _ = fmnist_arrays
@@ -104,6 +105,7 @@ def test_predict_table_and_bad_images(trained_run, tmp_path, fmnist_arrays):
     assert_clean_error(r, "missing.png")
 
 
+@pytest.mark.slow
 def test_eval_cli_on_named_dataset(trained_run):
     out, summary = trained_run
     r = run_cli("eval", "--model", out, "--data", "fashion-mnist", "--split", "test", "--json")

@@ -1,6 +1,7 @@
 """The safe image decoder (imgrec.data.decode) against real files: valid, broken and hostile.
 
-Each case of reliability.md's "Images" table has a test here; the images come from tests/imagefactory.py.
+Each kind of image the decoder must refuse or repair (wrong format, bomb, truncated, EXIF, CMYK, 16-bit,
+palette, alpha) has a test here; the images come from tests/imagefactory.py.
 """
 
 from __future__ import annotations

@@ -215,6 +215,7 @@ def test_unknown_target_is_a_clear_error(patch_model):
     assert explain(clf, patch_images(1, 0)[0][0], target="CHECKS", steps=False)["target"] == "checks"
 
 
+@pytest.mark.slow
 def test_explain_cli(trained_run, fmnist_arrays, tmp_path):
     run_dir, _ = trained_run
     img = tmp_path / "boot.png"

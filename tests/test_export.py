@@ -1,6 +1,6 @@
 """imgrec export and the ONNX Runtime backend: the exported graph (preprocessing inside) against PyTorch for every
 registered model, a plain ONNX Runtime session that imports neither imgrec nor torch, the backend without
-PyTorch (predict, eval, serve), int8, the exported-model rows of reliability.md, and the parallel file pipeline."""
+PyTorch (predict, eval, serve), int8, broken or hostile exported models, and the parallel file pipeline."""
 from __future__ import annotations
 
 import json
@@ -83,6 +83,7 @@ def _small_size(name: str) -> int:
     return 32 if model_info(name).family == "vit" else 28
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list_models())
 def test_every_registered_model_exports_and_passes_check(name, tmp_path, varied_images):
     channels = 3 if list_models().index(name) % 2 else 1  # both channel counts across the registry
@@ -210,6 +211,7 @@ def test_classifier_load_onnx_and_array_inputs(exported, trained_run, fmnist_arr
         onnx_clf.predict(b"not an image")
 
 
+@pytest.mark.slow
 def test_cli_export_predict_eval_with_onnxruntime(trained_run, tmp_path, varied_images):
     out = tmp_path / "cli.onnx"
     r = run_cli("export", "--model", trained_run[0], "--out", out, "--check-limit", 300)
@@ -240,6 +242,7 @@ def test_cli_export_predict_eval_with_onnxruntime(trained_run, tmp_path, varied_
         assert_clean_error(r, "imgrec export")
 
 
+@pytest.mark.slow
 def test_torchscript_export(trained_run, tmp_path):
     r = run_cli("export", "--model", trained_run[0], "--format", "torchscript", "--out", tmp_path / "m.pt",
                 "--check-limit", 200)
@@ -270,7 +273,8 @@ def test_int8_export(trained_run, tmp_path, monkeypatch):
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
 
 
-# -- reliability.md: exported models ----------------------------------------------------------------
+# -- broken or hostile exported models ----------------------------------------------------------------
+@pytest.mark.slow
 def test_bad_export_inputs_are_one_line(trained_run, tmp_path):
     r = run_cli("export", "--model", tmp_path / "missing")
     assert_clean_error(r, "no such model directory")
@@ -291,6 +295,7 @@ def test_bad_export_inputs_are_one_line(trained_run, tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a-file", "broken", "corrupt"]
 
 
+@pytest.mark.slow
 def test_failed_check_never_replaces_a_good_file(trained_run, exported, tmp_path, monkeypatch):
     """A model directory whose weights changed after export: ``--check`` fails with the agreement figure, and a
     re-export whose check fails leaves the good file in place, byte for byte."""
@@ -474,6 +479,7 @@ def test_cli_serve_with_onnxruntime_backend(exported, trained_run, tmp_path, fmn
     assert proc.returncode == 0, proc.stderr.read()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("source", ["named", "folder"])
 def test_int8_calibration_brings_only_the_chosen_images_to_the_model_size(trained_run, tmp_path, fmnist_arrays,
                                                                           source):
@@ -501,6 +507,7 @@ def test_int8_calibration_brings_only_the_chosen_images_to_the_model_size(traine
     assert np.array_equal(calib, train.images[idx].permute(0, 2, 3, 1).numpy())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("split", ["val", "test"])
 def test_eval_split_brings_only_the_requested_split_to_the_model_size(trained_run, split):
     """eval/report/export --check of a model larger than its named dataset's images: the requested split comes at

@@ -41,6 +41,7 @@ def _names(entries):
     return [e["file"].rsplit("/", 1)[-1] for e in entries]
 
 
+@pytest.mark.slow
 def test_default_reports_error_rows_and_exits_1(grey_run, tmp_path):
     out, d = grey_run
     r = run_cli("predict", "--model", out, d, "--json")
@@ -70,6 +71,7 @@ def test_default_reports_error_rows_and_exits_1(grey_run, tmp_path):
     assert len(got) == 3 * 2 + 2  # two labels for each readable file, one row for each unreadable one
 
 
+@pytest.mark.slow
 def test_skip_keeps_the_error_rows_and_exits_0(grey_run, tmp_path):
     out, d = grey_run
     r = run_cli("predict", "--model", out, d, "--on-bad-image", "skip", "--json", "--csv", tmp_path / "s.csv")
@@ -81,6 +83,7 @@ def test_skip_keeps_the_error_rows_and_exits_0(grey_run, tmp_path):
     assert "warning" in r.stderr and "Traceback" not in r.stderr
 
 
+@pytest.mark.slow
 def test_fail_stops_at_the_first_and_names_the_option(grey_run, tmp_path):
     out, d = grey_run
     r = run_cli("predict", "--model", out, d, "--on-bad-image", "fail", "--csv", tmp_path / "f.csv")
@@ -88,6 +91,7 @@ def test_fail_stops_at_the_first_and_names_the_option(grey_run, tmp_path):
     assert r.returncode == 2 and r.stdout == "" and not (tmp_path / "f.csv").exists()
 
 
+@pytest.mark.slow
 def test_answers_carry_input_notes(grey_run):
     out, d = grey_run
     r = run_cli("predict", "--model", out, d / "a.png", d / "d-photo.jpg", "--json")

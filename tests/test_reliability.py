@@ -1,4 +1,5 @@
-"""The rows of ../shared/reliability.md about model files, training runs and the CLI on bad input."""
+"""Model files, training runs and the CLI on bad input: nothing is unpickled, no half-written file replaces a
+good one, a killed run resumes as if uninterrupted, and every refusal is one clear line."""
 from __future__ import annotations
 
 import json
@@ -33,6 +34,7 @@ class Payload:
         return (open, (self.path, "w"))
 
 
+@pytest.mark.slow
 def test_pickle_with_code_is_refused_and_never_runs(tmp_path):
     marker = tmp_path / "pwned"
     evil = tmp_path / "evil.pt"
@@ -227,6 +229,7 @@ def test_predict_skip_goes_on_with_the_rest(trained_run, bad_dir, tmp_path, fmni
     assert "skipped" in r.stderr and "Traceback" not in r.stderr
 
 
+@pytest.mark.slow
 def test_train_on_folder_with_each_bad_case(tmp_path, fmnist_arrays, bad_dir):
     from conftest import write_image_folder
     x, y, _, _ = fmnist_arrays

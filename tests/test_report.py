@@ -113,6 +113,7 @@ def report_and_eval(trained_run, tmp_path_factory):
     return out.read_text(encoding="utf-8"), json.loads(e.stdout)
 
 
+@pytest.mark.slow
 def test_report_numbers_equal_eval_json(report_and_eval):
     html, ev = report_and_eval
     page = Page(html)
@@ -145,6 +146,7 @@ def test_report_numbers_equal_eval_json(report_and_eval):
     assert numbers["misclassified"] == ev["n"] - diagonal
 
 
+@pytest.mark.slow
 def test_report_is_valid_self_contained_html(report_and_eval):
     html, ev = report_and_eval
     page = Page(html)

@@ -30,6 +30,7 @@ def skip_run(tmp_path_factory, fmnist_arrays):
     return out, photos, root
 
 
+@pytest.mark.slow
 def test_eval_with_no_flags_reuses_the_run_and_falls_back_to_val(skip_run):
     out, photos, root = skip_run
     meta = json.loads((out / "model.json").read_text())
@@ -48,18 +49,21 @@ def test_eval_with_no_flags_reuses_the_run_and_falls_back_to_val(skip_run):
     assert "split val" in r.stdout and "top-5 accuracy -" in r.stdout
 
 
+@pytest.mark.slow
 def test_explicit_test_split_suggests_val(skip_run):
     out, _, root = skip_run
     r = run_cli("eval", "--model", out, "--split", "test", cwd=root)
     assert_clean_error(r, "no 'test' split", "--split val")
 
 
+@pytest.mark.slow
 def test_explicit_options_override_the_run(skip_run):
     out, _, root = skip_run
     r = run_cli("eval", "--model", out, "--split", "val", "--on-bad-image", "fail", cwd=root)
     assert_clean_error(r, "1 unreadable image(s)", "broken.jpg", "--on-bad-image skip")
 
 
+@pytest.mark.slow
 def test_export_with_no_flags_and_with_eval_options(skip_run):
     pytest.importorskip("onnxruntime")
     out, _, root = skip_run
@@ -79,6 +83,7 @@ def test_export_with_no_flags_and_with_eval_options(skip_run):
     assert_clean_error(r, "--split val")
 
 
+@pytest.mark.slow
 def test_report_has_no_top5_for_two_classes(skip_run):
     pytest.importorskip("jinja2")
     pytest.importorskip("matplotlib")

@@ -42,6 +42,7 @@ def _weights_equal(a: Path, b: Path) -> bool:
 
 
 # -- packing: the same pixels, labels and statistics as the in-memory path --------------------------------
+@pytest.mark.slow
 def test_pack_holds_the_in_memory_pixels(fm_pack):
     from imgrec.data.dataset import channel_stats, load_data
 
@@ -134,6 +135,7 @@ def _evil_pack(tmp_path: Path, fm_pack: Path, marker: Path) -> Path:
     return evil
 
 
+@pytest.mark.slow
 def test_pickle_payload_in_a_shard_is_refused(tmp_path, fm_pack):
     marker = tmp_path / "pwned"
     evil = _evil_pack(tmp_path, fm_pack, marker)
@@ -152,6 +154,7 @@ def test_pickle_payload_in_a_shard_is_refused(tmp_path, fm_pack):
     assert marker.exists()
 
 
+@pytest.mark.slow
 def test_truncated_or_missing_shard_is_named(tmp_path, fm_pack):
     bad = tmp_path / "bad"
     shutil.copytree(fm_pack, bad)

@@ -40,6 +40,7 @@ def test_trained_run_beats_chance_and_writes_run_dir(trained_run):
     assert not list(out.glob(".*.tmp"))  # no temporary files left behind
 
 
+@pytest.mark.slow
 def test_resume_extends_a_finished_run(tmp_path):
     b = tmp_path / "b"
     train(small_cfg(epochs=1, deterministic=True, train_limit=1000), b, progress=False, evaluate_test=False)
@@ -54,6 +55,7 @@ def test_resume_extends_a_finished_run(tmp_path):
     assert yaml.safe_load((b / "config.yaml").read_text())["train"]["epochs"] == 2
 
 
+@pytest.mark.slow
 def test_mid_epoch_resume_equals_uninterrupted(tmp_path):
     """Interrupt after 7 steps (as Ctrl-C does), resume, and end with the same weights."""
     from imgrec.engine import trainer as trainer_mod
@@ -88,6 +90,7 @@ def test_mid_epoch_resume_equals_uninterrupted(tmp_path):
             assert torch.equal(wa[k], wb[k]), k
 
 
+@pytest.mark.slow
 def test_deterministic_same_seed_same_losses(tmp_path):
     losses = []
     for name in ("x", "y"):
@@ -117,6 +120,7 @@ def test_resume_without_checkpoint(tmp_path):
     assert s["epochs_run"] == 1
 
 
+@pytest.mark.slow
 def test_early_stopping(tmp_path, monkeypatch):
     from imgrec.engine.trainer import Trainer
     orig = Trainer.validate
@@ -132,6 +136,7 @@ def test_early_stopping(tmp_path, monkeypatch):
     assert s["epochs_run"] == 3 and s["best_epoch"] == 1
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("opt,sched", [("sgd", "cosine"), ("adam", "linear"), ("adamw", "none")])
 def test_optimizers_and_schedulers_learn(tmp_path, opt, sched):
     lr = {"sgd": 0.05, "adam": 2e-3, "adamw": 2e-3}[opt]
@@ -163,6 +168,7 @@ def test_divergence_stops_with_a_clear_error_and_keeps_the_last_checkpoint(tmp_p
     assert not (tmp_path / "nan" / "best.safetensors").exists()  # nothing half-trained was published as "best"
 
 
+@pytest.mark.slow
 def test_val_last_validates_only_the_last_epochs(tmp_path):
     s = train(small_cfg(epochs=3, val_last=1, patience=1), tmp_path / "vl", progress=False, evaluate_test=False)
     rows = list(csv.DictReader((tmp_path / "vl" / "metrics.csv").open()))
