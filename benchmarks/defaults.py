@@ -1,4 +1,4 @@
-"""imgrec's defaults on the data people bring, against a small sweep of hand settings (issue 19, "Measure it").
+"""imgrec's defaults on the data people bring, against a small sweep of hand settings.
 
     python benchmarks/defaults.py [--datasets fm200-grey,fm2cls] [--sweep small|full|none] [--repeats 1]
                                   [--work /tmp/imgrec-defaults] [--rebuild] [--set fm2cls.n_train=600]
@@ -367,7 +367,7 @@ def _detail_row(label: str, r: dict) -> str:
 
 HEADER = """# imgrec's defaults on user-like folders, against a small hand sweep
 
-`python benchmarks/defaults.py` (issue 19, "Measure it"). Folders built from Fashion-MNIST on the machine
+`python benchmarks/defaults.py`. Folders built from Fashion-MNIST on the machine
 (`benchmarks/userlike.py`: PNG/JPEG, varied and non-square sizes, grey and tinted colour on coloured/noisy
 backgrounds, junk files in some; train images from Fashion-MNIST's train split, test from its test split). The
 default is `imgrec train --data DIR` with no other option, timed as a whole command; the sweep's best is chosen on

@@ -413,7 +413,7 @@ def test_server_batches_the_same_with_onnxruntime(exported, trained_run, fmnist_
         with httpx.Client(base_url=server.url, timeout=60) as c:
             info = c.get("/v1/model").json()
             assert info["classes"] == reference.classes and info["image_size"] == reference.image_size
-            bad = c.post("/v1/predict", content=b"GIF89a not really")
+            bad = c.post("/v1/predict", content=b"not an image at all")
             assert bad.status_code == 415
 
 

@@ -2,7 +2,7 @@
 
 Multi-label lists put several labels in the label cell, separated by ``;`` (``img.jpg,beach;dog;people``).
 
-Paths may be absolute or lead out of the CSV's folder (``../shared/img.jpg``, ``/data/pool/img.jpg``): a list is
+Paths may be absolute or lead out of the CSV's folder (``../pool/img.jpg``, ``/data/pool/img.jpg``): a list is
 something its user writes to point at images wherever they are, unlike an image folder, whose links imgrec does
 not follow out of it (``folder.scan_images``). So a CSV someone else wrote can name any file you can read: read
 one from a stranger before training on it or packing it (``imgrec data check LIST`` lists every path it reads).

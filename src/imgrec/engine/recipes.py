@@ -51,7 +51,7 @@ RECIPES: dict[str, dict] = {
     "fast-fp32": dict(name="fastnet_small", epochs=9, amp="none", **_FAST_COMMON),
     # CUDA GPUs: unmeasured in this form (no GPU was available when it was written). The step of so small a
     # net is launch-bound on a GPU, so the bf16 CPU recipe's settings are kept (6 epochs of fastnet trained in
-    # 4.0-4.4 s on an H200 and reached 92.9-93.2% test, perf-notes); bf16 autocast via amp="auto".
+    # 4.0-4.4 s on an H200 and reached 92.9-93.2% test, measured in an earlier session); bf16 autocast via amp="auto".
     "fast-gpu": dict(name="fastnet", epochs=6, amp="auto", **_FAST_COMMON),
     "accurate": dict(
         name="fastnet", epochs=16, batch_size=512,
@@ -60,7 +60,7 @@ RECIPES: dict[str, dict] = {
         crop_padding=2, flip=True, ema=None, tta_flip=True,
         amp="auto", channels_last=True, compile=False,
     ),
-    # a wider network for long runs: 94.54% test on an H200 in 101 s (perf-notes)
+    # a wider network for long runs: 94.54% test on an H200 in 101 s (measured in an earlier session)
     "best": dict(
         name="fastnet_wide", epochs=40, batch_size=256,
         optimizer="sgd", lr=0.1, momentum=0.9, weight_decay=5e-4,
