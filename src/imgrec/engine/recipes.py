@@ -116,14 +116,17 @@ def choose_recipe(device_type: str, cpu_has_bf16: bool, cores: int) -> tuple[str
 # epoch (a short run cannot afford to pick its epoch blind), crop augmentation, and the image size.
 
 LARGE_DATA = 20_000          # training images from which the machine's recipe applies as it is (at ≤ 32 px)
-SEEN_TARGET = 40_000         # images a small-data run sees in all (e.g. 1,000 images × 40 epochs)
+SEEN_TARGET = 30_000         # images a small-data run sees in all (e.g. 1,000 images × 30 epochs)
 MIN_EPOCHS, MAX_EPOCHS = 10, 40
 MIN_STEPS, MAX_TINY_EPOCHS = 240, 100  # optimizer steps every small-data run gets, up to this many epochs
 # compute bound of a small-data run, in 28×28-pixel image passes: about the fast recipe's own cost (6-9 epochs of
 # 55,000 images), so no default run costs much more than the Fashion-MNIST one on the same machine
 COST_BOUND = 400_000 * 28 * 28
+# small data on a CPU: fastnet_small (a quarter of fastnet's multiply-adds) matched fastnet_relu's validation
+# accuracy on the measured suite of small folders in 40-45% of its time (benchmarks/results/defaults.md)
+SMALL_DATA_MODELS = {"fastnet_relu": "fastnet_small"}
 SMALL_LR_PER_32 = 0.05       # SGD peak lr at batch 32; scaled linearly with the batch, capped at the recipe's
-MIN_BATCH = 16
+MIN_BATCH, SMALL_MAX_BATCH = 16, 128
 FINE_TUNE_MODEL = "resnet18"  # the pretrained backbone colour photos default to, when its weights are at hand
 FINE_TUNE_LR_PER_32 = 0.01
 
@@ -182,7 +185,9 @@ def adapt_to_data(probe, current: dict, explicit: set[str]) -> tuple[dict, str]:
             notes.append(f"trained from scratch: no pretrained {FINE_TUNE_MODEL} weights in the cache "
                          f"(--model {FINE_TUNE_MODEL} --pretrained downloads them)")
     base_batch = int(current.get("batch_size") or 512)
-    batch = current["batch_size"] if "batch_size" in explicit else max(MIN_BATCH, min(base_batch, _pow2_floor(n / 40)))
+    if n < LARGE_DATA:
+        base_batch = min(base_batch, SMALL_MAX_BATCH)  # tens of steps an epoch even at the compute bound
+    batch = current["batch_size"] if "batch_size" in explicit else max(MIN_BATCH, min(base_batch, _pow2_floor(n / 25)))
     put("batch_size", batch)
     if fine_tune:
         put("name", FINE_TUNE_MODEL)
@@ -190,7 +195,9 @@ def adapt_to_data(probe, current: dict, explicit: set[str]) -> tuple[dict, str]:
         put("optimizer", "sgd")
         put("lr", FINE_TUNE_LR_PER_32 * batch / 32)
         notes.append(f"fine-tuning ImageNet {FINE_TUNE_MODEL} from the cache")
-    elif "lr" not in explicit and (changes.get("optimizer") or current.get("optimizer")) == "sgd":
+    elif n < LARGE_DATA and "name" not in explicit and current.get("name") in SMALL_DATA_MODELS:
+        put("name", SMALL_DATA_MODELS[current["name"]])
+    if not fine_tune and "lr" not in explicit and (changes.get("optimizer") or current.get("optimizer")) == "sgd":
         put("lr", round(min(float(current.get("lr") or 0.4), SMALL_LR_PER_32 * batch / 32), 6))
     # the loader keeps a short last batch unless an epoch has at least 4 full ones (imgrec.engine.train)
     steps_per_epoch = n // int(batch) if n >= 4 * int(batch) else math.ceil(n / int(batch))
@@ -209,8 +216,9 @@ def adapt_to_data(probe, current: dict, explicit: set[str]) -> tuple[dict, str]:
     if n < LARGE_DATA:
         put("val_last", 0)
         put("crop_padding", None)  # size // 14 px: the augmentation small data needs most
-    parts = [f"batch {batch} ({steps_per_epoch} steps an epoch)", f"{epochs} epochs ({steps_per_epoch * epochs:,} "
-             f"steps)", f"lr {changes.get('lr', current.get('lr'))}", f"{size} px"]
+    parts = [f"{changes['name']} (small data)"] if "name" in changes and not fine_tune else []
+    parts += [f"batch {batch} ({steps_per_epoch} steps an epoch)", f"{epochs} epochs ({steps_per_epoch * epochs:,} "
+              f"steps)", f"lr {changes.get('lr', current.get('lr'))}", f"{size} px"]
     if n < LARGE_DATA:
         parts.append("validating every epoch")
     return changes, f"{desc}: " + ", ".join(parts + notes)
