@@ -146,11 +146,12 @@ def judge_folds(probs: np.ndarray, labels: np.ndarray, stats: list[dict]) -> dic
 
 
 def cross_fit(images: torch.Tensor, labels: np.ndarray, classes: list[str], *, folds: int = 5,
-              recipe: str | None = "fast", overrides: dict | None = None, flip: bool = True, seed: int = 0,
-              progress: bool = True) -> tuple[np.ndarray, list[dict]]:
+              recipe: str | None = None, overrides: dict | None = None, flip: bool = True, seed: int = 0,
+              progress: bool = True, cfg=None) -> tuple[np.ndarray, list[dict]]:
     """Out-of-sample class probabilities (N, m) by K-fold cross-fitting, and per-fold statistics.
 
-    ``recipe`` and ``overrides`` are resolved exactly as ``imgrec train --recipe`` and its options are.
+    ``recipe`` and ``overrides`` are resolved exactly as ``imgrec train --recipe`` and its options are
+    (``fold_config``), unless ``cfg`` gives the resolved settings.
     """
     from imgrec.data.dataset import DataBundle, ImageData, channel_stats
     from imgrec.data.memory import BatchLoader
@@ -169,8 +170,9 @@ def cross_fit(images: torch.Tensor, labels: np.ndarray, classes: list[str], *, f
         raise DatasetError("the audited images hold fewer than 2 classes")
     if n < 2 * folds:
         raise DatasetError(f"{n} images are too few for {folds} folds")
-    cfg = fold_config(recipe, overrides, n_fit=n - n // folds, num_classes=m, channels=int(images.shape[1]),
-                      side=int(images.shape[-1]), counts=counts.tolist())
+    if cfg is None:
+        cfg = fold_config(recipe, overrides, n_fit=n - n // folds, num_classes=m, channels=int(images.shape[1]),
+                          side=int(images.shape[-1]), counts=counts.tolist())
     t = cfg.train
     set_threads(t.threads)
     device = pick_device(t.device)
@@ -423,8 +425,10 @@ def audit(source: str, *, folds: int = 5, recipe: str | None = None, overrides: 
         raise DatasetError(f"{source}: none of the audited images is readable")
     idx = idx[kept]
     labels = np.asarray([cat.labels[i] for i in idx], dtype=np.int64)
+    cfg = fold_config(recipe, overrides, n_fit=len(labels) - len(labels) // folds, num_classes=len(cat.classes),
+                      channels=chans, side=size)
     probs, fold_stats = cross_fit(images, labels, cat.classes, folds=folds, recipe=recipe, overrides=overrides,
-                                  flip=cat.flip, seed=seed, progress=progress)
+                                  flip=cat.flip, seed=seed, progress=progress, cfg=cfg)
     del images
     quality = judge_folds(probs, labels, fold_stats)
     if quality["weak"] and not force:
@@ -433,8 +437,6 @@ def audit(source: str, *, folds: int = 5, recipe: str | None = None, overrides: 
     if quality["weak"] and progress:
         print(f"imgrec: warning: {quality['weak']}; ranking anyway (--force)", file=sys.stderr)
     issues = find_label_issues(labels, probs, method=method, rank_by=rank_by)
-    cfg = fold_config(recipe, overrides, n_fit=len(labels) - len(labels) // folds, num_classes=len(cat.classes),
-                      channels=chans, side=size)
     settings = {"folds": folds, "recipe": cfg.recipe, "model": cfg.model.name, "epochs": cfg.train.epochs,
                 "batch_size": cfg.train.batch_size, "quality": quality,
                 "overrides": dict(overrides or {}), "method": method, "rank_by": rank_by, "seed": seed,
