@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml constraints.txt
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q -c constraints.txt torch torchvision
-	$(PIP) install -q -c constraints.txt -e '.[serve,report,export,stream,timm,dev]'
+	$(PIP) install -q -c constraints.txt -e '.[serve,report,export,stream,timm,tensorboard,dev]'
 	touch $(STAMP)
 
 # Fashion-MNIST from Debian's package when it is missing and apt is available;
