@@ -221,9 +221,15 @@ def test_explain_cli(trained_run, fmnist_arrays, tmp_path):
     img = tmp_path / "boot.png"
     Image.fromarray(fmnist_arrays[2][0]).save(img)
     out = tmp_path / "steps.png"
-    r = run_cli("explain", "--model", run_dir, img, "--out", out, "--steps", "--json")
+    numbers = tmp_path / "steps.json"
+    r = run_cli("explain", "--model", run_dir, img, "--out", out, "--steps", "--json", "--label", "Ankle boot",
+                "--json-out", numbers)
     assert r.returncode == 0, r.stderr
     summary = json.loads(r.stdout)
+    full = json.loads(numbers.read_text())
+    assert summary["label"] == full["training"]["label"] == "Ankle boot"
+    assert summary["loss"] == full["training"]["loss"] == pytest.approx(
+        -np.log(full["training"]["probabilities"][full["training"]["label_index"]]), rel=1e-5)
     pred = Classifier.load(run_dir, device="cpu").predict(str(img), top_k=1)[0]  # what `imgrec predict` prints
     assert summary["predicted"] == pred["label"] and summary["probability"] == pytest.approx(pred["score"], abs=1e-6)
     with Image.open(out) as im:
@@ -237,3 +243,57 @@ def test_explain_cli(trained_run, fmnist_arrays, tmp_path):
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert r.stderr.strip().splitlines() == [r.stderr.strip()] and "unknown target class 'Hat'" in r.stderr
     assert not (tmp_path / "x.png").exists()
+
+
+@pytest.mark.parametrize("name", list_models())
+def test_explain_training_numbers_are_consistent(name, one_thread):
+    """The training panels of every registered model: the logits are features × weights + bias, the loss is
+    −log p of the true label, one SGD step on a copy lowers it for a small learning rate, and the model
+    explained is left unchanged."""
+    size = 32
+    torch.manual_seed(0)
+    model = create_model(name, num_classes=4, in_chans=3, image_size=size)
+    nn.init.normal_(model.get_classifier().weight, std=0.05)
+    meta = ModelMeta(model={"name": name}, classes=list("abcd"), image_size=size, channels=3,
+                     mean=[0.5] * 3, std=[0.25] * 3)
+    clf = Classifier(model, meta, device="cpu", amp="none")
+    image = np.random.RandomState(1).randint(0, 256, (size, size, 3), dtype=np.uint8)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    probe = explain(clf, image, label="b")["training"]
+    # a learning rate whose first-order effect is 1% of the loss: small for every model
+    lr = 0.01 * probe["loss"] / max(probe["step"]["grad_norm"] ** 2, 1e-30)
+    t = explain(clf, image, label="b", lr=lr)["training"]
+    assert t["label"] == "b" and t["label_index"] == 1 and t["label_source"] == "given"
+    x = clf.normalize(torch.from_numpy(image).permute(2, 0, 1)[None]).float()
+    with torch.no_grad():
+        logits = model(x)[0].double().numpy()
+    np.testing.assert_allclose(t["classifier"]["logits"], logits, rtol=1e-4, atol=1e-4)
+    c = t["classifier"]
+    np.testing.assert_allclose(sum(c["contributions"][1]["products"]) + c["contributions"][1]["rest"]
+                               + c["contributions"][1]["bias"], logits[1], rtol=1e-4, atol=1e-4)
+    assert t["loss"] == pytest.approx(-np.log(t["probabilities"][1]), rel=1e-5, abs=1e-6)
+    assert t["loss"] == pytest.approx(t["step"]["loss_before"], rel=1e-4, abs=1e-5)
+    if t["loss"] > 1e-4:
+        assert t["step"]["loss_after"] < t["step"]["loss_before"]
+        assert t["step"]["probability_after"] > t["step"]["probability_before"]
+    assert t["layers"] and all(np.isfinite(layer["grad_norm"]) for layer in t["layers"])
+    assert t["saliency"].shape == (size, size) and t["saliency"].max() <= 1
+    for k, v in model.state_dict().items():
+        assert torch.equal(before[k], v), k
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_label_from_the_folder_name_and_json(patch_model, tmp_path):
+    from imgrec.eval.explain import to_json
+    clf = patch_model[0]
+    folder = tmp_path / "Checks"
+    folder.mkdir()
+    Image.fromarray(patch_images(1, 0)[0][0]).save(folder / "a.png")
+    r = explain(clf, str(folder / "a.png"))
+    assert r["training"]["label"] == "checks" and r["training"]["label_source"] == "folder"
+    assert explain(clf, patch_images(1, 0)[0][0])["training"]["label_source"] == "predicted"
+    back = json.loads(json.dumps(to_json(r)))
+    assert back["training"]["loss"] == r["training"]["loss"]
+    from imgrec.errors import ConfigError
+    with pytest.raises(ConfigError, match="unknown label 'diagonal'"):
+        explain(clf, patch_images(1, 0)[0][0], label="diagonal")

@@ -46,7 +46,11 @@ def add_parsers(sub) -> None:
     p.add_argument("image", help="an image file")
     p.add_argument("--out", help="PNG file to write (default <image name>-explain.png)")
     p.add_argument("--target", help="class to explain (label or index; default the predicted class)")
-    p.add_argument("--steps", action="store_true", help="show the pipeline step by step")
+    p.add_argument("--steps", action="store_true", help="show the pipeline step by step, training included")
+    p.add_argument("--label", help="the image's true class for the loss (default its folder name when that names "
+                                   "a class, else the predicted class)")
+    p.add_argument("--lr", type=float, default=0.01, help="learning rate of the one SGD step shown (default 0.01)")
+    p.add_argument("--json-out", help="with --steps: also write every number and array shown as JSON to this file")
     add_json_option(p)
     p.set_defaults(func=cmd_explain)
 
@@ -161,14 +165,27 @@ def cmd_explain(args) -> int:
     from imgrec.infer.predictor import Classifier
     from imgrec.safeio import atomic_write_bytes
 
+    from imgrec.errors import ConfigError
+    if (args.label or args.json_out) and not args.steps:
+        raise ConfigError("--label and --json-out need --steps")
+    if not args.lr > 0:
+        raise ConfigError("--lr must be positive")
     clf = Classifier.load(args.model, which=args.which, device=args.device)
-    result = explain(clf, args.image, target=args.target, steps=args.steps)
+    result = explain(clf, args.image, target=args.target, steps=args.steps, label=args.label, lr=args.lr)
     out = Path(args.out) if args.out else Path(f"{Path(args.image).stem}-explain.png")
     atomic_write_bytes(out, plots.steps_figure(result) if args.steps else plots.explain_figure(result))
     summary = {"image": str(args.image), "out": str(out), "predicted": result["predicted"],
                "probability": result["predicted_probability"], "target": result["target"],
                "target_probability": result["target_probability"], "method": result["method"],
                "layer": result["layer"]}
+    if "training" in result:
+        t = result["training"]
+        summary.update(label=t["label"], label_source=t["label_source"], loss=t["loss"], step=dict(t["step"]))
+        summary["step"].pop("probabilities_after")
+    if args.json_out:
+        from imgrec.eval.explain import to_json
+        from imgrec.safeio import atomic_write_text
+        atomic_write_text(args.json_out, json.dumps(to_json(result)))
     if args.json:
         print_json(summary)
     else:

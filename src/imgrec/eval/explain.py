@@ -21,6 +21,9 @@ like it.
 """
 from __future__ import annotations
 
+import math
+import os
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -30,7 +33,7 @@ import torch.nn.functional as F
 
 from imgrec.errors import ConfigError
 
-__all__ = ["explain", "resolve_target", "grad_cam", "attention_rollout", "heat_mass", "VERTICAL_EDGE"]
+__all__ = ["explain", "resolve_target", "resolve_label", "training_view", "to_json", "grad_cam", "attention_rollout", "heat_mass", "VERTICAL_EDGE"]
 
 # The classic hand-made filter: bright on the left, dark on the right gives a positive response.
 VERTICAL_EDGE = np.array([[1, 0, -1], [1, 0, -1], [1, 0, -1]], dtype=np.float32)
@@ -322,15 +325,151 @@ def _steps(recorder: _FirstLayers, image: np.ndarray) -> dict:
     return out
 
 
+# -- training on this one image ---------------------------------------------------------------------
+TOP_CONTRIBUTIONS = 8  # features shown per class in the "features × weights = logits" step
+DEFAULT_LR = 0.01      # the learning rate of the illustrative SGD step
+
+
+def resolve_label(classes: list[str], label: str | int | None, image: Any = None) -> tuple[int | None, str]:
+    """(the true class index, where it came from): ``label`` when given (a label or an index, as
+    :func:`resolve_target`), else the image's folder name when it names a class (the ImageFolder layout,
+    exact then case-insensitive), else (None, "none")."""
+    if label is not None:
+        try:
+            return resolve_target(classes, label), "given"
+        except ConfigError as e:
+            raise ConfigError(str(e).replace("target class", "label")) from None
+    if isinstance(image, (str, os.PathLike)):
+        folder = Path(image).parent.name
+        lowered = [c.lower() for c in classes]
+        if folder in classes:
+            return classes.index(folder), "folder"
+        if folder and folder.lower() in lowered:
+            return lowered.index(folder.lower()), "folder"
+    return None, "none"
+
+
+def _classifier_step(model: nn.Module, x: torch.Tensor, top: int) -> dict[str, Any]:
+    """The last fully connected layer as arithmetic: the features entering it (``forward_head(...,
+    pre_logits=True)``, after any hidden fully connected layers), its weights and bias, the logits they
+    give, and each class's largest products weight × feature."""
+    with torch.no_grad():
+        feats = model.forward_head(model.forward_features(x), pre_logits=True)[0].float().flatten()
+        fc = model.get_classifier()
+        w, b = fc.weight.detach().float(), fc.bias.detach().float() if fc.bias is not None else None
+        bias = b if b is not None else torch.zeros(w.shape[0])
+        logits = w @ feats + bias
+        products = w * feats[None]                      # K×D: logit_k = Σ_d products[k, d] + bias[k]
+    contributions = []
+    for k in range(w.shape[0]):
+        order = products[k].abs().argsort(descending=True, stable=True)[:top]
+        shown = float(products[k, order].sum())
+        contributions.append({
+            "features": [int(i) for i in order], "values": feats[order].tolist(),
+            "weights": w[k, order].tolist(), "products": products[k, order].tolist(),
+            "rest": float(logits[k] - bias[k]) - shown, "bias": float(bias[k])})
+    return {"features": feats.numpy(), "num_features": int(feats.numel()), "logits": logits.numpy(),
+            "bias": bias.numpy(), "contributions": contributions}
+
+
+def _weight_layers(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
+    """The weight matrices and filter banks (parameters of two or more dimensions), in definition order:
+    what "a layer" means in a gradient plot. Biases and normalisation scales are left out."""
+    return [(n[:-len(".weight")] if n.endswith(".weight") else n, p) for n, p in model.named_parameters()
+            if p.dim() >= 2]
+
+
+def _backward_and_step(model: nn.Module, x: torch.Tensor, label: int, lr: float) -> dict[str, Any]:
+    """One backward pass and one SGD step on ``label``'s CrossEntropyLoss, on a deep copy of ``model``.
+
+    The copy stays in eval mode (BatchNorm's running statistics, no dropout), so the loss before and after
+    the step is the same function of the weights and the step's effect is the gradient's alone; one image is
+    a batch of one, whose own BatchNorm statistics would be meaningless. Plain SGD, w ← w − lr·∂loss/∂w:
+    momentum has no effect on a first step.
+    """
+    import copy
+
+    twin = copy.deepcopy(model).eval()
+    for p in twin.parameters():
+        p.grad = None
+    xg = x.detach().clone().requires_grad_(True)
+    y = torch.tensor([label])
+    with torch.enable_grad():
+        logits = twin(xg).float()
+        loss = F.cross_entropy(logits, y)
+        loss.backward()
+    layers = [{"name": n, "shape": list(p.shape), "grad_norm": float(p.grad.norm()),
+               "weight_norm": float(p.detach().norm())} for n, p in _weight_layers(twin) if p.grad is not None]
+    frozen = sum(1 for _, p in _weight_layers(twin) if p.grad is None)
+    saliency = xg.grad[0].abs().amax(dim=0).float()
+    hi = float(saliency.max())
+    grad_sq = sum(float((p.grad.float() ** 2).sum()) for p in twin.parameters() if p.grad is not None)
+    with torch.no_grad():
+        for p in twin.parameters():
+            if p.grad is not None:
+                p.add_(p.grad, alpha=-lr)
+        after = twin(x).float()
+    p_before, p_after = torch.softmax(logits.detach()[0], 0), torch.softmax(after[0], 0)
+    return {
+        "layers": layers, "frozen_layers": frozen,
+        "saliency": (saliency / hi if hi > 0 else saliency).cpu().numpy().astype(np.float32),
+        "saliency_max": hi,
+        "step": {"optimizer": "SGD", "lr": float(lr), "grad_norm": math.sqrt(grad_sq),
+                 "loss_before": float(loss.detach()), "loss_after": float(F.cross_entropy(after, y)),
+                 "predicted_change": -lr * grad_sq,   # first order: Δloss ≈ −lr·‖g‖²
+                 "probability_before": float(p_before[label]), "probability_after": float(p_after[label]),
+                 "probabilities_after": p_after.cpu().numpy()},
+    }
+
+
+def _run_training_settings(meta: Any) -> dict[str, Any]:
+    train = (getattr(meta, "config", None) or {}).get("train") or {}
+    return {k: train.get(k) for k in ("label_smoothing", "optimizer", "lr", "batch_size", "epochs")}
+
+
+def training_view(clf, x: torch.Tensor, label: int, lr: float = DEFAULT_LR,
+                  top: int = TOP_CONTRIBUTIONS) -> dict[str, Any]:
+    """What training does with one normalised image ``x`` (1×C×H×W) whose true class is ``label``.
+
+    Returns ``classifier`` (features × weights + bias = logits, top contributions per class), ``probabilities``
+    (softmax of those logits, T = 1: what the loss sees), ``loss`` (CrossEntropyLoss = −log p[label]),
+    ``smoothed_loss`` (with the run's label smoothing, what training minimised), ``layers`` (gradient norm per
+    weight layer, first to last), ``saliency`` (|∂loss/∂pixel|, H×W, 0..1) and ``step`` (one SGD step on a
+    copy: loss and the label's probability before and after). ``clf.model`` is not changed.
+    """
+    model = clf.model
+    out = _classifier_step(model, x, top)
+    logits = torch.from_numpy(out["logits"])
+    probs = torch.softmax(logits.double(), 0)
+    settings = _run_training_settings(clf.meta)
+    eps = float(settings.get("label_smoothing") or 0.0)
+    y = torch.tensor([label])
+    back = _backward_and_step(model, x, label, lr)
+    return {
+        "label_index": int(label), "label": clf.classes[label],
+        "classifier": out, "probabilities": probs.float().numpy(),
+        "loss": float(-torch.log(probs[label])),
+        "smoothed_loss": float(F.cross_entropy(logits.double()[None], y, label_smoothing=eps)),
+        "label_smoothing": eps, "run": settings,
+        **back,
+    }
+
+
 # -- the public function ---------------------------------------------------------------------------
-def explain(clf, image, target: str | int | None = None, steps: bool = True) -> dict[str, Any]:
+def explain(clf, image, target: str | int | None = None, steps: bool = True, label: str | int | None = None,
+            lr: float = DEFAULT_LR) -> dict[str, Any]:
     """Explain one prediction of a :class:`~imgrec.infer.predictor.Classifier`.
 
     Args:
         clf: the loaded classifier.
         image: anything ``clf.load_image`` takes (path, bytes, PIL image, uint8 array or tensor).
         target: class label or index to explain; default the predicted class.
-        steps: also return the first-layer arrays (filters, feature maps, edge filter).
+        steps: also return the first-layer arrays (filters, feature maps, edge filter) and ``training``
+            (:func:`training_view`: logits from features × weights, the loss, a backward pass and one SGD
+            step on a copy of the model).
+        label: the image's true class for the loss (label or index); default its folder name when that
+            names a class, else the predicted class (``training["label_source"]`` says which).
+        lr: the learning rate of the illustrative SGD step.
 
     Returns a dict: ``image`` H×W×C uint8 (at the model's input size), ``heatmap`` H×W float32 in 0..1,
     ``method``, ``layer``, ``classes``, ``probabilities`` (K, the same numbers ``predict`` gives, test-time
@@ -346,6 +485,7 @@ def explain(clf, image, target: str | int | None = None, steps: bool = True) -> 
     from imgrec.models import model_info
 
     target_idx = resolve_target(clf.classes, target)
+    label_idx, label_source = resolve_label(clf.classes, label, image) if steps else (None, "none")
     x_uint8 = clf.load_image(image)                       # C×H×W uint8 through the safe decoder
     probs = clf.probabilities(x_uint8[None])[0].float()
     pred = int(probs.argmax())
@@ -384,7 +524,24 @@ def explain(clf, image, target: str | int | None = None, steps: bool = True) -> 
             out["attention"] = ((roll - lo) / (hi - lo).clamp_min(1e-12)).numpy().astype(np.float32)
     if recorder is not None:
         out["steps"] = _steps(recorder, img)
+        if label_idx is None:
+            label_idx, label_source = pred, "predicted"
+        out["training"] = training_view(clf, x, label_idx, lr)
+        out["training"]["label_source"] = label_source
     return out
+
+
+def to_json(result: dict[str, Any]) -> Any:
+    """``explain``'s result with numpy arrays as nested lists, for ``json.dump`` (notebooks, other tools)."""
+    if isinstance(result, dict):
+        return {str(k): to_json(v) for k, v in result.items()}
+    if isinstance(result, (list, tuple)):
+        return [to_json(v) for v in result]
+    if isinstance(result, np.ndarray):
+        return result.tolist()
+    if isinstance(result, (np.floating, np.integer)):
+        return result.item()
+    return result
 
 
 def heat_mass(heatmap: np.ndarray, box: tuple[int, int, int, int]) -> float:
