@@ -297,3 +297,13 @@ def test_label_from_the_folder_name_and_json(patch_model, tmp_path):
     from imgrec.errors import ConfigError
     with pytest.raises(ConfigError, match="unknown label 'diagonal'"):
         explain(clf, patch_images(1, 0)[0][0], label="diagonal")
+
+
+def test_steps_figure_has_the_training_rows(patch_model):
+    import io
+    from imgrec.eval import plots
+    r = explain(patch_model[0], patch_images(1, 0)[0][0], label="checks")
+    with_training = Image.open(io.BytesIO(plots.steps_figure(r)))
+    r.pop("training")
+    without = Image.open(io.BytesIO(plots.steps_figure(r)))
+    assert with_training.height > without.height * 1.3 and abs(with_training.width - without.width) < 20

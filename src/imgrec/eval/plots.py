@@ -255,13 +255,36 @@ def _pick_channels(act: np.ndarray, n: int, must: int | None) -> list[int]:
 def steps_figure(result: dict[str, Any], n_maps: int = 8) -> bytes:
     """The pipeline made visible: input pixels as numbers, first-layer filters, feature maps after the
     convolution, the activation and pooling, the classic vertical-edge filter beside the most similar learned
-    one, the Grad-CAM heat map and the softmax output."""
+    one, the Grad-CAM heat map and the softmax output; then training on the same image (when ``result`` has
+    ``training``): features × weights = logits, the loss, the gradient per layer, the input saliency and one
+    SGD step."""
     s = result["steps"]
-    img = result["image"]
-    fig = Figure(figsize=(15, 13), layout="constrained")
-    grid = fig.add_gridspec(4, 4, height_ratios=[1.1, 1, 1, 0.42])
+    training = result.get("training")
+    fig = Figure(figsize=(15, 20 if training else 13), layout="constrained")
+    ratios = [1.1, 1, 1] + ([1, 1] if training else []) + [0.42]
+    grid = fig.add_gridspec(len(ratios), 4, height_ratios=ratios)
+    _row_input(fig, grid, result)
+    if "filters" not in s:
+        fig.suptitle("this network has no convolution to show", fontsize=12)
+        return to_png(fig, dpi=90)
+    _row_filters(fig, grid, s, n_maps)
+    _row_edge(fig, grid, s)
+    if training:
+        _rows_training(fig, grid, result)
+    _text_row(fig, grid[len(ratios) - 1, :], result)
+    fig.suptitle(f"Inside the network: predicted {result['predicted']} "
+                 f"({result['predicted_probability'] * 100:.1f}%)", fontsize=13)
+    return to_png(fig, dpi=90)
 
-    # row 1: the input, a window of it as numbers, the heat map, the output
+
+def _plain(ax) -> None:
+    ax.set_xticks([])
+    ax.set_yticks([])
+
+
+def _row_input(fig, grid, result: dict[str, Any]) -> None:
+    """Row 1: the input, a window of it as numbers, the heat map, the output."""
+    s, img = result["steps"], result["image"]
     ax = fig.add_subplot(grid[0, 0])
     _show_image(ax, img)
     r, c = s["patch_origin"]
@@ -274,14 +297,11 @@ def steps_figure(result: dict[str, Any], n_maps: int = 8) -> bytes:
              f"2. what the network gets: numbers 0-255{channel}\nrows {r}-{r + k - 1}, columns {c}-{c + k - 1}")
     ax = fig.add_subplot(grid[0, 2])
     _overlay(ax, img, result["heatmap"], f"Grad-CAM: where it looked for\n{_short(result['target'], 24)}")
-    ax = fig.add_subplot(grid[0, 3])
-    _prob_bars(ax, result)
+    _prob_bars(fig.add_subplot(grid[0, 3]), result)
 
-    if "filters" not in s:
-        fig.suptitle("this network has no convolution to show", fontsize=12)
-        return to_png(fig, dpi=90)
 
-    # row 2: the learned filters and what they make of the image
+def _row_filters(fig, grid, s: dict[str, Any], n_maps: int) -> None:
+    """Row 2: the learned filters and what they make of the image."""
     filters = s["filters"]
     nf = min(len(filters), 32)
     ax = fig.add_subplot(grid[1, 0])
@@ -290,8 +310,7 @@ def steps_figure(result: dict[str, Any], n_maps: int = 8) -> bytes:
         ax.imshow(_rgb_mosaic(filters[:nf], 8), interpolation="nearest")
     else:
         ax.imshow(mosaic(filters[:nf].mean(axis=1), 8), cmap=SIGNED_CMAP, vmin=-1, vmax=1, interpolation="nearest")
-    ax.set_xticks([])
-    ax.set_yticks([])
+    _plain(ax)
     ax.set_title(f"3. first layer: {nf} of {len(filters)} learned {kh}×{kw} filters\n(red +, blue -)", fontsize=9)
     chans = _pick_channels(s["activation"], n_maps, s.get("edge_like_channel"))
     for col, (key, title, norm, cmap) in enumerate((
@@ -302,47 +321,104 @@ def steps_figure(result: dict[str, Any], n_maps: int = 8) -> bytes:
         maps = np.asarray(s[key])[chans]
         vmin = -1 if norm == "signed" else 0
         ax.imshow(mosaic(maps, 4, normalize=norm), cmap=cmap, vmin=vmin, vmax=1, interpolation="nearest")
-        ax.set_xticks([])
-        ax.set_yticks([])
+        _plain(ax)
         h, w = maps.shape[-2:]
         ax.set_title(f"{title}\n({len(chans)} of {len(s[key])} channels, {w}×{h} each)", fontsize=9)
 
-    # row 3: a filter slides over the image and makes a feature map
+
+def _signed_map(ax, m: np.ndarray) -> None:
+    lim = float(np.abs(m).max()) or 1.0
+    ax.imshow(m, cmap=SIGNED_CMAP, vmin=-lim, vmax=lim, interpolation="nearest")
+    _plain(ax)
+
+
+def _row_edge(fig, grid, s: dict[str, Any]) -> None:
+    """Row 3: a filter slides over the image and makes a feature map."""
     ax = fig.add_subplot(grid[2, 0])
     _numbers(ax, s["edge_filter"].astype(int), SIGNED_CMAP, -1.5, 1.5, "d",
              "7. the classic vertical-edge filter\n(slid over the image, 3×3 at a time)", fontsize=12)
     ax = fig.add_subplot(grid[2, 1])
-    edge = s["edge_map"]
-    lim = float(np.abs(edge).max()) or 1.0
-    ax.imshow(edge, cmap=SIGNED_CMAP, vmin=-lim, vmax=lim, interpolation="nearest")
-    ax.set_xticks([])
-    ax.set_yticks([])
+    _signed_map(ax, s["edge_map"])
     ax.set_title("8. its feature map: strong where brightness\nchanges from left to right", fontsize=9)
     best = s["edge_like_channel"]
     ax = fig.add_subplot(grid[2, 2])
-    learned = filters[best].mean(axis=0)
+    learned = s["filters"][best].mean(axis=0)
     lim = float(np.abs(learned).max()) or 1.0
     if learned.size <= 49:  # up to 7×7: the weights can be read as numbers
         _numbers(ax, learned, SIGNED_CMAP, -lim, lim, ".2f", "", fontsize=8 if learned.shape[0] <= 5 else 6)
     else:
-        ax.imshow(learned, cmap=SIGNED_CMAP, vmin=-lim, vmax=lim, interpolation="nearest")
-        ax.set_xticks([])
-        ax.set_yticks([])
+        _signed_map(ax, learned)
     corr = s["edge_like_correlation"]
     mirror = ", a mirror image:\nit answers brighter on the right" if corr < 0 else ""
     ax.set_title(f"9. the learned filter most like it: channel {best}\n(maps correlate {corr:+.2f}{mirror})",
                  fontsize=9)
     ax = fig.add_subplot(grid[2, 3])
-    fmap = np.asarray(s["conv"][best])
-    lim = float(np.abs(fmap).max()) or 1.0
-    ax.imshow(fmap, cmap=SIGNED_CMAP, vmin=-lim, vmax=lim, interpolation="nearest")
-    ax.set_xticks([])
-    ax.set_yticks([])
+    _signed_map(ax, np.asarray(s["conv"][best]))
     what = "the network's own edge detector" if abs(corr) >= 0.5 else "the nearest it has to an edge detector"
     ax.set_title(f"10. channel {best}'s feature map\n({what})", fontsize=9)
 
-    # row 4: the path as text, so the figure reads without a teacher
-    ax = fig.add_subplot(grid[3, :])
+
+def _rows_training(fig, grid, result: dict[str, Any]) -> None:
+    """Rows 4-5: the classifier as arithmetic, the loss, the backward pass and one SGD step."""
+    t, classes = result["training"], result["classes"]
+    c = t["classifier"]
+    k = int(np.argmax(c["logits"]))
+    con = c["contributions"][k]
+    ax = fig.add_subplot(grid[3, 0:2])
+    labels = [f"feature {i} = {v:.2f} × weight {w:+.2f}" for i, v, w in zip(con["features"], con["values"],
+                                                                            con["weights"])]
+    ax.barh(range(len(labels)), con["products"], color=["#c44e52" if p > 0 else "#4c72b0" for p in con["products"]])
+    ax.set_yticks(range(len(labels)), labels, fontsize=8)
+    ax.invert_yaxis()
+    ax.tick_params(axis="x", labelsize=7)
+    ax.set_title(f"11. the fully connected layer: {c['num_features']} features × weights + bias = logit of "
+                 f"{_short(classes[k], 16)}\n({float(c['logits'][k]):.2f} = these {len(labels)} products + "
+                 f"{con['rest']:.2f} from the rest + bias {con['bias']:.2f})", fontsize=9)
+    ax = fig.add_subplot(grid[3, 2])
+    order = np.argsort(-np.asarray(c["logits"]), kind="stable")[:10]
+    ax.barh(range(len(order)), np.asarray(c["logits"])[order],
+            color=["#c44e52" if i == t["label_index"] else "#4c72b0" for i in order])
+    ax.set_yticks(range(len(order)), [_short(classes[i], 16) for i in order], fontsize=8)
+    ax.invert_yaxis()
+    ax.tick_params(axis="x", labelsize=7)
+    ax.set_title("12. logits, one per class\n(red: the true label)", fontsize=9)
+    ax = fig.add_subplot(grid[3, 3])
+    p = np.linspace(0.002, 1, 300)
+    ax.plot(p, -np.log(p), color="gray")
+    pt = float(t["probabilities"][t["label_index"]])
+    ax.plot([pt], [t["loss"]], "o", color="#c44e52")
+    ax.set_xlabel("p(true label) after softmax", fontsize=8)
+    ax.tick_params(labelsize=7)
+    ax.set_title(f"13. CrossEntropyLoss = -log p\n-log {pt:.3f} = {t['loss']:.3f} "
+                 f"(label {_short(t['label'], 14)}, {t['label_source']})", fontsize=9)
+    _row_backward(fig, grid, result)
+
+
+def _row_backward(fig, grid, result: dict[str, Any]) -> None:
+    t = result["training"]
+    ax = fig.add_subplot(grid[4, 0:2])
+    norms = [max(layer["grad_norm"], 1e-12) for layer in t["layers"]]
+    ax.bar(range(len(norms)), norms, color="#55a868")
+    ax.set_yscale("log")
+    ax.set_xlabel("weight layer, input side → output side", fontsize=8)
+    ax.tick_params(labelsize=7)
+    ax.set_title(f"14. backpropagation: size of ∂loss/∂weights per layer ({len(norms)} layers; "
+                 f"first {t['layers'][0]['name']}, last {t['layers'][-1]['name']})", fontsize=9)
+    ax = fig.add_subplot(grid[4, 2])
+    _overlay(ax, result["image"], t["saliency"], "15. ∂loss/∂pixel: the pixels whose\nchange moves the loss most")
+    st = t["step"]
+    ax = fig.add_subplot(grid[4, 3])
+    ax.bar([0, 1], [st["probability_before"], st["probability_after"]], color=["#8c8c8c", "#55a868"])
+    ax.set_xticks([0, 1], ["before", "after"], fontsize=8)
+    ax.set_ylim(0, 1)
+    ax.tick_params(labelsize=7)
+    ax.set_title(f"16. one SGD step (lr {st['lr']:g}) on this image alone\nloss {st['loss_before']:.3f} → "
+                 f"{st['loss_after']:.3f}; p(label) shown (on a copy)", fontsize=9)
+
+
+def _text_row(fig, cell, result: dict[str, Any]) -> None:
+    """The path as text, so the figure reads without a teacher."""
+    ax = fig.add_subplot(cell)
     ax.axis("off")
     text = (
         "How to read this. (2) An image is a grid of numbers. (3) A convolution filter is a small grid of weights; it "
@@ -356,7 +432,9 @@ def steps_figure(result: dict[str, Any], n_maps: int = 8) -> bytes:
         f"features raised the score of \"{result['target']}\" the most (layer: {result['layer']}). Steps marked "
         "\"for illustration only\" show what a textbook CNN does there; this network does something else."
     )
+    if "training" in result:
+        text += (" Training (11-16): the logits are the features times the last layer's weights plus a bias; the "
+                 "loss is -log of the probability softmax gives the true label; backpropagation gives every weight "
+                 "its gradient, and an SGD step moves each weight a little against it, which raises that "
+                 "probability. An epoch does this over every training image, a batch at a time.")
     ax.text(0.0, 1.0, text, ha="left", va="top", fontsize=10, wrap=True, transform=ax.transAxes)
-    fig.suptitle(f"Inside the network: predicted {result['predicted']} "
-                 f"({result['predicted_probability'] * 100:.1f}%)", fontsize=13)
-    return to_png(fig, dpi=90)
