@@ -1,0 +1,136 @@
+"""Out-of-distribution scores: how much an input looks like the training images, so a model can answer
+"unknown" instead of naming one of its classes for a photo of something else, or for noise.
+
+Every score is "higher = more like the training data". Four well-known ones are implemented, all from the
+model's logits or its penultimate features (the vector that enters the classifier):
+
+- ``msp``: the maximum softmax probability (Hendrycks & Gimpel 2017), the baseline;
+- ``energy``: ``T · logsumexp(logits / T)`` (Liu et al. 2020), the negative free energy;
+- ``knn``: minus the distance to the k-th nearest training feature, features L2-normalised
+  (Sun et al. 2022); it needs a bank of training features (stored in float16);
+- ``mahalanobis``: minus the smallest Mahalanobis distance to a class mean under one shared covariance
+  (Lee et al. 2018, on the penultimate features only); it needs the class means and the precision matrix.
+
+NumPy only: the ONNX Runtime path (no PyTorch) computes the same scores from the same arrays. The threshold
+is chosen on the validation split so that a stated share of in-distribution images is accepted.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+__all__ = ["SCORES", "FEATURE_SCORES", "OodStats", "fit_stats", "score", "threshold_for_accept_rate",
+           "auroc", "fpr_at_tpr"]
+
+SCORES = ("msp", "energy", "knn", "mahalanobis")
+FEATURE_SCORES = ("knn", "mahalanobis")  # the scores that need the penultimate features
+KNN_K = 10  # neighbours; with a bank of a few thousand images k=10 ranks like Sun et al.'s k=50 on 50,000
+BANK_MAX = 10_000  # training images kept in the feature bank (stride-subsampled; float16: 10,000 × D × 2 bytes)
+
+
+def _logsumexp(z: np.ndarray) -> np.ndarray:
+    m = z.max(axis=1, keepdims=True)
+    return (m + np.log(np.exp(z - m).sum(axis=1, keepdims=True)))[:, 0]
+
+
+def _normalise(f: np.ndarray) -> np.ndarray:
+    f = np.asarray(f, dtype=np.float32)
+    return f / np.maximum(np.linalg.norm(f, axis=1, keepdims=True), 1e-12)
+
+
+class OodStats:
+    """What the feature scores need from the training images: a float16 bank of normalised features
+    (``knn``) and the class means plus a shared precision matrix of the normalised features (``mahalanobis``).
+    Plain arrays, stored with safetensors, so loading runs no code."""
+
+    def __init__(self, bank: np.ndarray | None = None, means: np.ndarray | None = None,
+                 precision: np.ndarray | None = None):
+        self.bank = None if bank is None else np.asarray(bank, dtype=np.float16)
+        self.means = None if means is None else np.asarray(means, dtype=np.float32)
+        self.precision = None if precision is None else np.asarray(precision, dtype=np.float32)
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        return {k: v for k, v in (("bank", self.bank), ("means", self.means), ("precision", self.precision))
+                if v is not None}
+
+
+def fit_stats(features: np.ndarray, labels: np.ndarray, num_classes: int, *,
+              bank_max: int = BANK_MAX) -> OodStats:
+    """Class statistics and the feature bank from the training images' penultimate features."""
+    z = _normalise(features)
+    labels = np.asarray(labels, dtype=np.int64)
+    stride = max(1, -(-len(z) // bank_max))
+    bank = z[::stride]
+    means = np.zeros((num_classes, z.shape[1]), np.float32)
+    centred = np.empty_like(z)
+    for c in range(num_classes):
+        rows = labels == c
+        if rows.any():
+            means[c] = z[rows].mean(axis=0)
+            centred[rows] = z[rows] - means[c]
+    cov = centred.T.astype(np.float64) @ centred.astype(np.float64) / max(1, len(z))
+    # a small ridge: the features of a ReLU network are often rank-deficient, and pinv of a near-singular
+    # covariance turns round-off into huge distances
+    cov += np.eye(cov.shape[0]) * (1e-6 + 1e-3 * np.trace(cov) / cov.shape[0])
+    return OodStats(bank=bank, means=means, precision=np.linalg.inv(cov).astype(np.float32))
+
+
+def score(kind: str, logits: np.ndarray, features: np.ndarray | None = None, stats: OodStats | None = None,
+          *, temperature: float = 1.0, k: int = KNN_K, chunk: int = 1024) -> np.ndarray:
+    """The ``kind`` score of each row (higher = more in-distribution)."""
+    logits = np.asarray(logits, dtype=np.float64) / float(temperature)
+    if kind == "msp":
+        return np.exp(logits.max(axis=1) - _logsumexp(logits))
+    if kind == "energy":
+        return float(temperature) * _logsumexp(logits)
+    if kind not in FEATURE_SCORES:
+        raise ValueError(f"unknown out-of-distribution score {kind!r}; choose from {', '.join(SCORES)}")
+    if features is None or stats is None:
+        raise ValueError(f"the {kind} score needs the penultimate features and the training statistics")
+    z = _normalise(features)
+    out = np.empty(len(z), np.float64)
+    for i in range(0, len(z), chunk):
+        part = z[i:i + chunk]
+        if kind == "knn":
+            bank = stats.bank.astype(np.float32)
+            # unit vectors: |a - b|² = 2 - 2 a·b, so the k-th largest similarity gives the k-th distance
+            sim = part @ bank.T
+            kk = min(k, bank.shape[0])
+            kth = -np.partition(-sim, kk - 1, axis=1)[:, kk - 1]
+            out[i:i + chunk] = -np.sqrt(np.maximum(2.0 - 2.0 * kth, 0.0))
+        else:
+            d = part[:, None, :] - stats.means[None, :, :]  # n × C × D
+            m = np.einsum("ncd,de,nce->nc", d, stats.precision, d)
+            out[i:i + chunk] = -m.min(axis=1)
+    return out
+
+
+def threshold_for_accept_rate(in_scores: np.ndarray, accept_rate: float) -> float:
+    """The score at or above which ``accept_rate`` of the in-distribution images fall."""
+    if not 0.0 < accept_rate <= 1.0:
+        raise ValueError(f"accept rate must be in (0, 1], got {accept_rate}")
+    return float(np.quantile(np.asarray(in_scores, np.float64), 1.0 - accept_rate, method="lower"))
+
+
+def auroc(in_scores: np.ndarray, out_scores: np.ndarray) -> float:
+    """Probability that an in-distribution image scores above an out-of-distribution one (ties count half)."""
+    a = np.asarray(in_scores, np.float64)
+    b = np.asarray(out_scores, np.float64)
+    both = np.concatenate([a, b])
+    order = both.argsort(kind="mergesort")
+    ranks = np.empty(len(both), np.float64)
+    sorted_vals = both[order]
+    # average ranks for ties
+    i = 0
+    while i < len(both):
+        j = i
+        while j + 1 < len(both) and sorted_vals[j + 1] == sorted_vals[i]:
+            j += 1
+        ranks[order[i:j + 1]] = (i + j) / 2 + 1
+        i = j + 1
+    return float((ranks[:len(a)].sum() - len(a) * (len(a) + 1) / 2) / (len(a) * len(b)))
+
+
+def fpr_at_tpr(in_scores: np.ndarray, out_scores: np.ndarray, tpr: float = 0.95) -> float:
+    """Share of out-of-distribution images accepted at the threshold that accepts ``tpr`` of the in-distribution ones."""
+    t = threshold_for_accept_rate(in_scores, tpr)
+    return float((np.asarray(out_scores) >= t).mean())
