@@ -296,3 +296,20 @@ def test_report_in_chromium(report_and_eval, tmp_path):
             assert (tmp_path / "report.png").stat().st_size > 50_000
         finally:
             browser.close()
+
+
+def test_chart_notes_follow_the_run_settings_and_the_bins():
+    from imgrec.eval.report import chart_notes
+    from imgrec.modeldir import ModelMeta
+    meta = ModelMeta(model={"name": "lenet5"}, classes=["a", "b"], image_size=28, channels=1, mean=[0.5],
+                     std=[0.5], config={"train": {"label_smoothing": 0.1, "crop_padding": 2, "val_last": 2}})
+    over = {"bins": {"count": [10, 30], "confidence": [0.6, 0.95], "accuracy": [0.5, 0.8]}}
+    notes = chart_notes(meta, over)
+    assert "label smoothing 0.1" in notes["curves"] and "last 2 epochs" in notes["curves"]
+    assert "augmented" in notes["curves"]
+    assert "over-confident" in notes["calibration"] and notes["calibration_gap"] == pytest.approx(0.1375)
+    under = {"bins": {"count": [10], "confidence": [0.6], "accuracy": [0.9]}}
+    plain = ModelMeta(model={"name": "lenet5"}, classes=["a", "b"], image_size=28, channels=1, mean=[0.5],
+                      std=[0.5])
+    notes = chart_notes(plain, under)
+    assert "under-confident" in notes["calibration"] and "because" not in notes["curves"]

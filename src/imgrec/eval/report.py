@@ -26,7 +26,7 @@ import torch
 from imgrec.eval.evaluate import evaluate
 from imgrec.eval.metrics import expected_calibration_error, has_topk
 
-__all__ = ["Report", "build_report", "wilson_interval", "read_metrics_csv", "png_data_uri", "image_data_uri"]
+__all__ = ["Report", "build_report", "wilson_interval", "chart_notes", "read_metrics_csv", "png_data_uri", "image_data_uri"]
 
 Z95 = 1.959963984540054  # two-sided 95% normal quantile
 THUMB_MAX = 96           # px: larger images are shrunk for the galleries (the report stays a few MB)
@@ -275,6 +275,7 @@ def build_report(clf, data, *, bundle=None, split: str = "test", data_name: str 
         "samples": _class_samples(sample_split, classes, samples_per_class),
         "sample_split": "train" if sample_split is not data else split,
         "curves": curves, "figures": figures, "numbers": numbers,
+        "notes": chart_notes(clf.meta, calibration),
         "generated": time.strftime("%Y-%m-%d %H:%M:%S"), "eval_seconds": eval_seconds,
     }
     return Report(_render(context), numbers)
@@ -323,6 +324,37 @@ def _build_multilabel_report(clf, data, *, bundle, split: str, data_name: str | 
         "numbers": numbers, "generated": time.strftime("%Y-%m-%d %H:%M:%S"), "eval_seconds": eval_seconds,
     }
     return Report(_render(context, "report_multilabel.html.j2"), numbers)
+
+
+def chart_notes(meta, calibration: dict[str, Any]) -> dict[str, str]:
+    """One sentence per chart saying how to read it, from the run's own settings and the calibration bins:
+    ``curves`` (why training loss can sit above validation loss) and ``calibration`` (the direction of the
+    miscalibration: mean confidence above accuracy is over-confident)."""
+    train = ((getattr(meta, "config", None) or {}).get("train") or {})
+    reasons = []
+    if train.get("label_smoothing"):
+        reasons.append(f"label smoothing {train['label_smoothing']:g} keeps the training loss above zero even "
+                       "for images it gets right (the validation loss is plain cross-entropy)")
+    if train.get("crop_padding") or train.get("flip"):
+        reasons.append("training images are augmented (random crops and flips) and so harder than the validation "
+                       "images")
+    if train.get("val_last"):
+        reasons.append(f"validation ran only in the last {train['val_last']} epochs (--val-last), so its curve "
+                       "starts late")
+    curves = ("Lower loss and higher accuracy are better; the training numbers are averages over each epoch "
+              "while the weights still changed, the validation ones are measured at the epoch's end"
+              + ("; training loss can sit above validation loss here because " + "; ".join(reasons)
+                 if reasons else "") + ".")
+    bins = calibration["bins"]
+    n = sum(bins["count"])
+    gap = sum(c * (conf - acc) for c, conf, acc in zip(bins["count"], bins["confidence"], bins["accuracy"]) if c)
+    gap = gap / n if n else 0.0
+    direction = "over-confident: its scores are higher than its accuracy" if gap > 0 else \
+        "under-confident: it is right more often than its scores say"
+    cal = (f"Bars below the diagonal mean over-confidence, above it under-confidence; on average the raw scores "
+           f"are {direction} (mean confidence {'+' if gap > 0 else '−'}{abs(gap) * 100:.1f} points from the "
+           f"accuracy).")
+    return {"curves": curves, "calibration": cal, "calibration_gap": gap}
 
 
 def _split_counts(meta, bundle, data_name: str | None, split: str, per_class: list[dict]) -> dict[str, list[int]]:
