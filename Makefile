@@ -7,7 +7,7 @@ STAMP   := $(VENV)/.imgrec-installed
 FMNIST  := /usr/share/datasets/fashion-mnist
 RUN     ?= runs/demo
 
-.PHONY: setup data chromium demo test test-fast bench fuzz clean
+.PHONY: setup data chromium demo test test-fast bench fuzz clean docs
 
 setup: $(STAMP)
 
@@ -66,6 +66,10 @@ fuzz: setup
 bench: setup data
 	$(BIN)/python benchmarks/time_to_accuracy.py
 	$(BIN)/python benchmarks/throughput.py
+
+# The guided tour: docs/make_tour.py trains a small model and writes docs/tour.md and docs/tour/*.png from that run.
+docs: setup data
+	$(BIN)/python docs/make_tour.py --out docs
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache $(FUZZ_CORPUS)
