@@ -170,6 +170,15 @@ def evaluate_model(model_dir: str, *, n_ood: int = 2000, unknown: dict[str, np.n
         row["mean_auroc"] = float(np.mean(aur))
         row["min_auroc"] = float(np.min(aur))
         res["scores"][kind] = row
+    if clf.unknown_threshold is not None:
+        # the answer the model directory ships (imgrec train's own fit: ≤10,000 strided training images,
+        # threshold at the stored accept rate), as predict and serve give it
+        _, s_te = clf.scored(te_x)
+        t = clf.unknown_threshold
+        res["shipped"] = {"score": clf.unknown["score"], "accept_rate": clf.unknown["accept_rate"],
+                          "test_answered": float((s_te >= t).mean()),
+                          "unknown": {k: float((clf.scored(v)[1] < t).mean()) for k, v in sets.items()},
+                          "auroc": {k: ood.auroc(s_te, clf.scored(v)[1]) for k, v in sets.items()}}
     return res
 
 
@@ -218,6 +227,13 @@ def markdown(results: list[dict]) -> str:
             lines.append(f"| {kind} | " + " | ".join(f"{row[s]['auroc']:.3f} / {row[s]['fpr95']:.3f}" for s in sets)
                          + f" | {row['mean_auroc']:.3f} | {row['test_accept_rate']:.3f} |")
         lines.append("")
+        if "shipped" in r:
+            sh = r["shipped"]
+            lines += [f"As shipped (`{sh['score']}`, `inference.unknown` of the model directory, threshold for "
+                      f"{sh['accept_rate']:.0%} of the validation images): {sh['test_answered']:.1%} of the test images "
+                      "answered; share answered \"unknown\" and AUROC per set:", "",
+                      "| set | unknown | AUROC |", "|---|---|---|",
+                      *(f"| {k} | {v:.3f} | {sh['auroc'][k]:.3f} |" for k, v in sh["unknown"].items()), ""]
     return "\n".join(lines)
 
 

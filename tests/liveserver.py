@@ -65,11 +65,11 @@ class SlowClassifier:
     def __getattr__(self, name):
         return getattr(self._clf, name)
 
-    def probabilities(self, batch, batch_size=256):
+    def scored(self, batch, batch_size=256):  # what the server runs
         self.batch_sizes.append(int(batch.shape[0]))
         self.entered.set()
         assert self.gate.wait(120), "the test never opened the gate"
-        return self._clf.probabilities(batch, batch_size)
+        return self._clf.scored(batch, batch_size)
 
 
 def wait_until(condition, what: str, limit_s: float = 120.0) -> None:

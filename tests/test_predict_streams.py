@@ -88,20 +88,20 @@ def _check_against_one_stream(predict, folder):
 
 
 def test_classifier_streams_match_one_batch_at_a_time(trained_run, folder, monkeypatch):
-    from imgrec.infer import predictor
+    from imgrec.infer import base
     from imgrec.infer.predictor import Classifier
     clf = Classifier.load(trained_run[0], device="cpu", amp="none")
     before = torch.get_num_threads()
     torch.set_num_threads(2)  # two streams of one thread each, whatever this machine has
     try:
         calls = []
-        real = predictor.run_batches
+        real = base.run_batches
 
         def spy(batches, run, streams):
             calls.append(streams)
             return real(batches, run, streams)
 
-        monkeypatch.setattr(predictor, "run_batches", spy)
+        monkeypatch.setattr(base, "run_batches", spy)  # the loop both backends share
 
         def predict(decode_threads, streams):
             if streams == 1:

@@ -147,6 +147,16 @@ def test_report_numbers_equal_eval_json(report_and_eval):
 
 
 @pytest.mark.slow
+def test_misclassified_gallery_shows_the_nearest_training_images(report_and_eval):
+    html, _ = report_and_eval
+    gallery = html[html.index('id="misclassified"'):]
+    gallery = gallery[:gallery.index("</section>")]
+    assert gallery.count('class="thumb"') == gallery.count('class="neighbours"') > 0
+    assert gallery.count("alt=\"nearest training image:") == 3 * gallery.count('class="neighbours"')
+    assert 'id="note-neighbours"' in html
+
+
+@pytest.mark.slow
 def test_report_is_valid_self_contained_html(report_and_eval):
     html, ev = report_and_eval
     page = Page(html)

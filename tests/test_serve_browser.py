@@ -168,3 +168,23 @@ def test_docs_page_renders_offline(page, live, tmp_path):
     assert any("/v1/predict" in p for p in paths)
     page.screenshot(path=str(_shots(tmp_path) / "serve-docs.png"))
     assert not page.problems, page.problems
+
+
+def test_noise_is_answered_unknown_on_the_page(page, live, sample, tmp_path):
+    import numpy as np
+    server, clf = live
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (28, 28), dtype=np.uint8)).save(buf, format="PNG")
+    assert clf.unknown_threshold is not None  # the served model answers "unknown"
+    page.goto(server.url + "/")
+    page.set_input_files("#file-input", files=[{"name": "noise.png", "mimeType": "image/png", "buffer": buf.getvalue()}])
+    unknown = page.locator("#unknown")
+    sync_api.expect(unknown).to_be_visible()
+    sync_api.expect(unknown).to_contain_text("Unknown")
+    sync_api.expect(page.locator("#predictions li")).to_have_count(5)  # the closest labels stay listed
+    page.screenshot(path=str(_shots(tmp_path) / "serve-page-unknown.png"), full_page=True)
+    # a real image afterwards clears it
+    page.set_input_files("#file-input", files=[{"name": "sample.png", "mimeType": "image/png", "buffer": sample[0]}])
+    sync_api.expect(page.locator("#timing")).to_contain_text("ms")
+    sync_api.expect(unknown).to_be_hidden()
+    assert not page.problems, page.problems

@@ -96,12 +96,12 @@ SERVE_APP = textwrap.dedent("""
         def __getattr__(self, name):
             return getattr(self._clf, name)
 
-        def probabilities(self, batch, batch_size=256):
+        def scored(self, batch, batch_size=256):  # what the server runs
             self.batch_sizes.append(int(batch.shape[0]))
             self.batch_types.add(type(batch).__module__.split(".")[0])
             self.entered.set()
             assert self.gate.wait(120), "never opened"
-            return self._clf.probabilities(batch, batch_size)
+            return self._clf.scored(batch, batch_size)
 
 
     def wait_until(condition, what, limit_s=120.0):  # an event, polled; the limit only turns a hang into a failure

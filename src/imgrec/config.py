@@ -86,6 +86,9 @@ class TrainConfig:
                                        # to fit, and training stops at an epoch end when the time is up
     calibrate: bool = True             # fit a temperature T (unitless, > 0) on the validation split after
                                        # training; probabilities become softmax(logits / T) (single-label only)
+    unknown: bool = True               # fit an out-of-distribution score after training and answer "unknown"
+                                       # below a threshold chosen on the validation split (single-label only)
+    accept_rate: float = 0.95          # share of validation images the "unknown" threshold answers (0..1]
 
 
 @dataclass
@@ -208,6 +211,10 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError(f"class_weight_beta must be in [0, 1), got {t.class_weight_beta}")
     if not isinstance(t.calibrate, bool):
         raise ConfigError(f"calibrate must be true or false, got {t.calibrate!r}")
+    if not isinstance(t.unknown, bool):
+        raise ConfigError(f"unknown must be true or false, got {t.unknown!r}")
+    if isinstance(t.accept_rate, bool) or not isinstance(t.accept_rate, (int, float)) or not 0 < t.accept_rate <= 1:
+        raise ConfigError(f"accept_rate must be in (0, 1], got {t.accept_rate!r}")
     if t.sampler not in ("shuffle", "balanced"):
         raise ConfigError(f"sampler must be shuffle or balanced, got {t.sampler!r}")
     if t.best_metric not in ("auto", "acc", "balanced_acc", "macro_f1"):

@@ -26,6 +26,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
+import math
 import types
 import typing
 from collections.abc import Callable
@@ -35,6 +36,10 @@ from typing import Any
 
 from imgrec.errors import ModelFileError
 from imgrec.safeio import atomic_write_json
+
+# the out-of-distribution scores inference.unknown may name (imgrec.infer.ood computes them)
+OOD_SCORES = ("msp", "energy", "knn", "mahalanobis", "mahalanobis_layers")
+FEATURE_SCORES = ("knn", "mahalanobis", "mahalanobis_layers")  # the ones that need the penultimate features and a statistics file
 
 __all__ = ["FORMAT", "FORMAT_VERSION", "ModelMeta", "RunDir", "check_model_kwargs", "read_meta", "write_meta"]
 
@@ -217,6 +222,14 @@ class ModelMeta:
             return 1.0
         return float(entry["T"])
 
+    @property
+    def unknown(self) -> dict[str, Any] | None:
+        """The out-of-distribution answer (imgrec.infer.ood, imgrec.infer.unknown): ``inference.unknown`` =
+        ``{"score", "threshold", "accept_rate", "val_quantiles", "file"?}``; an image scoring below the
+        threshold is answered "unknown". None when the model has none (and for multi-label models)."""
+        entry = self.inference.get("unknown")
+        return None if self.multilabel or not isinstance(entry, dict) else entry
+
     def model_kwargs(self) -> dict[str, Any]:
         """The arguments that rebuild the architecture: ``create_model(meta.name, **meta.model_kwargs())``."""
         kw = self.kwargs
@@ -286,6 +299,10 @@ class ModelMeta:
             t = entry.get("T") if isinstance(entry, dict) else None
             if isinstance(t, bool) or not isinstance(t, (int, float)) or not 0 < t < float("inf"):
                 raise ModelFileError(f"{where}: inference.temperature.T must be a positive number")
+        if self.inference.get("unknown") is not None:
+            reason = check_unknown_entry(self.inference["unknown"])
+            if reason:
+                raise ModelFileError(f"{where}: {reason}")
         la = self.inference.get("logit_adjust")
         if la:
             try:
@@ -314,6 +331,30 @@ class ModelMeta:
         if which not in self.weights:
             raise ModelFileError(f"{model_dir}: no {which!r} weights (have: {', '.join(self.weights)})")
         return Path(model_dir) / self.weights[which]
+
+
+def check_unknown_entry(entry: Any) -> str | None:
+    """The reason ``inference.unknown`` is malformed, or None."""
+    if not isinstance(entry, dict):
+        return "inference.unknown must be an object"
+    if entry.get("score") not in OOD_SCORES:
+        return f"inference.unknown.score must be one of {', '.join(OOD_SCORES)}"
+    t, rate, table = entry.get("threshold"), entry.get("accept_rate"), entry.get("val_quantiles")
+    if isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t):
+        return "inference.unknown.threshold must be a finite number"
+    if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not 0 < rate <= 1:
+        return "inference.unknown.accept_rate must be in (0, 1]"
+    if table is not None and (not isinstance(table, list) or len(table) < 2
+                              or not all(isinstance(v, (int, float)) and math.isfinite(v) for v in table)):
+        return "inference.unknown.val_quantiles must be a list of finite numbers"
+    name = entry.get("file")
+    if entry["score"] in FEATURE_SCORES and (not isinstance(name, str) or "/" in name or "\\" in name
+                                             or name in ("", ".", "..")):
+        return "inference.unknown.file must be a plain file name in the model directory"
+    layers = entry.get("layers")
+    if layers is not None and (not isinstance(layers, list) or not all(isinstance(n, str) and n for n in layers)):
+        return "inference.unknown.layers must be a list of module names"
+    return None
 
 
 def _reader(tp: Any, where: str) -> Callable[[Any], Any]:

@@ -51,6 +51,8 @@ def add_parsers(sub) -> None:
                                    "a class, else the predicted class)")
     p.add_argument("--lr", type=float, default=0.01, help="learning rate of the one SGD step shown (default 0.01)")
     p.add_argument("--json-out", help="with --steps: also write every number and array shown as JSON to this file")
+    p.add_argument("--neighbours", "--neighbors", type=int, metavar="K",
+                   help="also show the K training images nearest to it in feature space (<out>-neighbours.png)")
     add_json_option(p)
     p.set_defaults(func=cmd_explain)
 
@@ -170,14 +172,28 @@ def cmd_explain(args) -> int:
         raise ConfigError("--label and --json-out need --steps")
     if not args.lr > 0:
         raise ConfigError("--lr must be positive")
+    if args.neighbours is not None and not 1 <= args.neighbours <= 50:
+        raise ConfigError("--neighbours must be between 1 and 50")
     clf = Classifier.load(args.model, which=args.which, device=args.device)
+    finder = None
+    if args.neighbours:  # before the explanation's work: a model without a bank fails in one line at once
+        from imgrec.eval.neighbours import Neighbours
+        finder = Neighbours(clf, args.model)
     result = explain(clf, args.image, target=args.target, steps=args.steps, label=args.label, lr=args.lr)
     out = Path(args.out) if args.out else Path(f"{Path(args.image).stem}-explain.png")
     atomic_write_bytes(out, plots.steps_figure(result) if args.steps else plots.explain_figure(result))
+    nb_out = None
+    if finder is not None:
+        result["neighbours"] = finder.lookup(clf.load_image(args.image)[None], args.neighbours)[0]
+        nb_out = out.with_name(out.stem + "-neighbours.png")
+        atomic_write_bytes(nb_out, plots.neighbours_figure(result["image"], result["predicted"], result["neighbours"]))
     summary = {"image": str(args.image), "out": str(out), "predicted": result["predicted"],
                "probability": result["predicted_probability"], "target": result["target"],
                "target_probability": result["target_probability"], "method": result["method"],
                "layer": result["layer"]}
+    if nb_out is not None:
+        summary["neighbours"] = [{k: v for k, v in nb.items() if k != "image"} for nb in result["neighbours"]]
+        summary["neighbours_out"] = str(nb_out)
     if "training" in result:
         t = result["training"]
         summary.update(label=t["label"], label_source=t["label_source"], loss=t["loss"], step=dict(t["step"]))
@@ -192,6 +208,9 @@ def cmd_explain(args) -> int:
         about = "" if result["target_index"] == result["predicted_index"] else \
             f"; explaining {result['target']} ({result['target_probability'] * 100:.1f}%)"
         print(f"{args.image}: {result['predicted']} ({result['predicted_probability'] * 100:.1f}%){about} → {out}")
+        if nb_out is not None:
+            near = ", ".join(f"{nb['label']} ({nb['similarity']:.2f})" for nb in result["neighbours"])
+            print(f"nearest training images: {near} → {nb_out}")
     if not result["heatmap"].any():
         print(f"imgrec: note: no positive evidence for {result['target']} in {result['layer']}; the heat map is empty",
               file=sys.stderr)

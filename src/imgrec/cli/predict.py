@@ -35,6 +35,12 @@ def add_parsers(sub) -> None:
     p.add_argument("--threshold", action="append", metavar="T|LABEL=T",
                    help="multi-label models: decision threshold in 0..1 for every label (0.3) or one label "
                         "(dog=0.3); repeatable; default: the thresholds chosen on the validation split")
+    p.add_argument("--accept-rate", type=float, metavar="RATE",
+                   help="share of in-distribution images to answer: images whose out-of-distribution score is "
+                        "lower than that share of the validation images' are answered \"unknown\" (default: "
+                        "the rate the model was trained with, 0.95)")
+    p.add_argument("--no-unknown", action="store_true",
+                   help="always name one of the classes, never \"unknown\"")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:N, mps")
     p.add_argument("--amp", default="auto", choices=("auto", "bf16", "fp16", "none"),
@@ -45,9 +51,11 @@ def add_parsers(sub) -> None:
                    help="threads decoding images while the model runs (default: one per core; 0: no pipeline)")
     p.add_argument("--on-bad-image", default="report", choices=("report", "skip", "fail"), help=BAD_IMAGE_HELP)
     p.add_argument("--json", action="store_true",
-                   help='print [{"file", "predictions": [{"label", "score"}], "input_notes": [...]}]; an '
-                        'unreadable file has "error" and no predictions')
-    p.add_argument("--csv", help="write file,rank,label,score,error,input_notes rows to this CSV file")
+                   help='print [{"file", "predictions": [{"label", "score"}], "input_notes": [...]}] (with '
+                        '"unknown" and "ood_score" when the model answers unknown); an unreadable file has '
+                        '"error" and no predictions')
+    p.add_argument("--csv", help="write file,rank,label,score,error,input_notes(,unknown,ood_score) rows to this "
+                                 "CSV file")
     p.add_argument("--verbose", action="store_true", help="print the table even with --csv")
     p.set_defaults(func=cmd_predict)
 
@@ -59,12 +67,18 @@ def cmd_predict(args) -> int:
     if args.top_k is not None and args.top_k < 1:
         raise ConfigError("--top-k must be at least 1")
     clf = load_classifier(args.model, backend=args.backend, device=args.device, amp=args.amp)
-    multilabel = getattr(clf, "multilabel", False)
+    multilabel = clf.multilabel
     if multilabel and args.top_k is not None:
         from imgrec.infer.multilabel import top_k_error
         raise top_k_error()
     if args.threshold:
         clf.set_thresholds(args.threshold)  # a single-label model refuses in one line
+    if args.no_unknown and args.accept_rate is not None:
+        raise ConfigError("--accept-rate and --no-unknown contradict each other: give one")
+    if args.no_unknown:
+        clf.set_accept_rate(None)
+    elif args.accept_rate is not None:
+        clf.set_accept_rate(args.accept_rate)  # a model without an out-of-distribution score refuses in one line
     args.top_k = 5 if args.top_k is None else args.top_k
     try:
         # report and skip both go on past an unreadable file; they differ only in the exit code
@@ -99,8 +113,18 @@ def _notes(r: dict) -> str:
     return "; ".join(r.get("input_notes") or [])
 
 
+def _answer(r: dict) -> str:
+    """The answer column: "unknown (score s)" for an image unlike the training images, else the top label."""
+    if "error" in r:
+        return "-"
+    if r.get("unknown"):
+        return f"unknown (score {r['ood_score']:.4g})"
+    return r["predictions"][0]["label"] if r["predictions"] else "-"
+
+
 def format_table(results: list[dict], top_k: int) -> str:
     width = max([len(r["predictions"]) for r in results] + [1])
+    answers = any("unknown" in r for r in results)  # the model answers "unknown": one more column
     rows = []
     for r in results:
         if "error" in r:
@@ -108,8 +132,8 @@ def format_table(results: list[dict], top_k: int) -> str:
         else:
             cells = [f"{p['label']} ({p['score'] * 100:.1f}%)" for p in r["predictions"]]
             cells += [""] * (width - len(cells))
-        rows.append([r["file"]] + cells)
-    header = ["file"] + [f"top {i}" for i in range(1, min(top_k, width) + 1)]
+        rows.append([r["file"]] + ([_answer(r)] if answers else []) + cells)
+    header = ["file"] + (["answer"] if answers else []) + [f"top {i}" for i in range(1, min(top_k, width) + 1)]
     if any(r.get("input_notes") for r in results):
         header.append("input notes")
         rows = [row + [_notes(r)] for row, r in zip(rows, results)]
@@ -129,17 +153,21 @@ def format_labels(results: list[dict]) -> str:
 
 
 def write_csv(path: str, results: list[dict]) -> None:
-    """``file,rank,label,score,error,input_notes`` rows (one per label; one row with the reason and no label
+    """``file,rank,label,score,error,input_notes`` rows, and ``unknown,ood_score`` when the model answers
+    "unknown" (one row per label; one row with the reason and no label
     for an unreadable file), written atomically (without importing PyTorch: the ONNX Runtime path)."""
     from imgrec.safeio import atomic_write_text
 
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
-    w.writerow(["file", "rank", "label", "score", "error", "input_notes"])
+    unknown = any("unknown" in r for r in results)  # two more columns when the model answers "unknown"
+    w.writerow(["file", "rank", "label", "score", "error", "input_notes"] + (["unknown", "ood_score"] if unknown else []))
     for r in results:
+        extra = [str(r["unknown"]).lower(), f"{r['ood_score']:.6g}"] if unknown and "unknown" in r else \
+            (["", ""] if unknown else [])
         if "error" in r:
-            w.writerow([r["file"], "", "", "", r["error"], ""])
+            w.writerow([r["file"], "", "", "", r["error"], ""] + extra)
             continue
         for i, p in enumerate(r["predictions"], 1):
-            w.writerow([r["file"], i, p["label"], f"{p['score']:.6f}", "", _notes(r)])
+            w.writerow([r["file"], i, p["label"], f"{p['score']:.6f}", "", _notes(r)] + extra)
     atomic_write_text(path, buf.getvalue())

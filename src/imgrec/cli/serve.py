@@ -27,6 +27,11 @@ def add_parsers(sub) -> None:
     g.add_argument("--queue-size", type=int, default=128,
                    help="images waiting for the model before requests get 503 (default 128)")
     g.add_argument("--timeout-s", type=float, default=10.0, help="per-request time limit → 504 (default 10)")
+    g = p.add_argument_group("answers")
+    g.add_argument("--accept-rate", type=float, metavar="RATE",
+                   help="share of in-distribution images to answer; images less like the training images than "
+                        "that share of the validation images get \"unknown\": true (default: the model's, 0.95)")
+    g.add_argument("--no-unknown", action="store_true", help="never answer \"unknown\"")
     g = p.add_argument_group("processes")
     g.add_argument("--workers", type=int, default=1, help="server processes, each with its own model (default 1)")
     g.add_argument("--threads", type=int, help="PyTorch threads per worker (default: CPU cores / workers)")
@@ -46,7 +51,10 @@ def cmd_serve(args) -> int:
         raise ConfigError(f"serving needs {e.name}: pip install 'imgrec[serve]'") from None
 
     settings = ServeSettings(max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, max_upload_mb=args.max_upload_mb,
-                             max_files=args.max_files, queue_size=args.queue_size, timeout_s=args.timeout_s)
+                             max_files=args.max_files, queue_size=args.queue_size, timeout_s=args.timeout_s,
+                             accept_rate=args.accept_rate, unknown=not args.no_unknown)
+    if args.no_unknown and args.accept_rate is not None:
+        raise ConfigError("--accept-rate and --no-unknown contradict each other: give one")
     try:
         serve(args.model, settings, host=args.host, port=args.port, workers=args.workers, which=args.which,
               device=args.device, threads=args.threads, backend=args.backend, log_level=args.log_level,

@@ -21,7 +21,7 @@ TRAIN_OPTIONS = {
     "class_weights": "class_weights", "class_weight_beta": "class_weight_beta", "sampler": "sampler",
     "logit_adjust": "logit_adjust", "best_metric": "best_metric", "long_tail": "long_tail",
     "reweight_from": "reweight_from", "logit_adjust_loss": "logit_adjust_loss", "time_budget": "time_budget",
-    "calibrate": "calibrate",
+    "calibrate": "calibrate", "unknown": "unknown", "accept_rate": "accept_rate",
 }
 
 
@@ -70,6 +70,10 @@ def add_parsers(sub) -> None:
     bool_flag(g, "tta", "average predictions over the image and its mirror")
     bool_flag(g, "calibrate", "fit a temperature on the validation split after training so that scores say how "
                               "sure the model is (default: on; --no-calibrate keeps the raw softmax scores)")
+    bool_flag(g, "unknown", "fit an out-of-distribution score after training, so that predict and serve answer "
+                            "\"unknown\" for images unlike the training images (default: on)")
+    g.add_argument("--accept-rate", type=float, metavar="RATE",
+                   help="share of validation images answered rather than called unknown (default 0.95)")
     g.add_argument("--grad-clip", type=float)
     g.add_argument("--patience", type=int, help="early stopping after N epochs without val improvement")
     g.add_argument("--time-budget", type=_duration, metavar="DURATION",

@@ -364,6 +364,16 @@ def _train(cfg: RunConfig, out: Path, *, resume: bool, overwrite: bool, progress
         # validation split streamed from shards (too big for memory) is not held here, so none is fitted then
         summary["temperature"] = choose_temperature(out, bundle, meta, device, t.amp)
         on_save(trainer)
+    if t.unknown and bundle.task != "multilabel" and len(bundle.val) and hasattr(bundle.train, "images"):
+        # after the temperature (the score of msp and energy is read through it); the statistics come from
+        # training images, the threshold from the validation images, never from the test split
+        if len(bundle.val) < MIN_UNKNOWN_VAL:
+            if progress:
+                print(f"note: {len(bundle.val)} validation images are too few to choose an \"unknown\" threshold "
+                      f"(at least {MIN_UNKNOWN_VAL}); this model always names one of its classes", file=sys.stderr)
+        else:
+            summary["unknown_threshold"] = choose_unknown(out, bundle, meta, device, t.amp, t.accept_rate)
+            on_save(trainer)
     if bundle.task == "multilabel":
         extra = choose_val_thresholds(out, bundle, meta, device, t.amp)
         summary.update(task="multilabel", **extra)
@@ -414,6 +424,25 @@ def choose_temperature(out: Path, bundle: DataBundle, meta: ModelMeta, device: t
     logits = clf.logits(bundle.val.images, EVAL_BATCH_SIZE)  # raw: Classifier.logits never divides by T
     meta.inference["temperature"] = temperature_entry(logits, bundle.val.labels, "val")
     return float(meta.inference["temperature"]["T"])
+
+
+MIN_UNKNOWN_VAL = 20  # validation images below which no "unknown" threshold is chosen: its quantile would be noise
+
+
+def choose_unknown(out: Path, bundle: DataBundle, meta: ModelMeta, device: torch.device, amp: str,
+                   accept_rate: float) -> float:
+    """The "unknown" answer: the out-of-distribution score's statistics fitted on the training images (written
+    to the model directory), its threshold chosen on the validation split to answer ``accept_rate`` of it;
+    stored in ``meta.inference["unknown"]`` (written with the next save), and the bank of training features
+    for the nearest-training-images lookup (``meta.inference["neighbours"]``). Returns the threshold."""
+    from imgrec.infer.predictor import Classifier
+    from imgrec.infer.unknown import fit_unknown
+    clf = Classifier.load(out, device=str(device), amp=amp)
+    neighbours: dict = {}  # the nearest-training-images bank, from the same forward pass
+    meta.inference["unknown"] = fit_unknown(clf, out, bundle.train.images, bundle.train.labels, bundle.val.images,
+                                            accept_rate=accept_rate, neighbours=neighbours)
+    meta.inference["neighbours"] = neighbours
+    return float(meta.inference["unknown"]["threshold"])
 
 
 def choose_val_thresholds(out: Path, bundle: DataBundle, meta: ModelMeta, device: torch.device, amp: str) -> dict:

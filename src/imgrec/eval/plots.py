@@ -198,6 +198,26 @@ def explain_figure(result: dict[str, Any]) -> bytes:
     return to_png(fig, dpi=110)
 
 
+def neighbours_figure(image: np.ndarray, predicted: str, neighbours: list[dict[str, Any]]) -> bytes:
+    """The input beside its nearest training images (label and cosine similarity under each)."""
+    n = len(neighbours) + 1
+    fig = Figure(figsize=(1.7 * n, 2.3))
+    axes = fig.subplots(1, n)
+    axes = list(np.atleast_1d(axes))
+    _show_image(axes[0], image)
+    axes[0].set_title(f"input\npredicted {_short(predicted, 16)}", fontsize=8)
+    for ax in axes[0].spines.values():
+        ax.set_edgecolor("#1d4ed8")
+        ax.set_linewidth(2)
+    for ax, nb in zip(axes[1:], neighbours):
+        _show_image(ax, nb["image"])
+        ax.set_title(f"{_short(nb['label'], 16)}\ncos {nb['similarity']:.3f}", fontsize=8)
+        ax.set_xlabel(f"train #{nb['index']}", fontsize=7)
+    fig.suptitle("nearest training images in feature space", fontsize=10)
+    fig.tight_layout()
+    return to_png(fig, dpi=110)
+
+
 def mosaic(maps: np.ndarray, ncols: int, pad: int = 1, normalize: str = "signed") -> np.ndarray:
     """Tile N×h×w maps into one 2-D array, each tile scaled on its own (``signed``: to -1..1 around 0;
     ``positive``: to 0..1), gaps NaN (drawn as the background). One imshow for many maps is far faster

@@ -112,6 +112,29 @@ def _example(i: int, data, classes: list[str], pred: np.ndarray, conf: np.ndarra
             "path": data.paths[i] if data.paths is not None else None}
 
 
+GALLERY_NEIGHBOURS = 3  # nearest training images under each misclassified one
+
+
+def _add_neighbours(gallery: list[dict], clf, data, model_dir, bundle) -> None:
+    """Under each misclassified image, its nearest training images in feature space (label, similarity), when
+    the model directory has the bank (imgrec.infer.neighbours): a mistake next to training images of the
+    predicted class often shows why it was made, or a mislabelled training image. Models without the bank
+    get the gallery alone."""
+    if not gallery or model_dir is None or not clf.meta.inference.get("neighbours"):
+        return
+    from imgrec.errors import ImgrecError
+    from imgrec.eval.neighbours import Neighbours
+    try:
+        finder = Neighbours(clf, model_dir, bundle.train.images if bundle is not None and bundle.train is not None
+                            else None)
+        found = finder.lookup(data.images[[e["index"] for e in gallery]], GALLERY_NEIGHBOURS)
+    except ImgrecError:  # the bank or the training data is not readable here: the gallery alone
+        return
+    for e, near in zip(gallery, found):
+        e["neighbours"] = [{"image": image_data_uri(torch.from_numpy(nb["image"]).permute(2, 0, 1)),
+                            "label": nb["label"], "similarity": nb["similarity"], "index": nb["index"]} for nb in near]
+
+
 def _class_samples(split, classes: list[str], per_class: int) -> list[dict]:
     """The first ``per_class`` images of each class of a split (first, not random: the report is reproducible)."""
     labels = split.labels.numpy()
@@ -230,6 +253,7 @@ def build_report(clf, data, *, bundle=None, split: str = "test", data_name: str 
     # worst first: the most confident mistakes are the most surprising ones (ties: lower index first)
     wrong = wrong[np.lexsort((wrong, -conf[wrong]))]
     gallery = [_example(int(i), data, classes, pred, conf, probs) for i in wrong[:max_gallery]]
+    _add_neighbours(gallery, clf, data, model_dir, bundle if data_name == clf.meta.data.get("source") else None)
     pairs = []
     for i, j, count in _confused_pairs(cm, max_pairs):
         idx = np.nonzero((y == i) & (pred == j))[0]

@@ -1,17 +1,19 @@
-"""Prediction: the runtime (model directory → module → logits), ``Classifier`` (PyTorch), ``OnnxClassifier``
-(ONNX Runtime, imgrec.infer.ort), ``load_classifier`` (either, by backend) and ``export``. Imports no training code.
+"""Prediction: the runtime (model directory → module → logits), ``Predictor`` (the API both backends give,
+imgrec.infer.base), ``Classifier`` (PyTorch), ``OnnxClassifier`` (ONNX Runtime, imgrec.infer.ort),
+``load_classifier`` (either, by backend) and ``export``. Imports no training code.
 
 The names are imported on first use, so that a submodule that needs no PyTorch (the ONNX Runtime path:
-imgrec.infer.ort, imgrec.infer.backends, imgrec.infer.files) can be imported alone.
+imgrec.infer.base, imgrec.infer.ort, imgrec.infer.backends, imgrec.infer.files) can be imported alone.
 """
 from __future__ import annotations
 
 import importlib
 
-__all__ = ["Classifier", "OnnxClassifier", "load_classifier"]
+__all__ = ["BasePredictor", "Classifier", "OnnxClassifier", "Predictor", "load_classifier"]
 
 _EXPORTS = {"Classifier": "imgrec.infer.predictor", "OnnxClassifier": "imgrec.infer.ort",
-            "load_classifier": "imgrec.infer.backends"}
+            "load_classifier": "imgrec.infer.backends", "Predictor": "imgrec.infer.base",
+            "BasePredictor": "imgrec.infer.base"}
 
 
 def __getattr__(name: str):

@@ -1,16 +1,21 @@
 """Choose a prediction backend: ``load_classifier("runs/x")`` (PyTorch) or ``load_classifier("model.onnx")`` /
 ``load_classifier("runs/x", backend="onnxruntime")`` (ONNX Runtime, without importing PyTorch).
 
-Both return an object with the same prediction API (``predict``, ``predict_files``, ``probabilities``,
-``logits``, ``classes``, ``image_size``, ``channels``, ``meta``): :class:`imgrec.infer.predictor.Classifier`
-or :class:`imgrec.infer.ort.OnnxClassifier`. This module imports neither backend until it is asked for one.
+Both return a :class:`imgrec.infer.base.Predictor` (``predict``, ``predict_files``, ``probabilities``,
+``logits``, ``classes``, ``multilabel``, ``thresholds``, ``temperature``, ``meta`` …):
+:class:`imgrec.infer.predictor.Classifier` or :class:`imgrec.infer.ort.OnnxClassifier`, both derived from
+:class:`imgrec.infer.base.BasePredictor`. This module imports neither backend until it is asked for one.
 """
 from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from imgrec.errors import ConfigError, ModelFileError
+
+if TYPE_CHECKING:
+    from imgrec.infer.base import Predictor
 
 __all__ = ["BACKENDS", "load_classifier", "onnx_path", "resolve_backend"]
 
@@ -44,7 +49,7 @@ def resolve_backend(model: str | os.PathLike, backend: str = "auto") -> str:
 
 
 def load_classifier(model: str | os.PathLike, backend: str = "auto", which: str = "best", device: str = "auto",
-                    amp: str = "auto", threads: int | None = None):
+                    amp: str = "auto", threads: int | None = None) -> "Predictor":
     """A classifier for a model directory or an exported ``.onnx`` file.
 
     Args:

@@ -66,7 +66,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from imgrec.errors import ConfigError, ModelFileError
-from imgrec.infer.ort import INPUT_NAME, INPUT_SPEC, LOGITS_NAME, ONNX_FORMAT, ONNX_FORMAT_VERSION, PROBS_NAME
+from imgrec.infer.ort import (INPUT_NAME, INPUT_SPEC, LOGITS_NAME, ONNX_FORMAT, ONNX_FORMAT_VERSION, OOD_NAME,
+                              PROBS_NAME)
 from imgrec.infer.runtime import load_model
 from imgrec.modeldir import ModelMeta
 from imgrec.safeio import atomic_path, check_writable
@@ -96,7 +97,7 @@ class ExportGraph(nn.Module):
     """uint8 N×H×W×C pixels → (probabilities, logits): imgrec's preprocessing, the network, flip-TTA, softmax
     (a sigmoid per label for a multi-label model)."""
 
-    def __init__(self, model: nn.Module, meta: ModelMeta):
+    def __init__(self, model: nn.Module, meta: ModelMeta, model_dir: str | os.PathLike | None = None):
         super().__init__()
         self.model = model.eval()
         self.size = int(meta.image_size)
@@ -114,22 +115,49 @@ class ExportGraph(nn.Module):
         # temperature scaling inside the graph, as Classifier.probabilities divides: an exported file gives the
         # calibrated probabilities with no runtime knowing about T; the "logits" output stays undivided
         self.temperature = float(meta.temperature)
+        # the "unknown" answer's score inside the graph (imgrec.infer.unknown), a third output "ood_score";
+        # the threshold and the validation quantiles go into the metadata
+        self.unknown = None
+        if meta.unknown and model_dir is not None:
+            from imgrec.infer.unknown import load_unknown_score
+            self.unknown = load_unknown_score(model_dir, meta.unknown, self.temperature)
+        self.unknown_layers = list((meta.unknown or {}).get("layers") or [])
 
-    def forward(self, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, pixels: torch.Tensor) -> tuple[torch.Tensor, ...]:
         x = pixels.permute(0, 3, 1, 2).to(torch.float32)
         # resize_uint8: antialiased bilinear, then rounded and clamped to whole pixel values
         x = F.interpolate(x, size=(self.size, self.size), mode="bilinear", antialias=True, align_corners=False)
         x = x.round().clamp(0, 255)
         x = (x - self.mean255) / self.std255
-        logits = self.model(x)
+        logits, feats, layers = self._network(x)
         if self.tta_flip:
-            logits = (logits + self.model(x.flip(3))) / 2
+            logits2, feats2, layers2 = self._network(x.flip(3))
+            logits = (logits + logits2) / 2
+            feats = None if feats is None else (feats + feats2) / 2
+            layers = [(a + b) / 2 for a, b in zip(layers, layers2)]
         if self.logit_bias is not None:
             logits = logits + self.logit_bias
         if self.multilabel:
             return torch.sigmoid(logits), logits
         scaled = logits / self.temperature if self.temperature != 1.0 else logits
+        if self.unknown is not None:
+            return torch.softmax(scaled, dim=1), logits, self.unknown(logits, feats, layers)
         return torch.softmax(scaled, dim=1), logits
+
+    def _network(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None, list[torch.Tensor]]:
+        """Logits, and the penultimate features and tapped layers' statistics when the "unknown" score needs
+        them (forward hooks, which the exporter traces like the rest of the call)."""
+        if self.unknown is None:
+            return self.model(x), None, []
+        from imgrec.infer.unknown import LayerTaps
+        with LayerTaps(self.model, self.unknown_layers) as taps:
+            fmap = self.model.forward_features(x)
+        return (self.model.forward_head(fmap), self.model.forward_head(fmap, pre_logits=True).flatten(1),
+                taps.stats())
+
+    @property
+    def output_names(self) -> list[str]:
+        return [PROBS_NAME, LOGITS_NAME] + ([OOD_NAME] if self.unknown is not None else [])
 
 
 @dataclass
@@ -145,6 +173,8 @@ class CheckResult:
     accuracy_exported: float | None = None
     resize_agreement: float | None = None    # folder data: exported graph on the original-size pixels
     resize_n: int = 0
+    max_dood: float | None = None            # max |Δ ood_score| / max(1, |score|), when the graph has the score
+    unknown_agreement: float | None = None   # share of images with the same "unknown" answer
     passed: bool = True
     failures: list[str] = field(default_factory=list)
 
@@ -156,6 +186,9 @@ class CheckResult:
                   f"{self.accuracy_exported * 100:.2f}% (exported)")
         if self.resize_agreement is not None:
             s += f", in-graph resize agreement {self.resize_agreement * 100:.2f}% on {self.resize_n} originals"
+        if self.max_dood is not None:
+            s += (f", ood_score max relative |Δ| {self.max_dood:.1e}, same \"unknown\" answer on "
+                  f"{self.unknown_agreement * 100:.2f}%")
         return s
 
 
@@ -231,7 +264,8 @@ def export_model(model_dir: str | os.PathLike, out: str | os.PathLike | None = N
     if out.is_dir():
         raise ModelFileError(f"{out}: is a directory; give a file name with --out")
     check_writable(out.parent)
-    graph = ExportGraph(model, meta).eval()
+    # the "unknown" score goes into ONNX graphs (a third output); a TorchScript file keeps its two outputs
+    graph = ExportGraph(model, meta, model_dir if fmt == "onnx" else None).eval()
     t0 = time.perf_counter()
     quant: dict[str, Any] = {}
     with atomic_path(out) as tmp:
@@ -252,7 +286,7 @@ def export_model(model_dir: str | os.PathLike, out: str | os.PathLike | None = N
                         leftover.unlink()
         seconds = time.perf_counter() - t0
         log(f"exported {meta.name} to {fmt}{' int8' if int8 else ''} in {seconds:.1f} s; checking against PyTorch")
-        result = check_export(model, meta, tmp, fmt=fmt, int8=int8, data=check_data, data_dir=data_dir,
+        result = check_export(model, meta, tmp, fmt=fmt, int8=int8, data=check_data, data_dir=data_dir, model_dir=model_dir,
                               limit=check_limit, source=source, split=split, on_bad_image=on_bad_image)
         if not result.passed:
             raise ModelFileError(f"{out}: not written: the export does not match PyTorch: {'; '.join(result.failures)}"
@@ -283,7 +317,7 @@ def check_exported(model_dir: str | os.PathLike, path: str | os.PathLike | None 
         int8 = exported.meta.precision == "int8"
         if list(exported.classes) != list(meta.classes) or exported.image_size != meta.image_size:
             raise ModelFileError(f"{path}: exported from another model (classes or input size differ from {model_dir})")
-    return check_export(model, meta, path, fmt=fmt, int8=int8, data=data, data_dir=data_dir, limit=limit,
+    return check_export(model, meta, path, fmt=fmt, int8=int8, data=data, data_dir=data_dir, limit=limit, model_dir=model_dir,
                         source=source, split=split, on_bad_image=on_bad_image)
 
 
@@ -317,6 +351,9 @@ def _metadata(meta: ModelMeta, precision: str, extra: dict | None = None) -> dic
         # the graph's probabilities are already divided by it; imgrec.infer.ort reads it so that eval of the
         # file computes its calibrated numbers from the "logits" output as eval of the model directory does
         "temperature": repr(float(meta.temperature)),
+        # the "unknown" answer: the graph's ood_score output is compared with this threshold (any accept rate:
+        # the validation quantiles); absent when the model has none
+        **({"unknown": json.dumps({k: v for k, v in meta.unknown.items() if k != "file"})} if meta.unknown else {}),
     }
 
 
@@ -336,7 +373,7 @@ def _export_onnx(graph: ExportGraph, meta: ModelMeta, path: Path, model_dir) -> 
         with warnings.catch_warnings(), contextlib.redirect_stdout(noise), torch.no_grad():
             warnings.simplefilter("ignore")
             program = torch.onnx.export(graph, (_example(meta),), dynamo=True, opset_version=OPSET,
-                                        input_names=[INPUT_NAME], output_names=[PROBS_NAME, LOGITS_NAME],
+                                        input_names=[INPUT_NAME], output_names=graph.output_names,
                                         dynamic_shapes={"pixels": dims}, optimize=True, verbose=False)
             program.save(str(path), external_data=False)
     except Exception as e:  # noqa: BLE001 - torch.export/onnx raise many types; one line for the user
@@ -470,13 +507,14 @@ def _check_images(meta: ModelMeta, data, data_dir: str | None, limit: int | None
 def check_export(model: nn.Module, meta: ModelMeta, path: str | os.PathLike, *, fmt: str = "onnx",
                  int8: bool = False, data=None, data_dir: str | None = None, limit: int | None = None,
                  batch_size: int = 256, source: str | None = None, split: str | None = None,
-                 on_bad_image: str | None = None) -> CheckResult:
+                 on_bad_image: str | None = None, model_dir: str | os.PathLike | None = None) -> CheckResult:
     """Run PyTorch (fp32, the model directory's own forward pass) and the exported file at ``path`` over the
-    validation split (or the files in ``data``) and compare top-1 classes and probabilities."""
+    validation split (or the files in ``data``) and compare top-1 classes and probabilities, and the
+    out-of-distribution scores and "unknown" answers when the graph computes them."""
     from imgrec.infer.predictor import Classifier
 
     images, labels, what, originals = _check_images(meta, data, data_dir, limit, source, split, on_bad_image)
-    reference = Classifier(model, meta, device="cpu", amp="none")
+    reference = Classifier(model, meta, device="cpu", amp="none", model_dir=model_dir)
     p_ref = reference.probabilities(images, batch_size)
     run = _runner(path, fmt)
     p_exp = run(images.permute(0, 2, 3, 1).contiguous(), batch_size)
@@ -492,6 +530,8 @@ def check_export(model: nn.Module, meta: ModelMeta, path: str | os.PathLike, *, 
         # what another runtime sees: the original pixels, resized inside the graph
         same = [int(run(torch.from_numpy(o)[None], 1).argmax(1)) == int(t) for o, t in zip(originals, top_ref)]
         res.resize_agreement, res.resize_n = float(np.mean(same)), len(same)
+    if fmt == "onnx" and reference.unknown_score is not None:
+        _check_unknown(res, reference, path, images, batch_size, int8)
     if res.agreement < tol.min_agreement:
         res.failures.append(f"top-1 agreement {res.agreement * 100:.2f}% < {tol.min_agreement * 100:.1f}%")
     if tol.max_dprob is not None and res.max_dprob > tol.max_dprob:
@@ -502,6 +542,23 @@ def check_export(model: nn.Module, meta: ModelMeta, path: str | os.PathLike, *, 
             res.failures.append(f"accuracy drop {drop:.2f} points > {tol.max_accuracy_drop} points")
     res.passed = not res.failures
     return res
+
+
+def _check_unknown(res: CheckResult, reference, path, images: torch.Tensor, batch_size: int, int8: bool) -> None:
+    """Compare the graph's ood_score with PyTorch's (relative to the score's size: Mahalanobis distances run
+    into the hundreds) and the "unknown" answers at the stored threshold."""
+    from imgrec.infer.ort import OnnxClassifier
+    exported = OnnxClassifier(path, device="cpu")
+    if exported.unknown_threshold is None:
+        res.failures.append("the exported graph lacks the ood_score output")
+        return
+    _, ref = reference.scored(images, batch_size)
+    _, exp = exported.scored(images.numpy(), batch_size)
+    res.max_dood = float((np.abs(ref - exp) / np.maximum(1.0, np.abs(ref))).max()) if len(ref) else 0.0
+    t = reference.unknown_threshold
+    res.unknown_agreement = float(((ref < t) == (exp < t)).mean()) if len(ref) else 1.0
+    if not int8 and res.max_dood > FP32_TOLERANCE.max_dprob:
+        res.failures.append(f"max relative |Δ ood_score| {res.max_dood:.2e} > {FP32_TOLERANCE.max_dprob:.0e}")
 
 
 def _runner(path: str | os.PathLike, fmt: str) -> Callable[[torch.Tensor, int], torch.Tensor]:

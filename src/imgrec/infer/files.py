@@ -112,9 +112,13 @@ def decode_with_notes(decode: Callable[[Path], Any], meta: Any) -> Callable[[Pat
     return run
 
 
-def add_results(out: FilePredictions, files: list[Path], preds: list, notes: list[list[str]]) -> None:
-    """Append one ``{"file", "predictions", "input_notes"}`` per predicted file."""
-    out.results += [{"file": str(f), "predictions": p, "input_notes": n} for f, p, n in zip(files, preds, notes)]
+def add_results(out: FilePredictions, files: list[Path], preds: list, notes: list[list[str]],
+                flags: list[dict] | None = None) -> None:
+    """Append one ``{"file", "predictions", "input_notes"}`` per predicted file, with ``"unknown"`` and
+    ``"ood_score"`` when the model answers "unknown" (``flags``, from ``BasePredictor.mark_unknown``)."""
+    flags = flags or [{} for _ in files]
+    out.results += [{"file": str(f), "predictions": p, "input_notes": n, **u}
+                    for f, p, n, u in zip(files, preds, notes, flags)]
 
 
 def usable_cores() -> int:

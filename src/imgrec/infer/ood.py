@@ -18,12 +18,17 @@ from __future__ import annotations
 
 import numpy as np
 
-__all__ = ["SCORES", "FEATURE_SCORES", "OodStats", "fit_stats", "score", "threshold_for_accept_rate",
-           "auroc", "fpr_at_tpr"]
+__all__ = ["SCORES", "FEATURE_SCORES", "DEFAULT_SCORE", "DEFAULT_ACCEPT_RATE", "STATS_FILE", "OodStats",
+           "fit_stats", "score", "threshold_for_accept_rate", "quantile_table", "threshold_from_table",
+           "unknown_entry", "save_stats", "load_stats", "auroc", "fpr_at_tpr"]
 
-SCORES = ("msp", "energy", "knn", "mahalanobis")
-FEATURE_SCORES = ("knn", "mahalanobis")  # the scores that need the penultimate features
+SCORES = ("msp", "energy", "knn", "mahalanobis")  # computed here; model.json may also name imgrec.infer.unknown's
+FEATURE_SCORES = ("knn", "mahalanobis")           # multi-layer "mahalanobis_layers" (modeldir.OOD_SCORES)
 KNN_K = 10  # neighbours; with a bank of a few thousand images k=10 ranks like Sun et al.'s k=50 on 50,000
+DEFAULT_SCORE = "mahalanobis"  # the best mean AUROC of the four on the far-OOD sets (benchmarks/confidence.py)
+DEFAULT_ACCEPT_RATE = 0.95  # share of validation images answered (not "unknown") at the stored threshold
+STATS_FILE = "ood.safetensors"  # in the model directory: what the feature scores need, no pickle
+TABLE_POINTS = 201  # validation-score quantiles kept in model.json: any accept rate maps to a threshold
 BANK_MAX = 10_000  # training images kept in the feature bank (stride-subsampled; float16: 10,000 × D × 2 bytes)
 
 
@@ -109,6 +114,64 @@ def threshold_for_accept_rate(in_scores: np.ndarray, accept_rate: float) -> floa
     if not 0.0 < accept_rate <= 1.0:
         raise ValueError(f"accept rate must be in (0, 1], got {accept_rate}")
     return float(np.quantile(np.asarray(in_scores, np.float64), 1.0 - accept_rate, method="lower"))
+
+
+def quantile_table(in_scores: np.ndarray, points: int = TABLE_POINTS) -> list[float]:
+    """The validation scores' quantiles at ``points`` evenly spaced levels 0..1 (level q: the score below
+    which a share q of them lie), so that a threshold for any accept rate is read off later without the
+    validation images."""
+    q = np.quantile(np.asarray(in_scores, np.float64), np.linspace(0.0, 1.0, points))
+    return [float(v) for v in q]
+
+
+def threshold_from_table(table: list[float], accept_rate: float) -> float:
+    """The threshold that accepts ``accept_rate`` of the validation images, interpolated in the table."""
+    if not 0.0 < accept_rate <= 1.0:
+        raise ValueError(f"accept rate must be in (0, 1], got {accept_rate}")
+    levels = np.linspace(0.0, 1.0, len(table))
+    return float(np.interp(1.0 - accept_rate, levels, np.asarray(table, np.float64)))
+
+
+def unknown_entry(kind: str, val_scores: np.ndarray, accept_rate: float, n_fit: int) -> dict:
+    """``model.json``'s ``inference.unknown``: the score, its threshold for ``accept_rate`` on the
+    validation split, the quantile table that gives any other rate, and where the statistics are."""
+    table = quantile_table(val_scores)
+    entry = {"score": kind, "accept_rate": float(accept_rate), "threshold": threshold_from_table(table, accept_rate),
+             "val_quantiles": table, "fitted_on": f"train ({n_fit} images)", "chosen_on": f"val ({len(val_scores)} images)"}
+    if kind in FEATURE_SCORES or kind == "mahalanobis_layers":
+        entry["file"] = STATS_FILE
+    return entry
+
+
+def save_stats(path, stats: OodStats) -> None:
+    """The statistics as a safetensors file, written atomically."""
+    from safetensors.numpy import save
+    from imgrec.safeio import atomic_write_bytes
+    atomic_write_bytes(path, save({k: np.ascontiguousarray(v) for k, v in stats.arrays().items()}))
+
+
+def load_stats(path, kind: str) -> OodStats:
+    """The statistics ``kind`` needs from a safetensors file (nothing is unpickled); ModelFileError in one
+    line for a missing, corrupt or inconsistent file."""
+    from safetensors import SafetensorError
+    from safetensors.numpy import load_file
+    from imgrec.errors import ModelFileError
+    try:
+        arrays = load_file(str(path))
+    except FileNotFoundError:
+        raise ModelFileError(f"{path}: the out-of-distribution statistics are missing") from None
+    except (SafetensorError, OSError, ValueError) as e:
+        raise ModelFileError(f"{path}: corrupt out-of-distribution statistics ({str(e).splitlines()[0]})") from None
+    stats = OodStats(arrays.get("bank"), arrays.get("means"), arrays.get("precision"))
+    need = {"knn": ("bank",), "mahalanobis": ("means", "precision")}.get(kind, ())
+    missing = [k for k in need if getattr(stats, k) is None]
+    if missing:
+        raise ModelFileError(f"{path}: lacks {', '.join(missing)} (the {kind} score needs it)")
+    if kind == "mahalanobis":
+        d = stats.means.shape[-1]
+        if stats.means.ndim != 2 or stats.precision.shape != (d, d) or not np.isfinite(stats.precision).all():
+            raise ModelFileError(f"{path}: means and precision do not fit together")
+    return stats
 
 
 def auroc(in_scores: np.ndarray, out_scores: np.ndarray) -> float:

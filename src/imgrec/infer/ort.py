@@ -21,20 +21,19 @@ the same kind, so ``imgrec eval`` and the server use either backend unchanged.
 """
 from __future__ import annotations
 
-import io
+import contextlib
 import json
 import os
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 import numpy as np
 
-from imgrec.errors import ConfigError, ImageDecodeError, ModelFileError
-from imgrec.infer.files import (FilePredictions, add_results, check_file_options, cpu_pass_size, cpu_streams,
-                                decode_with_notes, decoded_batches, run_batches, usable_cores)
-from imgrec.infer.multilabel import parse_thresholds, select_labels
+from imgrec.errors import ConfigError, ImageDecodeError, ModelFileError, first_line
+from imgrec.infer.base import BasePredictor, FileRun, as_chw
+from imgrec.infer.files import cpu_pass_size, cpu_streams, usable_cores
 
 __all__ = ["ONNX_FORMAT", "ONNX_FORMAT_VERSION", "OnnxClassifier", "OnnxModelInfo", "check_external_data",
            "read_onnx_info"]
@@ -42,6 +41,7 @@ __all__ = ["ONNX_FORMAT", "ONNX_FORMAT_VERSION", "OnnxClassifier", "OnnxModelInf
 ONNX_FORMAT = "imgrec-onnx"
 ONNX_FORMAT_VERSION = 1
 INPUT_NAME, PROBS_NAME, LOGITS_NAME = "pixels", "probabilities", "logits"
+OOD_NAME = "ood_score"  # the out-of-distribution score ("unknown" below the metadata's threshold), when exported
 INPUT_SPEC = ("pixels: uint8 N×H×W×C (batch, height, width, channels), any N/H/W; C = the model's channels, "
               "RGB order for 3, gray for 1. Outputs: probabilities float32 N×K (softmax), logits float32 N×K. "
               "The graph resizes to image_size × image_size (squash, antialiased bilinear, as imgrec), "
@@ -70,6 +70,7 @@ class OnnxModelInfo:
     export: dict[str, Any] = field(default_factory=dict)
     task: str = "classification"   # "multilabel": the graph's probabilities are per-label sigmoids
     thresholds: list[float] | None = None  # multilabel: per-label decision thresholds (None: 0.5)
+    unknown: dict[str, Any] | None = None  # {"score", "threshold", "accept_rate", "val_quantiles"}: ood_score
 
 
 def _declares_external_data(path: Path) -> bool:
@@ -126,7 +127,7 @@ def check_external_data(path: str | os.PathLike) -> None:
     try:
         proto = onnx.load(str(path), load_external_data=False)
     except Exception as e:  # noqa: BLE001 - protobuf raises DecodeError, RuntimeError, ... for a corrupt file
-        raise ModelFileError(f"{path}: not a readable ONNX file ({_first_line(e)})") from None
+        raise ModelFileError(f"{path}: not a readable ONNX file ({first_line(e)})") from None
     base = Path(os.path.abspath(path)).parent
     root = os.path.realpath(base)
     for tensor in _tensors(proto):
@@ -174,9 +175,10 @@ def read_onnx_info(path: str | os.PathLike, metadata: dict[str, str]) -> OnnxMod
             export=dict(json.loads(metadata.get("export", "{}"))),
             task=str(metadata.get("task", "classification")),
             thresholds=None if metadata.get("thresholds") in (None, "null") else
-            [float(v) for v in json.loads(metadata["thresholds"])])
+            [float(v) for v in json.loads(metadata["thresholds"])],
+            unknown=json.loads(metadata["unknown"]) if metadata.get("unknown") not in (None, "null") else None)
     except (TypeError, ValueError, AttributeError) as e:
-        raise ModelFileError(f"{path}: malformed imgrec metadata ({_first_line(e)})") from None
+        raise ModelFileError(f"{path}: malformed imgrec metadata ({first_line(e)})") from None
     if not isinstance(classes, list) or not info.classes:
         raise ModelFileError(f"{path}: the metadata lists no class names")
     if info.task not in ("classification", "multilabel"):
@@ -184,16 +186,16 @@ def read_onnx_info(path: str | os.PathLike, metadata: dict[str, str]) -> OnnxMod
     if info.thresholds is not None and (len(info.thresholds) != len(info.classes)
                                         or not all(0.0 <= t <= 1.0 for t in info.thresholds)):
         raise ModelFileError(f"{path}: the metadata needs one threshold in 0..1 per class")
+    if info.unknown is not None:
+        from imgrec.modeldir import check_unknown_entry
+        reason = check_unknown_entry({**info.unknown, "file": "graph"})
+        if reason:
+            raise ModelFileError(f"{path}: the metadata's {reason}")
     if not 0 < info.temperature < float("inf"):
         raise ModelFileError(f"{path}: the metadata's temperature must be a positive number")
     if info.channels not in (1, 3) or not 1 <= info.image_size <= 4096:
         raise ModelFileError(f"{path}: bad channels/image_size in the metadata ({info.channels}, {info.image_size})")
     return info
-
-
-def _first_line(e: BaseException) -> str:
-    s = str(e).strip().splitlines()
-    return s[0][:300] if s else type(e).__name__
 
 
 def _providers(device: str) -> list[str]:
@@ -218,8 +220,9 @@ def _new_session(ort, path: Path, threads: int | None, providers: list):
     return ort.InferenceSession(str(path), opts, providers=providers)
 
 
-class OnnxClassifier:
-    """An exported model run by ONNX Runtime, with the prediction API of ``Classifier``.
+class OnnxClassifier(BasePredictor):
+    """An exported model run by ONNX Runtime, with the prediction API of ``Classifier``
+    (imgrec.infer.base.BasePredictor).
 
     Args:
         path: an ``.onnx`` file written by ``imgrec export``.
@@ -242,22 +245,17 @@ class OnnxClassifier:
         try:
             self.session = _new_session(ort, path, threads, _providers(device))
         except Exception as e:  # noqa: BLE001 - ORT raises its own Fail/InvalidGraph/... types
-            raise ModelFileError(f"{path}: ONNX Runtime cannot load it ({_first_line(e)})") from None
+            raise ModelFileError(f"{path}: ONNX Runtime cannot load it ({first_line(e)})") from None
         self.path = path
-        self.meta = read_onnx_info(path, dict(self.session.get_modelmeta().custom_metadata_map))
+        # the temperature is already applied inside the graph; eval reads it
+        self._read_meta(read_onnx_info(path, dict(self.session.get_modelmeta().custom_metadata_map)))
         inputs = {i.name: i for i in self.session.get_inputs()}
         outputs = {o.name for o in self.session.get_outputs()}
         if INPUT_NAME not in inputs or PROBS_NAME not in outputs:
             raise ModelFileError(f"{path}: the graph lacks the '{INPUT_NAME}' input or '{PROBS_NAME}' output")
         self._has_logits = LOGITS_NAME in outputs
-        self.classes: list[str] = list(self.meta.classes)
-        self.image_size = int(self.meta.image_size)
-        self.channels = int(self.meta.channels)
-        self.tta_flip = self.meta.tta_flip
-        self.temperature = self.meta.temperature  # already applied inside the graph; eval reads it
-        self.multilabel = self.meta.task == "multilabel"
-        self.thresholds: list[float] | None = parse_thresholds(None, self.classes, self.meta.thresholds) \
-            if self.multilabel else None
+        if self.unknown and OOD_NAME not in outputs:  # metadata without the graph output: no "unknown"
+            self.unknown, self.unknown_threshold = None, None
         self.device = device
         self.threads = int(threads) if threads else usable_cores()  # ORT's default pool: one thread per core
         self._stream_sessions: dict[int, Any] = {}  # intra-op threads -> a session for predict_files' streams
@@ -266,33 +264,24 @@ class OnnxClassifier:
     def load(cls, path: str | os.PathLike, device: str = "auto", threads: int | None = None) -> "OnnxClassifier":
         return cls(path, device=device, threads=threads)
 
-    @property
-    def name(self) -> str:
-        return self.meta.name
+    # -- inputs: C×H×W uint8 numpy arrays ----------------------------------------------------------
+    # Files, bytes and PIL images are decoded at the model's size (the pixels ``Classifier`` gets); arrays
+    # keep their size (the graph resizes them as ``Classifier`` resizes arrays).
+    def _is_array(self, image: Any) -> bool:
+        # numpy, or a CPU torch tensor (which converts without importing torch here)
+        return not (isinstance(image, (str, os.PathLike, bytes, bytearray, memoryview)) or hasattr(image, "read")
+                    or hasattr(image, "save") and hasattr(image, "mode"))
 
-    # -- inputs --------------------------------------------------------------------------------
-    def load_image(self, image: Any) -> np.ndarray:
-        """One image → C×H×W uint8 numpy array in the model's channels. Files, bytes and PIL images go through
-        imgrec's safe decoder at the model's size (the pixels ``Classifier`` gets); arrays keep their size
-        (the graph resizes them as ``Classifier`` resizes arrays)."""
-        if hasattr(image, "save") and hasattr(image, "mode"):  # PIL: re-encode losslessly, decode safely
-            buf = io.BytesIO()
-            image.save(buf, format="PNG")
-            image = buf.getvalue()
-        if isinstance(image, (str, os.PathLike, bytes, bytearray, memoryview)) or hasattr(image, "read"):
-            from imgrec.data.decode import decode_image
-            return np.ascontiguousarray(decode_image(image, channels=self.channels, size=self.image_size)
-                                        .transpose(2, 0, 1))
-        arr = np.asarray(image)  # numpy, or a CPU torch tensor (which converts without importing torch here)
-        if arr.dtype != np.uint8:
-            raise ImageDecodeError("array images must be uint8")
-        if arr.ndim == 2:
-            arr = arr[None]
-        elif arr.ndim == 3 and arr.shape[-1] in (1, 3, 4) and arr.shape[0] not in (1, 3):
-            arr = arr.transpose(2, 0, 1)
-        if arr.ndim != 3 or arr.shape[0] not in (1, 3, 4):
-            raise ImageDecodeError(f"expected an H×W, H×W×C or C×H×W image, got shape {tuple(arr.shape)}")
-        return np.ascontiguousarray(_convert_channels(arr[:3], self.channels))
+    def _from_array(self, image: Any) -> np.ndarray:
+        arr = np.asarray(image)
+        arr = as_chw(arr, arr.dtype == np.uint8, lambda a: a.transpose(2, 0, 1))
+        return np.ascontiguousarray(_convert_channels(arr, self.channels))
+
+    def _from_decoded(self, hwc: np.ndarray) -> np.ndarray:
+        return np.ascontiguousarray(hwc.transpose(2, 0, 1))
+
+    def _stack(self, images: list) -> np.ndarray:
+        return np.stack(images)
 
     # -- outputs -------------------------------------------------------------------------------
     def _session_for_streams(self, threads: int):
@@ -310,9 +299,7 @@ class OnnxClassifier:
         session = session or self.session
         torch_in = type(batch).__module__.startswith("torch")
         arr = batch.numpy() if torch_in else np.asarray(batch)
-        if arr.dtype != np.uint8 or arr.ndim != 4 or arr.shape[1] != self.channels:
-            raise ImageDecodeError(f"expected an N×{self.channels}×H×W uint8 batch, got {arr.dtype} "
-                                   f"{tuple(arr.shape)}")
+        self._check_batch(arr)
         k = len(self.classes)
         name = LOGITS_NAME if output == LOGITS_NAME and self._has_logits else PROBS_NAME
         outs = []
@@ -328,6 +315,31 @@ class OnnxClassifier:
             return sys.modules["torch"].from_numpy(result)
         return result
 
+    def scored(self, batch_uint8: Any, batch_size: int = 256, session=None):
+        """Probabilities and the graph's ood_score output, from one run per chunk (numpy, or torch in → torch
+        probabilities); ``(probabilities, None)`` when the file has no score or "unknown" is off."""
+        if self.unknown_threshold is None:
+            return self._run(batch_uint8, batch_size, PROBS_NAME, session), None
+        torch_in = type(batch_uint8).__module__.startswith("torch")
+        arr = batch_uint8.numpy() if torch_in else np.asarray(batch_uint8)
+        self._check_batch(arr)
+        session = session or self.session
+        probs, ood = [], []
+        for start in range(0, arr.shape[0], max(1, int(batch_size))):
+            pixels = np.ascontiguousarray(arr[start:start + batch_size].transpose(0, 2, 3, 1))
+            p, s = session.run([PROBS_NAME, OOD_NAME], {INPUT_NAME: pixels})
+            probs.append(p.astype(np.float32, copy=False))
+            ood.append(s.astype(np.float64, copy=False))
+        k = len(self.classes)
+        p = np.concatenate(probs) if probs else np.empty((0, k), np.float32)
+        return (sys.modules["torch"].from_numpy(p) if torch_in else p), \
+            (np.concatenate(ood) if ood else np.empty(0))
+
+    def _check_batch(self, arr: np.ndarray) -> None:
+        if arr.dtype != np.uint8 or arr.ndim != 4 or arr.shape[1] != self.channels:
+            raise ImageDecodeError(f"expected an N×{self.channels}×H×W uint8 batch, got {arr.dtype} "
+                                   f"{tuple(arr.shape)}")
+
     def probabilities(self, batch_uint8: Any, batch_size: int = 256):
         """Softmax probabilities for an N×C×H×W uint8 batch (numpy in → numpy out, torch in → torch out)."""
         return self._run(batch_uint8, batch_size, PROBS_NAME)
@@ -336,64 +348,30 @@ class OnnxClassifier:
         """Logits for an N×C×H×W uint8 batch (what ``imgrec eval`` uses), the type of the input."""
         return self._run(batch_uint8, batch_size, LOGITS_NAME)
 
-    def set_thresholds(self, spec) -> list[float]:
-        """As ``Classifier.set_thresholds``: override a multi-label model's decision thresholds."""
-        if not self.multilabel:
-            raise ConfigError(f"{self.name} is a single-label model: thresholds apply to multi-label models")
-        self.thresholds = parse_thresholds(spec, self.classes, self.thresholds)
-        return self.thresholds
-
-    def topk(self, probs: Any, top_k: int = 5) -> list[list[dict]]:
-        """``[{"label", "score"}]`` per row, highest score first (multi-label: every label at or above its
-        threshold; ``top_k`` does not apply)."""
-        if self.multilabel:
-            return select_labels(probs, self.classes, self.thresholds)
+    def _top(self, probs: Any, k: int) -> tuple[list[list[float]], list[list[int]]]:
         probs = np.asarray(probs)
-        k = max(1, min(int(top_k), len(self.classes)))
         idx = np.argsort(-probs, axis=1, kind="stable")[:, :k]
-        return [[{"label": self.classes[j], "score": float(row[j])} for j in irow] for row, irow in zip(probs, idx)]
+        return np.take_along_axis(probs, idx, axis=1).tolist(), idx.tolist()
 
-    def predict(self, images: Any, top_k: int = 5, batch_size: int = 64):
-        """Top-k ``[{"label", "score"}]`` sorted by score; a list of such lists when given a list of images."""
-        single = not isinstance(images, (list, tuple))
-        items = [images] if single else list(images)
-        if top_k < 1:
-            raise ConfigError("top_k must be at least 1")
-        arrays = [self.load_image(im) for im in items]
-        probs = np.empty((len(arrays), len(self.classes)), np.float32)
-        by_shape: dict[tuple, list[int]] = {}
-        for i, a in enumerate(arrays):  # arrays of other sizes are resized in the graph, one size at a time
-            by_shape.setdefault(a.shape, []).append(i)
-        for idx in by_shape.values():
-            probs[idx] = self.probabilities(np.stack([arrays[i] for i in idx]), batch_size)
-        out = self.topk(probs, top_k)
-        return out[0] if single else out
+    def _file_run(self, batch_size: int):
+        return _ort_streams(self, batch_size)
 
-    def predict_files(self, paths: Iterable[str | os.PathLike], top_k: int = 5, batch_size: int = 64,
-                      on_bad_image: str = "fail", warn: bool = True,
-                      decode_threads: int | None = None) -> FilePredictions:
-        """As ``Classifier.predict_files``: files decoded in parallel while the model runs, in batches; on a CPU
-        several batches at once (one per thread of the session, up to 4: ``imgrec.infer.files.cpu_streams``)
-        on a second session whose runs use one thread each (made on the first call), large images in passes of
-        fewer than ``batch_size`` (``cpu_pass_size``)."""
-        files = check_file_options(paths, top_k, batch_size, on_bad_image)
-        out = FilePredictions()
-        streams, session = 1, self.session
-        if self.session.get_providers()[0] == "CPUExecutionProvider":
-            streams, each = cpu_streams(self.threads)
-            batch_size = cpu_pass_size(self.image_size, batch_size)
-            if streams > 1:
-                session = self._session_for_streams(each)
 
-        def run(items: list) -> tuple[list[list[dict]], list[list[str]]]:  # ORT sessions may run in several threads
-            arrays = np.stack([a for a, _ in items])
-            return self.topk(self._run(arrays, batch_size, PROBS_NAME, session), top_k), [n for _, n in items]
+@contextlib.contextmanager
+def _ort_streams(clf: OnnxClassifier, batch_size: int) -> Iterator[FileRun]:
+    """On a CPU, several batches at once (one per thread of the session, up to 4:
+    ``imgrec.infer.files.cpu_streams``) on a second session whose runs use one thread each (made on the first
+    call), large images in passes of fewer than ``batch_size`` (``cpu_pass_size``)."""
+    streams, session = 1, clf.session
+    if clf.session.get_providers()[0] == "CPUExecutionProvider":
+        streams, each = cpu_streams(clf.threads)
+        batch_size = cpu_pass_size(clf.image_size, batch_size)
+        if streams > 1:
+            session = clf._session_for_streams(each)
 
-        batches = decoded_batches(files, decode_with_notes(self.load_image, self.meta), batch_size, on_bad_image,
-                                  out, warn, decode_threads, ahead=streams + 1)
-        for kept, (preds, notes) in run_batches(batches, run, streams):
-            add_results(out, kept, preds, notes)
-        return out
+    def scored(arrays: np.ndarray):  # ORT sessions may run in several threads
+        return clf.scored(arrays, batch_size, session)
+    yield scored, streams, batch_size
 
 
 def _convert_channels(arr: np.ndarray, channels: int) -> np.ndarray:

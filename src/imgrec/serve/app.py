@@ -97,6 +97,10 @@ class ServeSettings:
     # max_connections are open at once, fewer when the open-file limit is lower, after which uvicorn answers 503
     header_timeout_s: float = 10.0
     max_connections: int = 4096
+    # the "unknown" answer (a model trained with an out-of-distribution score): the share of in-distribution
+    # images to answer (None: the model's own, 0.95 by default), or off
+    accept_rate: float | None = None
+    unknown: bool = True
 
     def __post_init__(self) -> None:
         def positive(name: str, integer: bool = True, zero_ok: bool = False) -> None:
@@ -145,6 +149,12 @@ class PredictResponse(BaseModel):
                                                      "much from the training images (colour into a grey model, a "
                                                      "much larger or smaller size, a far-off aspect ratio); empty "
                                                      "when it does not")
+    unknown: list[bool] | None = Field(None, description="one per image, in upload order: true when the image is "
+                                                          "unlike the training images (its out-of-distribution "
+                                                          "score is below the model's threshold); absent when the "
+                                                          "model has no such score or it is turned off")
+    ood_scores: list[float] | None = Field(None, description="one per image: the out-of-distribution score "
+                                                             "(higher: more like the training images)")
     time_ms: float = Field(description="time the server spent on the request")
 
 
@@ -166,6 +176,9 @@ class ModelInfo(BaseModel):
     task: str = Field("classification", description="classification (top-k labels) or multilabel (every label "
                                                       "whose score reaches its threshold)")
     thresholds: list[float] | None = Field(None, description="multilabel: the decision threshold of each class")
+    unknown: dict[str, Any] | None = Field(None, description="the out-of-distribution score that answers "
+                                                             "\"unknown\": {score, threshold, accept_rate}; null "
+                                                             "when off")
 
 
 class Status(BaseModel):
@@ -216,14 +229,16 @@ class _ServerState:
         self.ready = False
         self.batcher = Batcher(self._forward, settings.max_batch, settings.max_wait_ms / 1000, settings.queue_size)
 
-    def _forward(self, batch: torch.Tensor | np.ndarray) -> list[tuple[list[float], list[int]]]:
-        """Per image: (scores, class indices), best first, as Python lists (runs in the batcher's thread).
+    def _forward(self, batch: torch.Tensor | np.ndarray) -> list[tuple[list[float], list[int], float | None]]:
+        """Per image: (scores, class indices, out-of-distribution score or None), best first, as Python lists
+        (runs in the batcher's thread).
 
         Sorting and ``tolist`` once per batch here, instead of a ``topk`` per request on the event loop,
         keeps tensor calls (and their GIL hand-offs) off the thread that answers every connection.
         """
         # chunks of max_batch bound memory when one request brings more images than a batch holds
-        probs = self.classifier.probabilities(batch, batch_size=self.settings.max_batch)
+        probs, ood = self.classifier.scored(batch, batch_size=self.settings.max_batch)
+        ood = [None] * len(probs) if ood is None else [float(v) for v in ood]
         k = min(MAX_TOP_K, probs.shape[1])
         if isinstance(probs, np.ndarray):  # ONNX Runtime; a stable sort of -p keeps ties in class order, as torch
             idx = np.argsort(-probs, axis=1, kind="stable")[:, :k]
@@ -231,7 +246,7 @@ class _ServerState:
         else:
             scores, idx = probs.sort(dim=1, descending=True, stable=True)
             scores, idx = scores[:, :k], idx[:, :k]
-        return list(zip(scores.tolist(), idx.tolist()))
+        return list(zip(scores.tolist(), idx.tolist(), ood))
 
     def warm_up(self) -> None:
         """Run the shapes the server will see first, so the first real request is not the slow one."""
@@ -545,9 +560,13 @@ def create_app(classifier, settings: ServeSettings | None = None) -> FastAPI:
     # python-multipart logs a warning for each malformed header it meets; we answer those with 400, and
     # a client sending thousands must not be able to fill the server's log.
     logging.getLogger("python_multipart").setLevel(logging.ERROR)
+    if not settings.unknown:
+        classifier.set_accept_rate(None)
+    elif settings.accept_rate is not None:
+        classifier.set_accept_rate(settings.accept_rate)  # a model without the score refuses in one line
     state = _ServerState(classifier, settings)
     # multi-label: every label at or above its threshold, compared in float32 as the predictors do
-    multilabel = bool(getattr(classifier, "multilabel", False))
+    multilabel = classifier.multilabel
     thresholds = [float(np.float32(t)) for t in classifier.thresholds] if multilabel else None
     static = _load_static()
     swagger = _load_swagger_assets()
@@ -612,13 +631,18 @@ def create_app(classifier, settings: ServeSettings | None = None) -> FastAPI:
         classes = classifier.classes
         if multilabel:  # rows come sorted best first: keep every label at or above its threshold
             predictions = [[{"label": classes[j], "score": sc} for sc, j in zip(scores, idx) if sc >= thresholds[j]]
-                           for scores, idx in rows]
+                           for scores, idx, _ in rows]
         else:
             top_k = 5 if top_k is None else top_k
             predictions = [[{"label": classes[j], "score": sc} for sc, j in zip(scores[:top_k], idx[:top_k])]
-                           for scores, idx in rows]
-        return JSONResponse({"model": classifier.name, "predictions": predictions, "input_notes": notes,
-                             "time_ms": round((time.perf_counter() - t0) * 1000, 3)})
+                           for scores, idx, _ in rows]
+        answer = {"model": classifier.name, "predictions": predictions, "input_notes": notes}
+        flags = classifier.mark_unknown(predictions, None if not rows or rows[0][2] is None else
+                                        np.array([r[2] for r in rows]))
+        if flags and "unknown" in flags[0]:
+            answer.update(unknown=[f["unknown"] for f in flags], ood_scores=[f["ood_score"] for f in flags])
+        answer["time_ms"] = round((time.perf_counter() - t0) * 1000, 3)
+        return JSONResponse(answer)
 
     async def _run_predict(request: Request, body: _Body, t0: float
                            ) -> tuple[list[tuple[list[float], list[int]]], list[list[str]]]:
@@ -674,7 +698,9 @@ def create_app(classifier, settings: ServeSettings | None = None) -> FastAPI:
             "image_size": classifier.image_size, "channels": classifier.channels, "metrics": metrics,
             "limits": {"max_upload_bytes": settings.max_upload_bytes, "max_files": settings.max_files,
                        "max_batch": settings.max_batch, "max_top_k": MAX_TOP_K},
-            "task": "multilabel" if multilabel else "classification", "thresholds": thresholds})
+            "task": "multilabel" if multilabel else "classification", "thresholds": thresholds,
+            "unknown": None if classifier.unknown_threshold is None else
+            {"score": classifier.unknown["score"], "threshold": classifier.unknown_threshold}})
 
     @app.get("/healthz", response_model=Status, tags=["health"], summary="Liveness: the server answers")
     async def healthz():

@@ -39,6 +39,7 @@ function showError(message) {
   $("status").hidden = true;
   $("predictions").hidden = true;
   $("input-notes").hidden = true;
+  $("unknown").hidden = true;
   $("timing").hidden = true;
   $("error").textContent = message;
   $("error").hidden = false;
@@ -49,6 +50,7 @@ function showStatus(message) {
   $("error").hidden = true;
   $("predictions").hidden = true;
   $("input-notes").hidden = true;
+  $("unknown").hidden = true;
   $("timing").hidden = true;
   $("status").textContent = message;
   $("status").hidden = false;
@@ -74,6 +76,17 @@ function showInputNotes(notes) {
     list.append(li);
   }
   list.hidden = notes.length === 0;
+}
+
+// "unknown": the image is unlike the training images (its out-of-distribution score is below the model's
+// threshold); the labels stay listed below as what the model would have said.
+function showUnknown(isUnknown, score) {
+  const el = $("unknown");
+  el.textContent = isUnknown
+    ? `Unknown: this image is unlike the images the model was trained on (score ${score.toPrecision(4)}). ` +
+      "The closest labels are below, but none of them is a reliable answer."
+    : "";
+  el.hidden = !isUnknown;
 }
 
 function showPredictions(predictions, serverMs, totalMs, notes = []) {
@@ -159,6 +172,8 @@ async function classify(file) {
     }
     const notes = Array.isArray(body.input_notes) && Array.isArray(body.input_notes[0]) ? body.input_notes[0] : [];
     showPredictions(body.predictions[0], body.time_ms, performance.now() - started, notes);
+    showUnknown(Array.isArray(body.unknown) && body.unknown[0] === true,
+                Array.isArray(body.ood_scores) ? Number(body.ood_scores[0]) : NaN);
   } catch (err) {
     if (id === requestId) showError("The server could not be reached. Is it still running?");
   } finally {

@@ -1,0 +1,65 @@
+"""``imgrec embed``: feature vectors of images (files, folders, or a labelled split) for search, deduplication
+and clustering (imgrec.infer.embed)."""
+from __future__ import annotations
+
+import sys
+
+from imgrec.cli.common import add_json_option, print_json
+
+
+def add_parsers(sub) -> None:
+    p = sub.add_parser("embed", help="write feature vectors of images for search, dedup or clustering",
+                       description="Write the model's penultimate features (the vector its classifier reads), one "
+                                   "row per image, to a .npy or .safetensors file, with <name>.index.csv "
+                                   "listing the file (and label) of each row. Rows are L2-normalised unless "
+                                   "--raw: a dot product is then a cosine similarity.")
+    p.add_argument("--model", required=True, help="model directory")
+    p.add_argument("inputs", nargs="*", help="image files and folders (searched recursively)")
+    p.add_argument("--data", help="embed a labelled split of this data instead (default: the run's own, with --split)")
+    p.add_argument("--split", choices=("train", "val", "test"), help="the split of --data (or the run's data)")
+    p.add_argument("--out", required=True, help="output file: .npy or .safetensors")
+    p.add_argument("--raw", action="store_true", help="the features as they are, not L2-normalised")
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:N, mps")
+    p.add_argument("--on-bad-image", default="skip", choices=("skip", "fail"),
+                   help="an unreadable file: skip it with a warning (default) or stop (exit 2, nothing written)")
+    add_json_option(p, "print a summary as JSON")
+    p.set_defaults(func=cmd_embed)
+
+
+def cmd_embed(args) -> int:
+    from imgrec.errors import ConfigError
+    from imgrec.infer.embed import Embeddings, embed_files, embed_images, write_embeddings
+    from imgrec.infer.predictor import Classifier
+
+    if bool(args.inputs) == bool(args.data or args.split):
+        raise ConfigError("give image files/folders, or --split (and --data) for a labelled split; not both")
+    clf = Classifier.load(args.model, device=args.device)
+    if args.inputs:
+        emb = embed_files(clf, args.inputs, normalize=not args.raw, batch_size=args.batch_size,
+                          on_bad_image=args.on_bad_image)
+    else:
+        from imgrec.data.dataset import load_run_split
+        from imgrec.data.transforms import convert_channels, resize_uint8
+        s = load_run_split(clf.meta, data=args.data, split=args.split or "test")
+        images = s.data.images
+        if images.shape[-1] != clf.image_size or images.shape[-2] != clf.image_size:
+            images = resize_uint8(images, clf.image_size)
+        images = convert_channels(images, clf.channels)
+        names = [f"{s.split}[{i}]" for i in range(len(images))]
+        files = getattr(s.data, "paths", None)
+        if files is not None and len(files) == len(images):
+            names = [str(f) for f in files]
+        labels = [s.bundle.classes[int(i)] for i in s.data.labels] if s.data.labels.ndim == 1 else None
+        emb = Embeddings(embed_images(clf, images, normalize=not args.raw, batch_size=args.batch_size), names, labels,
+                         classes=list(s.bundle.classes))
+    out, index = write_embeddings(emb, args.out)
+    summary = {"out": str(out), "index": str(index), "rows": int(emb.features.shape[0]),
+               "dim": int(emb.features.shape[1]), "normalized": not args.raw, "skipped": len(emb.skipped)}
+    if args.json:
+        print_json(summary)
+    else:
+        print(f"wrote {summary['rows']} × {summary['dim']} features to {out} (index: {index})")
+    if emb.skipped:
+        print(f"imgrec: warning: {len(emb.skipped)} unreadable file(s) skipped", file=sys.stderr)
+    return 0

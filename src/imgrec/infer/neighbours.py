@@ -1,0 +1,76 @@
+"""The training images closest to an input in feature space: "which training images does this look like?".
+
+``imgrec train`` keeps a bank of the penultimate features (L2-normalised, float16) of up to 10,000 evenly
+strided training images in ``neighbours.safetensors`` — 10,000 × 256 × 2 bytes = 5.1 MB for the default
+Fashion-MNIST model — with each row's index in the training split and its label, and records it in
+``model.json`` (``inference.neighbours``). ``imgrec explain --neighbours K`` and the report's misclassified
+gallery look the nearest rows up (cosine similarity) and show those training images (imgrec.eval.neighbours,
+which reloads the split). Loading runs no code (safetensors); nothing here needs PyTorch.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from imgrec.errors import ModelFileError
+
+__all__ = ["NEIGHBOURS_FILE", "Bank", "write_bank", "load_bank"]
+
+NEIGHBOURS_FILE = "neighbours.safetensors"
+
+
+class Bank:
+    """Unit feature rows, their indices in the training split and their class indices."""
+
+    def __init__(self, features: np.ndarray, index: np.ndarray, labels: np.ndarray):
+        self.features = np.asarray(features, np.float16)
+        self.index = np.asarray(index, np.int64)
+        self.labels = np.asarray(labels, np.int64)
+
+    def __len__(self) -> int:
+        return len(self.index)
+
+    def nearest(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """(similarities, bank rows) of the ``k`` nearest rows to each query (M × D), most similar first."""
+        q = np.asarray(queries, np.float32)
+        q = q / np.maximum(np.linalg.norm(q, axis=1, keepdims=True), 1e-12)
+        sims = q @ self.features.astype(np.float32).T
+        k = max(1, min(int(k), len(self)))
+        rows = np.argsort(-sims, axis=1, kind="stable")[:, :k]
+        return np.take_along_axis(sims, rows, axis=1), rows
+
+
+def write_bank(model_dir: str | Path, features: np.ndarray, index: np.ndarray, labels: np.ndarray) -> dict:
+    """Write the bank atomically; returns the ``inference.neighbours`` entry for ``model.json``."""
+    from safetensors.numpy import save
+    from imgrec.safeio import atomic_write_bytes
+    f = np.asarray(features, np.float32)
+    f = f / np.maximum(np.linalg.norm(f, axis=1, keepdims=True), 1e-12)
+    arrays = {"features": f.astype(np.float16), "index": np.asarray(index, np.int64),
+              "labels": np.asarray(labels, np.int64)}
+    atomic_write_bytes(Path(model_dir) / NEIGHBOURS_FILE, save(arrays))
+    return {"file": NEIGHBOURS_FILE, "split": "train", "rows": int(len(f))}
+
+
+def load_bank(model_dir: str | Path, entry: dict | None) -> Bank:
+    """The bank ``inference.neighbours`` names; ModelFileError in one line when there is none or it is broken."""
+    if not entry:
+        raise ModelFileError(f"{model_dir}: no bank of training features (train it with this imgrec to show the "
+                             "nearest training images)")
+    name = entry.get("file") if isinstance(entry, dict) else None
+    if not isinstance(name, str) or Path(name).name != name or name in ("", ".", ".."):
+        raise ModelFileError(f"{model_dir}: inference.neighbours.file must be a plain file name")
+    path = Path(model_dir) / name
+    from safetensors import SafetensorError
+    from safetensors.numpy import load_file
+    try:
+        a = load_file(str(path))
+        bank = Bank(a["features"], a["index"], a["labels"])
+    except FileNotFoundError:
+        raise ModelFileError(f"{path}: the bank of training features is missing") from None
+    except (SafetensorError, OSError, ValueError, KeyError) as e:
+        raise ModelFileError(f"{path}: corrupt bank of training features ({str(e).splitlines()[0]})") from None
+    if bank.features.ndim != 2 or not (len(bank.features) == len(bank.index) == len(bank.labels)) or len(bank) == 0:
+        raise ModelFileError(f"{path}: the bank's arrays do not fit together")
+    return bank
