@@ -4,6 +4,7 @@ out-of-distribution score tells the model's own kind of images from things it wa
     python benchmarks/confidence.py --model runs/fm                # a trained model directory
     python benchmarks/confidence.py --train fashion-mnist          # trains one with the defaults first
     python benchmarks/confidence.py --near-ood                     # 8 Fashion-MNIST classes known, 2 unknown
+    python benchmarks/confidence.py --small-folder                 # a small folder of mixed photos, defaults
     python benchmarks/confidence.py --model runs/x --out benchmarks/results/confidence.md
 
 For each model: ECE, NLL and Brier on the test split with the raw scores and with the stored temperature;
@@ -209,6 +210,40 @@ def near_ood(root: Path, unknown=(6, 9), extra: list[str] = ()) -> dict:
     return res
 
 
+# -- a small folder as users bring one ----------------------------------------------------------------
+def small_folder(root: Path, per_class: int = 40, test_per_class: int = 100, seed: int = 0) -> dict:
+    """Train with the defaults (no option but --data) on a small ImageFolder tree made from Fashion-MNIST as a
+    user's photos would come: mixed sizes (28-96 px), a third in colour, PNG and JPEG, and the junk files
+    folders carry (.ipynb_checkpoints/, ._x.jpg); measure it as the others."""
+    from imgrec.data.named import load_named
+    x, y = (np.asarray(a) for a in load_named("fashion-mnist", "train"))
+    xt, yt = (np.asarray(a) for a in load_named("fashion-mnist", "test"))
+    data = root / "small"
+    rng = np.random.default_rng(seed)
+    if not (data / ".done").exists():
+        for split, (xs, ys, n) in (("train", (x, y, per_class)), ("test", (xt, yt, test_per_class))):
+            for c in range(10):
+                d = data / split / f"class{c}"
+                d.mkdir(parents=True, exist_ok=True)
+                for i in np.nonzero(ys == c)[0][:n]:
+                    im = Image.fromarray(xs[i])
+                    side = int(rng.integers(28, 97))
+                    im = im.resize((side, side), Image.BILINEAR)
+                    if rng.random() < 1 / 3:
+                        tint = rng.uniform(0.6, 1.0, 3)
+                        im = Image.fromarray((np.asarray(im)[..., None] * tint).astype(np.uint8))
+                    im.save(d / (f"{i}.jpg" if i % 2 else f"{i}.png"), quality=92)
+            (data / split / ".ipynb_checkpoints").mkdir(exist_ok=True)
+            (data / split / "class0" / "._0.jpg").write_bytes(b"\x00\x05\x16\x07 Mac resource fork")
+        (data / ".done").write_text("")
+    out = root / "small-run"
+    if not (out / "model.json").exists():
+        subprocess.run([*IMGREC, "train", "--data", str(data), "--out", str(out), "--overwrite"], check=True)
+    res = evaluate_model(str(out))
+    res["folder"] = f"{per_class} training images per class (10 classes), {test_per_class} test images per class"
+    return res
+
+
 def markdown(results: list[dict]) -> str:
     lines = ["# Confidence: calibration and out-of-distribution scores", "",
              "`python benchmarks/confidence.py` (see its docstring); statistics from the training split, thresholds "
@@ -217,6 +252,9 @@ def markdown(results: list[dict]) -> str:
     for r in results:
         c = r["calibration"]
         lines += [f"## {r['model']} ({r['name']}, test accuracy {r['test_accuracy']:.2%}, T = {r['temperature']:.3f})", "",
+                  *([r["folder"], ""] if "folder" in r else []),
+                  *([f"Known: 8 classes; unknown: the test images of classes {r['unknown_classes']}.", ""]
+                    if "unknown_classes" in r else []),
                   "| | ECE | NLL | Brier |", "|---|---|---|---|",
                   *(f"| {k} | {c[k]['ece']:.4f} | {c[k]['nll']:.4f} | {c[k]['brier']:.4f} |" for k in ("raw", "scaled")), "",
                   f"Feature bank: {r['bank_bytes'] / 1e6:.2f} MB (float16); all statistics {r['stats_bytes'] / 1e6:.2f} MB.", ""]
@@ -242,6 +280,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--model", action="append", default=[], help="a trained model directory (repeatable)")
     ap.add_argument("--train", help="train a model on this data with the defaults first")
     ap.add_argument("--near-ood", action="store_true", help="also run the 8-known / 2-unknown protocol")
+    ap.add_argument("--small-folder", action="store_true", help="also train and measure on a small image folder")
     ap.add_argument("--work", default=None, help="where trained models and folders go (default: a temp dir)")
     ap.add_argument("--n-ood", type=int, default=2000, help="images per far-OOD set")
     ap.add_argument("--out", help="write the markdown table here")
@@ -255,6 +294,8 @@ def main(argv: list[str] | None = None) -> int:
                        check=True)
         models.append(str(out))
     results = [evaluate_model(m, n_ood=a.n_ood) for m in models]
+    if a.small_folder:
+        results.append(small_folder(work))
     if a.near_ood:
         results.append(near_ood(work))
     text = markdown(results)

@@ -53,35 +53,7 @@ class Predictor(Protocol):
     def probabilities(self, batch_uint8: Any, batch_size: int = 256) -> Any: ...
     def scored(self, batch_uint8: Any, batch_size: int = 256) -> tuple[Any, np.ndarray | None]: ...
     def set_accept_rate(self, rate: float | None) -> float | None: ...
-    def scored(self, batch_uint8: Any, batch_size: int = 256) -> tuple[Any, np.ndarray | None]:
-        """Probabilities and, when the model answers "unknown", each image's out-of-distribution score
-        (higher: more like the training images), from one forward pass; ``(probabilities, None)`` otherwise."""
-        return self.probabilities(batch_uint8, batch_size), None
-
-    def set_accept_rate(self, rate: float | None) -> float | None:
-        """The share of in-distribution images to answer (the rest: "unknown"), as measured on the validation
-        split: the threshold is read off the stored quantiles. ``None`` turns "unknown" off. Returns the
-        threshold now in force."""
-        if rate is None:
-            self.unknown_threshold = None
-            return None
-        if not self.unknown:
-            raise ConfigError(f"{self.name} has no out-of-distribution score to answer \"unknown\" with "
-                              "(retrain it with imgrec ≥ this version, or without --no-unknown)")
-        if not 0.0 < rate <= 1.0:
-            raise ConfigError(f"--accept-rate must be in (0, 1], got {rate}")
-        from imgrec.infer.ood import threshold_from_table
-        table = self.unknown.get("val_quantiles")
-        self.unknown_threshold = threshold_from_table(table, rate) if table else float(self.unknown["threshold"])
-        return self.unknown_threshold
-
-    def mark_unknown(self, answers: list[list[dict]], ood: np.ndarray | None) -> list[dict]:
-        """Per image: ``{"unknown": bool, "ood_score": float}`` (empty dicts when "unknown" is off); the
-        top-k answers are kept either way, so a caller can still show what the model would have said."""
-        if ood is None or self.unknown_threshold is None:
-            return [{} for _ in answers]
-        return [{"unknown": bool(s < self.unknown_threshold), "ood_score": float(s)} for s in np.asarray(ood)]
-
+    def mark_unknown(self, answers: list[list[dict]], ood: np.ndarray | None) -> list[dict]: ...
     def set_thresholds(self, spec) -> list[float]: ...
     def topk(self, probs: Any, top_k: int = 5) -> list[list[dict]]: ...
     def predict(self, images: ImageLike | Iterable[ImageLike], top_k: int = 5, batch_size: int = 64): ...
