@@ -6,6 +6,7 @@ a ``--config`` YAML file, then explicit command-line options.
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -89,6 +90,8 @@ class TrainConfig:
     unknown: bool = True               # fit an out-of-distribution score after training and answer "unknown"
                                        # below a threshold chosen on the validation split (single-label only)
     accept_rate: float = 0.95          # share of validation images the "unknown" threshold answers (0..1]
+    tensorboard: str = "auto"          # auto | on | off: event files in <run>/tensorboard/ (auto: when the
+                                       # tensorboard package is installed)
 
 
 @dataclass
@@ -143,6 +146,9 @@ def _set(section, key, value, where) -> None:
         raise ConfigError(f"{where}: unknown setting")
     setattr(section, key, value)
 
+
+TENSORBOARD_MISSING = ("tensorboard is on, but the tensorboard package is not installed: "
+                       "pip install 'imgrec[tensorboard]'")
 
 MAX_CONFIG_BYTES = 1 << 20  # a run config is a few hundred bytes; nothing legitimate comes near 1 MB
 
@@ -215,6 +221,7 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError(f"unknown must be true or false, got {t.unknown!r}")
     if isinstance(t.accept_rate, bool) or not isinstance(t.accept_rate, (int, float)) or not 0 < t.accept_rate <= 1:
         raise ConfigError(f"accept_rate must be in (0, 1], got {t.accept_rate!r}")
+    _validate_tensorboard(t)
     if t.sampler not in ("shuffle", "balanced"):
         raise ConfigError(f"sampler must be shuffle or balanced, got {t.sampler!r}")
     if t.best_metric not in ("auto", "acc", "balanced_acc", "macro_f1"):
@@ -243,3 +250,13 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError(f"time_budget must be a positive number of seconds, got {t.time_budget!r}")
     if cfg.data.long_tail is not None and not cfg.data.long_tail >= 1:
         raise ConfigError(f"long_tail must be an imbalance ratio ≥ 1, got {cfg.data.long_tail}")
+
+
+def _validate_tensorboard(t: TrainConfig) -> None:
+    if isinstance(t.tensorboard, bool):  # YAML 1.1 reads a bare `tensorboard: off` as false
+        t.tensorboard = "on" if t.tensorboard else "off"
+    if t.tensorboard not in ("auto", "on", "off"):
+        raise ConfigError(f"tensorboard must be auto, on or off, got {t.tensorboard!r}")
+    # said now rather than after the data has loaded; find_spec looks for the package without importing it
+    if t.tensorboard == "on" and importlib.util.find_spec("tensorboard") is None:
+        raise ConfigError(TENSORBOARD_MISSING)

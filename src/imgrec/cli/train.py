@@ -21,7 +21,7 @@ TRAIN_OPTIONS = {
     "class_weights": "class_weights", "class_weight_beta": "class_weight_beta", "sampler": "sampler",
     "logit_adjust": "logit_adjust", "best_metric": "best_metric", "long_tail": "long_tail",
     "reweight_from": "reweight_from", "logit_adjust_loss": "logit_adjust_loss", "time_budget": "time_budget",
-    "calibrate": "calibrate", "unknown": "unknown", "accept_rate": "accept_rate",
+    "calibrate": "calibrate", "unknown": "unknown", "accept_rate": "accept_rate", "tensorboard": "tensorboard",
 }
 
 
@@ -119,6 +119,8 @@ def add_parsers(sub) -> None:
     g.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
     g.add_argument("--overwrite", action="store_true", help="replace a finished run in --out")
     g.add_argument("--checkpoint-every", type=int, help="also checkpoint every N steps")
+    bool_flag(g, "tensorboard", "write TensorBoard event files to OUT/tensorboard/ (`tensorboard --logdir runs`); "
+                                "default: on when the tensorboard package is installed")
     add_json_option(g, "print only a JSON summary")
     g.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_train)

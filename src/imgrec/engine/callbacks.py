@@ -1,4 +1,5 @@
-"""Training hooks (Keras-style no-op methods) and the standard callbacks: progress, CSV log, early stopping."""
+"""Training hooks (Keras-style no-op methods) and the standard callbacks: progress, CSV log, TensorBoard event
+files, early stopping."""
 from __future__ import annotations
 
 import csv
@@ -8,6 +9,8 @@ import sys
 import time
 from pathlib import Path
 
+from imgrec.config import TENSORBOARD_MISSING
+from imgrec.errors import ConfigError
 from imgrec.safeio import atomic_write_text
 
 
@@ -84,6 +87,58 @@ class CSVLogger(Callback):
         for row in trainer.history:
             w.writerow({k: (f"{v:.6g}" if isinstance(v, float) else "" if v is None else v) for k, v in row.items()})
         atomic_write_text(self.path, buf.getvalue())
+
+
+def tensorboard_enabled(setting: str | bool) -> bool:
+    """Whether to write TensorBoard event files: ``auto`` when the tensorboard package imports, ``on`` always
+    (a ConfigError naming the pip extra when it does not import), ``off`` never. YAML's bare on/off are bools."""
+    if setting is False or setting == "off":
+        return False
+    try:
+        from torch.utils.tensorboard import SummaryWriter  # noqa: F401 - only whether it imports
+    except ImportError:
+        if setting is True or setting == "on":
+            raise ConfigError(TENSORBOARD_MISSING) from None
+        return False
+    return True
+
+
+class TensorBoardLogger(Callback):
+    """Per-epoch scalars as TensorBoard event files in ``log_dir``, the step being the epoch number as in
+    metrics.csv: train/loss, train/acc, val/loss, val/acc (left out for epochs not validated), lr, images_per_s,
+    epoch_time_s. ``tensorboard --logdir runs`` then shows every run under runs/."""
+
+    TAGS = {"train/loss": "train_loss", "train/acc": "train_acc", "val/loss": "val_loss", "val/acc": "val_acc",
+            "lr": "lr", "images_per_s": "images_per_s", "epoch_time_s": "epoch_time_s"}
+
+    def __init__(self, log_dir: str | Path):
+        self.log_dir = Path(log_dir)
+        self.writer = None
+
+    def on_train_begin(self, trainer):
+        from torch.utils.tensorboard import SummaryWriter
+        if trainer.epoch == 0:
+            # a new run (or --overwrite) starts from nothing: curves of an earlier run in this folder would
+            # otherwise be drawn into the new run's
+            for old in self.log_dir.glob("events.out.tfevents.*"):
+                old.unlink(missing_ok=True)
+        # a resumed run appends a new event file to the same folder. purge_step hides what an interrupted attempt
+        # wrote for the epochs about to run again (written at the epoch end, before its checkpoint was)
+        self.writer = SummaryWriter(str(self.log_dir), purge_step=trainer.epoch + 1)
+
+    def on_epoch_end(self, trainer, epoch, logs):
+        if self.writer is None:
+            return
+        for tag, key in self.TAGS.items():
+            if logs.get(key) is not None:
+                self.writer.add_scalar(tag, float(logs[key]), global_step=logs["epoch"])
+        # at once rather than every 2 minutes: a running TensorBoard shows the epoch, and Ctrl-C loses nothing
+        self.writer.flush()
+
+    def on_train_end(self, trainer):
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = None
 
 
 class EarlyStopping(Callback):

@@ -15,7 +15,8 @@ from imgrec.data.pack import Packed, open_data
 from imgrec.data.stream import StreamLoader, default_workers
 from imgrec.device import cpu_has_fast_bf16, pick_device, set_threads, usable_cores
 from imgrec.engine import distributed
-from imgrec.engine.callbacks import CSVLogger, EarlyStopping, GuardRails, ProgressBar, TimeBudget
+from imgrec.engine.callbacks import (CSVLogger, EarlyStopping, GuardRails, ProgressBar, TensorBoardLogger, TimeBudget,
+                                     tensorboard_enabled)
 from imgrec.engine.trainer import Trainer, seed_everything
 from imgrec.errors import ConfigError
 from imgrec.infer.runtime import resolve_amp
@@ -307,6 +308,8 @@ def _train(cfg: RunConfig, out: Path, *, resume: bool, overwrite: bool, progress
         # the new length is recorded at once, so that --resume continues the same schedule
         callbacks.append(TimeBudget(t.time_budget, enabled=progress, on_change=lambda tr: main and atomic_write_text(
             rd.config, cfg.to_yaml())))
+    if main and tensorboard_enabled(t.tensorboard):
+        callbacks.append(TensorBoardLogger(out / "tensorboard"))
     callbacks += user_callbacks
     trainer = Trainer(model, t, train_loader, val_loader, device=device, amp=amp, channels_last=channels_last,
                       run_dir=out, callbacks=callbacks, on_save=on_save, task=bundle.task, class_weights=weights,
