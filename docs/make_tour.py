@@ -333,6 +333,12 @@ def build(out: Path, work: Path) -> dict:
     predict_text = imgrec(*a).stdout
     commands["predict"] = shown(a)
     pred_torch = read_predictions(work / "predict.csv")
+    # "unknown": an image of none of the classes (random noise), and the threshold the run chose
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (28, 28), dtype=np.uint8)).save(work / "noise.png")
+    a = ["predict", "--model", RUN, "noise.png", "--json"]
+    noise_res = imgrec.json(*a)[0]
+    commands["predict_noise"] = shown(a)
+    unk = json.loads((work / RUN / "model.json").read_text())["inference"].get("unknown") or {}
     a = ["export", "--model", RUN, "--json"]
     exp = imgrec.json(*a, save="export.json")
     commands["export"] = shown(a)
@@ -355,6 +361,22 @@ def build(out: Path, work: Path) -> dict:
     serve_onnx_cmd = shown(["serve", "--model", onnx_path, "--backend", "onnxruntime"])
     serve_block = "\n".join([serve_cmd, f"{serve_onnx_cmd}     # the exported file, without PyTorch",
                              f"curl -F files=@{sample_rel} 'http://127.0.0.1:8000/v1/predict?top_k=3'"])
+
+    if unk and "unknown" in noise_res:
+        top = noise_res["predictions"][0]
+        verdict = ("is answered **unknown**" if noise_res["unknown"] else
+                   "is still accepted here (this small model's threshold lets it through)")
+        unknown_text = (
+            "**Not every image shows one of the ten classes.** A softmax always sums to 1, so the model names "
+            "*some* class for anything. After training, imgrec also fitted an out-of-distribution score "
+            f"(`{unk['score']}`: how far the image's features, at several layers of the network, lie from the "
+            "training images' class averages) and chose a threshold on the validation split that answers "
+            f"{pct(unk['accept_rate'], 0)} of its images. Random noise:\n\n{code(commands['predict_noise'])}\n\n"
+            f"{verdict}: its score is {noise_res['ood_score']:.1f} against the threshold "
+            f"{unk['threshold']:.1f}, although its top label, {top['label']}, gets {pct(top['score'], 1)}. "
+            "`--accept-rate` and `--no-unknown` change this; the JSON answer carries `unknown` and `ood_score`.")
+    else:
+        unknown_text = ""
 
     # the precision `predict` computes in on this machine (bfloat16 where the CPU is fast at it)
     from imgrec.infer.predictor import Classifier
@@ -575,6 +597,8 @@ Predicting is the forward pass alone: pixels → features → logits → softmax
 {right} of the {len(truths)} images are right (the file names hold the true labels).
 
 ![the test images with their predictions]({PICTURES}/predictions.png)
+
+{unknown_text}
 
 To deploy without PyTorch, export the model to ONNX. The exported graph takes uint8 pixels and does the
 resizing, normalisation, network and softmax inside, so nobody can preprocess differently from training.

@@ -69,7 +69,7 @@ def _load_labelled(args):
     # eval --backend onnxruntime: the exported file's metadata carries the classes, size and data source
     clf = load_classifier(args.model, backend=getattr(args, "backend", "torch"), which=args.which,
                           device=args.device)
-    if getattr(clf, "multilabel", False) and args.top_k is not None:
+    if clf.multilabel and args.top_k is not None:
         from imgrec.infer.multilabel import top_k_error
         raise top_k_error()
     args.top_k = 5 if args.top_k is None else args.top_k

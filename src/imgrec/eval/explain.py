@@ -461,8 +461,8 @@ def explain(clf, image, target: str | int | None = None, steps: bool = True, lab
     """Explain one prediction of a :class:`~imgrec.infer.predictor.Classifier`.
 
     Args:
-        clf: the loaded classifier.
-        image: anything ``clf.load_image`` takes (path, bytes, PIL image, uint8 array or tensor).
+        clf: the loaded classifier. image: anything ``clf.load_image`` takes (path, bytes, PIL image, uint8
+            array or tensor).
         target: class label or index to explain; default the predicted class.
         steps: also return the first-layer arrays (filters, feature maps, edge filter) and ``training``
             (:func:`training_view`: logits from features × weights, the loss, a backward pass and one SGD
@@ -482,18 +482,13 @@ def explain(clf, image, target: str | int | None = None, steps: bool = True, lab
     ``edge_filter`` (3×3) and ``edge_map`` (H×W, the filter over the grey input); ``edge_like_channel`` and
     ``edge_like_correlation`` (the learned filter whose map is most like the edge map).
     """
-    from imgrec.models import model_info
-
     target_idx = resolve_target(clf.classes, target)
     label_idx, label_source = resolve_label(clf.classes, label, image) if steps else (None, "none")
     x_uint8 = clf.load_image(image)                       # C×H×W uint8 through the safe decoder
     probs = clf.probabilities(x_uint8[None])[0].float()
     pred = int(probs.argmax())
     tgt = pred if target_idx is None else target_idx
-    try:
-        family = model_info(clf.name).family
-    except ConfigError:
-        family = "cnn"
+    family = _family(clf.name)
     model = clf.model
     # fp32, contiguous: Grad-CAM wants exact gradients, not autocast's bf16 ones
     x = clf.normalize(x_uint8[None]).float().contiguous()
@@ -505,30 +500,37 @@ def explain(clf, image, target: str | int | None = None, steps: bool = True, lab
             recorder.remove()
     img = x_uint8.permute(1, 2, 0).cpu().numpy()
     out: dict[str, Any] = {
-        "image": img,
-        "heatmap": heat.cpu().numpy().astype(np.float32),
-        "method": "grad-cam",
-        "layer": layer,
-        "family": family,
-        "classes": list(clf.classes),
+        "image": img, "heatmap": heat.cpu().numpy().astype(np.float32), "method": "grad-cam", "layer": layer,
+        "family": family, "classes": list(clf.classes),
         "probabilities": probs.cpu().numpy(),
         "predicted": clf.classes[pred], "predicted_index": pred, "predicted_probability": float(probs[pred]),
         "target": clf.classes[tgt], "target_index": tgt, "target_probability": float(probs[tgt]),
     }
     if family == "vit":
-        roll = attention_rollout(model, x)
-        if roll is not None:
-            geometry, _, _ = _vit_parts(model)
-            roll = _to_input_size(roll.cpu(), img.shape[0], img.shape[1], geometry)
-            lo, hi = roll.min(), roll.max()  # min to max, like the Grad-CAM map beside it
-            out["attention"] = ((roll - lo) / (hi - lo).clamp_min(1e-12)).numpy().astype(np.float32)
-    if recorder is not None:
+        _add_attention(out, model, x, img)
+    if recorder is not None:  # the pipeline, training included
         out["steps"] = _steps(recorder, img)
-        if label_idx is None:
-            label_idx, label_source = pred, "predicted"
-        out["training"] = training_view(clf, x, label_idx, lr)
-        out["training"]["label_source"] = label_source
+        out["training"] = training_view(clf, x, pred if label_idx is None else label_idx, lr)
+        out["training"]["label_source"] = "predicted" if label_idx is None else label_source
     return out
+
+
+def _family(name: str) -> str:
+    from imgrec.models import model_info
+    try:
+        return model_info(name).family
+    except ConfigError:
+        return "cnn"
+
+
+def _add_attention(out: dict[str, Any], model, x: torch.Tensor, img: np.ndarray) -> None:
+    """A ViT's attention rollout at the input's size, scaled min to max like the Grad-CAM map beside it."""
+    roll = attention_rollout(model, x)
+    if roll is not None:
+        geometry, _, _ = _vit_parts(model)
+        roll = _to_input_size(roll.cpu(), img.shape[0], img.shape[1], geometry)
+        lo, hi = roll.min(), roll.max()
+        out["attention"] = ((roll - lo) / (hi - lo).clamp_min(1e-12)).numpy().astype(np.float32)
 
 
 def to_json(result: dict[str, Any]) -> Any:

@@ -207,7 +207,7 @@ def build_report(clf, data, *, bundle=None, split: str = "test", data_name: str 
     model_label = str(model_dir) if model_dir is not None else clf.name  # as given, like `imgrec eval` prints it
     model_dir = Path(model_dir) if model_dir is not None else None
     data_name = data_name or clf.meta.data.get("source")
-    if getattr(clf, "multilabel", False):
+    if clf.multilabel:
         return _build_multilabel_report(clf, data, bundle=bundle, split=split, data_name=data_name,
                                         model_dir=model_dir, model_label=model_label, max_gallery=max_gallery)
     classes = list(clf.classes)
@@ -219,63 +219,21 @@ def build_report(clf, data, *, bundle=None, split: str = "test", data_name: str 
     logits, results = ev.logits, ev.metrics
     eval_seconds = time.perf_counter() - t0
     results.update(model=model_label, data=data_name, split=split)
-
-    # "calibration" is the raw scores (T = 1), "calibration_after" the probabilities the model gives (softmax of
-    # logits / T, the model's temperature; the same as the raw ones when it has none): both diagrams are shown
     temperature = float(getattr(clf, "temperature", 1.0))
-    calibration = expected_calibration_error(torch.softmax(logits.float(), dim=1), labels, n_bins)
-    probs_t = torch.softmax(logits.float() / temperature, dim=1)
-    calibration_after = expected_calibration_error(probs_t, labels, n_bins)
-    calibration_after["temperature"] = temperature
-    probs = probs_t.numpy()  # the galleries show what predict shows
-    pred = logits.float().argmax(dim=1).numpy()  # exactly summarize's predictions (the confusion matrix's)
-    conf = probs[np.arange(len(pred)), pred]
-    y = labels.numpy()
-    n = results["n"]
+    calibration, calibration_after, probs = _calibrations(logits, labels, temperature, n_bins)
     cm = np.asarray(results["confusion_matrix"], dtype=np.int64)
-
-    accuracy = {}
     shown_k = top_k if has_topk(top_k, len(classes)) else None  # top-k with k ≥ K would always be 100%
-    for key, k in (("top1", 1), (f"top{top_k}", top_k)) if shown_k else (("top1", 1),):
-        # count the hits rather than rounding the float fraction back: top-1 is the confusion matrix's diagonal
-        # (summarize takes top-1 from the same argmax), top-k caps k at K as topk_accuracy does
-        if k == 1:
-            hits = int(np.trace(cm))
-        else:
-            top = logits.float().topk(min(k, len(classes)), dim=1).indices
-            hits = int((top == labels[:, None]).any(dim=1).sum())
-        lo, hi = wilson_interval(hits, n)
-        accuracy[key] = {"value": results[key], "correct": hits, "ci_low": lo, "ci_high": hi}
-
+    accuracy = _accuracies(cm, logits, labels, results, shown_k)
+    pred = logits.float().argmax(dim=1).numpy()  # exactly summarize's predictions (the confusion matrix's)
+    wrong, gallery, pairs = _mistakes(data, classes, pred, probs, cm, max_gallery, max_pairs, per_pair)
+    _add_neighbours(gallery, clf, data, model_dir, bundle if data_name == clf.meta.data.get("source") else None)
     top2 = np.sort(probs, axis=1)[:, -2:]
     ties = int((top2[:, 0] == top2[:, 1]).sum()) if len(classes) > 1 else 0
-    wrong = np.nonzero(pred != y)[0]
-    # worst first: the most confident mistakes are the most surprising ones (ties: lower index first)
-    wrong = wrong[np.lexsort((wrong, -conf[wrong]))]
-    gallery = [_example(int(i), data, classes, pred, conf, probs) for i in wrong[:max_gallery]]
-    _add_neighbours(gallery, clf, data, model_dir, bundle if data_name == clf.meta.data.get("source") else None)
-    pairs = []
-    for i, j, count in _confused_pairs(cm, max_pairs):
-        idx = np.nonzero((y == i) & (pred == j))[0]
-        idx = idx[np.lexsort((idx, -conf[idx]))][:per_pair]
-        pairs.append({"true": classes[i], "pred": classes[j], "count": count,
-                      "share": count / max(1, int(cm[i].sum())),
-                      "examples": [_example(int(e), data, classes, pred, conf, probs) for e in idx]})
 
     counts = _split_counts(clf.meta, bundle, data_name, split, results["per_class"])
     sample_split = bundle.train if bundle is not None and len(bundle.train) else data
     curves = read_metrics_csv(RunDir(model_dir).metrics) if model_dir is not None else []
-
-    figures = {
-        "curves": png_data_uri(plots.training_curves(curves)) if curves else None,
-        "confusion": png_data_uri(plots.confusion_heatmaps(cm, classes)),
-        "reliability": png_data_uri(plots.reliability_diagram(calibration["bins"], calibration["ece"],
-                                                              "raw scores, T = 1")),
-        "reliability_after": png_data_uri(plots.reliability_diagram(
-            calibration_after["bins"], calibration_after["ece"], f"T = {temperature:.3g}"))
-        if temperature != 1.0 else None,
-        "counts": png_data_uri(plots.class_counts(counts, classes)) if counts else None,
-    }
+    figures = _figures(curves, cm, classes, calibration, calibration_after, temperature, counts)
     numbers = {
         "eval": results,
         "accuracy": accuracy,
@@ -288,7 +246,7 @@ def build_report(clf, data, *, bundle=None, split: str = "test", data_name: str 
     }
     context = {
         "title": f"{clf.name} on {data_name} ({split})",
-        "run": _run_info(clf, model_dir, model_label, data_name, split, n),
+        "run": _run_info(clf, model_dir, model_label, data_name, split, results["n"]),
         "r": results, "top_k": shown_k, "accuracy": accuracy, "calibration": calibration, "n_bins": n_bins,
         "calibration_after": calibration_after, "cal": results.get("calibration"),
         "temperature_split": (clf.meta.inference.get("temperature") or {}).get("split", "validation")
@@ -303,6 +261,66 @@ def build_report(clf, data, *, bundle=None, split: str = "test", data_name: str 
         "generated": time.strftime("%Y-%m-%d %H:%M:%S"), "eval_seconds": eval_seconds,
     }
     return Report(_render(context), numbers)
+
+
+def _calibrations(logits: torch.Tensor, labels: torch.Tensor, temperature: float, n_bins: int):
+    """The raw scores' calibration (T = 1), the model's (softmax of logits / T; the same as the raw ones when it
+    has no temperature) — both diagrams are shown — and the model's probabilities, which the galleries show."""
+    calibration = expected_calibration_error(torch.softmax(logits.float(), dim=1), labels, n_bins)
+    probs_t = torch.softmax(logits.float() / temperature, dim=1)
+    calibration_after = expected_calibration_error(probs_t, labels, n_bins)
+    calibration_after["temperature"] = temperature
+    return calibration, calibration_after, probs_t.numpy()
+
+
+def _accuracies(cm: np.ndarray, logits: torch.Tensor, labels: torch.Tensor, results: dict,
+                shown_k: int | None) -> dict:
+    """Top-1 (and top-k) with their hit counts and Wilson intervals. The hits are counted rather than the float
+    fraction rounded back: top-1 is the confusion matrix's diagonal (summarize takes top-1 from the same
+    argmax), top-k caps k at K as topk_accuracy does."""
+    n, accuracy = results["n"], {}
+    for key, k in (("top1", 1), (f"top{shown_k}", shown_k)) if shown_k else (("top1", 1),):
+        if k == 1:
+            hits = int(np.trace(cm))
+        else:
+            top = logits.float().topk(min(k, cm.shape[0]), dim=1).indices
+            hits = int((top == labels[:, None]).any(dim=1).sum())
+        lo, hi = wilson_interval(hits, n)
+        accuracy[key] = {"value": results[key], "correct": hits, "ci_low": lo, "ci_high": hi}
+    return accuracy
+
+
+def _mistakes(data, classes: list[str], pred: np.ndarray, probs: np.ndarray, cm: np.ndarray, max_gallery: int,
+              max_pairs: int, per_pair: int) -> tuple[np.ndarray, list[dict], list[dict]]:
+    """The misclassified images, worst (most confident) first (ties: lower index first), the gallery of the
+    first ``max_gallery``, and the most-confused pairs with ``per_pair`` examples each."""
+    conf = probs[np.arange(len(pred)), pred]
+    y = data.labels.long().numpy()
+    wrong = np.nonzero(pred != y)[0]
+    wrong = wrong[np.lexsort((wrong, -conf[wrong]))]
+    gallery = [_example(int(i), data, classes, pred, conf, probs) for i in wrong[:max_gallery]]
+    pairs = []
+    for i, j, count in _confused_pairs(cm, max_pairs):
+        idx = np.nonzero((y == i) & (pred == j))[0]
+        idx = idx[np.lexsort((idx, -conf[idx]))][:per_pair]
+        pairs.append({"true": classes[i], "pred": classes[j], "count": count,
+                      "share": count / max(1, int(cm[i].sum())),
+                      "examples": [_example(int(e), data, classes, pred, conf, probs) for e in idx]})
+    return wrong, gallery, pairs
+
+
+def _figures(curves, cm, classes, calibration, calibration_after, temperature: float, counts) -> dict:
+    from imgrec.eval import plots
+    return {
+        "curves": png_data_uri(plots.training_curves(curves)) if curves else None,
+        "confusion": png_data_uri(plots.confusion_heatmaps(cm, classes)),
+        "reliability": png_data_uri(plots.reliability_diagram(calibration["bins"], calibration["ece"],
+                                                              "raw scores, T = 1")),
+        "reliability_after": png_data_uri(plots.reliability_diagram(
+            calibration_after["bins"], calibration_after["ece"], f"T = {temperature:.3g}"))
+        if temperature != 1.0 else None,
+        "counts": png_data_uri(plots.class_counts(counts, classes)) if counts else None,
+    }
 
 
 def _build_multilabel_report(clf, data, *, bundle, split: str, data_name: str | None, model_dir: Path | None,
