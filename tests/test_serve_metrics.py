@@ -186,3 +186,17 @@ def test_route_handlers_called_directly():
     with pytest.raises(HTTPException) as e:
         asyncio.run(routes.metrics())  # this state has no metrics
     assert e.value.status_code == 404
+
+
+def test_cli_flags_reach_the_settings(monkeypatch):
+    """`imgrec serve --metrics --accept-rate 0.9` hands those to the server's settings; the default is off."""
+    import imgrec.serve.app as app_mod
+    from imgrec.cli import build_parser
+    seen = []
+    monkeypatch.setattr(app_mod, "serve", lambda model, settings, **kw: seen.append(settings))
+    for argv, metrics, rate, unknown in ((["--metrics", "--accept-rate", "0.9"], True, 0.9, True),
+                                         ([], False, None, True), (["--no-unknown"], False, None, False)):
+        args = build_parser().parse_args(["serve", "--model", "x", *argv])
+        assert args.func(args) == 0
+        s = seen[-1]
+        assert (s.metrics, s.accept_rate, s.unknown) == (metrics, rate, unknown)

@@ -32,6 +32,9 @@ def add_parsers(sub) -> None:
                    help="share of in-distribution images to answer; images less like the training images than "
                         "that share of the validation images get \"unknown\": true (default: the model's, 0.95)")
     g.add_argument("--no-unknown", action="store_true", help="never answer \"unknown\"")
+    g.add_argument("--metrics", action="store_true",
+                   help="answer GET /metrics in Prometheus' text format (requests by status, latency, batch sizes, "
+                        "queue depth); off by default: the numbers show how busy the server is")
     g = p.add_argument_group("processes")
     g.add_argument("--workers", type=int, default=1, help="server processes, each with its own model (default 1)")
     g.add_argument("--threads", type=int, help="PyTorch threads per worker (default: CPU cores / workers)")
@@ -52,7 +55,7 @@ def cmd_serve(args) -> int:
 
     settings = ServeSettings(max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, max_upload_mb=args.max_upload_mb,
                              max_files=args.max_files, queue_size=args.queue_size, timeout_s=args.timeout_s,
-                             accept_rate=args.accept_rate, unknown=not args.no_unknown)
+                             accept_rate=args.accept_rate, unknown=not args.no_unknown, metrics=args.metrics)
     if args.no_unknown and args.accept_rate is not None:
         raise ConfigError("--accept-rate and --no-unknown contradict each other: give one")
     try:
