@@ -2,9 +2,43 @@
 checked against PyTorch before it is put in place (imgrec.infer.export)."""
 from __future__ import annotations
 
+import re
 import sys
 
 from imgrec.cli.common import add_eval_data_options, add_json_option, print_json
+
+
+class _FormatNames:
+    """The names in imgrec.infer.export.FORMATS, as argparse ``choices``, read only when argparse uses them (a
+    --format value, --help): that module imports torch, and the parser is built for every imgrec command,
+    `imgrec serve --backend onnxruntime` without torch included."""
+
+    def _names(self) -> tuple[str, ...]:
+        from imgrec.infer.export import FORMATS
+        return tuple(FORMATS)
+
+    def __contains__(self, name) -> bool:
+        return name in self._names()
+
+    def __iter__(self):
+        return iter(self._names())
+
+    def __len__(self) -> int:
+        return len(self._names())
+
+
+def _format_error_in_one_line(p) -> None:
+    """argparse answers an unknown --format with its usage and its own error line; imgrec reports bad input as
+    one line, and in the words export_model uses for the same mistake, so a script sees one message."""
+    usage_error = p.error
+
+    def error(message: str):
+        bad = re.match(r"argument --format: invalid choice: (.*?) \(choose from", message)
+        if bad:
+            p.exit(2, f"imgrec: error: unknown export format {bad.group(1)}; choose one of: "
+                      f"{', '.join(_FormatNames())}\n")
+        usage_error(message)
+    p.error = error
 
 
 def add_parsers(sub) -> None:
@@ -17,7 +51,9 @@ def add_parsers(sub) -> None:
                     "tolerance. The data options default to the run's own (model.json), as for `imgrec eval`.")
     p.add_argument("--model", required=True, help="model directory (a run directory)")
     p.add_argument("--which", default="best", choices=("best", "last"), help="which weights (default best)")
-    p.add_argument("--format", default="onnx", help="onnx (default) or torchscript")
+    # a metavar, so that argparse does not list the choices (importing torch) while the parser is built
+    p.add_argument("--format", default="onnx", choices=_FormatNames(), metavar="FORMAT",
+                   help="%(choices)s (default %(default)s)")
     p.add_argument("--out", help="file to write (default DIR/model.onnx, DIR/model.int8.onnx or DIR/model.torchscript.pt)")
     p.add_argument("--int8", action="store_true",
                    help="int8 static quantisation (ONNX Runtime, QDQ, per-channel), calibrated on training images")
@@ -29,6 +65,7 @@ def add_parsers(sub) -> None:
     p.add_argument("--check-limit", type=int, help="check on at most this many images (default all)")
     add_eval_data_options(p, default_split="val")
     add_json_option(p)
+    _format_error_in_one_line(p)
     p.set_defaults(func=cmd_export)
 
 

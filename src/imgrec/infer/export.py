@@ -46,6 +46,10 @@ convolutions, matrix products and ``Gemm`` quantised (the pixel preprocessing st
 without VNNI, u8×s8 products go through ``VPMADDUBSW``, whose 16-bit intermediate sums can saturate; there
 the weights are quantised to 7 bits (``reduce_range``), as ONNX Runtime's documentation advises. Which
 scheme was used is recorded in the file's metadata.
+
+**Formats.** ``FORMATS`` at the end of this module: one ``ExportFormat`` per format (file names, suffixes, the
+function that writes the file and the one that runs it for the check). Adding a format is one entry there and
+those two functions.
 """
 from __future__ import annotations
 
@@ -72,13 +76,32 @@ from imgrec.infer.runtime import load_model
 from imgrec.modeldir import ModelMeta
 from imgrec.safeio import atomic_path, check_writable
 
-__all__ = ["FORMATS", "CheckResult", "ExportGraph", "ExportResult", "Tolerance", "check_export", "check_exported",
-           "export_model", "has_vnni"]
+__all__ = ["DEFAULT_FORMAT", "FORMATS", "CheckResult", "ExportFormat", "ExportGraph", "ExportResult", "Tolerance",
+           "check_export", "check_exported", "export_model", "has_vnni"]
 
-FORMATS = ("onnx", "torchscript")
+DEFAULT_FORMAT = "onnx"
 OPSET = 18  # the first opset whose Resize has `antialias`
-DEFAULT_NAMES = {("onnx", False): "model.onnx", ("onnx", True): "model.int8.onnx",
-                 ("torchscript", False): "model.torchscript.pt"}
+
+Runner = Callable[[torch.Tensor, int], torch.Tensor]  # N×H×W×C uint8 pixels, batch size → probabilities
+
+
+@dataclass(frozen=True)
+class ExportFormat:
+    """What export_model, check_export and check_exported need to know of one format (the table: FORMATS)."""
+    name: str                     # the --format value
+    default_name: str             # written into the model directory when no --out is given
+    int8_name: str | None         # the same with --int8; None: the format has no int8 export
+    suffixes: tuple[str, ...]     # file endings that `imgrec export --check` reads as this format
+    # (graph, meta, path, model_dir, calibration) → the quantisation record ({} for fp32); calibration is None
+    # for fp32, else a function that returns the calibration images
+    write: Callable[..., dict]
+    run: Callable[[str | os.PathLike], Runner]  # the written file, ready for the check
+    needs: Callable[[], None] | None = None     # raises a ConfigError naming a missing package
+    # an existing file (`--check`): (path, meta, model_dir) → whether it is int8, refusing another model's file;
+    # None: fp32, nothing to read before the check
+    inspect: Callable[..., bool] | None = None
+    # compares the graph's "ood_score" output with PyTorch's; only formats with one get that third output
+    check_unknown: Callable[..., None] | None = None
 
 
 @dataclass(frozen=True)
@@ -227,7 +250,7 @@ def _is_x86() -> bool:
 
 # ------------------------------------------------------------------------------------------------
 # export
-def export_model(model_dir: str | os.PathLike, out: str | os.PathLike | None = None, fmt: str = "onnx", *,
+def export_model(model_dir: str | os.PathLike, out: str | os.PathLike | None = None, fmt: str = DEFAULT_FORMAT, *,
                  which: str = "best", int8: bool = False, check_data: str | list[str] | None = None,
                  data_dir: str | None = None, check_limit: int | None = None, calib_size: int = 512,
                  log: Callable[[str], None] | None = None, source: str | None = None, split: str | None = None,
@@ -236,7 +259,7 @@ def export_model(model_dir: str | os.PathLike, out: str | os.PathLike | None = N
     ``model.torchscript.pt``) and check it against PyTorch; the file replaces ``out`` only if the check passes.
 
     Args:
-        fmt: "onnx" or "torchscript".
+        fmt: a name in ``FORMATS``: "onnx" or "torchscript".
         int8: ONNX only: post-training static quantisation calibrated on ``calib_size`` training images.
         check_data: image files/folders to check on (default: the model's validation split).
         data_dir: where the named dataset's files are (as ``imgrec eval --data-dir``).
@@ -251,39 +274,29 @@ def export_model(model_dir: str | os.PathLike, out: str | os.PathLike | None = N
         ConfigError: unknown format, int8 with TorchScript, missing onnx/onnxruntime.
     """
     log = log or (lambda s: None)
-    if fmt not in FORMATS:
-        raise ConfigError(f"unknown export format {fmt!r}; choose one of: {', '.join(FORMATS)}")
-    if int8 and fmt != "onnx":
-        raise ConfigError("--int8 needs --format onnx (int8 is ONNX Runtime's static quantisation)")
+    spec = _format(fmt)
+    if int8 and spec.int8_name is None:
+        with_int8 = " or ".join(f.name for f in FORMATS.values() if f.int8_name is not None)
+        raise ConfigError(f"--int8 needs --format {with_int8} (int8 is ONNX Runtime's static quantisation)")
     if calib_size < 1:
         raise ConfigError("the calibration set needs at least 1 image")
-    if fmt == "onnx":
-        _need_onnx()
+    if spec.needs is not None:
+        spec.needs()
     model, meta = load_model(model_dir, which)
-    out = Path(out) if out is not None else Path(model_dir) / DEFAULT_NAMES[(fmt, int8)]
+    out = Path(out) if out is not None else Path(model_dir) / (spec.int8_name if int8 else spec.default_name)
     if out.is_dir():
         raise ModelFileError(f"{out}: is a directory; give a file name with --out")
     check_writable(out.parent)
-    # the "unknown" score goes into ONNX graphs (a third output); a TorchScript file keeps its two outputs
-    graph = ExportGraph(model, meta, model_dir if fmt == "onnx" else None).eval()
+    # the "unknown" score goes into graphs whose format checks it (ONNX: a third output); the others keep two
+    graph = ExportGraph(model, meta, model_dir if spec.check_unknown is not None else None).eval()
+
+    def calibration() -> np.ndarray:
+        log(f"calibrating int8 on {calib_size} training images")
+        return _calibration_images(meta, data_dir, calib_size, source, on_bad_image)
+
     t0 = time.perf_counter()
-    quant: dict[str, Any] = {}
     with atomic_path(out) as tmp:
-        if fmt == "torchscript":
-            _export_torchscript(graph, meta, tmp)
-        elif not int8:
-            _export_onnx(graph, meta, tmp, model_dir)
-        else:
-            fp32 = tmp.with_name(tmp.name + ".fp32")
-            try:
-                _export_onnx(graph, meta, fp32, model_dir)
-                log(f"calibrating int8 on {calib_size} training images")
-                calib = _calibration_images(meta, data_dir, calib_size, source, on_bad_image)
-                quant = _quantize(fp32, tmp, calib, meta)
-            finally:
-                for leftover in (fp32, fp32.with_name(fp32.name + ".pre")):
-                    if leftover.exists():
-                        leftover.unlink()
+        quant: dict[str, Any] = spec.write(graph, meta, tmp, model_dir, calibration if int8 else None)
         seconds = time.perf_counter() - t0
         log(f"exported {meta.name} to {fmt}{' int8' if int8 else ''} in {seconds:.1f} s; checking against PyTorch")
         result = check_export(model, meta, tmp, fmt=fmt, int8=int8, data=check_data, data_dir=data_dir, model_dir=model_dir,
@@ -300,25 +313,33 @@ def check_exported(model_dir: str | os.PathLike, path: str | os.PathLike | None 
                    split: str | None = None, on_bad_image: str | None = None) -> CheckResult:
     """Check an exported file that already exists (``imgrec export --check``) against its model directory.
 
-    The format comes from the file name (``.onnx``, else TorchScript), int8 from the ONNX file's metadata.
+    The format comes from the file name (``ExportFormat.suffixes``), int8 from the file itself (an ONNX file's
+    metadata). An existing TorchScript file is refused, never loaded (see _TRACED_HERE).
     """
     model, meta = load_model(model_dir, which)
-    path = Path(path) if path is not None else Path(model_dir) / DEFAULT_NAMES[("onnx", False)]
+    path = Path(path) if path is not None else Path(model_dir) / FORMATS[DEFAULT_FORMAT].default_name
     if not path.is_file():
         raise ModelFileError(f"{path}: no exported model to check (run `imgrec export --model {model_dir}` first)")
-    fmt = "onnx" if path.suffix.lower() == ".onnx" else "torchscript"
-    if fmt == "torchscript":  # an existing file: never loaded (see _TRACED_HERE)
-        raise _refuse_torchscript(path)
-    int8 = False
-    if fmt == "onnx":
-        _need_onnx()
-        from imgrec.infer.ort import OnnxClassifier
-        exported = OnnxClassifier(path, device="cpu")
-        int8 = exported.meta.precision == "int8"
-        if list(exported.classes) != list(meta.classes) or exported.image_size != meta.image_size:
-            raise ModelFileError(f"{path}: exported from another model (classes or input size differ from {model_dir})")
-    return check_export(model, meta, path, fmt=fmt, int8=int8, data=data, data_dir=data_dir, limit=limit, model_dir=model_dir,
+    spec = _format_of_file(path)
+    if spec.needs is not None:
+        spec.needs()
+    int8 = spec.inspect(path, meta, model_dir) if spec.inspect is not None else False
+    return check_export(model, meta, path, fmt=spec.name, int8=int8, data=data, data_dir=data_dir, limit=limit, model_dir=model_dir,
                         source=source, split=split, on_bad_image=on_bad_image)
+
+
+def _format(name: str) -> ExportFormat:
+    if name not in FORMATS:
+        raise ConfigError(f"unknown export format {name!r}; choose one of: {', '.join(FORMATS)}")
+    return FORMATS[name]
+
+
+def _format_of_file(path: Path) -> ExportFormat:
+    for spec in FORMATS.values():
+        if path.name.lower().endswith(spec.suffixes):
+            return spec
+    known = ", ".join(s for spec in FORMATS.values() for s in spec.suffixes)
+    raise ConfigError(f"{path}: cannot tell the export format from the file name (known endings: {known})")
 
 
 def _need_onnx() -> None:
@@ -363,6 +384,21 @@ def _example(meta: ModelMeta) -> torch.Tensor:
     return torch.randint(0, 256, (2, s + 3, s + 5, int(meta.channels)), dtype=torch.uint8)
 
 
+def _write_onnx(graph: ExportGraph, meta: ModelMeta, path: Path, model_dir, calibration) -> dict:
+    """fp32: the exported graph. int8: the fp32 graph next to ``path``, quantised into ``path``, then removed."""
+    if calibration is None:
+        _export_onnx(graph, meta, path, model_dir)
+        return {}
+    fp32 = path.with_name(path.name + ".fp32")
+    try:
+        _export_onnx(graph, meta, fp32, model_dir)
+        return _quantize(fp32, path, calibration(), meta)
+    finally:
+        for leftover in (fp32, fp32.with_name(fp32.name + ".pre")):
+            if leftover.exists():
+                leftover.unlink()
+
+
 def _export_onnx(graph: ExportGraph, meta: ModelMeta, path: Path, model_dir) -> None:
     import onnx
 
@@ -399,6 +435,11 @@ def _set_metadata(proto, props: dict[str, str]) -> None:
 # and writes files). So imgrec never loads one. The export check runs the traced module that was just saved,
 # from memory; it is kept here, keyed by the file it was saved to, only between the save and the check.
 _TRACED_HERE: dict[str, torch.jit.ScriptModule] = {}
+
+
+def _write_torchscript(graph: ExportGraph, meta: ModelMeta, path: Path, model_dir, calibration) -> dict:
+    _export_torchscript(graph, meta, path)  # fp32 only: the table gives TorchScript no int8 file name
+    return {}
 
 
 def _export_torchscript(graph: ExportGraph, meta: ModelMeta, path: Path) -> None:
@@ -513,10 +554,13 @@ def check_export(model: nn.Module, meta: ModelMeta, path: str | os.PathLike, *, 
     out-of-distribution scores and "unknown" answers when the graph computes them."""
     from imgrec.infer.predictor import Classifier
 
+    spec = _format(fmt)
+    # the exported side first: a file that cannot be run (a TorchScript file imgrec did not just write) is
+    # refused before any data is loaded
+    run = spec.run(path)
     images, labels, what, originals = _check_images(meta, data, data_dir, limit, source, split, on_bad_image)
     reference = Classifier(model, meta, device="cpu", amp="none", model_dir=model_dir)
     p_ref = reference.probabilities(images, batch_size)
-    run = _runner(path, fmt)
     p_exp = run(images.permute(0, 2, 3, 1).contiguous(), batch_size)
     tol = INT8_TOLERANCE if int8 else FP32_TOLERANCE
     top_ref, top_exp = p_ref.argmax(1), p_exp.argmax(1)
@@ -530,8 +574,8 @@ def check_export(model: nn.Module, meta: ModelMeta, path: str | os.PathLike, *, 
         # what another runtime sees: the original pixels, resized inside the graph
         same = [int(run(torch.from_numpy(o)[None], 1).argmax(1)) == int(t) for o, t in zip(originals, top_ref)]
         res.resize_agreement, res.resize_n = float(np.mean(same)), len(same)
-    if fmt == "onnx" and reference.unknown_score is not None:
-        _check_unknown(res, reference, path, images, batch_size, int8)
+    if spec.check_unknown is not None and reference.unknown_score is not None:
+        spec.check_unknown(res, reference, path, images, batch_size, int8)
     if res.agreement < tol.min_agreement:
         res.failures.append(f"top-1 agreement {res.agreement * 100:.2f}% < {tol.min_agreement * 100:.1f}%")
     if tol.max_dprob is not None and res.max_dprob > tol.max_dprob:
@@ -561,18 +605,19 @@ def _check_unknown(res: CheckResult, reference, path, images: torch.Tensor, batc
         res.failures.append(f"max relative |Δ ood_score| {res.max_dood:.2e} > {FP32_TOLERANCE.max_dprob:.0e}")
 
 
-def _runner(path: str | os.PathLike, fmt: str) -> Callable[[torch.Tensor, int], torch.Tensor]:
-    """N×H×W×C uint8 → probabilities with the exported file."""
-    if fmt == "torchscript":
-        module = _TRACED_HERE.pop(os.path.realpath(path), None)  # the module imgrec just saved there, or none
-        if module is None:
-            raise _refuse_torchscript(path)
-        module = module.eval()
+def _run_torchscript(path: str | os.PathLike) -> Runner:
+    module = _TRACED_HERE.pop(os.path.realpath(path), None)  # the module imgrec just saved there, or none
+    if module is None:
+        raise _refuse_torchscript(path)
+    module = module.eval()
 
-        @torch.inference_mode()
-        def run_ts(x: torch.Tensor, bs: int) -> torch.Tensor:
-            return torch.cat([module(chunk)[0] for chunk in x.split(bs)]) if len(x) else torch.empty(0)
-        return run_ts
+    @torch.inference_mode()
+    def run_ts(x: torch.Tensor, bs: int) -> torch.Tensor:
+        return torch.cat([module(chunk)[0] for chunk in x.split(bs)]) if len(x) else torch.empty(0)
+    return run_ts
+
+
+def _run_onnx(path: str | os.PathLike) -> Runner:
     from imgrec.infer.ort import OnnxClassifier
 
     clf = OnnxClassifier(path, device="cpu")
@@ -580,3 +625,20 @@ def _runner(path: str | os.PathLike, fmt: str) -> Callable[[torch.Tensor, int], 
     def run_onnx(x: torch.Tensor, bs: int) -> torch.Tensor:
         return clf.probabilities(x.permute(0, 3, 1, 2), bs)
     return run_onnx
+
+
+def _inspect_onnx(path: Path, meta: ModelMeta, model_dir) -> bool:
+    from imgrec.infer.ort import OnnxClassifier
+    exported = OnnxClassifier(path, device="cpu")
+    if list(exported.classes) != list(meta.classes) or exported.image_size != meta.image_size:
+        raise ModelFileError(f"{path}: exported from another model (classes or input size differ from {model_dir})")
+    return exported.meta.precision == "int8"
+
+
+# ------------------------------------------------------------------------------------------------
+# the formats (here, below the functions the entries name)
+FORMATS: dict[str, ExportFormat] = {spec.name: spec for spec in (
+    ExportFormat("onnx", "model.onnx", "model.int8.onnx", (".onnx",), _write_onnx, _run_onnx,
+                 needs=_need_onnx, inspect=_inspect_onnx, check_unknown=_check_unknown),
+    ExportFormat("torchscript", "model.torchscript.pt", None, (".pt", ".pth"), _write_torchscript, _run_torchscript),
+)}
