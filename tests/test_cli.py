@@ -134,3 +134,19 @@ def test_export_samples(tmp_path):
     assert r.returncode == 0, r.stderr
     files = sorted((tmp_path / "s").glob("*.png"))
     assert len(files) == 3 and np.asarray(Image.open(files[0])).shape == (28, 28)
+
+
+def test_every_train_flag_named_like_a_config_field_sets_it():
+    """The flag → config key table is built from the config dataclasses: each field with a flag of its name
+    (or a renamed one) is set by it, and no field is left without a way from the command line but kwargs."""
+    from dataclasses import fields
+
+    from imgrec.cli import build_parser
+    from imgrec.cli.train import RENAMED_FLAGS, train_options
+    from imgrec.config import DataConfig, ModelConfig, TrainConfig
+    dests = set(vars(build_parser().parse_args(["train"])))
+    options = train_options(dests)
+    keys = {f.name for c in (DataConfig, ModelConfig, TrainConfig) for f in fields(c)}
+    assert set(options.values()) == keys - {"kwargs"}
+    assert all(options[flag] == key for flag, key in RENAMED_FLAGS.items())
+    assert {"epochs", "lr", "accept_rate", "unknown", "tensorboard", "calibrate"} <= set(options)

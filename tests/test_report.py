@@ -154,6 +154,9 @@ def test_misclassified_gallery_shows_the_nearest_training_images(report_and_eval
     assert gallery.count('class="thumb"') == gallery.count('class="neighbours"') > 0
     assert gallery.count("alt=\"nearest training image:") == 3 * gallery.count('class="neighbours"')
     assert 'id="note-neighbours"' in html
+    # every chart has its sentence on how to read it (the run has a temperature: two reliability diagrams)
+    for note in ("note-curves", "note-calibration", "note-calibration-after"):
+        assert f'id="{note}"' in html
 
 
 @pytest.mark.slow
@@ -321,5 +324,7 @@ def test_chart_notes_follow_the_run_settings_and_the_bins():
     under = {"bins": {"count": [10], "confidence": [0.6], "accuracy": [0.9]}}
     plain = ModelMeta(model={"name": "lenet5"}, classes=["a", "b"], image_size=28, channels=1, mean=[0.5],
                       std=[0.5])
-    notes = chart_notes(plain, under)
+    notes = chart_notes(plain, under, after={"bins": {"count": [10], "confidence": [0.85], "accuracy": [0.9]},
+                                             "temperature": 0.7})
     assert "under-confident" in notes["calibration"] and "because" not in notes["curves"]
+    assert "T = 0.7" in notes["calibration_after"] and "−5.0 points" in notes["calibration_after"]

@@ -89,7 +89,7 @@ def test_on_without_the_package_is_one_line_naming_the_extra(monkeypatch):
 
 def test_the_cli_flag_sets_the_config_key():
     from imgrec.cli import build_parser
-    from imgrec.cli.train import TRAIN_OPTIONS
+    from imgrec.cli.train import train_options
     parse = lambda *a: build_parser().parse_args(["train", *a]).tensorboard  # noqa: E731
     assert (parse(), parse("--tensorboard"), parse("--no-tensorboard")) == (None, True, False)
-    assert TRAIN_OPTIONS["tensorboard"] == "tensorboard"
+    assert train_options(set(vars(build_parser().parse_args(["train"]))))["tensorboard"] == "tensorboard"

@@ -5,24 +5,21 @@ import sys
 
 from imgrec.cli.common import add_bad_image_option, add_json_option, bool_flag, print_json
 
-# CLI flag → config key (the section is resolved by RunConfig.update)
-TRAIN_OPTIONS = {
-    "data": "data", "data_dir": "data_dir", "image_size": "image_size", "channels": "channels",
-    "val_split": "val_split", "split_seed": "split_seed", "train_limit": "train_limit", "on_bad_image": "on_bad_image",
-    "task": "task", "stream": "stream", "stream_workers": "stream_workers",
-    "model": "name", "pretrained": "pretrained", "weights": "weights", "freeze_backbone": "freeze_backbone",
-    "epochs": "epochs", "batch_size": "batch_size", "lr": "lr", "optimizer": "optimizer", "momentum": "momentum",
-    "weight_decay": "weight_decay", "scheduler": "scheduler", "warmup": "warmup",
-    "label_smoothing": "label_smoothing", "crop_padding": "crop_padding", "flip": "flip", "ema": "ema",
-    "tta": "tta_flip", "grad_clip": "grad_clip", "seed": "seed", "device": "device", "amp": "amp",
-    "channels_last": "channels_last", "compile": "compile", "patience": "patience",
-    "deterministic": "deterministic", "eval_batch_size": "eval_batch_size", "threads": "threads",
-    "checkpoint_every": "checkpoint_every", "val_last": "val_last", "sync_bn": "sync_bn",
-    "class_weights": "class_weights", "class_weight_beta": "class_weight_beta", "sampler": "sampler",
-    "logit_adjust": "logit_adjust", "best_metric": "best_metric", "long_tail": "long_tail",
-    "reweight_from": "reweight_from", "logit_adjust_loss": "logit_adjust_loss", "time_budget": "time_budget",
-    "calibrate": "calibrate", "unknown": "unknown", "accept_rate": "accept_rate", "tensorboard": "tensorboard",
-}
+# the flags named otherwise than their config field; every other flag whose name is a field of DataConfig,
+# ModelConfig or TrainConfig sets that field (RunConfig.update finds the section), so a new field needs only
+# its flag here
+RENAMED_FLAGS = {"model": "name", "tta": "tta_flip"}
+
+
+def train_options(parser_dests: set[str]) -> dict[str, str]:
+    """CLI flag (argparse dest) → config key, from the config dataclasses' fields."""
+    from dataclasses import fields
+
+    from imgrec.config import DataConfig, ModelConfig, TrainConfig
+    keys = {f.name for section in (DataConfig, ModelConfig, TrainConfig) for f in fields(section)}
+    options = {k: k for k in keys if k in parser_dests}
+    options.update({flag: key for flag, key in RENAMED_FLAGS.items() if flag in parser_dests})
+    return options
 
 
 def add_parsers(sub) -> None:
@@ -146,7 +143,8 @@ def cmd_train(args) -> int:
     from imgrec.engine import distributed
     from imgrec.engine.train import default_run_dir, resolve_config, train
 
-    overrides = {TRAIN_OPTIONS[k]: v for k, v in vars(args).items() if k in TRAIN_OPTIONS and v is not None}
+    options = train_options(set(vars(args)))
+    overrides = {options[k]: v for k, v in vars(args).items() if k in options and v is not None}
     if args.no_augment:
         overrides["crop_padding"], overrides["flip"] = 0, False
     # on --resume the run's saved config.yaml governs (only a larger --epochs is taken from the command line)

@@ -157,10 +157,9 @@ def cross_fit(images: torch.Tensor, labels: np.ndarray, classes: list[str], *, f
     from imgrec.data.memory import BatchLoader
     from imgrec.device import pick_device, set_threads
     from imgrec.engine.callbacks import ProgressBar
-    from imgrec.engine.train import build_loaders
+    from imgrec.engine.run import build_loaders, build_model, uses_channels_last
     from imgrec.engine.trainer import Trainer, seed_everything
     from imgrec.infer.runtime import forward_logits, resolve_amp
-    from imgrec.models import create_model, model_info
 
     n, m = len(labels), len(classes)
     counts = np.bincount(labels, minlength=m)
@@ -177,8 +176,7 @@ def cross_fit(images: torch.Tensor, labels: np.ndarray, classes: list[str], *, f
     set_threads(t.threads)
     device = pick_device(t.device)
     amp = resolve_amp(t.amp, device, cfg.model.name)
-    info = model_info(cfg.model.name)
-    channels_last = info.family != "vit" if t.channels_last is None else bool(t.channels_last)
+    channels_last = uses_channels_last(cfg)
     fold_of = stratified_folds(labels, folds, seed)
     probs = np.zeros((n, m), dtype=np.float64)
     y_all = torch.as_tensor(labels, dtype=torch.long)
@@ -196,8 +194,8 @@ def cross_fit(images: torch.Tensor, labels: np.ndarray, classes: list[str], *, f
         bundle = DataBundle("audit", list(classes), train_part, monitor, None, chans, size, mean, std, flip)
         seed_everything(t.seed + k, t.deterministic)
         train_loader, monitor_loader = build_loaders(bundle, cfg, device, channels_last)
-        torch.manual_seed(t.seed + k)
-        model = create_model(cfg.model.name, num_classes=m, in_chans=chans, image_size=size, **cfg.model.kwargs)
+        # the fold model is built as `imgrec train` builds its model (initial weights and frozen parts included)
+        model, _ = build_model(cfg, bundle, seed=t.seed + k)
         if progress:
             print(f"fold {k + 1}/{folds}: training {cfg.model.name} on {len(fit)} images, scoring {len(held)}",
                   file=sys.stderr)

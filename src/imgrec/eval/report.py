@@ -198,7 +198,6 @@ def build_report(clf, data, *, bundle=None, split: str = "test", data_name: str 
         max_gallery: misclassified images shown. max_pairs / per_pair: most-confused pairs and examples each.
         samples_per_class: images per class in the dataset's sample grid.
     """
-    from imgrec.eval import plots
     from imgrec.modeldir import RunDir
 
     if len(data) == 0:
@@ -234,16 +233,10 @@ def build_report(clf, data, *, bundle=None, split: str = "test", data_name: str 
     sample_split = bundle.train if bundle is not None and len(bundle.train) else data
     curves = read_metrics_csv(RunDir(model_dir).metrics) if model_dir is not None else []
     figures = _figures(curves, cm, classes, calibration, calibration_after, temperature, counts)
-    numbers = {
-        "eval": results,
-        "accuracy": accuracy,
-        "calibration": calibration,
-        "calibration_after": calibration_after,
-        "confused_pairs": [{k: p[k] for k in ("true", "pred", "count", "share")} for p in pairs],
-        "misclassified": int(len(wrong)),
-        "tied_top_scores": ties,
-        "counts": counts,
-    }
+    numbers = {"eval": results, "accuracy": accuracy, "calibration": calibration,
+               "calibration_after": calibration_after,
+               "confused_pairs": [{k: p[k] for k in ("true", "pred", "count", "share")} for p in pairs],
+               "misclassified": int(len(wrong)), "tied_top_scores": ties, "counts": counts}
     context = {
         "title": f"{clf.name} on {data_name} ({split})",
         "run": _run_info(clf, model_dir, model_label, data_name, split, results["n"]),
@@ -257,7 +250,7 @@ def build_report(clf, data, *, bundle=None, split: str = "test", data_name: str 
         "samples": _class_samples(sample_split, classes, samples_per_class),
         "sample_split": "train" if sample_split is not data else split,
         "curves": curves, "figures": figures, "numbers": numbers,
-        "notes": chart_notes(clf.meta, calibration),
+        "notes": chart_notes(clf.meta, calibration, calibration_after if temperature != 1.0 else None),
         "generated": time.strftime("%Y-%m-%d %H:%M:%S"), "eval_seconds": eval_seconds,
     }
     return Report(_render(context), numbers)
@@ -368,7 +361,7 @@ def _build_multilabel_report(clf, data, *, bundle, split: str, data_name: str | 
     return Report(_render(context, "report_multilabel.html.j2"), numbers)
 
 
-def chart_notes(meta, calibration: dict[str, Any]) -> dict[str, str]:
+def chart_notes(meta, calibration: dict[str, Any], after: dict[str, Any] | None = None) -> dict[str, str]:
     """One sentence per chart saying how to read it, from the run's own settings and the calibration bins:
     ``curves`` (why training loss can sit above validation loss) and ``calibration`` (the direction of the
     miscalibration: mean confidence above accuracy is over-confident)."""
@@ -387,16 +380,27 @@ def chart_notes(meta, calibration: dict[str, Any]) -> dict[str, str]:
               "while the weights still changed, the validation ones are measured at the epoch's end"
               + ("; training loss can sit above validation loss here because " + "; ".join(reasons)
                  if reasons else "") + ".")
-    bins = calibration["bins"]
-    n = sum(bins["count"])
-    gap = sum(c * (conf - acc) for c, conf, acc in zip(bins["count"], bins["confidence"], bins["accuracy"]) if c)
-    gap = gap / n if n else 0.0
+    gap = _confidence_gap(calibration["bins"])
     direction = "over-confident: its scores are higher than its accuracy" if gap > 0 else \
         "under-confident: it is right more often than its scores say"
     cal = (f"Bars below the diagonal mean over-confidence, above it under-confidence; on average the raw scores "
            f"are {direction} (mean confidence {'+' if gap > 0 else '−'}{abs(gap) * 100:.1f} points from the "
            f"accuracy).")
-    return {"curves": curves, "calibration": cal, "calibration_gap": gap}
+    notes = {"curves": curves, "calibration": cal, "calibration_gap": gap}
+    if after is not None:
+        g = _confidence_gap(after["bins"])
+        notes["calibration_after"] = (
+            f"The same diagram for the probabilities the model gives (T = {after.get('temperature', 1.0):.3g}): "
+            f"the closer the bars to the diagonal, the better its scores say how sure it is; the mean confidence "
+            f"is now {'+' if g > 0 else '−'}{abs(g) * 100:.1f} points from the accuracy.")
+    return notes
+
+
+def _confidence_gap(bins: dict[str, list]) -> float:
+    """Mean confidence minus accuracy over the predictions (positive: over-confident)."""
+    n = sum(bins["count"])
+    gap = sum(c * (conf - acc) for c, conf, acc in zip(bins["count"], bins["confidence"], bins["accuracy"]) if c)
+    return gap / n if n else 0.0
 
 
 def _split_counts(meta, bundle, data_name: str | None, split: str, per_class: list[dict]) -> dict[str, list[int]]:
