@@ -172,62 +172,39 @@ class Catalog:
 
 
 def catalog(spec: str, data_dir: str | None = None, splits: Iterable[str] = SPLITS) -> Catalog:
-    """List the images of a named dataset, image folder or CSV list (no decoding)."""
-    from imgrec.data import csvlist, named
+    """List the images of a named dataset, image folder or CSV list (no decoding), from the source registry
+    (imgrec.data.sources) as training reads it."""
     from imgrec.data import folder as folder_source
+    from imgrec.data.sources import list_source
     want = tuple(splits)
-    name = named.canonical_name(spec)
-    if name is not None:
-        ds = named.NAMED[name]
-        arrays, sp, labels, refs = {}, [], [], []
-        for s in ("train", "test"):
-            if s not in want:
-                continue
-            x, y = named.load_named(name, s, data_dir)
-            bad = int(((y < 0) | (y >= len(ds.classes))).sum())
-            if bad:
-                raise DatasetError(f"{name}: {bad} {s} labels outside 0..{len(ds.classes) - 1}")
-            arrays[s] = x
-            sp += [s] * len(y)
-            labels += [int(v) for v in y]
-            refs += list(range(len(y)))
-        return Catalog(name, "named", list(ds.classes), sp, labels, refs, arrays, ds.flip)
-    path = Path(spec).expanduser()
-    if not path.exists():
-        raise DatasetError(f"{spec}: no such dataset, folder or CSV file (named datasets: {', '.join(named.NAMED)})")
-    groups: dict[str, tuple[list[Path], list[int]]] = {}
-    if path.is_file():
-        if path.suffix.lower() != ".csv":
-            raise DatasetError(f"{spec}: a dataset is a folder, a .csv list or one of: {', '.join(named.NAMED)}")
-        rows = csvlist.read_csv_list(path)
-        classes = sorted({lab for _, labs in rows.values() for lab in labs})
-        for s, (p, labs) in rows.items():
-            groups[s] = (p, [classes.index(lab) for lab in labs])
-        kind, cname = "csv", path.stem
-    else:
-        if folder_source.has_split_folders(path):
-            p, lab, classes = folder_source.scan_class_folders(path / "train")
-            groups["train"] = (p, lab)
-            for s in ("val", "test"):
-                if (path / s).is_dir():
-                    groups[s] = tuple(folder_source.scan_class_folders(path / s, classes)[:2])
-        else:
-            p, lab, classes = folder_source.scan_class_folders(path)
-            groups["train"] = (p, lab)
-        kind, cname = "folder", path.name
-    if len(classes) < 2:
-        raise DatasetError(f"{path}: needs at least 2 classes, found {len(classes)} ({', '.join(classes)})")
+    # a CSV list is read one label per row here, as before multi-label lists existed: the checks need one class
+    listing = list_source(spec, data_dir=data_dir, splits=want, task="classification" if _is_csv(spec) else None)
     sp, labels, refs = [], [], []
+    if listing.in_memory:
+        arrays = {}
+        for s in ("train", "test"):
+            if s in want and s in listing.splits:
+                part = listing.splits[s]
+                arrays[s] = part["images"]
+                sp += [s] * len(part["labels"])
+                labels += [int(v) for v in part["labels"]]
+                refs += list(range(len(part["labels"])))
+        # kind "named": the images are arrays in memory (what the checks and the audit read them as)
+        return Catalog(listing.name, "named", list(listing.classes), sp, labels, refs, arrays, listing.flip)
     skipped = folder_source.FileList()
     for s in SPLITS:
-        if s in groups and s in want:
-            p, lab = groups[s]
-            sp += [s] * len(p)
-            labels += list(lab)
-            refs += list(p)
-            skipped.absorb(p)
-    return Catalog(cname, kind, list(classes), sp, labels, refs,
-                   skipped={**skipped.skipped, "examples": skipped.examples} if kind == "folder" else {})
+        if s in listing.splits and s in want:
+            part = listing.splits[s]
+            sp += [s] * len(part["paths"])
+            labels += list(part["labels"])
+            refs += list(part["paths"])
+            skipped.absorb(part["paths"])
+    return Catalog(listing.name, listing.kind, list(listing.classes), sp, labels, refs,
+                   skipped={**skipped.skipped, "examples": skipped.examples} if listing.kind == "folder" else {})
+
+
+def _is_csv(spec: str) -> bool:
+    return Path(spec).expanduser().suffix.lower() == ".csv"
 
 
 # ---------------------------------------------------------------------------------------------------

@@ -10,10 +10,8 @@ from pathlib import Path
 
 import torch
 
-from imgrec.data import csvlist
-from imgrec.data import folder as folder_source
-from imgrec.data import named
 from imgrec.data.batchdecode import decode_files
+from imgrec.data.sources import Listing, list_source
 from imgrec.data.transforms import convert_channels, resize_uint8
 from imgrec.errors import ConfigError, DatasetError
 from imgrec.modeldir import ModelMeta
@@ -133,41 +131,18 @@ def load_data(spec: str, *, image_size: int | None = None, channels: int | None 
     needs only its one split at that size, not the 55,000 training images at 3×224×224 — more than 20 GB).
     Files are always decoded at ``image_size``.
     """
-    if task not in (None, "classification", "multilabel"):
-        raise ConfigError(f"task must be classification or multilabel, got {task!r}")
-    name = named.canonical_name(spec)
-    if name is not None:
-        if task == "multilabel":
-            raise ConfigError(f"{name} has one label per image; multi-label data comes from a CSV list "
-                              f"(path,label1;label2)")
-        return _load_named(name, image_size, channels, val_split, split_seed, data_dir, splits, sized)
-    path = Path(spec).expanduser()
-    if not path.exists():
-        choices = ", ".join(named.NAMED)
-        raise DatasetError(f"{spec}: no such dataset, folder or CSV file (named datasets: {choices})")
-    if path.is_file():
-        if path.suffix.lower() != ".csv":
-            raise DatasetError(f"{spec}: a dataset is a folder, a .csv list or one of: {', '.join(named.NAMED)}")
-        if task is None:
-            task = "multilabel" if csvlist.csv_has_multiple_labels(path) else "classification"
-        return _load_files(path, "csv", image_size, channels, val_split, split_seed, on_bad_image, classes, progress,
-                           task)
-    if task == "multilabel":
-        raise ConfigError(f"{spec}: an image folder has one label per image; multi-label data comes from a CSV "
-                          f"list (path,label1;label2)")
-    return _load_files(path, "folder", image_size, channels, val_split, split_seed, on_bad_image, classes, progress)
+    listing = list_source(spec, data_dir=data_dir, splits=tuple({"train", *splits}), task=task, classes=classes)
+    if listing.in_memory:
+        return _load_named(listing, image_size, channels, val_split, split_seed, splits, sized)
+    return _load_files(spec, listing, image_size, channels, val_split, split_seed, on_bad_image, progress)
 
 
-def _load_named(name, image_size, channels, val_split, split_seed, data_dir, splits, sized=None) -> DataBundle:
-    ds = named.NAMED[name]
-    x, y = named.load_named(name, "train", data_dir)
+def _load_named(listing: Listing, image_size, channels, val_split, split_seed, splits, sized=None) -> DataBundle:
+    x, y = listing.splits["train"]["images"], listing.splits["train"]["labels"]
     train = ImageData(torch.from_numpy(x).unsqueeze(1), torch.from_numpy(y))
-    bad = int(((train.labels < 0) | (train.labels >= len(ds.classes))).sum())
-    if bad:
-        raise DatasetError(f"{name}: {bad} training labels outside 0..{len(ds.classes) - 1}")
     test = None
-    if "test" in splits:
-        xt, yt = named.load_named(name, "test", data_dir)
+    if "test" in splits and "test" in listing.splits:
+        xt, yt = listing.splits["test"]["images"], listing.splits["test"]["labels"]
         test = ImageData(torch.from_numpy(xt).unsqueeze(1), torch.from_numpy(yt))
     # carved at the source's size: the split depends only on the labels, the count and the seed, and resizing
     # afterwards touches only the splits asked for
@@ -178,58 +153,35 @@ def _load_named(name, image_size, channels, val_split, split_seed, data_dir, spl
         if part is not None and (sized is None or s in sized):
             part.images = convert_channels(resize_uint8(part.images, size), chans)
     mean, std = channel_stats(train.images)
-    return _bundle(name, list(ds.classes), train, val, test, chans, size, mean, std, ds.flip)
+    return _bundle(listing.name, list(listing.classes), train, val, test, chans, size, mean, std, listing.flip)
 
 
-def _load_files(path: Path, kind: str, image_size, channels, val_split, split_seed, on_bad_image,
-                classes, progress, task: str = "classification") -> DataBundle:
-    size = int(image_size or 32)
-    groups: dict[str, tuple[list[Path], list[int]]] = {}
-    if kind == "folder":
-        if folder_source.has_split_folders(path):
-            p, l, classes = folder_source.scan_class_folders(path / "train", classes)
-            groups["train"] = (p, l)
-            for s in ("val", "test"):
-                if (path / s).is_dir():
-                    groups[s] = folder_source.scan_class_folders(path / s, classes)[:2]
-        else:
-            p, l, classes = folder_source.scan_class_folders(path, classes)
-            groups["train"] = (p, l)
-    else:
-        multilabel = task == "multilabel"
-        rows = csvlist.read_csv_list(path, classes, multilabel=multilabel)
-        if classes is None:
-            classes = sorted({n for _, labs in rows.values() for lab in labs for n in (lab if multilabel else [lab])})
-        index = {c: i for i, c in enumerate(classes)}
-        for s, (p, labs) in rows.items():
-            if multilabel:  # N×K multi-hot rows
-                hot = [[0.0] * len(classes) for _ in labs]
-                for row, lab in zip(hot, labs):
-                    for n in lab:
-                        row[index[n]] = 1.0
-                groups[s] = (p, hot)
-            else:
-                groups[s] = (p, [index[lab] for lab in labs])
-    if len(classes) < 2:
-        raise DatasetError(f"{path}: needs at least 2 classes, found {len(classes)}")
+def _load_files(spec: str, listing: Listing, image_size, channels, val_split, split_seed, on_bad_image,
+                progress) -> DataBundle:
+    size, task, classes = int(image_size or 32), listing.task, listing.classes
+    groups: dict[str, tuple[list[Path], list]] = {}
+    for s, part in listing.splits.items():
+        labels = part["labels"]
+        if task == "multilabel":  # N×K multi-hot rows
+            labels = [[1.0 if c in set(lab) else 0.0 for c in classes] for lab in labels]
+        groups[s] = (part["paths"], labels)
     chans = channels or _guess_channels(groups["train"][0])
     parts: dict[str, ImageData] = {}
     for s, (paths, labels) in groups.items():
         images, kept = decode_files(paths, channels=chans, size=size, on_bad_image=on_bad_image, progress=progress)
         if len(kept) == 0:
-            raise DatasetError(f"{path}: no readable images in the {s} split")
+            raise DatasetError(f"{spec}: no readable images in the {s} split")
         dtype = torch.float32 if task == "multilabel" else torch.long
         parts[s] = ImageData(images, torch.tensor(labels, dtype=dtype)[torch.from_numpy(kept)],
                              [str(paths[i]) for i in kept])
     if "val" in parts:
         if val_split:
-            raise DatasetError(f"{path}: has a val split already; drop --val-split")
+            raise DatasetError(f"{spec}: has a val split already; drop --val-split")
         train, val = parts["train"], parts["val"]
     else:
         train, val = split_off(parts["train"], 0.1 if val_split is None else val_split, split_seed)
     mean, std = channel_stats(train.images)
-    return _bundle(path.name if kind == "folder" else path.stem, list(classes), train, val, parts.get("test"),
-                   chans, size, mean, std, True, task)
+    return _bundle(listing.name, list(classes), train, val, parts.get("test"), chans, size, mean, std, True, task)
 
 
 def _guess_channels(paths: list[Path], probe: int = 32) -> int:

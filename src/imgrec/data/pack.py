@@ -115,74 +115,29 @@ def pack(source: str, out: str | os.PathLike, *, image_size: int | None = None, 
 
 
 def _plan(source, image_size, channels, val_split, split_seed, data_dir) -> dict:
-    """What to pack: per split the labels and either file paths or an in-memory array (named datasets)."""
-    from imgrec.data import csvlist, named
-    from imgrec.data import folder as folder_source
+    """What to pack: per split the labels and either file paths or an in-memory array (named datasets), from
+    the source registry (imgrec.data.sources) as training reads it."""
     from imgrec.data.dataset import _guess_channels, split_off
+    from imgrec.data.sources import list_source
 
-    name = named.canonical_name(source)
+    listing = list_source(source, data_dir=data_dir)
+    if listing.task == "multilabel":
+        raise DatasetError(f"{source}: multi-label CSV lists cannot be packed yet; train on the CSV list")
     splits: dict[str, dict] = {}
-    if name is not None:
-        ds = named.NAMED[name]
-        x, y = named.load_named(name, "train", data_dir)
-        train = ImageData(torch.from_numpy(x).unsqueeze(1), torch.from_numpy(y))
-        bad = int(((train.labels < 0) | (train.labels >= len(ds.classes))).sum())
-        if bad:
-            raise DatasetError(f"{name}: {bad} training labels outside 0..{len(ds.classes) - 1}")
-        train, val = split_off(train, 5000 if val_split is None else val_split, split_seed)
-        xt, yt = named.load_named(name, "test", data_dir)
+    if listing.in_memory:
+        x, y = listing.splits["train"]["images"], listing.splits["train"]["labels"]
+        train, val = split_off(ImageData(torch.from_numpy(x).unsqueeze(1), torch.from_numpy(y)),
+                               5000 if val_split is None else val_split, split_seed)
+        xt, yt = listing.splits["test"]["images"], listing.splits["test"]["labels"]
         for s, d in (("train", train), ("val", val), ("test", ImageData(torch.from_numpy(xt).unsqueeze(1),
                                                                        torch.from_numpy(yt)))):
             splits[s] = {"images": d.images, "labels": d.labels}
         size, chans = int(image_size or x.shape[-1]), int(channels or 1)
-        classes, flip = list(ds.classes), ds.flip
     else:
-        path = Path(source).expanduser()
-        if not path.exists():
-            raise DatasetError(f"{source}: no such dataset, folder or CSV file (named datasets: "
-                               f"{', '.join(named.NAMED)})")
-        groups: dict[str, tuple[list[Path], list[int]]] = {}
-        classes = None
-        if path.is_file():
-            if path.suffix.lower() != ".csv":
-                raise DatasetError(f"{source}: a dataset is a folder, a .csv list or one of: {', '.join(named.NAMED)}")
-            if getattr(csvlist, "csv_has_multiple_labels", lambda _: False)(path):
-                raise DatasetError(f"{source}: multi-label CSV lists cannot be packed yet; train on the CSV list")
-            rows = csvlist.read_csv_list(path, None)
-            classes = sorted({lab for _, labs in rows.values() for lab in labs})
-            for s, (p, labs) in rows.items():
-                groups[s] = (p, [classes.index(lab) for lab in labs])
-            name = path.stem
-        else:
-            if folder_source.has_split_folders(path):
-                p, lab, classes = folder_source.scan_class_folders(path / "train", None)
-                groups["train"] = (p, lab)
-                for s in ("val", "test"):
-                    if (path / s).is_dir():
-                        groups[s] = folder_source.scan_class_folders(path / s, classes)[:2]
-            else:
-                p, lab, classes = folder_source.scan_class_folders(path, None)
-                groups["train"] = (p, lab)
-            name = path.name
-        if len(classes) < 2:
-            raise DatasetError(f"{source}: needs at least 2 classes, found {len(classes)}")
-        for s, (p, lab) in groups.items():
-            splits[s] = {"paths": list(p), "labels": torch.tensor(lab, dtype=torch.long)}
-        if "val" in splits:
-            if val_split:
-                raise DatasetError(f"{source}: has a val split already; drop --val-split")
-        else:
-            # carve the validation split from the labels alone (no pixels needed): the same stratified split as
-            # the in-memory path, except that there bad files are dropped before splitting
-            tr = splits["train"]
-            n = len(tr["paths"])
-            dummy = ImageData(torch.empty(n, 0, dtype=torch.uint8), tr["labels"], [str(q) for q in tr["paths"]])
-            a, b = split_off(dummy, 0.1 if val_split is None else val_split, split_seed)
-            splits["train"] = {"paths": [Path(q) for q in a.paths], "labels": a.labels}
-            splits["val"] = {"paths": [Path(q) for q in b.paths], "labels": b.labels}
+        splits = _file_splits(source, listing, val_split, split_seed)
         size = int(image_size or 32)
         chans = int(channels or _guess_channels(splits["train"]["paths"]))
-        flip = True
+    name, classes, flip = listing.name, listing.classes, listing.flip
     if size < 1 or size > 4096:
         raise DatasetError(f"--image-size must be in 1..4096, not {size}")
     g = torch.Generator().manual_seed(int(split_seed) + 1)
@@ -193,6 +148,26 @@ def _plan(source, image_size, channels, val_split, split_seed, data_dir) -> dict
     ordered = {s: splits[s] for s in SPLITS if s in splits}
     return {"name": name, "classes": list(classes), "size": size, "channels": chans, "flip": bool(flip),
             "splits": ordered}
+
+
+def _file_splits(source: str, listing, val_split, split_seed) -> dict[str, dict]:
+    """Paths and labels per split; a validation split carved from the labels alone (no pixels needed) when the
+    source has none: the same stratified split as the in-memory path, except that there bad files are dropped
+    before splitting."""
+    from imgrec.data.dataset import split_off
+    splits = {s: {"paths": list(part["paths"]), "labels": torch.tensor(part["labels"], dtype=torch.long)}
+              for s, part in listing.splits.items()}
+    if "val" in splits:
+        if val_split:
+            raise DatasetError(f"{source}: has a val split already; drop --val-split")
+        return splits
+    tr = splits["train"]
+    n = len(tr["paths"])
+    dummy = ImageData(torch.empty(n, 0, dtype=torch.uint8), tr["labels"], [str(q) for q in tr["paths"]])
+    a, b = split_off(dummy, 0.1 if val_split is None else val_split, split_seed)
+    splits["train"] = {"paths": [Path(q) for q in a.paths], "labels": a.labels}
+    splits["val"] = {"paths": [Path(q) for q in b.paths], "labels": b.labels}
+    return splits
 
 
 def _blocks(part: dict, order: np.ndarray, size: int, chans: int, bad: list) -> Iterator[tuple[torch.Tensor, np.ndarray]]:
