@@ -388,76 +388,29 @@ def check(source: str, *, data_dir: str | None = None, near_threshold: float = N
     workers = workers or max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else
                              (os.cpu_count() or 1))
 
-    digests: list[bytes | None] = [None] * n
-    hashes = np.zeros(n, dtype=np.uint64)
-    ok = np.zeros(n, dtype=bool)
-    width = np.zeros(n, dtype=np.int32)
-    height = np.zeros(n, dtype=np.int32)
-    chans = np.zeros(n, dtype=np.int8)
-    modes: Counter = Counter()
-    formats: Counter = Counter()
-    bad: list[dict] = []
     with tempfile.TemporaryDirectory(prefix="imgrec-check-") as tmp:
         # thumbnails on disk, not in RAM: 1 KiB per image, paged in by the OS while pairs are verified
         vecs = np.lib.format.open_memmap(os.path.join(tmp, "thumbs.npy"), mode="w+", dtype=np.float32,
                                          shape=(n, VERIFY * VERIFY))
-        if cat.kind == "named":
-            jobs: Iterable = (cat.arrays[cat.splits[i]][cat.refs[i]] for i in range(n))
-            fn: Callable = _inspect_array
-        else:
-            jobs, fn = iter(cat.refs), _inspect_file
-        with progress_bar(n, "checking", progress) as bar:
-            for i, res in enumerate(bounded_map(fn, jobs, workers)):
-                bar.update(1)
-                if res[0] == "bad":
-                    bad.append({**cat.describe(i), "reason": res[1]})
-                    continue
-                (w, h, c, mode, fmt, _), (digest, ph, vec) = res[1], res[2]
-                ok[i] = True
-                digests[i], hashes[i], vecs[i] = digest, ph, vec
-                width[i], height[i], chans[i] = w, h, c
-                modes[mode] += 1
-                formats[fmt] += 1
+        seen = _inspect_all(cat, vecs, workers, progress)
+        ok, bad = seen["ok"], seen["bad"]
         readable = int(ok.sum())
         if readable == 0:
             raise DatasetError(f"{source}: none of its {n} images is readable (e.g. {bad[0]['path']}: "
                                f"{bad[0]['reason']})" if bad else f"{source}: no readable images")
         vecs.flush()
-        exact_groups = _exact_groups(digests)
+        exact_groups = _exact_groups(seen["digests"])
         group_of = {i: gi for gi, g in enumerate(exact_groups) for i in g}
-        pairs, truncated, total_pairs = _near_pairs(hashes, vecs, ok, hash_radius, near_threshold, group_of,
+        pairs, truncated, total_pairs = _near_pairs(seen["hashes"], vecs, ok, hash_radius, near_threshold, group_of,
                                                     workers, progress)
         del vecs
-
-    split_arr = np.array([SPLITS.index(s) for s in cat.splits], dtype=np.int8)
-    label_arr = np.asarray(cat.labels, dtype=np.int64)
-    exact = []
-    for g in exact_groups:
-        members = [cat.describe(i) for i in g]
-        exact.append({"members": members, "across_splits": len({cat.splits[i] for i in g}) > 1,
-                      "conflicting": len({cat.labels[i] for i in g}) > 1})
-    near = []
-    for i, j, ham, corr in pairs:
-        near.append({"a": cat.describe(i), "b": cat.describe(j), "hamming": int(ham), "similarity": round(float(corr), 5),
-                     "across_splits": bool(split_arr[i] != split_arr[j]),
-                     "conflicting": bool(label_arr[i] != label_arr[j])})
-    # evaluation images (val/test) with a twin in train: the number that says how much a test score is inflated
-    twins: set[int] = set()
-    for g in exact_groups:
-        if any(cat.splits[i] == "train" for i in g):
-            twins |= {i for i in g if cat.splits[i] != "train"}
-    for i, j, _, _ in pairs:
-        if cat.splits[i] == "train" and cat.splits[j] != "train":
-            twins.add(j)
-        elif cat.splits[j] == "train" and cat.splits[i] != "train":
-            twins.add(i)
-    # val ↔ test pairs are leakage too (model selection on test images), counted in the pairs below
+    exact, near, twins = _duplicates(cat, exact_groups, pairs)
     data = {
         "source": source, "kind": cat.kind, "classes": cat.classes, "images": n, "readable": readable,
         "split_sizes": dict(Counter(cat.splits)),
         "unreadable": bad,
         "skipped": cat.skipped,
-        "sizes": _size_summary(cat, ok, width, height, chans, modes, formats),
+        "sizes": _size_summary(cat, ok, seen["width"], seen["height"], seen["chans"], seen["modes"], seen["formats"]),
         "class_counts": {}, "imbalance": {},
         "exact_duplicates": exact, "near_duplicates": near,
         "near_pairs_total": total_pairs, "near_pairs_truncated": truncated,
@@ -469,15 +422,72 @@ def check(source: str, *, data_dir: str | None = None, near_threshold: float = N
         "settings": {"hash": "pHash 64-bit (8x8 DCT of 32x32 grayscale)", "hash_radius": hash_radius,
                      "near_threshold": near_threshold, "thumbnail": VERIFY},
     }
+    _class_counts(data, cat, ok)
+    data["recommendations"] = _recommendations(data, cat)
+    data["time_s"] = round(time.perf_counter() - t0, 2)
+    return CheckReport(data, cat)
+
+
+def _inspect_all(cat: Catalog, vecs: np.ndarray, workers: int, progress: bool) -> dict:
+    """Every image decoded once, in a thread pool: its digest, pHash, thumbnail (into ``vecs``), size, channels,
+    mode and format; the unreadable ones listed with their reason."""
+    n = len(cat)
+    seen = {"digests": [None] * n, "hashes": np.zeros(n, dtype=np.uint64), "ok": np.zeros(n, dtype=bool),
+            "width": np.zeros(n, dtype=np.int32), "height": np.zeros(n, dtype=np.int32),
+            "chans": np.zeros(n, dtype=np.int8), "modes": Counter(), "formats": Counter(), "bad": []}
+    if cat.kind == "named":
+        jobs: Iterable = (cat.arrays[cat.splits[i]][cat.refs[i]] for i in range(n))
+        fn: Callable = _inspect_array
+    else:
+        jobs, fn = iter(cat.refs), _inspect_file
+    with progress_bar(n, "checking", progress) as bar:
+        for i, res in enumerate(bounded_map(fn, jobs, workers)):
+            bar.update(1)
+            if res[0] == "bad":
+                seen["bad"].append({**cat.describe(i), "reason": res[1]})
+                continue
+            (w, h, c, mode, fmt, _), (digest, ph, vec) = res[1], res[2]
+            seen["ok"][i] = True
+            seen["digests"][i], seen["hashes"][i], vecs[i] = digest, ph, vec
+            seen["width"][i], seen["height"][i], seen["chans"][i] = w, h, c
+            seen["modes"][mode] += 1
+            seen["formats"][fmt] += 1
+    return seen
+
+
+def _duplicates(cat: Catalog, exact_groups: list[list[int]], pairs) -> tuple[list[dict], list[dict], set[int]]:
+    """Exact groups and near pairs as reported (across splits? conflicting labels?), and the evaluation images
+    (val/test) with a twin in train: the number that says how much a test score is inflated. val ↔ test pairs
+    are leakage too (model selection on test images), counted in the pairs."""
+    split_arr = np.array([SPLITS.index(s) for s in cat.splits], dtype=np.int8)
+    label_arr = np.asarray(cat.labels, dtype=np.int64)
+    exact = [{"members": [cat.describe(i) for i in g], "across_splits": len({cat.splits[i] for i in g}) > 1,
+              "conflicting": len({cat.labels[i] for i in g}) > 1} for g in exact_groups]
+    near = [{"a": cat.describe(i), "b": cat.describe(j), "hamming": int(ham), "similarity": round(float(corr), 5),
+             "across_splits": bool(split_arr[i] != split_arr[j]), "conflicting": bool(label_arr[i] != label_arr[j])}
+            for i, j, ham, corr in pairs]
+    twins: set[int] = set()
+    for g in exact_groups:
+        if any(cat.splits[i] == "train" for i in g):
+            twins |= {i for i in g if cat.splits[i] != "train"}
+    for i, j, _, _ in pairs:
+        if cat.splits[i] == "train" and cat.splits[j] != "train":
+            twins.add(j)
+        elif cat.splits[j] == "train" and cat.splits[i] != "train":
+            twins.add(i)
+    return exact, near, twins
+
+
+def _class_counts(data: dict, cat: Catalog, ok: np.ndarray) -> None:
+    """Readable images per class and the largest/smallest class ratio, per split present."""
+    split_arr = np.array([SPLITS.index(s) for s in cat.splits], dtype=np.int8)
+    label_arr = np.asarray(cat.labels, dtype=np.int64)
     for s in SPLITS:
         mask = (split_arr == SPLITS.index(s)) & ok
         if (split_arr == SPLITS.index(s)).any():
             counts = np.bincount(label_arr[mask], minlength=len(cat.classes))
             data["class_counts"][s] = {c: int(k) for c, k in zip(cat.classes, counts)}
             data["imbalance"][s] = round(float(counts.max() / counts.min()), 3) if counts.min() > 0 else None
-    data["recommendations"] = _recommendations(data, cat)
-    data["time_s"] = round(time.perf_counter() - t0, 2)
-    return CheckReport(data, cat)
 
 
 def _exact_groups(digests: list[bytes | None]) -> list[list[int]]:
