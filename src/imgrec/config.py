@@ -209,19 +209,34 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError("channels must be 1 or 3")
     if cfg.data.val_split is not None and cfg.data.val_split <= 0:
         raise ConfigError("val_split must be positive")
-    cw = str(t.class_weights if t.class_weights is not None else "none")
-    if cw.lower() not in ("none", "auto", "inverse", "effective") and not Path(cw).is_file():
-        raise ConfigError(f"class_weights must be auto, inverse, effective, none or a weights file; {cw!r} is "
-                          f"none of them (no such file)")
-    if not 0 <= t.class_weight_beta < 1:
-        raise ConfigError(f"class_weight_beta must be in [0, 1), got {t.class_weight_beta}")
+    _validate_answers(t)
+    _validate_tensorboard(t)
+    _validate_imbalance(t)
+    if t.time_budget is not None and not (isinstance(t.time_budget, (int, float)) and t.time_budget > 0):
+        raise ConfigError(f"time_budget must be a positive number of seconds, got {t.time_budget!r}")
+    if cfg.data.long_tail is not None and not cfg.data.long_tail >= 1:
+        raise ConfigError(f"long_tail must be an imbalance ratio ≥ 1, got {cfg.data.long_tail}")
+
+
+def _validate_answers(t: TrainConfig) -> None:
+    """The choices made after training: the temperature and the "unknown" answer."""
     if not isinstance(t.calibrate, bool):
         raise ConfigError(f"calibrate must be true or false, got {t.calibrate!r}")
     if not isinstance(t.unknown, bool):
         raise ConfigError(f"unknown must be true or false, got {t.unknown!r}")
     if isinstance(t.accept_rate, bool) or not isinstance(t.accept_rate, (int, float)) or not 0 < t.accept_rate <= 1:
         raise ConfigError(f"accept_rate must be in (0, 1], got {t.accept_rate!r}")
-    _validate_tensorboard(t)
+
+
+def _validate_imbalance(t: TrainConfig) -> None:
+    """Class weights, the balanced sampler, the best-epoch metric and the logit adjustments, and the
+    combinations of them that would correct for the class prior twice."""
+    cw = str(t.class_weights if t.class_weights is not None else "none")
+    if cw.lower() not in ("none", "auto", "inverse", "effective") and not Path(cw).is_file():
+        raise ConfigError(f"class_weights must be auto, inverse, effective, none or a weights file; {cw!r} is "
+                          f"none of them (no such file)")
+    if not 0 <= t.class_weight_beta < 1:
+        raise ConfigError(f"class_weight_beta must be in [0, 1), got {t.class_weight_beta}")
     if t.sampler not in ("shuffle", "balanced"):
         raise ConfigError(f"sampler must be shuffle or balanced, got {t.sampler!r}")
     if t.best_metric not in ("auto", "acc", "balanced_acc", "macro_f1"):
@@ -246,10 +261,6 @@ def validate(cfg: RunConfig) -> None:
                                 or str(t.class_weights or "none").lower() != "none"):
         raise ConfigError("logit_adjust_loss already corrects for the class prior: use it without logit_adjust, "
                           "class_weights and sampler balanced")
-    if t.time_budget is not None and not (isinstance(t.time_budget, (int, float)) and t.time_budget > 0):
-        raise ConfigError(f"time_budget must be a positive number of seconds, got {t.time_budget!r}")
-    if cfg.data.long_tail is not None and not cfg.data.long_tail >= 1:
-        raise ConfigError(f"long_tail must be an imbalance ratio ≥ 1, got {cfg.data.long_tail}")
 
 
 def _validate_tensorboard(t: TrainConfig) -> None:
