@@ -153,13 +153,9 @@ def cross_fit(images: torch.Tensor, labels: np.ndarray, classes: list[str], *, f
     ``recipe`` and ``overrides`` are resolved exactly as ``imgrec train --recipe`` and its options are
     (``fold_config``), unless ``cfg`` gives the resolved settings.
     """
-    from imgrec.data.dataset import DataBundle, ImageData, channel_stats
-    from imgrec.data.memory import BatchLoader
     from imgrec.device import pick_device, set_threads
-    from imgrec.engine.callbacks import ProgressBar
-    from imgrec.engine.run import build_loaders, build_model, uses_channels_last
-    from imgrec.engine.trainer import Trainer, seed_everything
-    from imgrec.infer.runtime import forward_logits, resolve_amp
+    from imgrec.engine.run import uses_channels_last
+    from imgrec.infer.runtime import resolve_amp
 
     n, m = len(labels), len(classes)
     counts = np.bincount(labels, minlength=m)
@@ -181,37 +177,53 @@ def cross_fit(images: torch.Tensor, labels: np.ndarray, classes: list[str], *, f
     probs = np.zeros((n, m), dtype=np.float64)
     y_all = torch.as_tensor(labels, dtype=torch.long)
     stats = []
-    size, chans = int(images.shape[-1]), int(images.shape[1])
     for k in range(folds):
         t0 = time.perf_counter()
         held = np.nonzero(fold_of == k)[0]
         fit = np.nonzero(fold_of != k)[0]
-        train_part = ImageData(images[torch.from_numpy(fit)], y_all[torch.from_numpy(fit)])
-        held_part = ImageData(images[torch.from_numpy(held)], y_all[torch.from_numpy(held)])
-        mean, std = channel_stats(train_part.images)
-        # the per-epoch log line needs a validation set: a slice of the held-out fold (never trained on)
-        monitor = held_part.subset(torch.arange(min(len(held_part), 1024)))
-        bundle = DataBundle("audit", list(classes), train_part, monitor, None, chans, size, mean, std, flip)
-        seed_everything(t.seed + k, t.deterministic)
-        train_loader, monitor_loader = build_loaders(bundle, cfg, device, channels_last)
-        # the fold model is built as `imgrec train` builds its model (initial weights and frozen parts included)
-        model, _ = build_model(cfg, bundle, seed=t.seed + k)
-        if progress:
-            print(f"fold {k + 1}/{folds}: training {cfg.model.name} on {len(fit)} images, scoring {len(held)}",
-                  file=sys.stderr)
-        trainer = Trainer(model, t, train_loader, monitor_loader, device=device, amp=amp,
-                          channels_last=channels_last, callbacks=[ProgressBar(enabled=progress)])
-        trainer.fit()
-        loader = BatchLoader(held_part, t.eval_batch_size, mean, std, device=device, channels_last=channels_last)
-        trainer.model.eval()
-        logits = torch.cat([forward_logits(trainer.eval_model, x, tta_flip=t.tta_flip, amp=amp).cpu()
-                            for x, _ in loader])
-        p = torch.softmax(logits.double(), dim=1).numpy()
+        p = _fold_probabilities(cfg, k, folds, images, y_all, fit, held, classes, flip, device, amp, channels_last,
+                                progress)
         probs[held] = p
         acc = float((p.argmax(1) == labels[held]).mean())
         stats.append({"fold": k + 1, "train_images": int(len(fit)), "held_out": int(len(held)),
                       "held_out_acc": round(acc, 4), "time_s": round(time.perf_counter() - t0, 2)})
     return probs, stats
+
+
+def _fold_probabilities(cfg, k: int, folds: int, images: torch.Tensor, y_all: torch.Tensor, fit: np.ndarray,
+                        held: np.ndarray, classes: list[str], flip: bool, device, amp, channels_last: bool,
+                        progress: bool) -> np.ndarray:
+    """Train fold ``k``'s model on ``fit`` as `imgrec train` would (the same model builder, loaders and
+    Trainer) and return its class probabilities for the held-out images."""
+    from imgrec.data.dataset import DataBundle, ImageData, channel_stats
+    from imgrec.data.memory import BatchLoader
+    from imgrec.engine.callbacks import ProgressBar
+    from imgrec.engine.run import build_loaders, build_model
+    from imgrec.engine.trainer import Trainer, seed_everything
+    from imgrec.infer.runtime import forward_logits
+    t = cfg.train
+    size, chans = int(images.shape[-1]), int(images.shape[1])
+    train_part = ImageData(images[torch.from_numpy(fit)], y_all[torch.from_numpy(fit)])
+    held_part = ImageData(images[torch.from_numpy(held)], y_all[torch.from_numpy(held)])
+    mean, std = channel_stats(train_part.images)
+    # the per-epoch log line needs a validation set: a slice of the held-out fold (never trained on)
+    monitor = held_part.subset(torch.arange(min(len(held_part), 1024)))
+    bundle = DataBundle("audit", list(classes), train_part, monitor, None, chans, size, mean, std, flip)
+    seed_everything(t.seed + k, t.deterministic)
+    train_loader, monitor_loader = build_loaders(bundle, cfg, device, channels_last)
+    # the fold model is built as `imgrec train` builds its model (initial weights and frozen parts included)
+    model, _ = build_model(cfg, bundle, seed=t.seed + k)
+    if progress:
+        print(f"fold {k + 1}/{folds}: training {cfg.model.name} on {len(fit)} images, scoring {len(held)}",
+              file=sys.stderr)
+    trainer = Trainer(model, t, train_loader, monitor_loader, device=device, amp=amp,
+                      channels_last=channels_last, callbacks=[ProgressBar(enabled=progress)])
+    trainer.fit()
+    loader = BatchLoader(held_part, t.eval_batch_size, mean, std, device=device, channels_last=channels_last)
+    trainer.model.eval()
+    logits = torch.cat([forward_logits(trainer.eval_model, x, tta_flip=t.tta_flip, amp=amp).cpu()
+                        for x, _ in loader])
+    return torch.softmax(logits.double(), dim=1).numpy()
 
 
 @dataclass
