@@ -273,6 +273,11 @@ class Trainer:
             set_class_weights(self.loss_fn, self.class_weights if epoch >= self.reweight_epoch else None)
         for cb in self.callbacks:
             cb.on_epoch_begin(self, epoch)
+        self._end_epoch(epoch, self._train_steps())
+
+    def _train_steps(self) -> float:
+        """This epoch's steps from ``start_step`` on (a resumed epoch continues where it stopped), with the
+        agreed stop of several processes and mid-epoch checkpoints; returns the epoch's training time."""
         p = self.partial
         t0 = time.perf_counter() - p["time"]
         ckpt_every = int(self.cfg.checkpoint_every or 0)
@@ -308,7 +313,12 @@ class Trainer:
             if ckpt_due and self.is_writer:
                 self.save_checkpoint()
         self._flush(self.start_step - 1)
-        train_time = time.perf_counter() - t0
+        return time.perf_counter() - t0
+
+    def _end_epoch(self, epoch: int, train_time: float) -> None:
+        """Validate (unless --val-last skips this epoch), log, pick the best epoch, tell the callbacks, and
+        write the weights, model.json and the checkpoint."""
+        p = self.partial
         # --val-last N: only the last N epochs are validated (and can be "best"); in short one-cycle runs the
         # last epoch was the best in every measured run, and each validation pass costs ~1 % of the run
         skip_val = bool(self.cfg.val_last) and epoch < self.cfg.epochs - int(self.cfg.val_last)
