@@ -20,7 +20,7 @@ import numpy as np
 
 __all__ = ["SCORES", "FEATURE_SCORES", "DEFAULT_SCORE", "DEFAULT_ACCEPT_RATE", "STATS_FILE", "OodStats",
            "fit_stats", "score", "threshold_for_accept_rate", "quantile_table", "threshold_from_table",
-           "unknown_entry", "save_stats", "load_stats", "auroc", "fpr_at_tpr"]
+           "unknown_entry", "save_arrays", "load_arrays", "save_stats", "load_stats", "auroc", "fpr_at_tpr"]
 
 SCORES = ("msp", "energy", "knn", "mahalanobis")  # computed here; model.json may also name imgrec.infer.unknown's
 FEATURE_SCORES = ("knn", "mahalanobis")           # multi-layer "mahalanobis_layers" (modeldir.OOD_SCORES)
@@ -143,25 +143,37 @@ def unknown_entry(kind: str, val_scores: np.ndarray, accept_rate: float, n_fit: 
     return entry
 
 
-def save_stats(path, stats: OodStats) -> None:
-    """The statistics as a safetensors file, written atomically."""
+def save_arrays(path, arrays: dict[str, np.ndarray]) -> None:
+    """Named arrays as a safetensors file, written atomically."""
     from safetensors.numpy import save
     from imgrec.safeio import atomic_write_bytes
-    atomic_write_bytes(path, save({k: np.ascontiguousarray(v) for k, v in stats.arrays().items()}))
+    atomic_write_bytes(path, save({k: np.ascontiguousarray(v) for k, v in arrays.items()}))
 
 
-def load_stats(path, kind: str) -> OodStats:
-    """The statistics ``kind`` needs from a safetensors file (nothing is unpickled); ModelFileError in one
-    line for a missing, corrupt or inconsistent file."""
+def load_arrays(path) -> dict[str, np.ndarray]:
+    """A safetensors file's arrays (nothing is unpickled); ModelFileError in one line when it is missing or
+    corrupt."""
     from safetensors import SafetensorError
     from safetensors.numpy import load_file
     from imgrec.errors import ModelFileError
     try:
-        arrays = load_file(str(path))
+        return load_file(str(path))
     except FileNotFoundError:
         raise ModelFileError(f"{path}: the out-of-distribution statistics are missing") from None
     except (SafetensorError, OSError, ValueError) as e:
         raise ModelFileError(f"{path}: corrupt out-of-distribution statistics ({str(e).splitlines()[0]})") from None
+
+
+def save_stats(path, stats: OodStats) -> None:
+    """The statistics as a safetensors file, written atomically."""
+    save_arrays(path, stats.arrays())
+
+
+def load_stats(path, kind: str) -> OodStats:
+    """The statistics ``kind`` needs from a safetensors file; ModelFileError in one line for a missing, corrupt
+    or inconsistent file."""
+    from imgrec.errors import ModelFileError
+    arrays = load_arrays(path)
     stats = OodStats(arrays.get("bank"), arrays.get("means"), arrays.get("precision"))
     need = {"knn": ("bank",), "mahalanobis": ("means", "precision")}.get(kind, ())
     missing = [k for k in need if getattr(stats, k) is None]

@@ -21,8 +21,8 @@ import torch
 from torch import nn
 
 from imgrec.errors import ConfigError
-from imgrec.infer.ood import (DEFAULT_ACCEPT_RATE, DEFAULT_SCORE, KNN_K, STATS_FILE, OodStats,
-                              fit_stats, load_stats, save_stats, threshold_from_table, unknown_entry)
+from imgrec.infer.ood import (DEFAULT_ACCEPT_RATE, DEFAULT_SCORE, KNN_K, STATS_FILE, OodStats, fit_stats,
+                              load_arrays, load_stats, save_arrays, save_stats, threshold_from_table, unknown_entry)
 from imgrec.infer.runtime import autocast
 from imgrec.modeldir import FEATURE_SCORES
 
@@ -230,18 +230,6 @@ def _layer_stats(arrays: dict[str, np.ndarray], prefix: str, path: Path) -> OodS
     return st
 
 
-def load_arrays(path: Path) -> dict[str, np.ndarray]:
-    from safetensors import SafetensorError
-    from safetensors.numpy import load_file
-    from imgrec.errors import ModelFileError
-    try:
-        return load_file(str(path))
-    except FileNotFoundError:
-        raise ModelFileError(f"{path}: the out-of-distribution statistics are missing") from None
-    except (SafetensorError, OSError, ValueError) as e:
-        raise ModelFileError(f"{path}: corrupt out-of-distribution statistics ({str(e).splitlines()[0]})") from None
-
-
 def resolve_threshold(entry: dict, accept_rate: float | None) -> float:
     """The stored threshold, or the one for ``accept_rate`` read off the validation quantile table."""
     if accept_rate is None or accept_rate == entry.get("accept_rate"):
@@ -310,9 +298,3 @@ def _fit_part(train: np.ndarray, labels: np.ndarray, k: int, val: torch.Tensor, 
     if st.keep is not None:
         arrays[prefix + "keep"] = st.keep.astype(np.int64)
     return st
-
-
-def save_arrays(path: Path, arrays: dict[str, np.ndarray]) -> None:
-    from safetensors.numpy import save
-    from imgrec.safeio import atomic_write_bytes
-    atomic_write_bytes(path, save({k: np.ascontiguousarray(v) for k, v in arrays.items()}))
