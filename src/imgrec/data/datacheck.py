@@ -175,7 +175,7 @@ def catalog(spec: str, data_dir: str | None = None, splits: Iterable[str] = SPLI
     """List the images of a named dataset, image folder or CSV list (no decoding), from the source registry
     (imgrec.data.sources) as training reads it."""
     from imgrec.data import folder as folder_source
-    from imgrec.data.sources import list_source
+    from imgrec.data.sources import _is_csv, list_source
     want = tuple(splits)
     # a CSV list is read one label per row here, as before multi-label lists existed: the checks need one class
     listing = list_source(spec, data_dir=data_dir, splits=want, task="classification" if _is_csv(spec) else None)
@@ -201,10 +201,6 @@ def catalog(spec: str, data_dir: str | None = None, splits: Iterable[str] = SPLI
             skipped.absorb(part["paths"])
     return Catalog(listing.name, listing.kind, list(listing.classes), sp, labels, refs,
                    skipped={**skipped.skipped, "examples": skipped.examples} if listing.kind == "folder" else {})
-
-
-def _is_csv(spec: str) -> bool:
-    return Path(spec).expanduser().suffix.lower() == ".csv"
 
 
 # ---------------------------------------------------------------------------------------------------

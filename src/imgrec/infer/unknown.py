@@ -22,11 +22,11 @@ from torch import nn
 
 from imgrec.errors import ConfigError
 from imgrec.infer.ood import (DEFAULT_ACCEPT_RATE, DEFAULT_SCORE, KNN_K, STATS_FILE, OodStats, fit_stats,
-                              load_arrays, load_stats, save_arrays, save_stats, threshold_from_table, unknown_entry)
+                              load_arrays, load_stats, save_arrays, save_stats, unknown_entry)
 from imgrec.infer.runtime import autocast
 from imgrec.modeldir import FEATURE_SCORES
 
-__all__ = ["UnknownScore", "forward_with_features", "fit_unknown", "load_unknown_score", "resolve_threshold",
+__all__ = ["UnknownScore", "forward_with_features", "fit_unknown", "load_unknown_score",
            "layer_names", "LayerTaps"]
 
 LAYERS_SCORE = "mahalanobis_layers"
@@ -228,18 +228,6 @@ def _layer_stats(arrays: dict[str, np.ndarray], prefix: str, path: Path) -> OodS
         raise ModelFileError(f"{path}: the {prefix or 'penultimate '}statistics do not fit together")
     st.keep, st.loc, st.scale = keep, loc, scale
     return st
-
-
-def resolve_threshold(entry: dict, accept_rate: float | None) -> float:
-    """The stored threshold, or the one for ``accept_rate`` read off the validation quantile table."""
-    if accept_rate is None or accept_rate == entry.get("accept_rate"):
-        return float(entry["threshold"])
-    if not 0.0 < accept_rate <= 1.0:
-        raise ConfigError(f"--accept-rate must be in (0, 1], got {accept_rate}")
-    table = entry.get("val_quantiles")
-    if not table:
-        raise ConfigError("this model stores one threshold only; retrain it to choose another accept rate")
-    return threshold_from_table(table, accept_rate)
 
 
 def fit_unknown(clf: Any, model_dir: str | Path, train_images: torch.Tensor, train_labels: torch.Tensor,
