@@ -383,28 +383,45 @@ def check(source: str, *, data_dir: str | None = None, near_threshold: float = N
         raise DatasetError(f"{source}: no images found")
     workers = workers or max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else
                              (os.cpu_count() or 1))
+    seen, exact_groups, near = _scan(cat, source, hash_radius, near_threshold, workers, progress)
+    data = _report_data(source, cat, seen, exact_groups, near, hash_radius, near_threshold)
+    data["recommendations"] = _recommendations(data, cat)
+    data["time_s"] = round(time.perf_counter() - t0, 2)
+    return CheckReport(data, cat)
 
+
+def _scan(cat: Catalog, source: str, hash_radius: int, near_threshold: float, workers: int,
+          progress: bool) -> tuple[dict, list[list[int]], tuple]:
+    """Decode every image once (``_inspect_all``), then group the exact duplicates and find the near pairs:
+    ``(seen, exact_groups, (pairs, truncated, total_pairs))``. DatasetError when no image is readable."""
+    n = len(cat)
     with tempfile.TemporaryDirectory(prefix="imgrec-check-") as tmp:
         # thumbnails on disk, not in RAM: 1 KiB per image, paged in by the OS while pairs are verified
         vecs = np.lib.format.open_memmap(os.path.join(tmp, "thumbs.npy"), mode="w+", dtype=np.float32,
                                          shape=(n, VERIFY * VERIFY))
         seen = _inspect_all(cat, vecs, workers, progress)
         ok, bad = seen["ok"], seen["bad"]
-        readable = int(ok.sum())
-        if readable == 0:
+        if int(ok.sum()) == 0:
             raise DatasetError(f"{source}: none of its {n} images is readable (e.g. {bad[0]['path']}: "
                                f"{bad[0]['reason']})" if bad else f"{source}: no readable images")
         vecs.flush()
         exact_groups = _exact_groups(seen["digests"])
         group_of = {i: gi for gi, g in enumerate(exact_groups) for i in g}
-        pairs, truncated, total_pairs = _near_pairs(seen["hashes"], vecs, ok, hash_radius, near_threshold, group_of,
-                                                    workers, progress)
+        near = _near_pairs(seen["hashes"], vecs, ok, hash_radius, near_threshold, group_of, workers, progress)
         del vecs
+    return seen, exact_groups, near
+
+
+def _report_data(source: str, cat: Catalog, seen: dict, exact_groups: list[list[int]], near_pairs: tuple,
+                 hash_radius: int, near_threshold: float) -> dict:
+    """The report's numbers and findings (``CheckReport.data``), all but the recommendations and the time."""
+    pairs, truncated, total_pairs = near_pairs
+    ok = seen["ok"]
     exact, near, twins = _duplicates(cat, exact_groups, pairs)
     data = {
-        "source": source, "kind": cat.kind, "classes": cat.classes, "images": n, "readable": readable,
+        "source": source, "kind": cat.kind, "classes": cat.classes, "images": len(cat), "readable": int(ok.sum()),
         "split_sizes": dict(Counter(cat.splits)),
-        "unreadable": bad,
+        "unreadable": seen["bad"],
         "skipped": cat.skipped,
         "sizes": _size_summary(cat, ok, seen["width"], seen["height"], seen["chans"], seen["modes"], seen["formats"]),
         "class_counts": {}, "imbalance": {},
@@ -419,9 +436,7 @@ def check(source: str, *, data_dir: str | None = None, near_threshold: float = N
                      "near_threshold": near_threshold, "thumbnail": VERIFY},
     }
     _class_counts(data, cat, ok)
-    data["recommendations"] = _recommendations(data, cat)
-    data["time_s"] = round(time.perf_counter() - t0, 2)
-    return CheckReport(data, cat)
+    return data
 
 
 def _inspect_all(cat: Catalog, vecs: np.ndarray, workers: int, progress: bool) -> dict:
@@ -669,87 +684,122 @@ def _member_html(m: dict) -> str:
             f'{html.escape(str(loc))}')
 
 
-def _render_html(report: CheckReport, limit: int) -> str:
-    d, cat = report.data, report.catalog
+def _thumbnailer(cat: Catalog | None) -> Callable[[dict], str]:
+    """A member dict (split and index or path) → its thumbnail ``<img>`` (or nothing without a catalog)."""
     lookup: dict = {}
     if cat is not None:
         for i in range(len(cat)):
             ref = cat.refs[i]
             lookup[(cat.splits[i], int(ref) if isinstance(ref, (int, np.integer)) else str(ref))] = i
 
-    def index_of(m: dict):
-        return lookup.get((m["split"], m["index"] if "index" in m else m.get("path")))
+    def img(m: dict) -> str:
+        return _img(cat, m, lookup.get((m["split"], m["index"] if "index" in m else m.get("path"))))
+    return img
 
+
+def _overview_html(d: dict) -> list[str]:
     e = html.escape
     parts = [f"<h1>Data check: {e(d['source'])}</h1>",
              f"<p>{d['images']} images ({e(d['kind'])}), {d['readable']} readable, {len(d['classes'])} classes; "
              + ", ".join(f"{e(s)}: {k}" for s, k in d["split_sizes"].items()) + f". Checked in {d['time_s']} s.</p>"]
     for r in d["recommendations"]:  # they include the leakage and conflicts that --strict fails on
         parts.append(f'<div class="warn">{e(r)}</div>')
-    parts.append(f"<h2>Unreadable files ({len(d['unreadable'])})</h2>")
-    if d["unreadable"]:
+    return parts
+
+
+def _unreadable_html(unreadable: list[dict], limit: int) -> list[str]:
+    e = html.escape
+    parts = [f"<h2>Unreadable files ({len(unreadable)})</h2>"]
+    if unreadable:
         rows = "".join(f"<tr><td>{e(b['split'])}</td><td>{e(b['label'])}</td><td>{e(b['path'])}</td>"
-                       f"<td class=bad>{e(b['reason'])}</td></tr>" for b in d["unreadable"][:limit])
+                       f"<td class=bad>{e(b['reason'])}</td></tr>" for b in unreadable[:limit])
         parts.append(f"<table><tr><th>split</th><th>label</th><th>file</th><th>reason</th></tr>{rows}</table>")
-    sz = d["sizes"]
-    if sz:
-        parts.append("<h2>Sizes and modes</h2><table>")
-        for k in ("width", "height"):
-            parts.append(f"<tr><th>{k}</th><td>min {sz[k]['min']}, median {sz[k]['median']}, max {sz[k]['max']}</td></tr>")
-        parts.append(f"<tr><th>aspect (w/h)</th><td>min {sz['aspect']['min']}, median {sz['aspect']['median']}, "
-                     f"max {sz['aspect']['max']}; square {sz['square_fraction']:.0%}</td></tr>")
-        for k in ("channels", "modes", "formats"):
-            parts.append(f"<tr><th>{k}</th><td>" + ", ".join(f"{e(str(a))}: {b}" for a, b in sz[k].items())
-                         + "</td></tr>")
-        parts.append("</table>")
-        if sz["outliers"]:
-            parts.append(f"<p>Size outliers ({sz['outliers_total']}):</p><div>")
-            for o in sz["outliers"][:limit]:
-                parts.append(f'<div class="card">{_img(cat, o, index_of(o))}<br>{_member_html(o)} '
-                             f'{o["width"]}×{o["height"]}</div>')
-            parts.append("</div>")
-    parts.append("<h2>Class counts</h2><table><tr><th>class</th>"
-                 + "".join(f"<th>{e(s)}</th>" for s in d["class_counts"]) + "</tr>")
+    return parts
+
+
+def _sizes_html(sz: dict, img: Callable[[dict], str], limit: int) -> list[str]:
+    if not sz:
+        return []
+    parts = ["<h2>Sizes and modes</h2><table>"]
+    for k in ("width", "height"):
+        parts.append(f"<tr><th>{k}</th><td>min {sz[k]['min']}, median {sz[k]['median']}, max {sz[k]['max']}</td></tr>")
+    parts.append(f"<tr><th>aspect (w/h)</th><td>min {sz['aspect']['min']}, median {sz['aspect']['median']}, "
+                 f"max {sz['aspect']['max']}; square {sz['square_fraction']:.0%}</td></tr>")
+    for k in ("channels", "modes", "formats"):
+        parts.append(f"<tr><th>{k}</th><td>" + ", ".join(f"{html.escape(str(a))}: {b}" for a, b in sz[k].items())
+                     + "</td></tr>")
+    parts.append("</table>")
+    if sz["outliers"]:
+        parts.append(f"<p>Size outliers ({sz['outliers_total']}):</p><div>")
+        for o in sz["outliers"][:limit]:
+            parts.append(f'<div class="card">{img(o)}<br>{_member_html(o)} {o["width"]}×{o["height"]}</div>')
+        parts.append("</div>")
+    return parts
+
+
+def _class_counts_html(d: dict) -> list[str]:
+    e = html.escape
+    parts = ["<h2>Class counts</h2><table><tr><th>class</th>"
+             + "".join(f"<th>{e(s)}</th>" for s in d["class_counts"]) + "</tr>"]
     for c in d["classes"]:
         parts.append(f"<tr><td>{e(c)}</td>" + "".join(f"<td>{d['class_counts'][s][c]}</td>" for s in d["class_counts"])
                      + "</tr>")
     parts.append("<tr><th>imbalance</th>" + "".join(
         f"<td>{'–' if v is None else v}</td>" for v in d["imbalance"].values()) + "</tr></table>")
+    return parts
 
-    def pair_section(title: str, items: list, render) -> None:
-        parts.append(f"<h2>{e(title)} ({len(items)})</h2><div>")
-        for it in items[:limit]:
-            parts.append(render(it))
-        if len(items) > limit:
-            parts.append(f"<p>… and {len(items) - limit} more (all of them are in the --json output)</p>")
-        parts.append("</div>")
 
+def _finding_class(f: dict) -> str:
+    """A duplicate group's or pair's CSS classes: red across splits (leakage), yellow with conflicting labels."""
+    return "pair" + (" leak" if f["across_splits"] else "") + (" conf" if f["conflicting"] else "")
+
+
+# the duplicate sections, leakage first (a group or pair across splits is shown there whether or not its labels
+# also disagree): (title for exact groups, title for near pairs, which findings)
+_DUPLICATE_SECTIONS = (
+    ("Exact duplicates across splits", "Near duplicates across splits", lambda f: f["across_splits"]),
+    ("Duplicates with conflicting labels", "Near duplicates with conflicting labels",
+     lambda f: f["conflicting"] and not f["across_splits"]),
+    ("Exact duplicates within a split", "Near duplicates within a split",
+     lambda f: not f["across_splits"] and not f["conflicting"]),
+)
+
+
+def _duplicates_html(d: dict, img: Callable[[dict], str], limit: int) -> list[str]:
     def group_html(g: dict) -> str:
-        cls = "pair" + (" leak" if g["across_splits"] else "") + (" conf" if g["conflicting"] else "")
-        inner = "".join(f'<span class="member">{_img(cat, m, index_of(m))}<br>{_member_html(m)}</span>'
-                        for m in g["members"])
-        return f'<div class="{cls}">{inner}</div>'
+        inner = "".join(f'<span class="member">{img(m)}<br>{_member_html(m)}</span>' for m in g["members"])
+        return f'<div class="{_finding_class(g)}">{inner}</div>'
 
     def pair_html(p: dict) -> str:
-        cls = "pair" + (" leak" if p["across_splits"] else "") + (" conf" if p["conflicting"] else "")
-        return (f'<div class="{cls}">{_img(cat, p["a"], index_of(p["a"]))}{_img(cat, p["b"], index_of(p["b"]))}'
+        return (f'<div class="{_finding_class(p)}">{img(p["a"])}{img(p["b"])}'
                 f'<br>{_member_html(p["a"])}<br>{_member_html(p["b"])}<br>correlation {p["similarity"]:.4f}, '
                 f'hash distance {p["hamming"]}</div>')
 
-    ex, near = d["exact_duplicates"], d["near_duplicates"]
-    parts.append("<p>Red: across splits (leakage). Yellow: labels disagree.</p>")
-    pair_section("Exact duplicates across splits", [g for g in ex if g["across_splits"]], group_html)
-    pair_section("Near duplicates across splits", [p for p in near if p["across_splits"]], pair_html)
-    pair_section("Duplicates with conflicting labels",
-                 [g for g in ex if g["conflicting"] and not g["across_splits"]], group_html)
-    pair_section("Near duplicates with conflicting labels",
-                 [p for p in near if p["conflicting"] and not p["across_splits"]], pair_html)
-    pair_section("Exact duplicates within a split", [g for g in ex if not g["across_splits"] and not g["conflicting"]],
-                 group_html)
-    pair_section("Near duplicates within a split",
-                 [p for p in near if not p["across_splits"] and not p["conflicting"]], pair_html)
-    st = d["settings"]
-    parts.append(f"<h2>Method</h2><p>Exact: identical decoded pixels. Near: {e(st['hash'])} within Hamming distance "
-                 f"{st['hash_radius']}, then correlation of {st['thumbnail']}×{st['thumbnail']} grayscale thumbnails "
-                 f"≥ {st['near_threshold']}.</p>")
+    parts = ["<p>Red: across splits (leakage). Yellow: labels disagree.</p>"]
+    for exact_title, near_title, keep in _DUPLICATE_SECTIONS:
+        parts += _section_html(exact_title, [g for g in d["exact_duplicates"] if keep(g)], group_html, limit)
+        parts += _section_html(near_title, [p for p in d["near_duplicates"] if keep(p)], pair_html, limit)
+    return parts
+
+
+def _section_html(title: str, items: list, render: Callable[[dict], str], limit: int) -> list[str]:
+    parts = [f"<h2>{html.escape(title)} ({len(items)})</h2><div>"]
+    parts += [render(it) for it in items[:limit]]
+    if len(items) > limit:
+        parts.append(f"<p>… and {len(items) - limit} more (all of them are in the --json output)</p>")
+    parts.append("</div>")
+    return parts
+
+
+def _method_html(st: dict) -> str:
+    return (f"<h2>Method</h2><p>Exact: identical decoded pixels. Near: {html.escape(st['hash'])} within Hamming "
+            f"distance {st['hash_radius']}, then correlation of {st['thumbnail']}×{st['thumbnail']} grayscale "
+            f"thumbnails ≥ {st['near_threshold']}.</p>")
+
+
+def _render_html(report: CheckReport, limit: int) -> str:
+    d = report.data
+    img = _thumbnailer(report.catalog)
+    parts = (_overview_html(d) + _unreadable_html(d["unreadable"], limit) + _sizes_html(d["sizes"], img, limit)
+             + _class_counts_html(d) + _duplicates_html(d, img, limit) + [_method_html(d["settings"])])
     return html_page(f"imgrec data check: {d['source']}", "\n".join(parts))
