@@ -82,13 +82,19 @@ def _decode_all(paths, channels, size, progress):
 # -- the decoded-dataset cache: a second run over the same files skips decoding ------------------
 def _cache_key(paths, channels, size) -> str | None:
     h = hashlib.sha256(f"v{CACHE_VERSION}|{channels}|{size}".encode())
+    hash_file_stats(h, paths)
+    return h.hexdigest()[:32]
+
+
+def hash_file_stats(h, paths) -> None:
+    """Feed each file's absolute path, size and modification time (or that it is missing) to the hash ``h``:
+    a cache key that changes when a file changes, without reading the files."""
     for p in paths:
         try:
             st = os.stat(p)
             h.update(f"{os.path.abspath(p)}|{st.st_size}|{st.st_mtime_ns}\n".encode())
         except OSError:
             h.update(f"{os.path.abspath(p)}|missing\n".encode())
-    return h.hexdigest()[:32]
 
 
 def _cache_dir() -> Path:

@@ -48,7 +48,32 @@ def pack(source: str, out: str | os.PathLike, *, image_size: int | None = None, 
     ``train_limit`` keeps only the first N training images (as ``imgrec train --train-limit`` does in memory).
     Everything is written into a temporary folder beside ``out`` and renamed at the end: no partial pack.
     """
-    from imgrec.data.batchdecode import ON_BAD_IMAGE, format_bad
+    out = _check_pack_args(source, out, on_bad_image)
+    plan = plan or _plan(source, image_size, channels, val_split, split_seed, data_dir)
+    full_stats = _limit_train(plan, train_limit, split_seed) if train_limit else None
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    try:
+        written, stats, bad = _write_splits(tmp, source, plan, chunk_bytes, on_bad_image, progress)
+        mean, std = _mean_std(full_stats or stats)
+        meta = {"format": PACK_FORMAT, "version": PACK_VERSION, "name": plan["name"], "source": str(source),
+                "classes": plan["classes"], "channels": plan["channels"], "image_size": plan["size"],
+                "mean": mean, "std": std, "flip": plan["flip"],
+                "counts": {s: w["counts"] for s, w in written.items()},
+                "splits": {s: {"images": w["images"], "bytes": w["bytes"]} for s, w in written.items()},
+                "val_split": val_split, "split_seed": split_seed,
+                "skipped": [{"file": p, "reason": r} for p, r in bad]}
+        (tmp / PACK_META).write_text(json.dumps(meta, indent=1))
+        _publish(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return meta
+
+
+def _check_pack_args(source: str, out: str | os.PathLike, on_bad_image: str) -> Path:
+    """``out`` as a local path, after refusing what cannot be packed there (DatasetError)."""
+    from imgrec.data.batchdecode import ON_BAD_IMAGE
 
     if on_bad_image not in ON_BAD_IMAGE:
         raise DatasetError(f"--on-bad-image must be one of {', '.join(ON_BAD_IMAGE)}")
@@ -59,59 +84,60 @@ def pack(source: str, out: str | os.PathLike, *, image_size: int | None = None, 
         raise DatasetError(f"{out}: already exists and is not empty; choose another --out or remove it")
     if is_pack(source):
         raise DatasetError(f"{source}: is already a pack")
-    plan = plan or _plan(source, image_size, channels, val_split, split_seed, data_dir)
+    return out
+
+
+def _limit_train(plan: dict, train_limit: int, split_seed: int):
+    """Keep the plan's first ``train_limit`` training images, in a new seeded order. Returns the statistics of
+    the whole training split for a named dataset (None for files)."""
+    tr = plan["splits"]["train"]
     full_stats = None
-    if train_limit:
-        tr = plan["splits"]["train"]
-        if "images" in tr:
-            # a named dataset: mean/std of the whole training split, as the in-memory path computes them before
-            # --train-limit takes its first N images (cheap: the MNIST family is in memory anyway)
-            full_stats = _stats(_blocks(tr, np.arange(len(tr["labels"])), plan["size"], plan["channels"], []),
-                                plan["channels"])
-        keep = int(train_limit)
-        plan["splits"]["train"] = {k: (v[:keep] if k != "order" else None) for k, v in tr.items()}
-        n = len(plan["splits"]["train"]["labels"])
-        g = torch.Generator().manual_seed(int(split_seed) + 1)
-        plan["splits"]["train"]["order"] = torch.randperm(n, generator=g).numpy()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
-    try:
-        bad: list[tuple[str, str]] = []
-        stats = None
-        written: dict[str, dict] = {}
-        for split, part in plan["splits"].items():
-            order = part["order"]
-            n, kept_labels, s = _write_split(tmp / split, part, order, plan, chunk_bytes, bad,
-                                             progress, want_stats=(split == "train"))
-            if n == 0:
-                raise DatasetError(f"{source}: no readable images in the {split} split")
-            written[split] = {"images": n, "bytes": n * plan["channels"] * plan["size"] ** 2,
-                              "counts": np.bincount(kept_labels, minlength=len(plan["classes"])).tolist()}
-            if s is not None:
-                stats = s
-        if bad:
-            if on_bad_image == "fail":
-                raise DatasetError(format_bad(bad) + "; pass --on-bad-image skip to pack the rest")
-            print(f"imgrec: warning: skipped {format_bad(bad)}", file=sys.stderr)
-        mean, std = _mean_std(full_stats or stats)
-        meta = {"format": PACK_FORMAT, "version": PACK_VERSION, "name": plan["name"], "source": str(source),
-                "classes": plan["classes"], "channels": plan["channels"], "image_size": plan["size"],
-                "mean": mean, "std": std, "flip": plan["flip"],
-                "counts": {s: w["counts"] for s, w in written.items()},
-                "splits": {s: {"images": w["images"], "bytes": w["bytes"]} for s, w in written.items()},
-                "val_split": val_split, "split_seed": split_seed,
-                "skipped": [{"file": p, "reason": r} for p, r in bad]}
-        (tmp / PACK_META).write_text(json.dumps(meta, indent=1))
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; a pack is ordinary data
-        if out.exists():
-            out.rmdir()  # an empty folder (checked above)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return meta
+    if "images" in tr:
+        # a named dataset: mean/std of the whole training split, as the in-memory path computes them before
+        # --train-limit takes its first N images (cheap: the MNIST family is in memory anyway)
+        full_stats = _stats(_blocks(tr, np.arange(len(tr["labels"])), plan["size"], plan["channels"], []),
+                            plan["channels"])
+    keep = int(train_limit)
+    plan["splits"]["train"] = {k: (v[:keep] if k != "order" else None) for k, v in tr.items()}
+    n = len(plan["splits"]["train"]["labels"])
+    g = torch.Generator().manual_seed(int(split_seed) + 1)
+    plan["splits"]["train"]["order"] = torch.randperm(n, generator=g).numpy()
+    return full_stats
+
+
+def _write_splits(tmp: Path, source: str, plan: dict, chunk_bytes: int, on_bad_image: str, progress: bool):
+    """Every split's shards under ``tmp``: ``(written {split: images, bytes, counts}, training statistics,
+    bad files)``; DatasetError for a split without a readable image, or for bad files under ``fail``."""
+    from imgrec.data.batchdecode import format_bad
+
+    bad: list[tuple[str, str]] = []
+    stats = None
+    written: dict[str, dict] = {}
+    for split, part in plan["splits"].items():
+        order = part["order"]
+        n, kept_labels, s = _write_split(tmp / split, part, order, plan, chunk_bytes, bad,
+                                         progress, want_stats=(split == "train"))
+        if n == 0:
+            raise DatasetError(f"{source}: no readable images in the {split} split")
+        written[split] = {"images": n, "bytes": n * plan["channels"] * plan["size"] ** 2,
+                          "counts": np.bincount(kept_labels, minlength=len(plan["classes"])).tolist()}
+        if s is not None:
+            stats = s
+    if bad:
+        if on_bad_image == "fail":
+            raise DatasetError(format_bad(bad) + "; pass --on-bad-image skip to pack the rest")
+        print(f"imgrec: warning: skipped {format_bad(bad)}", file=sys.stderr)
+    return written, stats, bad
+
+
+def _publish(tmp: Path, out: Path) -> None:
+    """Rename the finished pack in ``tmp`` to ``out`` (an absent or empty folder), readable as ordinary data."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; a pack is ordinary data
+    if out.exists():
+        out.rmdir()  # an empty folder (_check_pack_args)
+    os.replace(tmp, out)
 
 
 def _plan(source, image_size, channels, val_split, split_seed, data_dir) -> dict:
@@ -326,17 +352,13 @@ def _pack_cached(source, plan, image_size, channels, val_split, split_seed, data
     """Pack a source into the user cache (once: the key covers the files' names, sizes and times)."""
     import hashlib
 
+    from imgrec.data.batchdecode import hash_file_stats
     from imgrec.data.named import user_cache_dir
 
     h = hashlib.sha256(f"v{PACK_VERSION}|{source}|{plan['size']}|{plan['channels']}|{val_split}|{split_seed}|"
                        f"{on_bad_image}".encode())
     for part in plan["splits"].values():
-        for p in part.get("paths", []):
-            try:
-                st = os.stat(p)
-                h.update(f"{os.path.abspath(p)}|{st.st_size}|{st.st_mtime_ns}\n".encode())
-            except OSError:
-                h.update(f"{os.path.abspath(p)}|missing\n".encode())
+        hash_file_stats(h, part.get("paths", []))
     out = user_cache_dir() / "packs" / h.hexdigest()[:24]
     if (out / PACK_META).is_file():
         return out
