@@ -165,7 +165,7 @@ def _load_files(spec: str, listing: Listing, image_size, channels, val_split, sp
         if task == "multilabel":  # N×K multi-hot rows
             labels = [[1.0 if c in set(lab) else 0.0 for c in classes] for lab in labels]
         groups[s] = (part["paths"], labels)
-    chans = channels or _guess_channels(groups["train"][0])
+    chans = channels or guess_channels(groups["train"][0])
     parts: dict[str, ImageData] = {}
     for s, (paths, labels) in groups.items():
         images, kept = decode_files(paths, channels=chans, size=size, on_bad_image=on_bad_image, progress=progress)
@@ -184,8 +184,8 @@ def _load_files(spec: str, listing: Listing, image_size, channels, val_split, sp
     return _bundle(listing.name, list(classes), train, val, parts.get("test"), chans, size, mean, std, True, task)
 
 
-def _guess_channels(paths: list[Path], probe: int = 32) -> int:
-    """1 when the first images are all grayscale, else 3 (a colour dataset decoded as colour)."""
+def guess_channels(paths: list[Path], probe: int = 32) -> int:
+    """1 when the first readable images are all grayscale, else 3 (a colour dataset decoded as colour)."""
     from imgrec.data.decode import decode_image
     from imgrec.errors import ImageDecodeError
     for p in paths[:probe]:

@@ -108,7 +108,7 @@ def _limit_train(plan: dict, train_limit: int, split_seed: int):
 def _write_splits(tmp: Path, source: str, plan: dict, chunk_bytes: int, on_bad_image: str, progress: bool):
     """Every split's shards under ``tmp``: ``(written {split: images, bytes, counts}, training statistics,
     bad files)``; DatasetError for a split without a readable image, or for bad files under ``fail``."""
-    from imgrec.data.batchdecode import format_bad
+    from imgrec.data.batchdecode import handle_bad
 
     bad: list[tuple[str, str]] = []
     stats = None
@@ -123,10 +123,7 @@ def _write_splits(tmp: Path, source: str, plan: dict, chunk_bytes: int, on_bad_i
                           "counts": np.bincount(kept_labels, minlength=len(plan["classes"])).tolist()}
         if s is not None:
             stats = s
-    if bad:
-        if on_bad_image == "fail":
-            raise DatasetError(format_bad(bad) + "; pass --on-bad-image skip to pack the rest")
-        print(f"imgrec: warning: skipped {format_bad(bad)}", file=sys.stderr)
+    handle_bad(bad, on_bad_image, "pack the rest")
     return written, stats, bad
 
 
@@ -143,7 +140,7 @@ def _publish(tmp: Path, out: Path) -> None:
 def _plan(source, image_size, channels, val_split, split_seed, data_dir) -> dict:
     """What to pack: per split the labels and either file paths or an in-memory array (named datasets), from
     the source registry (imgrec.data.sources) as training reads it."""
-    from imgrec.data.dataset import _guess_channels, split_off
+    from imgrec.data.dataset import guess_channels, split_off
     from imgrec.data.sources import list_source
 
     listing = list_source(source, data_dir=data_dir)
@@ -162,7 +159,7 @@ def _plan(source, image_size, channels, val_split, split_seed, data_dir) -> dict
     else:
         splits = _file_splits(source, listing, val_split, split_seed)
         size = int(image_size or 32)
-        chans = int(channels or _guess_channels(splits["train"]["paths"]))
+        chans = int(channels or guess_channels(splits["train"]["paths"]))
     name, classes, flip = listing.name, listing.classes, listing.flip
     if size < 1 or size > 4096:
         raise DatasetError(f"--image-size must be in 1..4096, not {size}")

@@ -70,9 +70,10 @@ def _load_images(cat: Catalog, idx: np.ndarray, image_size: int | None, channels
         # named-data order above is train-then-test; idx is sorted by split in the same order (catalog order)
         return images, np.arange(len(idx)), [], size, chans
     from imgrec.data.batchdecode import decode_files
+    from imgrec.data.dataset import guess_channels
     size = int(image_size or 32)
     paths = [cat.refs[i] for i in idx]
-    chans = int(channels or _guess_channels(paths))
+    chans = int(channels or guess_channels(paths))
     bad: list[tuple[str, str]] = []
     images, kept = decode_files(paths, channels=chans, size=size, on_bad_image="skip", progress=progress)
     if len(kept) < len(paths):
@@ -87,18 +88,6 @@ def _load_images(cat: Catalog, idx: np.ndarray, image_size: int | None, channels
                     reason = e.reason
                 bad.append((str(p), reason))
     return images, np.asarray(kept, dtype=np.int64), bad, size, chans
-
-
-def _guess_channels(paths, probe: int = 32) -> int:
-    """1 when the first readable images are all grayscale, else 3 (as ``imgrec train`` decides)."""
-    from imgrec.data.decode import decode_image
-    for p in paths[:probe]:
-        try:
-            if decode_image(p, channels=None, size=8).shape[2] == 3:
-                return 3
-        except ImageDecodeError:
-            continue
-    return 1
 
 
 # The fold models must be far better than a guess before their probabilities can judge labels: confident
@@ -390,6 +379,35 @@ class AuditResult:
         return {"path": str(path), "rows": written, "removed": removed, "relabelled": relabelled}
 
 
+def _check_audit_options(folds: int, splits: tuple[str, ...], method: str, rank_by: str) -> None:
+    if method not in METHODS:
+        raise ConfigError(f"--method must be one of {', '.join(METHODS)}")
+    if rank_by not in RANKINGS:
+        raise ConfigError(f"--rank-by must be one of {', '.join(RANKINGS)}")
+    unknown = [s for s in splits if s not in SPLITS]
+    if unknown or not splits:
+        raise ConfigError(f"--splits must name some of {', '.join(SPLITS)}, got {','.join(splits) or 'nothing'}")
+    if folds < 2:
+        raise ConfigError(f"--folds must be at least 2, not {folds}")
+
+
+def _files_image_size(source: str, data_dir: str | None) -> int | None:
+    """The image size ``imgrec train`` would choose for these files (None: its default)."""
+    from imgrec.data.probe import probe_source
+    from imgrec.engine.recipes import adapt_to_data
+    probe = probe_source(source, data_dir=data_dir)
+    return adapt_to_data(probe, {"image_size": None}, set())[0].get("image_size") if probe else None
+
+
+def _refuse_weak_folds(source: str, quality: dict, force: bool, progress: bool) -> None:
+    """DatasetError when the fold models are too weak to judge labels (``judge_folds``), unless ``force``."""
+    if quality["weak"] and not force:
+        raise DatasetError(f"{source}: not ranking label errors: {quality['weak']}, too weak to tell a wrong label "
+                           f"from a model error; train longer (--epochs), or pass --force to rank anyway")
+    if quality["weak"] and progress:
+        print(f"imgrec: warning: {quality['weak']}; ranking anyway (--force)", file=sys.stderr)
+
+
 def audit(source: str, *, folds: int = 5, recipe: str | None = None, overrides: dict | None = None,
           data_dir: str | None = None, image_size: int | None = None, channels: int | None = None,
           splits: tuple[str, ...] = ("train",), method: str = "prune_by_noise_rate",
@@ -409,24 +427,13 @@ def audit(source: str, *, folds: int = 5, recipe: str | None = None, overrides: 
         seed: fixes the folds.
     """
     t0 = time.perf_counter()
-    if method not in METHODS:
-        raise ConfigError(f"--method must be one of {', '.join(METHODS)}")
-    if rank_by not in RANKINGS:
-        raise ConfigError(f"--rank-by must be one of {', '.join(RANKINGS)}")
-    unknown = [s for s in splits if s not in SPLITS]
-    if unknown or not splits:
-        raise ConfigError(f"--splits must name some of {', '.join(SPLITS)}, got {','.join(splits) or 'nothing'}")
-    if folds < 2:
-        raise ConfigError(f"--folds must be at least 2, not {folds}")
+    _check_audit_options(folds, splits, method, rank_by)
     from imgrec.engine.train import resolve_config
     # settings first: an unknown recipe, model or option fails before any image is decoded
     cfg = resolve_config(recipe, None, overrides, model_given=bool((overrides or {}).get("name")), adapt=False)
     cat = catalog(source, data_dir)
     if image_size is None and cat.kind != "named":
-        from imgrec.data.probe import probe_source
-        from imgrec.engine.recipes import adapt_to_data
-        probe = probe_source(source, data_dir=data_dir)  # the image size imgrec train would choose for these files
-        image_size = adapt_to_data(probe, {"image_size": None}, set())[0].get("image_size") if probe else None
+        image_size = _files_image_size(source, data_dir)
     idx = np.array([i for i in range(len(cat)) if cat.splits[i] in splits], dtype=np.int64)
     if len(idx) == 0:
         raise DatasetError(f"{source}: no images in the split(s) {', '.join(splits)}")
@@ -441,11 +448,7 @@ def audit(source: str, *, folds: int = 5, recipe: str | None = None, overrides: 
                                   flip=cat.flip, seed=seed, progress=progress, cfg=cfg)
     del images
     quality = judge_folds(probs, labels, fold_stats)
-    if quality["weak"] and not force:
-        raise DatasetError(f"{source}: not ranking label errors: {quality['weak']}, too weak to tell a wrong label "
-                           f"from a model error; train longer (--epochs), or pass --force to rank anyway")
-    if quality["weak"] and progress:
-        print(f"imgrec: warning: {quality['weak']}; ranking anyway (--force)", file=sys.stderr)
+    _refuse_weak_folds(source, quality, force, progress)
     issues = find_label_issues(labels, probs, method=method, rank_by=rank_by)
     settings = {"folds": folds, "recipe": cfg.recipe, "model": cfg.model.name, "epochs": cfg.train.epochs,
                 "batch_size": cfg.train.batch_size, "quality": quality,
