@@ -41,11 +41,17 @@ def decode_files(paths: list[Path], *, channels: int, size: int, on_bad_image: s
         images, kept, bad = _decode_all(paths, channels, size, progress)
         if key:
             _cache_save(key, images, kept, bad)
+    handle_bad(bad, on_bad_image, "train on the rest")
+    return images, kept
+
+
+def handle_bad(bad: list[tuple[str, str]], on_bad_image: str, rest: str) -> None:
+    """Unreadable files found: DatasetError under ``fail`` (the hint says that ``skip`` would ``rest``), else a
+    warning on stderr."""
     if bad:
         if on_bad_image == "fail":
-            raise DatasetError(format_bad(bad) + "; pass --on-bad-image skip to train on the rest")
+            raise DatasetError(format_bad(bad) + f"; pass --on-bad-image skip to {rest}")
         print(f"imgrec: warning: skipped {format_bad(bad)}", file=sys.stderr)
-    return images, kept
 
 
 def _decode_one(args):

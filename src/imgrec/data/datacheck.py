@@ -771,9 +771,9 @@ def _duplicates_html(d: dict, img: Callable[[dict], str], limit: int) -> list[st
         return f'<div class="{_finding_class(g)}">{inner}</div>'
 
     def pair_html(p: dict) -> str:
-        return (f'<div class="{_finding_class(p)}">{img(p["a"])}{img(p["b"])}'
-                f'<br>{_member_html(p["a"])}<br>{_member_html(p["b"])}<br>correlation {p["similarity"]:.4f}, '
-                f'hash distance {p["hamming"]}</div>')
+        a, b = p["a"], p["b"]
+        return (f'<div class="{_finding_class(p)}">{img(a)}{img(b)}<br>{_member_html(a)}<br>{_member_html(b)}'
+                f'<br>correlation {p["similarity"]:.4f}, hash distance {p["hamming"]}</div>')
 
     parts = ["<p>Red: across splits (leakage). Yellow: labels disagree.</p>"]
     for exact_title, near_title, keep in _DUPLICATE_SECTIONS:
@@ -783,12 +783,8 @@ def _duplicates_html(d: dict, img: Callable[[dict], str], limit: int) -> list[st
 
 
 def _section_html(title: str, items: list, render: Callable[[dict], str], limit: int) -> list[str]:
-    parts = [f"<h2>{html.escape(title)} ({len(items)})</h2><div>"]
-    parts += [render(it) for it in items[:limit]]
-    if len(items) > limit:
-        parts.append(f"<p>… and {len(items) - limit} more (all of them are in the --json output)</p>")
-    parts.append("</div>")
-    return parts
+    more = [f"<p>… and {len(items) - limit} more (all of them are in the --json output)</p>"] if len(items) > limit else []
+    return [f"<h2>{html.escape(title)} ({len(items)})</h2><div>", *map(render, items[:limit]), *more, "</div>"]
 
 
 def _method_html(st: dict) -> str:
