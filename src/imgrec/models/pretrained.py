@@ -21,6 +21,7 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 import torch.nn as nn
@@ -124,71 +125,86 @@ def download_state_dict(weights_name: str) -> dict[str, torch.Tensor]:
 def transfer_state_dict(model: nn.Module, state: dict[str, torch.Tensor], *, source: str,
                         model_name: str | None = None, strict_backbone: bool = True) -> TransferReport:
     """Copy the tensors of ``state`` that fit into ``model`` by the rules in the module docstring."""
-    label = model_name or type(model).__name__
     own = model.state_dict()
     state = _to_own_keys(model, state, own)
-    head = classifier_name(model) + "."
     stem = (first_conv_name(model) or "<none>") + ".weight"
-    parts: dict[str, str] = getattr(model, "adapted_parts", {})
-
-    def part_reason(key: str) -> str | None:
-        return next((why for prefix, why in parts.items() if key.startswith(prefix)), None)
-
     report = TransferReport(source)
-    problems: dict[str, str] = {}  # key -> what is wrong with it
+    misfits = _Misfits(report, classifier_name(model) + ".", getattr(model, "adapted_parts", {}))
     new_state = dict(own)
     for key, target in own.items():
         if key not in state:
-            if key.startswith(head):
-                report.skipped[key] = "classifier: not in the weights, initialised for the new classes"
-            elif (why := part_reason(key)) is not None:
-                report.skipped[key] = f"not in the weights ({why})"
-            else:
-                problems[key] = "missing from the weights"
+            misfits.note(key, "missing from the weights",
+                         classifier="classifier: not in the weights, initialised for the new classes",
+                         part=lambda why: f"not in the weights ({why})")
             continue
-        value = state[key]
-        if key == stem and value.ndim == 4 and value.shape[1] != target.shape[1]:
-            value = _adapt_input_channels(value, target.shape[1])
-            if value.shape[1] == target.shape[1]:
-                report.adapted[key] = f"input channels {state[key].shape[1]} -> {target.shape[1]}"
-        if key.endswith("pos_embedding") and value.shape != target.shape:
-            resized = _resize_pos_embedding(value, target.shape)
-            if resized is not None:
-                report.adapted[key] = f"position embedding grid {_grid(value)} -> {_grid(target)}"
-                value = resized
+        value = _adapted(key, state[key], target, stem, report)
         if value.shape != target.shape:
             shapes = f"{tuple(state[key].shape)} in the weights vs {tuple(target.shape)} here"
             report.adapted.pop(key, None)
-            if key.startswith(head):
-                report.skipped[key] = f"classifier {shapes}: replaced for the new classes"
-            elif (why := part_reason(key)) is not None:
-                report.skipped[key] = f"{shapes}: {why}"
-            else:
-                problems[key] = shapes
+            misfits.note(key, shapes, classifier=f"classifier {shapes}: replaced for the new classes",
+                         part=lambda why: f"{shapes}: {why}")
             continue
         new_state[key] = value.to(dtype=target.dtype)
         report.loaded.append(key)
     for key in state:
         if key not in own:
-            if (why := part_reason(key)) is not None:
-                report.skipped[key] = f"not in this model ({why})"
-            else:
-                problems[key] = "not in this model"
-
-    if not report.loaded:
-        example = next(iter(problems.items()), ("", "the weights are empty"))
-        raise ModelFileError(f"{source}: no weights fit {label} (e.g. {' '.join(example).strip()}); "
-                             f"is it a state dict for this architecture?")
-    if problems:
-        if strict_backbone:
-            shown = "; ".join(f"{k}: {v}" for k, v in list(problems.items())[:3])
-            if len(problems) > 3:
-                shown += f"; and {len(problems) - 3} more"
-            raise ModelFileError(f"{source}: weights do not fit {label}: {shown}")
-        for key, what in problems.items():
-            report.skipped[key] = f"{what} (skipped: strict_backbone=False)"
+            misfits.note(key, "not in this model", part=lambda why: f"not in this model ({why})")
+    misfits.settle(source, model_name or type(model).__name__, strict_backbone)
     model.load_state_dict(new_state, strict=True)
     return report
+
+
+class _Misfits:
+    """The keys of a transfer that do not fit: skipped with a reason where that is expected (the classifier,
+    replaced for the new classes; a part the model adapted, ``adapted_parts``), else problems."""
+
+    def __init__(self, report: TransferReport, head: str, parts: dict[str, str]):
+        self.report, self.head, self.parts = report, head, parts
+        self.problems: dict[str, str] = {}  # key -> what is wrong with it
+
+    def note(self, key: str, problem: str, *, classifier: str | None = None, part: Callable[[str], str]) -> None:
+        """``classifier``: the reason when the key is the classifier's (None: that is no excuse here);
+        ``part``: the reason, from the part's own, when it is an adapted part's."""
+        why = next((why for prefix, why in self.parts.items() if key.startswith(prefix)), None)
+        if classifier is not None and key.startswith(self.head):
+            self.report.skipped[key] = classifier
+        elif why is not None:
+            self.report.skipped[key] = part(why)
+        else:
+            self.problems[key] = problem
+
+    def settle(self, source: str, label: str, strict_backbone: bool) -> None:
+        """ModelFileError when nothing fits, or when anything outside the classifier does not and
+        ``strict_backbone``; otherwise the problems become skipped keys."""
+        problems = self.problems
+        if not self.report.loaded:
+            example = next(iter(problems.items()), ("", "the weights are empty"))
+            raise ModelFileError(f"{source}: no weights fit {label} (e.g. {' '.join(example).strip()}); "
+                                 f"is it a state dict for this architecture?")
+        if problems:
+            if strict_backbone:
+                shown = "; ".join(f"{k}: {v}" for k, v in list(problems.items())[:3])
+                if len(problems) > 3:
+                    shown += f"; and {len(problems) - 3} more"
+                raise ModelFileError(f"{source}: weights do not fit {label}: {shown}")
+            for key, what in problems.items():
+                self.report.skipped[key] = f"{what} (skipped: strict_backbone=False)"
+
+
+def _adapted(key: str, value: torch.Tensor, target: torch.Tensor, stem: str, report: TransferReport) -> torch.Tensor:
+    """``value`` made to fit ``target`` where a rule allows (the stem's input channels, a ViT's position
+    embedding grid), noted in ``report.adapted``; otherwise as it was."""
+    if key == stem and value.ndim == 4 and value.shape[1] != target.shape[1]:
+        before = value.shape[1]
+        value = _adapt_input_channels(value, target.shape[1])
+        if value.shape[1] == target.shape[1]:
+            report.adapted[key] = f"input channels {before} -> {target.shape[1]}"
+    if key.endswith("pos_embedding") and value.shape != target.shape:
+        resized = _resize_pos_embedding(value, target.shape)
+        if resized is not None:
+            report.adapted[key] = f"position embedding grid {_grid(value)} -> {_grid(target)}"
+            value = resized
+    return value
 
 
 def freeze_backbone(model: nn.Module) -> int:
