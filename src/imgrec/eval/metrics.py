@@ -20,8 +20,12 @@ def topk_accuracy(logits: torch.Tensor, target: torch.Tensor, k: int) -> float:
 def per_class_prf(cm: torch.Tensor) -> dict[str, list[float]]:
     """Per-class precision, recall, F1 and support from a confusion matrix (0 where undefined, as sklearn)."""
     cm = cm.double()
-    tp = cm.diag()
-    pred_n, true_n = cm.sum(0), cm.sum(1)
+    return prf_from_counts(cm.diag(), cm.sum(0), cm.sum(1))
+
+
+def prf_from_counts(tp: torch.Tensor, pred_n: torch.Tensor, true_n: torch.Tensor) -> dict[str, list[float]]:
+    """Precision, recall, F1 and support per class from its true positives, predicted and true counts (float64
+    tensors; 0 where undefined, as sklearn)."""
     precision = torch.where(pred_n > 0, tp / pred_n.clamp_min(1), torch.zeros_like(tp))
     recall = torch.where(true_n > 0, tp / true_n.clamp_min(1), torch.zeros_like(tp))
     denom = precision + recall

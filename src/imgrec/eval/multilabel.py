@@ -17,6 +17,8 @@ import math
 
 import torch
 
+from imgrec.eval.metrics import prf_from_counts
+
 __all__ = ["average_precision", "choose_thresholds", "multilabel_prf", "summarize_multilabel"]
 
 DEFAULT_THRESHOLD = 0.5
@@ -50,14 +52,7 @@ def average_precision(scores: torch.Tensor, target: torch.Tensor) -> float:
 def multilabel_prf(pred: torch.Tensor, target: torch.Tensor) -> dict[str, list[float]]:
     """Per-label precision, recall, F1 and support of N×K 0/1 decisions (0 where undefined, as sklearn)."""
     pred, target = pred.double(), target.double()
-    tp = (pred * target).sum(0)
-    pred_n, true_n = pred.sum(0), target.sum(0)
-    precision = torch.where(pred_n > 0, tp / pred_n.clamp_min(1), torch.zeros_like(tp))
-    recall = torch.where(true_n > 0, tp / true_n.clamp_min(1), torch.zeros_like(tp))
-    denom = precision + recall
-    f1 = torch.where(denom > 0, 2 * precision * recall / denom.clamp_min(1e-12), torch.zeros_like(tp))
-    return {"precision": precision.tolist(), "recall": recall.tolist(), "f1": f1.tolist(),
-            "support": true_n.long().tolist()}
+    return prf_from_counts((pred * target).sum(0), pred.sum(0), target.sum(0))
 
 
 def choose_thresholds(probs: torch.Tensor, target: torch.Tensor, default: float = DEFAULT_THRESHOLD) -> list[float]:
