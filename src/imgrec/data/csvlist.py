@@ -26,11 +26,7 @@ def read_csv_list(csv_path: Path, classes: list[str] | None = None, multilabel: 
     Every problem names its row: missing columns, unknown paths, labels outside ``classes``, bad splits,
     an empty label in a multi-label cell.
     """
-    try:
-        text = csv_path.read_text(encoding="utf-8-sig")
-    except (OSError, UnicodeDecodeError) as e:
-        raise DatasetError(f"{csv_path}: cannot read CSV ({e})") from None
-    rows = list(_csv.reader(text.splitlines()))
+    rows = _read_rows(csv_path)
     start = 1 if rows and {c.strip().lower() for c in rows[0]} & HEADER_NAMES else 0
     out: dict[str, tuple[list[Path], list[str]]] = {}
     for n, row in enumerate(rows[start:], start=start + 1):
@@ -66,8 +62,13 @@ def read_csv_list(csv_path: Path, classes: list[str] | None = None, multilabel: 
 def csv_has_multiple_labels(csv_path: Path) -> bool:
     """True when some row's label cell holds a ``;``: the list is multi-label (``imgrec train`` detects
     the task from it; ``--task`` overrides)."""
+    return any(len(row) > 1 and LABEL_SEP in row[1] for row in _read_rows(csv_path))
+
+
+def _read_rows(csv_path: Path) -> list[list[str]]:
+    """The CSV file's rows (a UTF-8 byte-order mark ignored); DatasetError when it cannot be read."""
     try:
         text = csv_path.read_text(encoding="utf-8-sig")
     except (OSError, UnicodeDecodeError) as e:
         raise DatasetError(f"{csv_path}: cannot read CSV ({e})") from None
-    return any(len(row) > 1 and LABEL_SEP in row[1] for row in _csv.reader(text.splitlines()))
+    return list(_csv.reader(text.splitlines()))

@@ -135,11 +135,11 @@ def read_weights_file(path: str | Path, classes) -> torch.Tensor:
     if not isinstance(data, dict) or not data:
         raise ConfigError(f"{path}: class weights must map class name → weight (or list one weight per class)")
     data = {str(k): v for k, v in data.items()}
-    unknown = [k for k in data if k not in classes]
-    if unknown:
-        raise ConfigError(f"{path}: unknown class {unknown[0]!r} in the class weights (classes: "
-                          f"{', '.join(classes[:10])}{' …' if len(classes) > 10 else ''})")
+    unknown = next((k for k in data if k not in classes), None)
     missing = [c for c in classes if c not in data]
+    if unknown is not None:
+        raise ConfigError(f"{path}: unknown class {unknown!r} in the class weights (classes: "
+                          f"{', '.join(classes[:10])}{' …' if len(classes) > 10 else ''})")
     if missing:
         raise ConfigError(f"{path}: no weight for class {missing[0]!r}"
                           f"{f' and {len(missing) - 1} more' if len(missing) > 1 else ''}")
