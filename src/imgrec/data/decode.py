@@ -195,11 +195,8 @@ def decode_image(
     out_channels = _check_channels(channels)
     out_size = _check_size(size, max_pixels)
     background = _check_background(background)
-    data, source = _read_source(src, max_bytes, source)
-
-    fmt = _sniff_or_refuse(data, source)
-    _check_structure(data, fmt, max_pixels, source)
-    with _open(data, fmt, source) as opened:
+    data, source, fmt, image = _read_and_open(src, max_bytes, max_pixels, source)
+    with image as opened:
         _check_pixels(opened.size, max_pixels, source)
         _check_frame_count(opened, fmt, source)
         if fmt == "JPEG":
@@ -237,10 +234,8 @@ def image_header(
     for a decode: :class:`ImageTooLargeError` past ``max_pixels``, a side over ``max_side`` or a longer/shorter
     side ratio over ``max_aspect`` (a 1×39,999,999 PNG is 78 KB and seconds of decoding), ImageDecodeError for
     anything that is not a usable image."""
-    data, source = _read_source(src, max_bytes, source)
-    fmt = _sniff_or_refuse(data, source)
-    _check_structure(data, fmt, max_pixels, source)
-    with _open(data, fmt, source) as opened:
+    _, source, fmt, image = _read_and_open(src, max_bytes, max_pixels, source)
+    with image as opened:
         width, height = opened.size
     _check_pixels((width, height), max_pixels, source)
     if max_side is not None and max(width, height) > max_side:
@@ -549,6 +544,17 @@ def _check_pixels(size: tuple[int, int], max_pixels: int, source: str | None) ->
 
 # ---------------------------------------------------------------------------------------------------
 # Pillow: open the header, decode the first frame
+
+
+def _read_and_open(src: ImageSource, max_bytes: int, max_pixels: int,
+                   source: str | None) -> tuple[bytes, str | None, str, ImageFile.ImageFile]:
+    """The checks up to and including ``Image.open`` (no pixel buffer yet), shared by decode_image and
+    image_header: read ``src``, sniff its format, check its structure, open it. Returns ``(data, source name,
+    format, opened image)``."""
+    data, source = _read_source(src, max_bytes, source)
+    fmt = _sniff_or_refuse(data, source)
+    _check_structure(data, fmt, max_pixels, source)
+    return data, source, fmt, _open(data, fmt, source)
 
 
 def _open(data: bytes, fmt: str, source: str | None) -> ImageFile.ImageFile:
