@@ -28,6 +28,7 @@ file that does not fit them has them skipped and reported rather than failing.
 """
 from __future__ import annotations
 
+import functools
 import math
 from collections import OrderedDict
 from typing import Callable
@@ -91,23 +92,30 @@ def _resnet(tv_builder: Callable[..., nn.Module], num_classes: int, in_chans: in
                                           f"torchvision's 7x7 stride-2 conv from {SMALL_IMAGE_SIZE} px"})
 
 
-@register_model("resnet18", default_image_size=224, pretrained="ResNet18_Weights.IMAGENET1K_V1",
-                description="ResNet-18 (torchvision); 3x3 stride-1 stem below 96 px")
-def resnet18(num_classes: int = 10, in_chans: int = 3, image_size: int = 224, drop_rate: float = 0.0):
-    return _resnet(_tv_models().resnet18, num_classes, in_chans, image_size, drop_rate)
+def _register_variant(name: str, weights: str, description: str,
+                      build_with: Callable[[int, int, int, float], nn.Module]) -> Callable[..., nn.Module]:
+    """Register (and return) the builder ``name`` of one of a family's sizes (the ResNets, the VGGs): 224 px by
+    default, torchvision's ImageNet ``weights``, built by ``build_with(num_classes, in_chans, image_size,
+    drop_rate)``."""
+    def build(num_classes: int = 10, in_chans: int = 3, image_size: int = 224, drop_rate: float = 0.0):
+        return build_with(num_classes, in_chans, image_size, drop_rate)
+    build.__name__ = build.__qualname__ = name
+    return register_model(name, default_image_size=224, pretrained=weights, description=description)(build)
 
 
-@register_model("resnet34", default_image_size=224, pretrained="ResNet34_Weights.IMAGENET1K_V1",
-                description="ResNet-34 (torchvision); 3x3 stride-1 stem below 96 px")
-def resnet34(num_classes: int = 10, in_chans: int = 3, image_size: int = 224, drop_rate: float = 0.0):
-    return _resnet(_tv_models().resnet34, num_classes, in_chans, image_size, drop_rate)
+def _tv_resnet(name: str, num_classes: int, in_chans: int, image_size: int, drop_rate: float) -> ImageClassifier:
+    return _resnet(getattr(_tv_models(), name), num_classes, in_chans, image_size, drop_rate)
 
 
-@register_model("resnet50", default_image_size=224, pretrained="ResNet50_Weights.IMAGENET1K_V2",
-                description="ResNet-50 (torchvision, bottleneck blocks); 3x3 stride-1 stem below 96 px")
-def resnet50(num_classes: int = 10, in_chans: int = 3, image_size: int = 224, drop_rate: float = 0.0):
-    # IMAGENET1K_V2 (80.9% top-1, torchvision's improved recipe) is torchvision's DEFAULT for ResNet-50.
-    return _resnet(_tv_models().resnet50, num_classes, in_chans, image_size, drop_rate)
+_RESNET_STEM = "3x3 stride-1 stem below 96 px"
+resnet18 = _register_variant("resnet18", "ResNet18_Weights.IMAGENET1K_V1", f"ResNet-18 (torchvision); {_RESNET_STEM}",
+                             functools.partial(_tv_resnet, "resnet18"))
+resnet34 = _register_variant("resnet34", "ResNet34_Weights.IMAGENET1K_V1", f"ResNet-34 (torchvision); {_RESNET_STEM}",
+                             functools.partial(_tv_resnet, "resnet34"))
+# IMAGENET1K_V2 (80.9% top-1, torchvision's improved recipe) is torchvision's DEFAULT for ResNet-50.
+resnet50 = _register_variant("resnet50", "ResNet50_Weights.IMAGENET1K_V2",
+                             f"ResNet-50 (torchvision, bottleneck blocks); {_RESNET_STEM}",
+                             functools.partial(_tv_resnet, "resnet50"))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -172,16 +180,11 @@ def _vgg(cfg: str, num_classes: int, in_chans: int, image_size: int, drop_rate: 
     return _mlp_classifier(tv, features, 7, num_classes, image_size, drop_rate, adapted_parts={})
 
 
-@register_model("vgg11", default_image_size=224, pretrained="VGG11_BN_Weights.IMAGENET1K_V1",
-                description="VGG-11 with BatchNorm (torchvision vgg11_bn); fewer pools and GAP head for small images")
-def vgg11(num_classes: int = 10, in_chans: int = 3, image_size: int = 224, drop_rate: float = 0.0):
-    return _vgg("A", num_classes, in_chans, image_size, drop_rate)
-
-
-@register_model("vgg16", default_image_size=224, pretrained="VGG16_BN_Weights.IMAGENET1K_V1",
-                description="VGG-16 with BatchNorm (torchvision vgg16_bn); fewer pools and GAP head for small images")
-def vgg16(num_classes: int = 10, in_chans: int = 3, image_size: int = 224, drop_rate: float = 0.0):
-    return _vgg("D", num_classes, in_chans, image_size, drop_rate)
+_VGG_SMALL = "fewer pools and GAP head for small images"
+vgg11 = _register_variant("vgg11", "VGG11_BN_Weights.IMAGENET1K_V1",
+                          f"VGG-11 with BatchNorm (torchvision vgg11_bn); {_VGG_SMALL}", functools.partial(_vgg, "A"))
+vgg16 = _register_variant("vgg16", "VGG16_BN_Weights.IMAGENET1K_V1",
+                          f"VGG-16 with BatchNorm (torchvision vgg16_bn); {_VGG_SMALL}", functools.partial(_vgg, "D"))
 
 
 # ----------------------------------------------------------------------------------------------
