@@ -41,6 +41,17 @@ class FileList(list):
         if len(self.examples) < 5:
             self.examples.append(str(path))
 
+    def admits(self, path: Path, root_real: str, follow_links_out: bool) -> bool:
+        """Whether a walk keeps ``path``: not when its name is hidden or system, nor when it is a symbolic
+        link out of ``root_real`` (unless ``follow_links_out``); what it leaves out is counted here."""
+        if is_junk_name(path.name):
+            self.skip("hidden", path)
+        elif not follow_links_out and path.is_symlink() and not _inside(path, root_real):
+            self.skip("outside", path)
+        else:
+            return True
+        return False
+
     def absorb(self, other: "FileList") -> None:
         for k, v in getattr(other, "skipped", {}).items():
             self.skipped[k] = self.skipped.get(k, 0) + v
@@ -78,11 +89,7 @@ def scan_images(root: str | os.PathLike, *, within: str | os.PathLike | None = N
                     out.skip("hidden", Path(dirpath) / name)  # .DS_Store: counted, never read
                 continue
             path = Path(dirpath) / name
-            if is_junk_name(name):
-                out.skip("hidden", path)
-            elif not follow_links_out and path.is_symlink() and not _inside(path, root_real):
-                out.skip("outside", path)
-            else:
+            if out.admits(path, root_real, follow_links_out):
                 out.append(path)
         dirnames[:] = [d for d in dirnames if not is_image_name(d)]
     return out
@@ -117,11 +124,7 @@ def scan_class_folders(root: Path, classes: list[str] | None = None, *, follow_l
     for p in sorted(root.iterdir(), key=lambda p: p.name):
         if not p.is_dir():
             continue
-        if is_junk_name(p.name):
-            paths.skip("hidden", p)
-        elif not follow_links_out and p.is_symlink() and not _inside(p, within_real):
-            paths.skip("outside", p)
-        else:
+        if paths.admits(p, within_real, follow_links_out):
             found.append(p.name)
     if not found:
         hint = (f"; {paths.skipped['outside']} linked folder(s) lead outside it and were skipped"
