@@ -151,25 +151,27 @@ def find_label_issues(labels, probs, method: str = "prune_by_noise_rate",
     idx = np.arange(n)
     given = probs[idx, labels]
 
+    members_of = [idx[labels == i] for i in range(m)]
+
+    def prune(mask: np.ndarray, members: np.ndarray, k: int, key: np.ndarray) -> None:
+        """Flag the ``k`` members lowest by ``key`` (ties in index order)."""
+        if k > 0 and len(members):
+            mask[members[np.argsort(key, kind="stable")[:k]]] = True
+
     def by_noise_rate() -> np.ndarray:
+        # from class i, the n·Q[i, j] members most likely of class j: the largest margins p_j − p_i
         mask = np.zeros(n, dtype=bool)
-        for i in range(m):
-            members = idx[labels == i]
+        for i, members in enumerate(members_of):
             for j in range(m):
-                k = int(round(n * q[i, j])) if i != j else 0
-                if k <= 0 or len(members) == 0:
-                    continue
-                margin = probs[members, j] - probs[members, i]
-                mask[members[np.argsort(-margin, kind="stable")[:k]]] = True
+                if j != i:
+                    prune(mask, members, int(round(n * q[i, j])), probs[members, i] - probs[members, j])
         return mask
 
     def by_class() -> np.ndarray:
+        # from class i, its n·(off-diagonal mass of Q's row i) members least sure of their given label
         mask = np.zeros(n, dtype=bool)
-        for i in range(m):
-            members = idx[labels == i]
-            k = int(round(n * (q[i].sum() - q[i, i])))
-            if k > 0 and len(members):
-                mask[members[np.argsort(given[members], kind="stable")[:k]]] = True
+        for i, members in enumerate(members_of):
+            prune(mask, members, int(round(n * (q[i].sum() - q[i, i]))), given[members])
         return mask
 
     if method == "prune_by_noise_rate":
