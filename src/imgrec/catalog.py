@@ -65,22 +65,31 @@ def model_catalog(use_cache: bool = True) -> list[dict]:
     """``[{"name", "params", "default_image_size", "family", "pretrained", "description"}]`` sorted by name;
     ``params`` for a 10-class RGB model."""
     path = _cache_path() if use_cache else None
-    if path is not None and path.is_file():
-        try:
-            rows = json.loads(path.read_text(encoding="utf-8"))
-            if isinstance(rows, list) and all(isinstance(r, dict) and "name" in r for r in rows):
-                return rows
-        except (OSError, ValueError):
-            pass  # a damaged cache is a miss
-    rows = _build()
-    if path is not None:
-        try:
-            from imgrec.safeio import atomic_write_text
-            atomic_write_text(path, json.dumps(rows, indent=1))
-        except OSError:  # a read-only home must not stop the listing
-            pass
+    rows = _read_cache(path) if path is not None else None
+    if rows is None:
+        rows = _build()
+        if path is not None:
+            _write_cache(path, rows, indent=1)
     return rows
 
+
+def _read_cache(path: Path) -> list[dict] | None:
+    """The rows cached in ``path``, or None when there are none (a damaged cache is a miss)."""
+    if not path.is_file():
+        return None
+    try:
+        rows = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return rows if isinstance(rows, list) and all(isinstance(r, dict) and "name" in r for r in rows) else None
+
+
+def _write_cache(path: Path, rows: list[dict], indent: int) -> None:
+    from imgrec.safeio import atomic_write_text
+    try:
+        atomic_write_text(path, json.dumps(rows, indent=indent))
+    except OSError:  # a read-only home must not stop the listing
+        pass
 
 
 def _timm_cache_path() -> Path:
@@ -101,23 +110,12 @@ def timm_catalog(pattern: str | None = None, use_cache: bool = True) -> list[dic
     ``[{"name": "timm:<arch>", "default_image_size", "family", "pretrained": [tags]}]`` sorted by name.
     ``ConfigError`` when timm is not installed."""
     path = _timm_cache_path()
-    rows = None
-    if use_cache and path.is_file():
-        try:
-            cached = json.loads(path.read_text(encoding="utf-8"))
-            if isinstance(cached, list) and all(isinstance(r, dict) and "name" in r for r in cached):
-                rows = cached
-        except (OSError, ValueError):
-            pass  # a damaged cache is a miss
+    rows = _read_cache(path) if use_cache else None
     if rows is None:
         from imgrec.models.timm_models import timm_catalog_rows
         rows = timm_catalog_rows()
         if use_cache:
-            try:
-                from imgrec.safeio import atomic_write_text
-                atomic_write_text(path, json.dumps(rows, indent=0))
-            except OSError:  # a read-only home must not stop the listing
-                pass
+            _write_cache(path, rows, indent=0)
     return _match_timm(rows, pattern)
 
 
