@@ -3,9 +3,9 @@
 ``imgrec train`` keeps a bank of the penultimate features (L2-normalised, float16) of up to 10,000 evenly
 strided training images in ``neighbours.safetensors`` — 10,000 × 256 × 2 bytes = 5.1 MB for the default
 Fashion-MNIST model — with each row's index in the training split and its label, and records it in
-``model.json`` (``inference.neighbours``). ``imgrec explain --neighbours K`` and the report's misclassified
-gallery look the nearest rows up (cosine similarity) and show those training images (imgrec.eval.neighbours,
-which reloads the split). Loading runs no code (safetensors); nothing here needs PyTorch.
+``model.json`` (``inference.neighbours``). ``imgrec explain --neighbours K``, the report's misclassified
+gallery and the server's ``?neighbours=K`` look the nearest rows up (cosine similarity) and show those training
+images (imgrec.eval.neighbours, which reloads the split; imgrec.serve.neighbours). Loading runs no code (safetensors); nothing here needs PyTorch.
 """
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import numpy as np
 
 from imgrec.errors import ModelFileError
 
-__all__ = ["NEIGHBOURS_FILE", "Bank", "write_bank", "load_bank"]
+__all__ = ["NEIGHBOURS_FILE", "Bank", "unit_rows", "write_bank", "load_bank"]
 
 NEIGHBOURS_FILE = "neighbours.safetensors"
 
@@ -27,26 +27,43 @@ class Bank:
         self.features = np.asarray(features, np.float16)
         self.index = np.asarray(index, np.int64)
         self.labels = np.asarray(labels, np.int64)
+        self._features32: np.ndarray | None = None  # float32 copy, made on the first lookup and kept
 
     def __len__(self) -> int:
         return len(self.index)
 
     def nearest(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """(similarities, bank rows) of the ``k`` nearest rows to each query (M × D), most similar first."""
-        q = np.asarray(queries, np.float32)
-        q = q / np.maximum(np.linalg.norm(q, axis=1, keepdims=True), 1e-12)
-        sims = q @ self.features.astype(np.float32).T
-        k = max(1, min(int(k), len(self)))
-        rows = np.argsort(-sims, axis=1, kind="stable")[:, :k]
+        if self._features32 is None:  # looked up many times (a server): converted once (10,000 × 256: 10 MB)
+            self._features32 = self.features.astype(np.float32)
+        return self.top(unit_rows(queries) @ self._features32.T, k)
+
+    @staticmethod
+    def top(sims: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """(similarities, rows) of the ``k`` largest of each row of ``sims`` (M × N), largest first, equal ones
+        by row (what a stable sort gives). The k-th largest value by a partition, then a sort of what reaches
+        it: sorting all 10,000 for each of 32 queries took 71 ms here, a partition 0.4 ms."""
+        n = sims.shape[1]
+        k = max(1, min(int(k), n))
+        kth = -np.partition(-sims, k - 1, axis=1)[:, k - 1]
+        rows = np.empty((len(sims), k), np.int64)
+        for i, (row, t) in enumerate(zip(sims, kth)):  # a few queries; ties at the k-th value make more than k
+            cand = np.flatnonzero(row >= t)
+            rows[i] = cand[np.lexsort((cand, -row[cand]))[:k]]
         return np.take_along_axis(sims, rows, axis=1), rows
+
+
+def unit_rows(a: np.ndarray) -> np.ndarray:
+    """Rows scaled to length 1, as float32 (a zero row stays zero)."""
+    a = np.asarray(a, np.float32)
+    return a / np.maximum(np.linalg.norm(a, axis=1, keepdims=True), 1e-12)
 
 
 def write_bank(model_dir: str | Path, features: np.ndarray, index: np.ndarray, labels: np.ndarray) -> dict:
     """Write the bank atomically; returns the ``inference.neighbours`` entry for ``model.json``."""
     from safetensors.numpy import save
     from imgrec.safeio import atomic_write_bytes
-    f = np.asarray(features, np.float32)
-    f = f / np.maximum(np.linalg.norm(f, axis=1, keepdims=True), 1e-12)
+    f = unit_rows(features)
     arrays = {"features": f.astype(np.float16), "index": np.asarray(index, np.int64),
               "labels": np.asarray(labels, np.int64)}
     atomic_write_bytes(Path(model_dir) / NEIGHBOURS_FILE, save(arrays))

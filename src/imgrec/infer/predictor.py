@@ -103,7 +103,9 @@ class Classifier(BasePredictor):
     def probabilities(self, batch_uint8: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
         """Softmax over the classes of the logits divided by the model's temperature (``self.temperature``);
         for a multi-label model one independent sigmoid per label."""
-        logits = self.logits(batch_uint8, batch_size)
+        return self._probs(self.logits(batch_uint8, batch_size))
+
+    def _probs(self, logits: torch.Tensor) -> torch.Tensor:
         if self.multilabel:
             return torch.sigmoid(logits)
         return torch.softmax(logits / self.temperature if self.temperature != 1.0 else logits, dim=1)
@@ -125,11 +127,22 @@ class Classifier(BasePredictor):
     def scored(self, batch_uint8: torch.Tensor, batch_size: int = 256) -> tuple[torch.Tensor, np.ndarray | None]:
         if self.unknown_score is None or self.unknown_threshold is None:
             return self.probabilities(batch_uint8, batch_size), None
-        logits, feats, layers = self.logits_and_features(batch_uint8, batch_size, self.unknown.get("layers"))
-        with torch.inference_mode():
-            ood = self.unknown_score(logits.to(self.device), feats.to(self.device),
-                                     [f.to(self.device) for f in layers]).cpu().numpy()
-        return torch.softmax(logits / self.temperature if self.temperature != 1.0 else logits, dim=1), ood
+        probs, ood, _ = self.scored_with_features(batch_uint8, batch_size)
+        return probs, ood
+
+    def scored_with_features(self, batch_uint8: torch.Tensor, batch_size: int = 256
+                             ) -> tuple[torch.Tensor, np.ndarray | None, torch.Tensor]:
+        """:meth:`scored` and the penultimate features (on the CPU), from the same forward pass: what the
+        server's nearest-training-images lookup takes (imgrec.infer.neighbours)."""
+        scoring = self.unknown_score is not None and self.unknown_threshold is not None
+        logits, feats, layers = self.logits_and_features(batch_uint8, batch_size,
+                                                         self.unknown.get("layers") if scoring else None)
+        ood = None
+        if scoring:
+            with torch.inference_mode():
+                ood = self.unknown_score(logits.to(self.device), feats.to(self.device),
+                                         [f.to(self.device) for f in layers]).cpu().numpy()
+        return self._probs(logits), ood, feats
 
     def _top(self, probs: Any, k: int) -> tuple[list[list[float]], list[list[int]]]:
         probs = probs if isinstance(probs, torch.Tensor) else torch.from_numpy(np.asarray(probs))
