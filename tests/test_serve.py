@@ -4,6 +4,7 @@ The batcher alone is tested in test_batcher.py; the live-server helper is tests/
 from __future__ import annotations
 
 import io
+import json
 import os
 import re
 import signal
@@ -385,8 +386,10 @@ def test_requests_cannot_name_files_or_models(client, images):
 def test_only_the_documented_endpoints_exist(client):
     schema = client.get("/openapi.json").json()
     assert set(schema["paths"]) == {"/v1/predict", "/v1/model", "/healthz", "/readyz"}
-    params = [p["name"] for ops in schema["paths"].values() for op in ops.values() for p in op.get("parameters", [])]
-    assert params == ["top_k"]  # nothing that could name a file, URL or model
+    params = [p for ops in schema["paths"].values() for op in ops.values() for p in op.get("parameters", [])]
+    assert [p["name"] for p in params] == ["top_k", "neighbours"]
+    # whole numbers only: nothing that could name a file, URL or model
+    assert all("integer" in json.dumps(p["schema"]) and "string" not in json.dumps(p["schema"]) for p in params)
     for path in ("/admin", "/shutdown", "/reload", "/v1/models", "/metrics", "/debug", "/redoc"):
         assert_json_error(client.get(path), 404)
         assert client.post(path).status_code in (404, 405)

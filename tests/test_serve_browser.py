@@ -1,5 +1,6 @@
 """The web page in a real browser: Debian's Chromium driven by Playwright loads the page from a live
-server, uploads an image, reads the predicted label, and saves screenshots (desktop and phone size).
+server, uploads an image, reads the predicted label and the training images it looks like, and saves
+screenshots (desktop and phone size).
 
 Set IMGREC_SCREENSHOTS=/some/dir to keep the screenshots; they go to pytest's tmp_path otherwise.
 Playwright never downloads a browser here: it is pointed at /usr/bin/chromium.
@@ -24,16 +25,21 @@ pytest.importorskip("fastapi")
 from PIL import Image  # noqa: E402
 
 from imgrec.serve.app import ServeSettings, create_app, load_classifier  # noqa: E402
-from liveserver import LiveServer  # noqa: E402
+from imgrec.serve.runner import load_neighbours  # noqa: E402
+from liveserver import LiveServer, wait_until  # noqa: E402
 
 ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking"]
 
 
 @pytest.fixture(scope="module")
 def live(trained_run):
+    """The page's server as ``imgrec serve`` builds it, the nearest training images included (their pictures
+    are read in the background after start-up: the fixture waits for that)."""
     clf = load_classifier(trained_run[0])
     settings = ServeSettings(max_upload_mb=1.0)
-    with LiveServer(create_app(clf, settings), settings) as server:
+    neighbours = load_neighbours(clf, trained_run[0], settings)
+    with LiveServer(create_app(clf, settings, neighbours), settings) as server:
+        wait_until(lambda: neighbours.info()["pictures_ready"], "the training images read")
         yield server, clf
 
 
@@ -188,3 +194,33 @@ def test_noise_is_answered_unknown_on_the_page(page, live, sample, tmp_path):
     sync_api.expect(page.locator("#timing")).to_contain_text("ms")
     sync_api.expect(unknown).to_be_hidden()
     assert not page.problems, page.problems
+
+
+def test_the_training_images_it_looks_like(page, live, sample, tmp_path):
+    """Under the answer, the 6 nearest training images: thumbnails (data: URIs the page's Content-Security-Policy
+    allows) with their label as alt text, label and similarity, the same as the API answers."""
+    import httpx
+    server, _ = live
+    png, _ = sample
+    want = httpx.post(server.url + "/v1/predict?neighbours=6",
+                      files=[("files", ("s.png", png, "image/png"))], timeout=30).json()["neighbours"][0]
+    page.goto(server.url + "/")
+    sync_api.expect(page.locator("#model-line")).to_contain_text("simple_cnn")
+    page.set_input_files("#file-input", files=[{"name": "sample.png", "mimeType": "image/png", "buffer": png}])
+    panel = page.locator("#neighbours")
+    sync_api.expect(panel).to_be_visible()
+    sync_api.expect(panel.locator("h3")).to_have_text("Looks like (training images)")
+    images = panel.locator("#neighbours-list img")
+    sync_api.expect(images).to_have_count(6)
+    assert [img.get_attribute("alt") for img in images.all()] == [n["label"] for n in want]
+    assert [t.strip() for t in panel.locator(".label").all_text_contents()] == [n["label"] for n in want]
+    assert panel.locator(".sim").first.text_content() == f"similarity {want[0]['similarity']:.3f}"
+    # every thumbnail was decoded (a blocked or broken image has no natural size)
+    sync_api.expect(images.last).to_have_js_property("complete", True)
+    assert page.evaluate("[...document.querySelectorAll('#neighbours-list img')].every(i => i.naturalWidth > 0)")
+    page.screenshot(path=str(_shots(tmp_path) / "neighbours.png"), full_page=True)
+    # an error afterwards hides the panel with the rest of the answer
+    page.set_input_files("#file-input", files=[{"name": "x.png", "mimeType": "image/png", "buffer": b"not a picture"}])
+    sync_api.expect(page.locator("#error")).to_be_visible()
+    assert panel.is_hidden()
+    assert not [p for p in page.problems if "415" not in p], page.problems

@@ -7,7 +7,6 @@ and checks ``sys.modules`` after serving a batch of concurrent requests; the oth
 """
 from __future__ import annotations
 
-import io
 import json
 import os
 import re

@@ -32,6 +32,11 @@ def add_parsers(sub) -> None:
                    help="share of in-distribution images to answer; images less like the training images than "
                         "that share of the validation images get \"unknown\": true (default: the model's, 0.95)")
     g.add_argument("--no-unknown", action="store_true", help="never answer \"unknown\"")
+    g.add_argument("--neighbours-data", "--neighbors-data", metavar="PATH",
+                   help="where the training data is now, when it moved since training: the folder holding a named "
+                        "dataset's files, or the image folder, CSV list or pack itself. ?neighbours=K shows the "
+                        "training images nearest to an upload; without their files it answers labels and "
+                        "similarities only")
     g.add_argument("--metrics", action="store_true",
                    help="answer GET /metrics in Prometheus' text format (requests by status, latency, batch sizes, "
                         "queue depth); off by default: the numbers show how busy the server is")
@@ -55,7 +60,8 @@ def cmd_serve(args) -> int:
 
     settings = ServeSettings(max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, max_upload_mb=args.max_upload_mb,
                              max_files=args.max_files, queue_size=args.queue_size, timeout_s=args.timeout_s,
-                             accept_rate=args.accept_rate, unknown=not args.no_unknown, metrics=args.metrics)
+                             accept_rate=args.accept_rate, unknown=not args.no_unknown, metrics=args.metrics,
+                             neighbours_data=args.neighbours_data)
     if args.no_unknown and args.accept_rate is not None:
         raise ConfigError("--accept-rate and --no-unknown contradict each other: give one")
     try:

@@ -2,7 +2,8 @@
 
 Endpoints (see /docs, served offline):
 
-    POST /v1/predict   one or more images → top-k {label, score} per image
+    POST /v1/predict   one or more images → top-k {label, score} per image (?neighbours=K: the nearest
+                       training images too, from the model directory's bank of training features)
     GET  /v1/model     name, classes, input size, metrics, request limits
     GET  /healthz      liveness: the process answers
     GET  /readyz       readiness: the model is loaded, warmed up, and its worker runs
@@ -39,12 +40,14 @@ Where each part lives (this module builds the app from them, and keeps the names
     state.py     ServerState: batcher, counts          uploads.py   body limits, multipart, header checks, decode
     routes.py    the handlers and their URLs           page.py      static files, Swagger UI, security headers
     metrics.py   /metrics (Prometheus)                 runner.py    model loading, sockets, uvicorn, --workers
+    neighbours.py  ?neighbours=K: the bank, the training images' thumbnails
 """
 from __future__ import annotations
 
 import contextlib
 import logging
 import os
+import threading
 
 import anyio
 import anyio.to_thread
@@ -52,6 +55,7 @@ from fastapi import FastAPI
 
 from imgrec.serve import runner
 from imgrec.serve.metrics import MetricsMiddleware, create_metrics
+from imgrec.serve.neighbours import ServeNeighbours
 from imgrec.serve.page import SecurityHeaders
 from imgrec.serve.routes import Routes, register
 from imgrec.serve.settings import ServeSettings
@@ -66,9 +70,10 @@ from imgrec.serve.uploads import decode_all as _decode_all  # noqa: F401, E402
 __all__ = ["ServeSettings", "create_app", "load_classifier", "serve", "bind_socket", "app_from_env"]
 
 
-def create_app(classifier, settings: ServeSettings | None = None) -> FastAPI:
+def create_app(classifier, settings: ServeSettings | None = None, neighbours: ServeNeighbours | None = None) -> FastAPI:
     """A FastAPI app serving ``classifier`` (``imgrec.infer.predictor.Classifier`` or, without PyTorch,
-    ``imgrec.infer.ort.OnnxClassifier``: see ``load_classifier``).
+    ``imgrec.infer.ort.OnnxClassifier``: see ``load_classifier``); ``neighbours``
+    (``imgrec.serve.neighbours.open_neighbours``) answers ``?neighbours=K``, which without it is a 400.
 
     The batcher's worker starts, after a warm-up pass, in the app's lifespan: run the app with an
     ASGI server (uvicorn) or ``httpx``/Starlette test clients that run the lifespan.
@@ -82,7 +87,7 @@ def create_app(classifier, settings: ServeSettings | None = None) -> FastAPI:
     elif settings.accept_rate is not None:
         classifier.set_accept_rate(settings.accept_rate)  # a model without the score refuses in one line
     metrics = create_metrics(settings.max_batch) if settings.metrics else None
-    state = ServerState(classifier, settings, metrics)
+    state = ServerState(classifier, settings, metrics, neighbours)
     if metrics is not None:
         metrics.watch_queue(state.queued_images)
 
@@ -104,6 +109,9 @@ def _lifespan(state: ServerState):
         await anyio.to_thread.run_sync(state.warm_up)
         state.batcher.start()
         state.ready = True
+        if state.neighbours is not None and not state.neighbours.pictures_read.is_set():
+            # the training images are read after start-up, so the model answers meanwhile (thumbnails null)
+            threading.Thread(target=state.neighbours.read_pictures, name="imgrec-neighbours", daemon=True).start()
         try:
             yield
         finally:

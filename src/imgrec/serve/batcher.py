@@ -58,6 +58,7 @@ class _Item:
     future: asyncio.Future
     loop: asyncio.AbstractEventLoop
     enqueued: float = field(default_factory=time.monotonic)
+    features: bool = False  # the request wants the pass's features too: forward(x, features=True)
 
     @property
     def n(self) -> int:
@@ -97,7 +98,8 @@ class Batcher:
 
     Args:
         forward: N×C×H×W uint8 (torch tensor or numpy array, as enqueued) → N results (sliced by rows);
-            called only from the worker thread.
+            called only from the worker thread, as ``forward(x, features=True)`` when a request in the batch
+            was enqueued with ``features=True``.
         max_batch: the most images in one pass (1 turns batching off: one request per pass).
             A single request with more images is run alone, in chunks of ``max_batch`` inside ``forward``.
         max_wait_s: how long the oldest waiting request may wait for others to join its batch.
@@ -168,15 +170,16 @@ class Batcher:
         return (1 + passes_ahead) * self.pass_seconds  # + 1: the pass that may be running now
 
     def enqueue(self, images: torch.Tensor | np.ndarray, announced: bool = False,
-                within: float | None = None) -> asyncio.Future:
+                within: float | None = None, features: bool = False) -> asyncio.Future:
         """Queue an N×C×H×W uint8 batch; the returned future (of this event loop) gets its N rows of output.
 
         Call on the event loop's thread. Raises QueueFull at once when the queue is full, or when
         ``within`` seconds are not expected to be enough, and BatcherStopped when not running.
-        Cancelling the future (``asyncio.wait_for`` timing out) withdraws the request.
+        Cancelling the future (``asyncio.wait_for`` timing out) withdraws the request. ``features``: the
+        pass that runs it is asked for its features too (see ``forward``); the others are not.
         """
         loop = asyncio.get_running_loop()
-        item = _Item(images, loop.create_future(), loop)
+        item = _Item(images, loop.create_future(), loop, features=features)
         with self._cond:
             if announced:
                 self._announced -= 1
@@ -238,7 +241,7 @@ class Batcher:
             try:
                 x = _concat([it.images for it in live])
                 started = time.monotonic()
-                out = self.forward(x)
+                out = self.forward(x, features=True) if any(it.features for it in live) else self.forward(x)
                 took = time.monotonic() - started
                 self.pass_seconds = took if self.pass_seconds is None else 0.8 * self.pass_seconds + 0.2 * took
             except Exception as e:  # noqa: BLE001 - reported to every waiting request; the worker lives on

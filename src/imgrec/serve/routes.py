@@ -20,6 +20,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
 from imgrec.serve.batcher import BatcherStopped, QueueFull
+from imgrec.serve.neighbours import MAX_NEIGHBOURS
 from imgrec.serve.page import DOCS_UNAVAILABLE, Assets, load_static, load_swagger_assets
 from imgrec.serve.schemas import PREDICT_BODY, ModelInfo, PredictResponse, Status, error_responses, http_error
 from imgrec.serve.settings import MAX_TOP_K
@@ -33,6 +34,12 @@ log = logging.getLogger("imgrec.serve")
 TOP_K = Query(None, ge=1, le=MAX_TOP_K, description="labels per image (default 5, capped at the number of classes); "
                                                     "not for a multi-label model, which returns every label whose "
                                                     "score reaches its threshold")
+NEIGHBOURS = Query(0, ge=0, le=MAX_NEIGHBOURS,
+                   description=f"also the K (at most {MAX_NEIGHBOURS}) training images nearest to each image in "
+                               "feature space, with label, cosine similarity, index and a thumbnail (default 0: "
+                               "none); 400 for a model without a bank of training features (see /v1/model)")
+NO_BANK = ("this model has no bank of training features, so no nearest training images (an exported ONNX file "
+           "has none; a model directory gets one from `imgrec train`)")
 
 
 def predict_answer(classifier, rows: list[Row], notes: list[list[str]], top_k: int | None) -> dict[str, Any]:
@@ -64,14 +71,16 @@ class Routes:
         self.swagger = load_swagger_assets() if swagger is None else swagger
 
     # -- POST /v1/predict ------------------------------------------------------------------------
-    async def predict(self, request: Request, top_k: int | None = TOP_K):
+    async def predict(self, request: Request, top_k: int | None = TOP_K, neighbours: int = NEIGHBOURS):
         t0 = time.perf_counter()
         body = Body(self.state)
         try:
             if self.classifier.multilabel and top_k is not None:
                 raise http_error(400, "top_k does not apply to a multi-label model: it returns every label "
                                       "whose score reaches that label's threshold")
-            rows, notes = await self._run_predict(request, body, t0)
+            if neighbours and self.state.neighbours is None:
+                raise http_error(400, NO_BANK)
+            rows, notes = await self._run_predict(request, body, t0, features=neighbours > 0)
         except StarletteHTTPException as e:
             if not body.finished:
                 # Answered before the whole body was read. A short remainder is read and dropped so the
@@ -82,11 +91,16 @@ class Routes:
                     e.headers = {**(e.headers or {}), "Connection": "close"}
             raise
         answer = predict_answer(self.classifier, rows, notes, top_k)
+        if neighbours and rows:  # a matrix product and, the first time, thumbnails: off the event loop
+            answer["neighbours"] = await anyio.to_thread.run_sync(
+                self.state.neighbours.lookup, np.stack([row.features for row in rows]), neighbours)
         answer["time_ms"] = round((time.perf_counter() - t0) * 1000, 3)
         return JSONResponse(answer)
 
-    async def _run_predict(self, request: Request, body: Body, t0: float) -> tuple[list[Row], list[list[str]]]:
-        """Admit the request, read and decode its images, and wait for the model's rows."""
+    async def _run_predict(self, request: Request, body: Body, t0: float,
+                           features: bool = False) -> tuple[list[Row], list[list[str]]]:
+        """Admit the request, read and decode its images, and wait for the model's rows (with their features
+        when ``features``)."""
         state, settings = self.state, self.settings
         if not state.ready or not state.batcher.alive:
             raise http_error(503, "the model is not ready", retry_after=1)
@@ -100,7 +114,7 @@ class Routes:
             remaining = settings.timeout_s - (time.perf_counter() - t0)
             try:
                 announced = False
-                result = state.batcher.enqueue(images, announced=True, within=remaining)
+                result = state.batcher.enqueue(images, announced=True, within=remaining, features=features)
             except QueueFull:
                 raise http_error(503, "server busy: the model's queue is full; retry shortly", retry_after=1) from None
             except BatcherStopped as e:
@@ -153,7 +167,8 @@ class Routes:
                        "max_batch": settings.max_batch, "max_top_k": MAX_TOP_K},
             "task": "multilabel" if clf.multilabel else "classification", "thresholds": thresholds,
             "unknown": None if clf.unknown_threshold is None else
-            {"score": clf.unknown["score"], "threshold": clf.unknown_threshold}})
+            {"score": clf.unknown["score"], "threshold": clf.unknown_threshold},
+            "neighbours": None if self.state.neighbours is None else self.state.neighbours.info()})
 
     async def healthz(self):
         return {"status": "ok"}

@@ -11,6 +11,7 @@ import dataclasses
 import json
 import logging
 import os
+import sys
 from typing import Any, Callable
 
 from imgrec.errors import ConfigError
@@ -18,7 +19,7 @@ from imgrec.infer.backends import resolve_backend
 from imgrec.serve.settings import ServeSettings
 from imgrec.serve.state import blank_batch
 
-__all__ = ["load_classifier", "bind_socket", "serve", "classifier_from_env", "resolve_backend"]
+__all__ = ["load_classifier", "load_neighbours", "bind_socket", "serve", "classifier_from_env", "resolve_backend"]
 
 log = logging.getLogger("imgrec.serve")
 
@@ -42,6 +43,29 @@ def load_classifier(model_dir: str | os.PathLike, which: str = "best", device: s
     return clf
 
 
+def load_neighbours(clf, model_dir: str | os.PathLike, settings: ServeSettings, quiet: bool = False):
+    """The app's nearest-training-images lookup (imgrec.serve.neighbours), or None when the model has no bank.
+    What is missing is said in one line on stderr, unless ``quiet`` (the ``--workers`` processes: the parent
+    said it). A broken bank costs the lookup, not the server; ``--neighbours-data`` for a model without a bank is
+    a ConfigError."""
+    from imgrec.errors import ModelFileError
+    from imgrec.serve.neighbours import open_neighbours
+    try:
+        nb = open_neighbours(clf, model_dir, settings.neighbours_data)
+    except ModelFileError as e:
+        nb, why = None, str(e)
+    else:
+        why = None
+    if nb is None and settings.neighbours_data:
+        raise ConfigError("--neighbours-data: " + (why or "this model has no bank of training features (an exported "
+                                                   "ONNX file has none; a model directory gets one from imgrec train)"))
+    if not quiet and (why or (nb is not None and nb.missing)):
+        print(f"imgrec: nearest training images unavailable: {why}" if why else
+              f"imgrec: nearest training images without pictures: {nb.missing} (--neighbours-data says where "
+              "the training data is)", file=sys.stderr, flush=True)
+    return nb
+
+
 def _set_threads(threads: int | None, workers: int, backend: str = "torch") -> int:
     """The threads for one worker process's model: set as PyTorch's when ``backend`` is torch; returned
     either way (ONNX Runtime sessions get it as their intra-op thread count)."""
@@ -54,15 +78,16 @@ def _set_threads(threads: int | None, workers: int, backend: str = "torch") -> i
 
 
 def classifier_from_env():
-    """The classifier and settings of one ``--workers N`` process, as the parent left them in the environment
-    (imgrec.serve.app.app_from_env, which uvicorn imports in each worker process, builds the app from them)."""
+    """The classifier, settings and neighbours of one ``--workers N`` process, as the parent left them in the
+    environment (imgrec.serve.app.app_from_env, which uvicorn imports in each worker process, builds the app from
+    them)."""
     cfg = json.loads(os.environ[_ENV_CONFIG])
     backend = cfg.get("backend", "auto")
     n = _set_threads(cfg["threads"], cfg["workers"], resolve_backend(cfg["model"], backend))
     clf = load_classifier(cfg["model"], cfg["which"], cfg["device"], backend, n)
     settings = ServeSettings(**cfg["settings"])
     _HEADER_TIMEOUT_S[0] = float(settings.header_timeout_s)  # this worker process's protocols read it
-    return clf, settings
+    return clf, settings, load_neighbours(clf, cfg["model"], settings, quiet=True)
 
 
 # -- connections: a deadline for the request line and headers ---------------------------------------
@@ -194,6 +219,7 @@ def serve(model_dir: str | os.PathLike, settings: ServeSettings | None = None, *
     _check_process_options(port, workers, threads)
     n = _set_threads(threads, workers, resolve_backend(model_dir, backend))
     clf = load_classifier(model_dir, which, device, backend, n)
+    neighbours = load_neighbours(clf, model_dir, settings)
     if host not in _LOOPBACK:
         log.warning("listening on %s: anyone who can reach this address can use the model", host)
 
@@ -204,10 +230,10 @@ def serve(model_dir: str | os.PathLike, settings: ServeSettings | None = None, *
 
     options = _uvicorn_options(host, bound_port, settings, log_level, access_log)
     if workers == 1:
-        server = uvicorn.Server(uvicorn.Config(make_app(clf, settings), **options))
+        server = uvicorn.Server(uvicorn.Config(make_app(clf, settings, neighbours), **options))
         server.run(sockets=[sock])
         return
-    del clf  # each worker process loads its own
+    del clf, neighbours  # each worker process loads its own
     os.environ[_ENV_CONFIG] = json.dumps({"model": os.fspath(model_dir), "which": which, "device": device,
                                           "backend": backend, "threads": threads, "workers": workers,
                                           "settings": dataclasses.asdict(settings)})

@@ -10,13 +10,21 @@ from typing import Any
 from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-__all__ = ["Prediction", "PredictResponse", "Limits", "ModelInfo", "Status", "ErrorBody", "error_responses",
-           "PREDICT_BODY", "http_error"]
+__all__ = ["Prediction", "Neighbour", "PredictResponse", "Limits", "NeighboursInfo", "ModelInfo", "Status",
+           "ErrorBody", "error_responses", "PREDICT_BODY", "http_error"]
 
 
 class Prediction(BaseModel):
     label: str
     score: float = Field(ge=0, le=1)
+
+
+class Neighbour(BaseModel):
+    index: int = Field(description="the training image's index in the run's training split")
+    label: str = Field(description="its label")
+    similarity: float = Field(ge=-1, le=1, description="cosine similarity of the penultimate features")
+    thumbnail: str | None = Field(None, description="the training image as a PNG data URI, at most 64 px a "
+                                                    "side; null when the server cannot read the training images")
 
 
 class PredictResponse(BaseModel):
@@ -33,6 +41,9 @@ class PredictResponse(BaseModel):
                                                           "model has no such score or it is turned off")
     ood_scores: list[float] | None = Field(None, description="one per image: the out-of-distribution score "
                                                              "(higher: more like the training images)")
+    neighbours: list[list[Neighbour]] | None = Field(None, description="with ?neighbours=K: one list per image, "
+                                                                       "in upload order, of its K nearest training "
+                                                                       "images, most similar first")
     time_ms: float = Field(description="time the server spent on the request")
 
 
@@ -41,6 +52,15 @@ class Limits(BaseModel):
     max_files: int
     max_batch: int
     max_top_k: int
+
+
+class NeighboursInfo(BaseModel):
+    rows: int = Field(description="training images in the bank")
+    max_k: int = Field(description="the largest ?neighbours=K")
+    pictures: bool = Field(description="whether the answers carry thumbnails (false: the server cannot find the "
+                                       "training images; labels and similarities still come)")
+    pictures_ready: bool = Field(description="whether the training images are read yet (they are read in the "
+                                             "background after start-up; until then thumbnails are null)")
 
 
 class ModelInfo(BaseModel):
@@ -57,6 +77,9 @@ class ModelInfo(BaseModel):
     unknown: dict[str, Any] | None = Field(None, description="the out-of-distribution score that answers "
                                                              "\"unknown\": {score, threshold, accept_rate}; null "
                                                              "when off")
+    neighbours: NeighboursInfo | None = Field(None, description="the nearest training images ?neighbours=K "
+                                                                "returns; null when the model has no bank of "
+                                                                "training features (or is an ONNX file)")
 
 
 class Status(BaseModel):

@@ -43,6 +43,9 @@ class ServeSettings:
     # GET /metrics in Prometheus' text format. Off by default: request counts and latencies tell a stranger how
     # busy the server is, so an operator turns it on where only the scraper can reach the port
     metrics: bool = False
+    # where the training images are when they moved since training (``--neighbours-data``): the folder of a
+    # named dataset's files, or the folder, CSV list or pack in place of the one model.json records
+    neighbours_data: str | None = None
 
     def __post_init__(self) -> None:
         def positive(name: str, integer: bool = True, zero_ok: bool = False) -> None:

@@ -1,14 +1,17 @@
-// The imgrec web page: pick, drop or paste an image; show it, the top-5 labels and the time taken.
+// The imgrec web page: pick, drop or paste an image; show it, the top-5 labels and the time taken, and the
+// training images it looks like when the model has a bank of training features.
 // Plain JavaScript with no dependencies, loaded from this server only (the page must work offline).
 // Text from the server (labels, error messages) is always inserted with textContent, never as HTML.
 "use strict";
 
 const TOP_K = 5;
+const NEIGHBOURS_K = 6; // training images shown under the answer
 const $ = (id) => document.getElementById(id);
 
 let maxUploadBytes = null; // from /v1/model; the server enforces it anyway
 let multilabel = false; // from /v1/model: a multi-label model answers every label above its threshold, no top-k
 let modelInfo = null; // the /v1/model request; a prediction waits for it, so it knows whether to ask for top-k
+let neighboursK = 0; // from /v1/model: how many nearest training images to ask for (0: the model has none)
 let previewUrl = null;
 let requestId = 0; // only the latest image's answer is shown
 
@@ -29,31 +32,29 @@ async function loadModelInfo() {
       `${multilabel ? "several per image, " : ""}${info.image_size}×${info.image_size} px input.`;
     if (multilabel) $("predictions").setAttribute("aria-label", "Labels above their thresholds, most likely first");
     maxUploadBytes = info.limits.max_upload_bytes;
+    const nb = info.neighbours;
+    neighboursK = nb && nb.rows > 0 ? Math.min(NEIGHBOURS_K, nb.max_k, nb.rows) : 0;
     $("size-limit").textContent = `, up to ${formatBytes(maxUploadBytes)}`;
   } catch (err) {
     $("model-line").textContent = "The model's details could not be loaded; predictions may still work.";
   }
 }
 
+// Every part of the result box; a message ("status" or "error") is shown alone.
+const RESULT_PARTS = ["status", "error", "predictions", "input-notes", "unknown", "timing", "neighbours"];
+
+function showMessage(id, message) {
+  for (const part of RESULT_PARTS) $(part).hidden = part !== id;
+  $(id).textContent = message;
+}
+
 function showError(message) {
-  $("status").hidden = true;
-  $("predictions").hidden = true;
-  $("input-notes").hidden = true;
-  $("unknown").hidden = true;
-  $("timing").hidden = true;
-  $("error").textContent = message;
-  $("error").hidden = false;
+  showMessage("error", message);
   revealResult();
 }
 
 function showStatus(message) {
-  $("error").hidden = true;
-  $("predictions").hidden = true;
-  $("input-notes").hidden = true;
-  $("unknown").hidden = true;
-  $("timing").hidden = true;
-  $("status").textContent = message;
-  $("status").hidden = false;
+  showMessage("status", message);
 }
 
 function showPreview(file) {
@@ -89,6 +90,44 @@ function showUnknown(isUnknown, score) {
   el.hidden = !isUnknown;
 }
 
+// A <span> of the given class holding text from the server (as text, never as HTML).
+function textSpan(className, text) {
+  const el = document.createElement("span");
+  el.className = className;
+  el.textContent = text;
+  return el;
+}
+
+// The nearest training images (the server's "neighbours" for this image): thumbnail, label, similarity.
+// Without thumbnails (the server cannot read its training images) the labels and similarities stay.
+function showNeighbours(neighbours) {
+  const list = $("neighbours-list");
+  list.replaceChildren();
+  if (!Array.isArray(neighbours) || neighbours.length === 0) {
+    $("neighbours").hidden = true;
+    return;
+  }
+  for (const n of neighbours) {
+    const li = document.createElement("li");
+    const figure = document.createElement("figure");
+    if (typeof n.thumbnail === "string" && n.thumbnail.startsWith("data:image/png;base64,")) {
+      const img = document.createElement("img");
+      img.src = n.thumbnail;
+      img.alt = n.label;
+      figure.append(img);
+    }
+    const caption = document.createElement("figcaption");
+    caption.append(textSpan("label", n.label), textSpan("sim muted", `similarity ${Number(n.similarity).toFixed(3)}`));
+    figure.append(caption);
+    li.append(figure);
+    list.append(li);
+  }
+  const pictures = neighbours.some((n) => typeof n.thumbnail === "string");
+  $("neighbours-note").textContent = pictures ? "" : "The server cannot show these training images' pictures.";
+  $("neighbours-note").hidden = pictures;
+  $("neighbours").hidden = false;
+}
+
 function showPredictions(predictions, serverMs, totalMs, notes = []) {
   const list = $("predictions");
   list.replaceChildren();
@@ -97,13 +136,7 @@ function showPredictions(predictions, serverMs, totalMs, notes = []) {
     const li = document.createElement("li");
     const row = document.createElement("div");
     row.className = "row";
-    const label = document.createElement("span");
-    label.className = "label";
-    label.textContent = p.label;
-    const value = document.createElement("span");
-    value.className = "pct";
-    value.textContent = `${pct < 0.1 && pct > 0 ? "<0.1" : pct.toFixed(1)}%`;
-    row.append(label, value);
+    row.append(textSpan("label", p.label), textSpan("pct", `${pct < 0.1 && pct > 0 ? "<0.1" : pct.toFixed(1)}%`));
     const bar = document.createElement("div");
     bar.className = "bar";
     bar.setAttribute("aria-hidden", "true"); // the percentage text says the same to screen readers
@@ -161,7 +194,11 @@ async function classify(file) {
   const started = performance.now();
   try {
     await modelInfo; // never rejects: loadModelInfo catches its own errors
-    const res = await fetch(multilabel ? "/v1/predict" : `/v1/predict?top_k=${TOP_K}`, { method: "POST", body: form });
+    const params = new URLSearchParams();
+    if (!multilabel) params.set("top_k", TOP_K);
+    if (neighboursK > 0) params.set("neighbours", neighboursK);
+    const query = params.toString();
+    const res = await fetch(query ? `/v1/predict?${query}` : "/v1/predict", { method: "POST", body: form });
     let body = null;
     try { body = await res.json(); } catch (err) { body = null; }
     if (id !== requestId) return; // a newer image was chosen meanwhile
@@ -174,6 +211,7 @@ async function classify(file) {
     showPredictions(body.predictions[0], body.time_ms, performance.now() - started, notes);
     showUnknown(Array.isArray(body.unknown) && body.unknown[0] === true,
                 Array.isArray(body.ood_scores) ? Number(body.ood_scores[0]) : NaN);
+    showNeighbours(Array.isArray(body.neighbours) ? body.neighbours[0] : null);
   } catch (err) {
     if (id === requestId) showError("The server could not be reached. Is it still running?");
   } finally {

@@ -1,0 +1,251 @@
+"""imgrec serve's nearest training images: ``/v1/predict?neighbours=K`` and ``/v1/model``'s ``neighbours``, against
+a real uvicorn server over the session's trained model (whose directory has ``neighbours.safetensors``); the
+pictures found through the run's own data settings, or not found; models without a bank; the batcher asking
+for features only for the requests that want them. The page's panel is in test_serve_browser.py."""
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import json
+import shutil
+
+import numpy as np
+import pytest
+
+pytest.importorskip("fastapi")
+pytest.importorskip("uvicorn")
+httpx = pytest.importorskip("httpx")
+
+from PIL import Image  # noqa: E402
+
+from imgrec.serve.app import ServeSettings, create_app, load_classifier  # noqa: E402
+from imgrec.serve.runner import load_neighbours  # noqa: E402
+from liveserver import LiveServer, wait_until  # noqa: E402
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def _png(a: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(a[:, :, 0] if a.ndim == 3 and a.shape[2] == 1 else a).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def _files(*pngs: bytes):
+    return [("files", (f"{i}.png", p, "image/png")) for i, p in enumerate(pngs)]
+
+
+@pytest.fixture(scope="module")
+def classifier(trained_run):
+    return load_classifier(trained_run[0])
+
+
+@pytest.fixture(scope="module")
+def train_images(classifier):
+    """The training split as the server resolves the bank's indices into it."""
+    from imgrec.eval.neighbours import load_training_images
+    return load_training_images(classifier.meta)
+
+
+@pytest.fixture(scope="module")
+def server(classifier, trained_run):
+    settings = ServeSettings(max_files=4)
+    nb = load_neighbours(classifier, trained_run[0], settings)
+    assert nb is not None and nb.missing is None
+    with LiveServer(create_app(classifier, settings, nb), settings) as s:
+        with httpx.Client(base_url=s.url, timeout=30) as c:
+            # the pictures are read in the background after start-up: wait for that event
+            wait_until(lambda: c.get("/v1/model").json()["neighbours"]["pictures_ready"], "pictures read")
+        yield s
+
+
+@pytest.fixture()
+def client(server):
+    with httpx.Client(base_url=server.url, timeout=30) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def test_pngs(fmnist_arrays):
+    _, _, xt, _ = fmnist_arrays
+    return [_png(xt[i]) for i in range(3)]
+
+
+def test_model_info_says_neighbours_with_pictures(client, server):
+    info = client.get("/v1/model").json()["neighbours"]
+    assert info == {"rows": len(server.state.neighbours.bank), "max_k": 16, "pictures": True, "pictures_ready": True}
+    assert info["rows"] > 0
+
+
+def test_neighbours_come_with_labels_similarities_and_thumbnails(client, classifier, test_pngs, train_images):
+    r = client.post("/v1/predict?neighbours=5", files=_files(*test_pngs[:2]))
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert len(body["neighbours"]) == 2
+    for near in body["neighbours"]:
+        assert len(near) == 5
+        sims = [n["similarity"] for n in near]
+        assert sims == sorted(sims, reverse=True) and all(-1 <= s <= 1 for s in sims)
+        for n in near:
+            assert set(n) == {"index", "label", "similarity", "thumbnail"}
+            assert n["label"] in classifier.classes
+            assert n["thumbnail"].startswith("data:image/png;base64,")
+            im = Image.open(io.BytesIO(base64.b64decode(n["thumbnail"].split(",", 1)[1])))
+            assert im.format == "PNG" and max(im.size) <= 64
+            # the thumbnail is the training image the index names (28 px: not shrunk)
+            assert np.array_equal(np.asarray(im), train_images[n["index"], 0].numpy())
+    # the neighbours look like the image: most of them carry the predicted label
+    for pred, near in zip(body["predictions"], body["neighbours"]):
+        assert sum(n["label"] == pred[0]["label"] for n in near) >= 3
+
+
+def test_a_training_image_finds_itself_first(client, server, train_images):
+    """The bank's indices resolve to the images its features were computed from: a training image from the bank,
+    uploaded, is its own nearest neighbour, at similarity 1 (float16 features)."""
+    bank = server.state.neighbours.bank
+    for row in (0, len(bank) // 2, len(bank) - 1):
+        index = int(bank.index[row])
+        png = _png(train_images[index].numpy().transpose(1, 2, 0))
+        first = client.post("/v1/predict?neighbours=1", files=_files(png)).json()["neighbours"][0][0]
+        assert first["index"] == index and first["similarity"] > 0.999, first
+        assert first["label"] == server.state.classifier.classes[int(bank.labels[row])]
+
+
+def test_the_answer_is_the_same_with_and_without_neighbours(client, test_pngs):
+    plain = client.post("/v1/predict", files=_files(*test_pngs)).json()
+    near = client.post("/v1/predict?neighbours=3", files=_files(*test_pngs)).json()
+    assert "neighbours" not in plain  # the default costs and says nothing more
+    for a, b in zip(plain["predictions"], near["predictions"]):
+        assert [p["label"] for p in a] == [p["label"] for p in b]
+        assert np.allclose([p["score"] for p in a], [p["score"] for p in b], atol=1e-6)
+    assert np.allclose(plain["ood_scores"], near["ood_scores"], rtol=1e-5)
+    assert plain["unknown"] == near["unknown"]
+
+
+@pytest.mark.parametrize("k", ["17", "-1", "1000", "two", "1.5"])
+def test_k_out_of_range_is_422_json_before_inference(client, server, test_pngs, k):
+    passes = server.state.batcher.batches_run
+    r = client.post(f"/v1/predict?neighbours={k}", files=_files(test_pngs[0]))
+    assert r.status_code == 422 and "neighbours" in r.json()["detail"], r.text
+    assert server.state.batcher.batches_run == passes
+
+
+def test_zero_is_the_default(client, test_pngs):
+    assert "neighbours" not in client.post("/v1/predict?neighbours=0", files=_files(test_pngs[0])).json()
+
+
+def test_model_without_a_bank_says_so(classifier, test_pngs):
+    """No neighbours (a model directory without a bank, an ONNX file): /v1/model says null and asking is a
+    400 with the reason, while plain predictions go on."""
+    settings = ServeSettings()
+    with LiveServer(create_app(classifier, settings), settings) as s, httpx.Client(base_url=s.url, timeout=30) as c:
+        assert c.get("/v1/model").json()["neighbours"] is None
+        r = c.post("/v1/predict?neighbours=3", files=_files(test_pngs[0]))
+        assert r.status_code == 400 and "no bank of training features" in r.json()["detail"]
+        assert c.post("/v1/predict", files=_files(test_pngs[0])).status_code == 200
+
+
+@pytest.fixture(scope="module")
+def moved_run(trained_run, tmp_path_factory):
+    """The trained run as if its training data had been a folder that is gone now, and its classifier."""
+    run = _copy_run(trained_run[0], tmp_path_factory.mktemp("moved") / "run")
+    gone = str(run.parent / "gone" / "fashion")
+    meta = json.loads((run / "model.json").read_text())
+    meta["data"]["source"] = meta["config"]["data"]["data"] = gone
+    (run / "model.json").write_text(json.dumps(meta))
+    return run, load_classifier(run), gone
+
+
+def test_without_the_training_images_labels_and_similarities_still_come(moved_run, test_pngs, capsys):
+    run, clf, gone = moved_run
+    settings = ServeSettings()
+    nb = load_neighbours(clf, run, settings)
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "without pictures" in err and gone in err and "--neighbours-data" in err, err
+    with LiveServer(create_app(clf, settings, nb), settings) as s, httpx.Client(base_url=s.url, timeout=30) as c:
+        assert c.get("/v1/model").json()["neighbours"]["pictures"] is False
+        r = c.post("/v1/predict?neighbours=4", files=_files(test_pngs[0]))
+        near = r.json()["neighbours"][0]
+        assert len(near) == 4 and all(n["thumbnail"] is None and n["label"] in clf.classes for n in near)
+        assert all(0 < n["similarity"] <= 1 for n in near)
+    assert gone not in r.text and str(run) not in r.text
+
+
+def test_moved_training_data_is_found_with_neighbours_data(moved_run, capsys, train_images):
+    """--neighbours-data in place of the recorded source: the run's own split settings still apply, so the
+    indices name the same training images (the same thumbnails as from the original run)."""
+    run, clf, _ = moved_run
+    nb = load_neighbours(clf, run, ServeSettings(neighbours_data="fashion-mnist"))
+    assert nb.missing is None and capsys.readouterr().err == ""
+    nb.read_pictures()
+    assert nb.info()["pictures_ready"] is True and nb.missing is None
+    queries = nb.bank.features[[0, 7, 42]].astype(np.float32)
+    for n in (row[0] for row in nb.lookup(queries, 1)):
+        im = Image.open(io.BytesIO(base64.b64decode(n["thumbnail"].split(",", 1)[1])))
+        assert np.array_equal(np.asarray(im), train_images[n["index"], 0].numpy())
+
+
+def _copy_run(src, dst):
+    dst.mkdir()
+    for f in src.iterdir():
+        if f.is_file():
+            shutil.copy(f, dst / f.name)
+    return dst
+
+
+def test_a_broken_bank_costs_the_lookup_not_the_server(classifier, trained_run, tmp_path, capsys):
+    run = _copy_run(trained_run[0], tmp_path / "run")
+    bank = run / "neighbours.safetensors"
+    bank.write_bytes(bank.read_bytes()[:100])
+    assert load_neighbours(classifier, run, ServeSettings()) is None
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "unavailable" in err and "corrupt" in err, err
+
+
+def test_neighbours_data_for_a_model_without_a_bank_is_a_one_line_error(trained_run, tmp_path, capsys):
+    from imgrec.cli import main
+    run = _copy_run(trained_run[0], tmp_path / "run")
+    meta = json.loads((run / "model.json").read_text())
+    meta["inference"].pop("neighbours")
+    (run / "model.json").write_text(json.dumps(meta))
+    (run / "neighbours.safetensors").unlink()
+    code = main(["serve", "--model", str(run), "--port", "0", "--neighbours-data", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and "--neighbours-data" in err and "no bank" in err, err
+
+
+def test_the_batcher_asks_for_features_only_for_requests_that_want_them():
+    from imgrec.serve.batcher import Batcher
+    calls = []
+
+    def forward(x, features=False):
+        calls.append((int(x.shape[0]), features))
+        return list(range(int(x.shape[0])))
+
+    async def run():
+        b = Batcher(forward, max_batch=8, max_wait_s=0.0)
+        b.start()
+        try:
+            plain = await b.enqueue(np.zeros((2, 1, 4, 4), np.uint8))
+            wanted = await b.enqueue(np.zeros((1, 1, 4, 4), np.uint8), features=True)
+        finally:
+            b.stop()
+        return plain, wanted
+
+    plain, wanted = asyncio.run(run())
+    assert (plain, wanted) == ([0, 1], [0])
+    assert calls == [(2, False), (1, True)]
+
+
+@pytest.mark.parametrize("k", [1, 3, 7, 8, 50])
+def test_top_is_a_stable_sort_cut_at_k(k):
+    """The partition-then-sort lookup gives what a full stable sort gives, ties (by row) and k past the bank
+    included."""
+    from imgrec.infer.neighbours import Bank
+    rng = np.random.default_rng(k)
+    sims = rng.integers(0, 4, (5, 8)).astype(np.float32) / 4  # many ties
+    got_sims, got_rows = Bank.top(sims, k)
+    want_rows = np.argsort(-sims, axis=1, kind="stable")[:, :min(k, 8)]
+    assert np.array_equal(got_rows, want_rows)
+    assert np.array_equal(got_sims, np.take_along_axis(sims, want_rows, axis=1))
