@@ -49,8 +49,9 @@ class TrainConfig:
     epochs: int = 10
     batch_size: int = 128              # the global batch, shared by all processes (imgrec.engine.distributed)
     lr: float = 2e-3                   # peak learning rate
-    optimizer: str = "adamw"           # sgd (nesterov) | adam | adamw
+    optimizer: str = "adamw"           # sgd (nesterov) | adam | adamw | muon (convolution filters; SGD for the rest)
     momentum: float = 0.9
+    muon_lr: float = 0.2               # optimizer muon: peak step of the filters, relative to their norm
     weight_decay: float = 5e-4
     scheduler: str = "onecycle"        # onecycle | cosine | linear | none
     warmup: float = 0.2                # fraction of all steps spent warming up (onecycle, cosine, linear)
@@ -187,7 +188,7 @@ def load_yaml(path: str | Path) -> dict:
 
 def validate(cfg: RunConfig) -> None:
     t = cfg.train
-    choices = {"optimizer": ("sgd", "adam", "adamw"), "scheduler": ("onecycle", "cosine", "linear", "none"),
+    choices = {"optimizer": ("sgd", "adam", "adamw", "muon"), "scheduler": ("onecycle", "cosine", "linear", "none"),
                "amp": ("auto", "bf16", "fp16", "none")}
     for k, allowed in choices.items():
         if getattr(t, k) not in allowed:

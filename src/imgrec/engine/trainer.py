@@ -38,6 +38,10 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer
         if p.requires_grad:
             (decay if p.ndim >= 2 else no_decay).append(p)
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if cfg.optimizer == "muon":
+        from imgrec.engine.muon import ConvMuon, muon_groups
+        return ConvMuon(muon_groups(model, cfg.weight_decay, cfg.muon_lr, cfg.lr), lr=cfg.lr,
+                        momentum=cfg.momentum)
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.momentum > 0)
     if cfg.optimizer == "adam":
@@ -48,8 +52,9 @@ def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer
 def build_scheduler(opt: torch.optim.Optimizer, cfg: TrainConfig, total_steps: int):
     warm = max(1, int(cfg.warmup * total_steps)) if cfg.warmup > 0 else 0
     if cfg.scheduler == "onecycle":
-        return torch.optim.lr_scheduler.OneCycleLR(
-            opt, max_lr=cfg.lr, total_steps=max(total_steps, 2), pct_start=min(max(cfg.warmup, 0.01), 0.99),
+        return torch.optim.lr_scheduler.OneCycleLR(  # each group's own peak (Muon's filters have theirs)
+            opt, max_lr=[g.get("peak_lr", cfg.lr) for g in opt.param_groups], total_steps=max(total_steps, 2),
+            pct_start=min(max(cfg.warmup, 0.01), 0.99),
             anneal_strategy="linear", div_factor=25.0, final_div_factor=1e3, cycle_momentum=False)
 
     def factor(step: int) -> float:
