@@ -198,8 +198,6 @@ def build_report(clf, data, *, bundle=None, split: str = "test", data_name: str 
         max_gallery: misclassified images shown. max_pairs / per_pair: most-confused pairs and examples each.
         samples_per_class: images per class in the dataset's sample grid.
     """
-    from imgrec.modeldir import RunDir
-
     if len(data) == 0:
         from imgrec.errors import DatasetError
         raise DatasetError(f"the {split} split holds no images to evaluate")
@@ -209,6 +207,18 @@ def build_report(clf, data, *, bundle=None, split: str = "test", data_name: str 
     if clf.multilabel:
         return _build_multilabel_report(clf, data, bundle=bundle, split=split, data_name=data_name,
                                         model_dir=model_dir, model_label=model_label, max_gallery=max_gallery)
+    return _build_single_label_report(clf, data, bundle=bundle, split=split, data_name=data_name,
+                                      model_dir=model_dir, model_label=model_label, top_k=top_k, n_bins=n_bins,
+                                      max_gallery=max_gallery, max_pairs=max_pairs, per_pair=per_pair,
+                                      samples_per_class=samples_per_class)
+
+
+def _build_single_label_report(clf, data, *, bundle, split: str, data_name: str | None, model_dir: Path | None,
+                               model_label: str, top_k: int, n_bins: int, max_gallery: int, max_pairs: int,
+                               per_pair: int, samples_per_class: int) -> Report:
+    """build_report for a single-label model: accuracy, calibration, confusion and the galleries."""
+    from imgrec.modeldir import RunDir
+
     classes = list(clf.classes)
     labels = data.labels.long()
     t0 = time.perf_counter()
