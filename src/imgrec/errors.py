@@ -33,3 +33,13 @@ def first_line(e: BaseException, limit: int = 300) -> str:
     what an ``ImgrecError`` quotes of a library's error, so that the CLI's one error line stays one line."""
     lines = str(e).strip().splitlines()
     return lines[0][:limit] if lines else type(e).__name__
+
+
+def require_modules(modules, what: str, extra: str) -> None:
+    """ConfigError naming the first of ``modules`` that is not installed: ``what`` needs it, and the optional
+    extra ``extra`` of imgrec brings it (a one-line error instead of an ImportError's traceback)."""
+    for module in modules:
+        try:
+            __import__(module)
+        except ModuleNotFoundError:
+            raise ConfigError(f"{what} needs {module}: pip install 'imgrec[{extra}]'") from None

@@ -69,7 +69,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from imgrec.errors import ConfigError, ModelFileError
+from imgrec.errors import ConfigError, ModelFileError, require_modules
 from imgrec.infer.ort import (INPUT_NAME, INPUT_SPEC, LOGITS_NAME, ONNX_FORMAT, ONNX_FORMAT_VERSION, OOD_NAME,
                               PROBS_NAME)
 from imgrec.infer.runtime import load_model
@@ -343,11 +343,7 @@ def _format_of_file(path: Path) -> ExportFormat:
 
 
 def _need_onnx() -> None:
-    for module in ("onnx", "onnxscript", "onnxruntime"):
-        try:
-            __import__(module)
-        except ModuleNotFoundError:
-            raise ConfigError(f"ONNX export needs {module}: pip install 'imgrec[export]'") from None
+    require_modules(("onnx", "onnxscript", "onnxruntime"), "ONNX export", "export")
 
 
 def _metadata(meta: ModelMeta, precision: str, extra: dict | None = None) -> dict[str, str]:
