@@ -93,6 +93,28 @@ def check_model_kwargs(kwargs: Any, where: str = "model.json") -> dict[str, Any]
 TASKS = ("classification", "multilabel")
 
 
+def check_format_version(where: str, value: Any, *, key: str, newest: int, readable, what: str,
+                         unknown: str) -> int:
+    """A file's format version ``value`` (its field ``key``) as an int this imgrec reads, or a ModelFileError
+    naming ``where``: not a number, newer than ``newest`` (``what`` names the format there), or not one of
+    ``readable`` (``unknown`` names it there)."""
+    try:
+        version = int(value)
+    except (TypeError, ValueError):
+        raise ModelFileError(f"{where}: bad {key} {value!r}") from None
+    if version > newest:
+        raise ModelFileError(f"{where}: written by a newer imgrec ({what} {version}, this one reads up to "
+                             f"{newest}); upgrade imgrec")
+    if version not in readable:
+        raise ModelFileError(f"{where}: unknown {unknown} version {version}")
+    return version
+
+
+def _run_file(name: str) -> property:
+    """A RunDir property: the path of its file ``name``."""
+    return property(lambda self: self.path / name, doc=f"``{name}`` in the run directory")
+
+
 @dataclass(frozen=True)
 class RunDir:
     """The file names of a run (= model) directory; nothing else in imgrec spells them."""
@@ -109,21 +131,10 @@ class RunDir:
     def __init__(self, path: str | Path):
         object.__setattr__(self, "path", Path(path))
 
-    @property
-    def meta(self) -> Path:
-        return self.path / self.META
-
-    @property
-    def checkpoint(self) -> Path:
-        return self.path / self.CHECKPOINT
-
-    @property
-    def config(self) -> Path:
-        return self.path / self.CONFIG
-
-    @property
-    def metrics(self) -> Path:
-        return self.path / self.METRICS
+    meta = _run_file(META)
+    checkpoint = _run_file(CHECKPOINT)
+    config = _run_file(CONFIG)
+    metrics = _run_file(METRICS)
 
     def weights(self, which: str = "best") -> Path:
         if which not in self.WEIGHTS:
@@ -252,15 +263,9 @@ class ModelMeta:
         """Check and convert a parsed ``model.json``; a ModelFileError naming ``where`` for anything wrong."""
         if not isinstance(d, dict) or d.get("format") != FORMAT:
             raise ModelFileError(f"{where}: not imgrec model metadata")
-        try:
-            version = int(d.get("format_version", 1))
-        except (TypeError, ValueError):
-            raise ModelFileError(f"{where}: bad format_version {d.get('format_version')!r}") from None
-        if version > FORMAT_VERSION:
-            raise ModelFileError(f"{where}: written by a newer imgrec (format {version}, this one reads up to "
-                                 f"{FORMAT_VERSION}); upgrade imgrec")
-        if version not in READABLE_VERSIONS:
-            raise ModelFileError(f"{where}: unknown model format version {version}")
+        version = check_format_version(where, d.get("format_version", 1), key="format_version",
+                                       newest=FORMAT_VERSION, readable=READABLE_VERSIONS, what="format",
+                                       unknown="model format")
         missing = [f.name for f in dataclasses.fields(cls)
                    if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
                    and f.name not in d]

@@ -34,6 +34,7 @@ import numpy as np
 from imgrec.errors import ConfigError, ImageDecodeError, ModelFileError, first_line
 from imgrec.infer.base import BasePredictor, FileRun, as_chw
 from imgrec.infer.files import cpu_pass_size, cpu_streams, usable_cores
+from imgrec.modeldir import check_format_version
 
 __all__ = ["ONNX_FORMAT", "ONNX_FORMAT_VERSION", "OnnxClassifier", "OnnxModelInfo", "check_external_data",
            "read_onnx_info"]
@@ -149,15 +150,9 @@ def read_onnx_info(path: str | os.PathLike, metadata: dict[str, str]) -> OnnxMod
                              f"(export it with `imgrec export`)")
     if metadata["imgrec_format"] != ONNX_FORMAT:
         raise ModelFileError(f"{path}: not an imgrec export (format {metadata['imgrec_format']!r})")
-    try:
-        version = int(metadata["imgrec_format_version"])
-    except ValueError:
-        raise ModelFileError(f"{path}: bad imgrec_format_version {metadata['imgrec_format_version']!r}") from None
-    if version > ONNX_FORMAT_VERSION:
-        raise ModelFileError(f"{path}: written by a newer imgrec (export format {version}, this one reads up to "
-                             f"{ONNX_FORMAT_VERSION}); upgrade imgrec")
-    if version < 1:
-        raise ModelFileError(f"{path}: unknown export format version {version}")
+    version = check_format_version(path, metadata["imgrec_format_version"], key="imgrec_format_version",
+                                   newest=ONNX_FORMAT_VERSION, readable=range(1, ONNX_FORMAT_VERSION + 1),
+                                   what="export format", unknown="export format")
     try:
         classes = json.loads(metadata["classes"])
         info = OnnxModelInfo(
