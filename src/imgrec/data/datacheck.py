@@ -271,11 +271,15 @@ class CheckReport:
 
     @property
     def leakage(self) -> int:
-        return int(self.data["leakage"]["exact_groups"] + self.data["leakage"]["near_pairs"])
+        return self._groups_and_pairs("leakage")
 
     @property
     def conflicts(self) -> int:
-        return int(self.data["conflicting_labels"]["exact_groups"] + self.data["conflicting_labels"]["near_pairs"])
+        return self._groups_and_pairs("conflicting_labels")
+
+    def _groups_and_pairs(self, finding: str) -> int:
+        """Exact groups plus near pairs counted under ``finding`` ("leakage", "conflicting_labels")."""
+        return int(self.data[finding]["exact_groups"] + self.data[finding]["near_pairs"])
 
     @property
     def problems(self) -> list[str]:
@@ -354,6 +358,16 @@ def _where(m: dict) -> str:
     return f"{m['split']}:{loc} [{m['label']}]"
 
 
+def check_settings(near_threshold: float, hash_radius: int, error: type[Exception] = ValueError,
+                   names: tuple[str, str] = ("near_threshold", "hash_radius")) -> None:
+    """``error`` for a near-duplicate threshold outside (0, 1] or a pHash radius outside 0..64; ``names``: how
+    the message calls them (the CLI's option names there)."""
+    if not 0.0 < near_threshold <= 1.0:
+        raise error(f"{names[0]} must be in (0, 1], not {near_threshold}")
+    if not 0 <= hash_radius <= 64:
+        raise error(f"{names[1]} must be in 0..64, not {hash_radius}")
+
+
 def check(source: str, *, data_dir: str | None = None, near_threshold: float = NEAR_MIN_CORR,
           hash_radius: int = HASH_RADIUS, workers: int | None = None, progress: bool = True,
           splits: Iterable[str] = SPLITS) -> CheckReport:
@@ -373,10 +387,7 @@ def check(source: str, *, data_dir: str | None = None, near_threshold: float = N
         DatasetError: the source does not exist, has fewer than two classes, or no readable image.
     """
     t0 = time.perf_counter()
-    if not 0.0 < near_threshold <= 1.0:
-        raise ValueError(f"near_threshold must be in (0, 1], not {near_threshold}")
-    if not 0 <= hash_radius <= 64:
-        raise ValueError(f"hash_radius must be in 0..64, not {hash_radius}")
+    check_settings(near_threshold, hash_radius)
     cat = catalog(source, data_dir, splits)
     n = len(cat)
     if n == 0:
