@@ -93,6 +93,21 @@ def _json_default(o):
     raise TypeError(f"cannot write {type(o).__name__} as JSON")
 
 
+def plain(x: Any) -> Any:
+    """``x`` in JSON's types: dicts with str keys, lists for lists and tuples, numpy arrays as nested lists and
+    numpy numbers as Python's; anything else as it is (what ``json.dump`` and a pickle-free checkpoint take)."""
+    import numpy as np
+    if isinstance(x, dict):
+        return {str(k): plain(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [plain(v) for v in x]
+    if isinstance(x, np.ndarray):
+        return x.tolist()
+    if isinstance(x, (np.floating, np.integer)):
+        return x.item()
+    return x
+
+
 def _fsync_dir(folder: Path) -> None:
     try:
         fd = os.open(folder, os.O_RDONLY)

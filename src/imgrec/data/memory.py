@@ -11,7 +11,7 @@ import math
 import torch
 
 from imgrec.data.dataset import ImageData
-from imgrec.data.transforms import Preprocess, augment_batch
+from imgrec.data.transforms import Preprocess, augment_batch, augment_generator
 from imgrec.errors import ConfigError
 
 __all__ = ["BatchLoader"]
@@ -81,9 +81,7 @@ class BatchLoader:
         self.epoch = epoch
 
     def _generator(self, *salt: int) -> torch.Generator:
-        g = torch.Generator()
-        g.manual_seed((self.seed * 1_000_003 + 7919 * self.epoch + sum(s * 104_729 for s in salt)) % (2**63))
-        return g
+        return augment_generator(self.seed, self.epoch, *salt)
 
     def order(self) -> torch.Tensor:
         n = len(self.data)

@@ -23,14 +23,16 @@ pickle path cannot run even if the file changed between the check and the read.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from pathlib import Path
+from typing import Iterator
 
-import numpy as np
 import torch
 
 from imgrec.errors import DatasetError, first_line
+from imgrec.safeio import plain
 
 # LitData may ask PyPI for a newer version when a dataset is built (a 30 s timeout offline); never phone home.
 os.environ.setdefault("LITDATA_DISABLE_VERSION_CHECK", "1")
@@ -202,7 +204,7 @@ def _dataset(split_dir: str, *, shuffle: bool, seed: int, drop_last: bool, cache
         kwargs["cache_dir"] = cache_dir or str(_url_cache(split_dir) / "chunks")
         if max_cache_size:
             kwargs["max_cache_size"] = max_cache_size
-    try:
+    with _litdata_errors(f"{split_dir}: cannot open packed split"):
         # item_shuffle_window=0: a full permutation inside each chunk, so a batch is not the same 256 neighbours
         # every epoch (LitData's default window); batch_decode="all": deserialize a chunk once when it is opened
         # (raw pixels, a few ms per 16 MB chunk) — with per-window decoding a full permutation would decode each
@@ -224,10 +226,18 @@ def _dataset(split_dir: str, *, shuffle: bool, seed: int, drop_last: bool, cache
         if every_rank:
             ds.distributed_env = _DistributedEnv(1, 0, 1)
         return ds
+
+
+@contextlib.contextmanager
+def _litdata_errors(what: str) -> Iterator[None]:
+    """Any exception LitData raises (it has no error type of its own) as one DatasetError line ``what (the
+    exception's first line)``; imgrec's own DatasetErrors pass as they are."""
+    try:
+        yield
     except DatasetError:
         raise
     except Exception as e:
-        raise DatasetError(f"{split_dir}: cannot open packed split ({first_line(e, 200)})") from None
+        raise DatasetError(f"{what} ({first_line(e, 200)})") from None
 
 
 def _split_dir(spec: str, split: str) -> str:
@@ -249,15 +259,11 @@ def read_split(spec: str, split: str, meta: dict | None = None) -> tuple[torch.T
     c, s = int(meta["channels"]), int(meta["image_size"])
     images = torch.empty((n, c, s, s), dtype=torch.uint8)
     labels = torch.empty(n, dtype=torch.long)
-    try:
+    with _litdata_errors(f"{d}: corrupt shard"):
         for i in range(n):
             item = ds[i]
             images[i] = _check_item(item, c, s, len(meta["classes"]), d)
             labels[i] = int(item["label"])
-    except DatasetError:
-        raise
-    except Exception as e:
-        raise DatasetError(f"{d}: corrupt shard ({first_line(e, 200)})") from None
     return images, labels
 
 
@@ -423,10 +429,8 @@ class StreamLoader:
         self.epoch = int(epoch)
 
     def _generator(self, *salt: int) -> torch.Generator:
-        # the same seeding as BatchLoader._generator: augmentation depends on (seed, epoch, step) only
-        g = torch.Generator()
-        g.manual_seed((self.seed * 1_000_003 + 7919 * self.epoch + sum(s * 104_729 for s in salt)) % (2**63))
-        return g
+        from imgrec.data.transforms import augment_generator
+        return augment_generator(self.seed, self.epoch, *salt)  # as BatchLoader's
 
     def __iter__(self):
         return self.iterate(start_step=0)
@@ -489,7 +493,7 @@ class StreamLoader:
         if pos is None:
             return None
         n, worker = pos
-        ds = _plain(self.dataset.state_dict(n, self.loader.num_workers, self.batch_size))
+        ds = plain(self.dataset.state_dict(n, self.loader.num_workers, self.batch_size))
         return {"dataset": ds, "current_epoch": int(self.loader.current_epoch), "num_samples_yielded": n,
                 "latest_worker_idx": worker}
 
@@ -510,19 +514,6 @@ class StreamLoader:
         self._restored = state
         self.epoch = int(state.get("epoch", self.epoch))
         self.step = int(state.get("step", 0))
-
-
-def _plain(x):
-    """LitData's state as JSON-like values (tuples → lists) so a checkpoint stores it without pickle."""
-    if isinstance(x, dict):
-        return {str(k): _plain(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_plain(v) for v in x]
-    if isinstance(x, (np.integer,)):
-        return int(x)
-    if isinstance(x, (np.floating,)):
-        return float(x)
-    return x
 
 
 def default_workers() -> int:

@@ -67,6 +67,14 @@ def convert_channels(images: torch.Tensor, channels: int) -> torch.Tensor:
     raise DatasetError(f"cannot convert {c}-channel images to {channels} channels")
 
 
+def augment_generator(seed: int, epoch: int, *salt: int) -> torch.Generator:
+    """The random generator of one batch's augmentation (``salt``: its step): it depends on (seed, epoch, step)
+    only, so a resumed run, a streamed run and an in-memory run draw the same crops and flips."""
+    g = torch.Generator()
+    g.manual_seed((seed * 1_000_003 + 7919 * epoch + sum(s * 104_729 for s in salt)) % (2**63))
+    return g
+
+
 def augment_batch(x: torch.Tensor, g: torch.Generator, crop_padding: int = 0, flip: bool = False, *,
                   draw: int | None = None, start: int = 0) -> torch.Tensor:
     """Random crops from a zero-padded image and random horizontal flips, for a whole uint8 batch at once.

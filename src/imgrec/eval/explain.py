@@ -24,7 +24,7 @@ from __future__ import annotations
 import math
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -32,6 +32,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from imgrec.errors import ConfigError
+from imgrec.safeio import plain
 
 __all__ = ["explain", "resolve_target", "resolve_label", "training_view", "to_json", "grad_cam", "attention_rollout", "heat_mass", "VERTICAL_EDGE"]
 
@@ -278,6 +279,20 @@ def _busiest_window(gray: np.ndarray, k: int) -> tuple[int, int]:
     return r, c
 
 
+def _recorded_or(recorder: _FirstLayers, step: str, out: dict, illustrate: Callable[[], torch.Tensor],
+                 what: str) -> torch.Tensor:
+    """The network's own output of ``step`` ("activation", "pool") when it recorded one, else ``illustrate()``
+    (``what``, for illustration only); ``out`` gets its ``<step>_layer`` (None when illustrated) and
+    ``<step>_note``."""
+    if step in recorder.records:
+        out[f"{step}_layer"], module, value = recorder.records[step]
+        out[f"{step}_note"] = f"{type(module).__name__} ({out[f'{step}_layer']})"
+        return value
+    out[f"{step}_layer"] = None
+    out[f"{step}_note"] = f"{what}, for illustration only"
+    return illustrate()
+
+
 def _steps(recorder: _FirstLayers, image: np.ndarray) -> dict:
     """The arrays for the step-by-step view, from one recorded forward pass over ``image`` (H×W×C uint8)."""
     out: dict[str, Any] = {}
@@ -294,18 +309,10 @@ def _steps(recorder: _FirstLayers, image: np.ndarray) -> dict:
     # The network's own activation and pooling when they follow the first convolution; otherwise ReLU and
     # 2×2 max pooling applied for illustration only (a ViT's patch embedding has neither; ResNet's small-image
     # stem has no pooling), and the note says so.
-    if "activation" in recorder.records:
-        out["activation_layer"], module, act = recorder.records["activation"]
-        out["activation_note"] = f"{type(module).__name__} ({out['activation_layer']})"
-    else:
-        out["activation_layer"], act = None, torch.relu(conv_map)
-        out["activation_note"] = "ReLU, for illustration only"
-    if "pool" in recorder.records:
-        out["pool_layer"], module, pooled = recorder.records["pool"]
-        out["pool_note"] = f"{type(module).__name__} ({out['pool_layer']})"
-    else:
-        out["pool_layer"], pooled = None, F.max_pool2d(act[None], 2)[0] if min(act.shape[-2:]) >= 2 else act
-        out["pool_note"] = "2×2 max pooling, for illustration only"
+    act = _recorded_or(recorder, "activation", out, lambda: torch.relu(conv_map), "ReLU")
+    pooled = _recorded_or(recorder, "pool", out,
+                          lambda: F.max_pool2d(act[None], 2)[0] if min(act.shape[-2:]) >= 2 else act,
+                          "2×2 max pooling")
     out["activation"], out["pool"] = act.cpu().numpy(), pooled.cpu().numpy()
     # The classic edge filter on the same image (grey, 0..1). The border is padded by repeating the edge
     # pixels, not with zeros: zeros would make a bright image's outline the strongest "edge" in the map.
@@ -535,15 +542,7 @@ def _add_attention(out: dict[str, Any], model, x: torch.Tensor, img: np.ndarray)
 
 def to_json(result: dict[str, Any]) -> Any:
     """``explain``'s result with numpy arrays as nested lists, for ``json.dump`` (notebooks, other tools)."""
-    if isinstance(result, dict):
-        return {str(k): to_json(v) for k, v in result.items()}
-    if isinstance(result, (list, tuple)):
-        return [to_json(v) for v in result]
-    if isinstance(result, np.ndarray):
-        return result.tolist()
-    if isinstance(result, (np.floating, np.integer)):
-        return result.item()
-    return result
+    return plain(result)
 
 
 def heat_mass(heatmap: np.ndarray, box: tuple[int, int, int, int]) -> float:

@@ -407,10 +407,8 @@ def _rows_training(fig, grid, result: dict[str, Any]) -> None:
     ax.plot(p, -np.log(p), color="gray")
     pt = float(t["probabilities"][t["label_index"]])
     ax.plot([pt], [t["loss"]], "o", color="#c44e52")
-    ax.set_xlabel("p(true label) after softmax", fontsize=8)
-    ax.tick_params(labelsize=7)
-    ax.set_title(f"13. CrossEntropyLoss = -log p\n-log {pt:.3f} = {t['loss']:.3f} "
-                 f"(label {_short(t['label'], 14)}, {t['label_source']})", fontsize=9)
+    _small_axis(ax, f"13. CrossEntropyLoss = -log p\n-log {pt:.3f} = {t['loss']:.3f} "
+                    f"(label {_short(t['label'], 14)}, {t['label_source']})", "p(true label) after softmax")
     _row_backward(fig, grid, result)
 
 
@@ -420,10 +418,9 @@ def _row_backward(fig, grid, result: dict[str, Any]) -> None:
     norms = [max(layer["grad_norm"], 1e-12) for layer in t["layers"]]
     ax.bar(range(len(norms)), norms, color="#55a868")
     ax.set_yscale("log")
-    ax.set_xlabel("weight layer, input side → output side", fontsize=8)
-    ax.tick_params(labelsize=7)
-    ax.set_title(f"14. backpropagation: size of ∂loss/∂weights per layer ({len(norms)} layers; "
-                 f"first {t['layers'][0]['name']}, last {t['layers'][-1]['name']})", fontsize=9)
+    _small_axis(ax, f"14. backpropagation: size of ∂loss/∂weights per layer ({len(norms)} layers; "
+                    f"first {t['layers'][0]['name']}, last {t['layers'][-1]['name']})",
+                "weight layer, input side → output side")
     ax = fig.add_subplot(grid[4, 2])
     _overlay(ax, result["image"], t["saliency"], "15. ∂loss/∂pixel: the pixels whose\nchange moves the loss most")
     st = t["step"]
@@ -431,9 +428,16 @@ def _row_backward(fig, grid, result: dict[str, Any]) -> None:
     ax.bar([0, 1], [st["probability_before"], st["probability_after"]], color=["#8c8c8c", "#55a868"])
     ax.set_xticks([0, 1], ["before", "after"], fontsize=8)
     ax.set_ylim(0, 1)
+    _small_axis(ax, f"16. one SGD step (lr {st['lr']:g}) on this image alone\nloss {st['loss_before']:.3f} → "
+                    f"{st['loss_after']:.3f}; p(label) shown (on a copy)")
+
+
+def _small_axis(ax, title: str, xlabel: str | None = None) -> None:
+    """A panel's title, x label and tick labels in the step-by-step figure's small type."""
+    if xlabel is not None:
+        ax.set_xlabel(xlabel, fontsize=8)
     ax.tick_params(labelsize=7)
-    ax.set_title(f"16. one SGD step (lr {st['lr']:g}) on this image alone\nloss {st['loss_before']:.3f} → "
-                 f"{st['loss_after']:.3f}; p(label) shown (on a copy)", fontsize=9)
+    ax.set_title(title, fontsize=9)
 
 
 def _text_row(fig, cell, result: dict[str, Any]) -> None:
