@@ -50,9 +50,9 @@ def main(argv: list[str] | None = None) -> int:
     _take_sigint()
     try:
         return int(args.func(args) or 0)
-    except ImgrecError as e:
+    except (ImgrecError, FloatingPointError) as e:  # bad input, or a training run whose loss diverged
         print(f"imgrec: error: {e}", file=sys.stderr)
-        return EXIT_BAD_INPUT
+        return EXIT_BAD_INPUT if isinstance(e, ImgrecError) else EXIT_FAILURE
     except KeyboardInterrupt:
         import os
         if os.environ.get("RANK", "0") not in ("", "0"):  # several processes (torchrun): rank 0 alone says it
@@ -61,9 +61,6 @@ def main(argv: list[str] | None = None) -> int:
         hint = f"; resume with: imgrec train --resume --out {out}" if args.command == "train" and out else ""
         print(f"imgrec: interrupted{hint}", file=sys.stderr)
         return EXIT_INTERRUPTED
-    except FloatingPointError as e:
-        print(f"imgrec: error: {e}", file=sys.stderr)
-        return EXIT_FAILURE
     except BrokenPipeError:
         return 0
     except (OSError, MemoryError) as e:

@@ -5,6 +5,28 @@ import argparse
 import json
 
 BACKENDS = ("auto", "torch", "onnxruntime")  # imgrec.infer.backends.BACKENDS, without importing it for --help
+DEVICE_HELP = "auto (default), cpu, cuda, cuda:N, mps"
+DATA_DIR_HELP = "folder holding the named dataset's IDX files"
+SOURCE_HELP = "fashion-mnist, mnist, an image folder or a CSV list (path,label[,split])"
+VAL_SPLIT_HELP = "fraction (<1) or count carved from training data"
+BAD_IMAGE_HELP = "an unreadable image stops the command (fail) or is reported and left out (skip)"
+WHICH_OPTION = ("--which", {"default": "best", "choices": ("best", "last"), "help": "which weights (default best)"})
+BOOL = {"action": argparse.BooleanOptionalAction, "default": None}  # --name/--no-name, None when not given
+
+
+def add_options(p, options) -> None:
+    """Add the rows of a declarative option table to a parser or argument group, in order: ``(flag or tuple of
+    flags, {argparse keywords})``."""
+    for flags, kwargs in options:
+        p.add_argument(*((flags,) if isinstance(flags, str) else flags), **kwargs)
+
+
+def add_command(sub, name: str, func, options=(), **parser_kwargs):
+    """A subcommand: its parser (``help``, ``description``), its option table and the ``cmd_*`` it runs."""
+    p = sub.add_parser(name, **parser_kwargs)
+    add_options(p, options)
+    p.set_defaults(func=func)
+    return p
 
 
 def print_json(obj) -> None:
@@ -19,43 +41,43 @@ def fmt_table(rows: list[list], header: list[str]) -> str:
     return "\n".join([line(header), line(["-" * w for w in widths])] + [line(r) for r in rows])
 
 
-def bool_flag(p, name: str, help: str) -> None:
-    """``--name/--no-name``, None when not given (so a recipe or config file decides)."""
-    p.add_argument(f"--{name}", dest=name.replace("-", "_"), action=argparse.BooleanOptionalAction, default=None,
-                   help=help)
-
-
-def add_model_dir_options(p, *, which: bool = True) -> None:
+def model_dir_options(*, which: bool = True) -> tuple:
     """--model DIR [--which best|last] [--device]: a trained model to load."""
-    p.add_argument("--model", required=True, help="model directory (a run directory)")
-    if which:
-        p.add_argument("--which", default="best", choices=("best", "last"), help="which weights (default best)")
-    p.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:N, mps")
+    return (("--model", {"required": True, "help": "model directory (a run directory)"}),
+            *([WHICH_OPTION] if which else []),
+            ("--device", {"default": "auto", "help": DEVICE_HELP}))
 
 
-def add_eval_data_options(p, default_split: str = "test, else val") -> None:
+def eval_data_options(default_split: str = "test, else val") -> tuple:
     """--data/--data-dir/--split/--on-bad-image: a labelled split to evaluate on. Each defaults to what the
     model directory recorded of its run (data source, validation split, bad-image policy)."""
-    p.add_argument("--data", help="dataset (default: the one it was trained on)")
-    p.add_argument("--data-dir", help="folder holding the named dataset's IDX files (default: the run's)")
-    p.add_argument("--split", default=None, choices=("test", "val", "train"),
-                   help=f"split to use (default: {default_split})")
-    p.add_argument("--on-bad-image", default=None, choices=("fail", "skip"),
-                   help="an unreadable image stops the command (fail) or is reported and left out (skip); "
-                        "default: what the run was trained with")
+    return (("--data", {"help": "dataset (default: the one it was trained on)"}),
+            ("--data-dir", {"help": DATA_DIR_HELP + " (default: the run's)"}),
+            ("--split", {"default": None, "choices": ("test", "val", "train"),
+                         "help": f"split to use (default: {default_split})"}),
+            bad_image_option(None, BAD_IMAGE_HELP + "; default: what the run was trained with"))
 
 
-def add_bad_image_option(p, default: str | None = "fail") -> None:
-    p.add_argument("--on-bad-image", default=default, choices=("fail", "skip"),
-                   help="an unreadable image stops the command (fail) or is reported and left out (skip)")
+def bad_image_option(default: str | None = "fail", help: str = BAD_IMAGE_HELP) -> tuple[str, dict]:
+    """The ``--on-bad-image fail|skip`` row of an option table."""
+    return "--on-bad-image", {"default": default, "choices": ("fail", "skip"), "help": help}
+
+
+def json_option(help: str = "print JSON only") -> tuple[str, dict]:
+    """The ``--json`` row of an option table."""
+    return "--json", {"action": "store_true", "help": help}
 
 
 def add_json_option(p, help: str = "print JSON only") -> None:
-    p.add_argument("--json", action="store_true", help=help)
+    add_options(p, [json_option(help)])
+
+
+def backend_option() -> tuple[str, dict]:
+    """The ``--backend auto|torch|onnxruntime`` row (predict, eval, serve)."""
+    return "--backend", {"default": "auto", "choices": BACKENDS,
+                         "help": "auto (default: onnxruntime for a .onnx file, else torch), torch, or onnxruntime "
+                                 "(runs DIR/model.onnx from `imgrec export`, without PyTorch)"}
 
 
 def add_backend_option(p) -> None:
-    """--backend auto|torch|onnxruntime (predict, eval, serve)."""
-    p.add_argument("--backend", default="auto", choices=BACKENDS,
-                   help="auto (default: onnxruntime for a .onnx file, else torch), torch, or onnxruntime "
-                        "(runs DIR/model.onnx from `imgrec export`, without PyTorch)")
+    add_options(p, [backend_option()])

@@ -5,93 +5,104 @@ from __future__ import annotations
 
 import sys
 
-from imgrec.cli.common import add_bad_image_option, add_json_option, print_json
+from imgrec.cli.common import (DATA_DIR_HELP, SOURCE_HELP, VAL_SPLIT_HELP, add_command, bad_image_option, json_option,
+                               print_json)
 
 EXIT_CHECK_FAILED = 1  # --strict found leakage or conflicting duplicates (bad input exits 2)
 
 
-def add_parsers(sub) -> None:
-    p = sub.add_parser("export-samples", help="write some dataset images as PNG files")
-    p.add_argument("--data", default="fashion-mnist")
-    p.add_argument("--data-dir")
-    p.add_argument("--split", default="test", choices=("train", "val", "test"))
-    p.add_argument("--count", type=int, default=8)
-    p.add_argument("--out", required=True)
-    p.set_defaults(func=cmd_export_samples)
+SOURCE = ("source", {"help": SOURCE_HELP})
+DATA_DIR = ("--data-dir", {"help": DATA_DIR_HELP})
+CHANNELS = ("--channels", {"type": int, "choices": (1, 3)})
 
+EXPORT_SAMPLES_OPTIONS = (
+    ("--data", {"default": "fashion-mnist"}),
+    ("--data-dir", {}),
+    ("--split", {"default": "test", "choices": ("train", "val", "test")}),
+    ("--count", {"type": int, "default": 8}),
+    ("--out", {"required": True}),
+)
+
+CHECK_OPTIONS = (
+    SOURCE,
+    DATA_DIR,
+    json_option("print the full report as JSON"),
+    ("--html", {"metavar": "FILE", "help": "write a self-contained HTML report with thumbnails"}),
+    ("--strict", {"action": "store_true", "help": f"exit {EXIT_CHECK_FAILED} when evaluation images leak into "
+                                                  f"training or duplicates have conflicting labels"}),
+    ("--near-threshold", {"type": float, "default": None,
+                          "help": "minimum thumbnail correlation of near duplicates (default 0.995)"}),
+    ("--hash-radius", {"type": int, "default": None,
+                       "help": "pHash Hamming distance within which pairs are compared (default 10)"}),
+    ("--workers", {"type": int, "default": None, "help": "decoding threads (default: the cores)"}),
+    ("--limit", {"type": int, "default": 500, "help": "findings shown per section of the HTML report"}),
+)
+
+AUDIT_OPTIONS = (
+    SOURCE,
+    DATA_DIR,
+    ("--folds", {"type": int, "default": 5, "help": "K of the cross-fitting (default 5)"}),
+    ("--recipe", {"help": "training recipe of each fold (default: chosen for this machine and the data, as imgrec "
+                          "train chooses it)"}),
+    ("--force", {"action": "store_true",
+                 "help": "rank even when the fold models are too weak to judge labels (default: refuse)"}),
+    ("--model", {"dest": "name", "help": "architecture (default: the recipe's)"}),
+    ("--epochs", {"type": int, "help": "epochs per fold (default: the recipe's)"}),
+    ("--batch-size", {"type": int}),
+    ("--lr", {"type": float}),
+    ("--device", {"help": "auto, cpu, cuda, cuda:N, mps"}),
+    ("--threads", {"type": int}),
+    ("--image-size", {"type": int, "help": "training size (default 28 for named datasets, 32 for files)"}),
+    CHANNELS,
+    ("--splits", {"default": "train", "help": "comma-separated splits to audit (default train)"}),
+    ("--method", {"default": "prune_by_noise_rate",
+                  "choices": ("prune_by_noise_rate", "prune_by_class", "both", "confident_joint", "argmax"),
+                  "help": "how suspects are flagged (default prune_by_noise_rate)"}),
+    ("--rank-by", {"default": "self_confidence", "choices": ("self_confidence", "normalized_margin")}),
+    ("--seed", {"type": int, "default": 0, "help": "fixes the folds"}),
+    json_option("print the result (all suspects) as JSON"),
+    ("--csv", {"metavar": "FILE", "help": "write the suspects as CSV"}),
+    ("--json-out", {"metavar": "FILE", "help": "write the result as JSON to a file"}),
+    ("--html", {"metavar": "FILE", "help": "write an HTML gallery of the suspects"}),
+    ("--write-clean", {"metavar": "FILE.csv",
+                       "help": "write a cleaned CSV list that `imgrec train --data FILE.csv` reads"}),
+    ("--clean", {"default": "remove", "choices": ("remove", "relabel"),
+                 "help": "what the cleaned list does with suspects (default remove)"}),
+    ("--limit", {"type": int, "default": 500, "help": "suspects shown in the HTML gallery"}),
+)
+
+PACK_OPTIONS = (
+    SOURCE,
+    ("--out", {"required": True, "help": "the pack's folder (must not exist, or be empty)"}),
+    ("--image-size", {"type": int, "help": "square side in pixels (default 28 for named datasets, 32 for files)"}),
+    ("--channels", {"type": int, "choices": (1, 3), "help": "default: the data's own"}),
+    ("--val-split", {"type": float, "help": VAL_SPLIT_HELP}),
+    ("--split-seed", {"type": int, "default": 0}),
+    ("--train-limit", {"type": int, "help": "pack only the first N training images"}),
+    DATA_DIR,
+    bad_image_option(),
+    json_option("print the pack's metadata as JSON"),
+)
+
+
+def add_parsers(sub) -> None:
+    add_command(sub, "export-samples", cmd_export_samples, EXPORT_SAMPLES_OPTIONS,
+                help="write some dataset images as PNG files")
     data = sub.add_parser("data", help="check a dataset (duplicates, leakage, bad files) or audit its labels")
     dsub = data.add_subparsers(dest="data_command", required=True, metavar="SUBCOMMAND")
-
-    c = dsub.add_parser("check", help="bad files, sizes, class counts, exact/near duplicates and train/test leakage",
-                        description="Check a dataset before training: unreadable files, sizes and modes, class "
-                                    "counts, exact and near duplicates within and across splits (leakage), and "
-                                    "duplicates whose labels disagree.")
-    c.add_argument("source", help="fashion-mnist, mnist, an image folder or a CSV list (path,label[,split])")
-    c.add_argument("--data-dir", help="folder holding the named dataset's IDX files")
-    add_json_option(c, "print the full report as JSON")
-    c.add_argument("--html", metavar="FILE", help="write a self-contained HTML report with thumbnails")
-    c.add_argument("--strict", action="store_true",
-                   help=f"exit {EXIT_CHECK_FAILED} when evaluation images leak into training or duplicates "
-                        f"have conflicting labels")
-    c.add_argument("--near-threshold", type=float, default=None,
-                   help="minimum thumbnail correlation of near duplicates (default 0.995)")
-    c.add_argument("--hash-radius", type=int, default=None,
-                   help="pHash Hamming distance within which pairs are compared (default 10)")
-    c.add_argument("--workers", type=int, default=None, help="decoding threads (default: the cores)")
-    c.add_argument("--limit", type=int, default=500, help="findings shown per section of the HTML report")
-    c.set_defaults(func=cmd_data_check)
-
-    a = dsub.add_parser("audit", help="rank likely label errors (cross-fitting + confident learning)",
-                        description="Score every image with a model that never saw it (K-fold cross-fitting with a "
-                                    "training recipe), then rank likely label errors by confident learning "
-                                    "(Northcutt et al., JAIR 2021) with a suggested label.")
-    a.add_argument("source", help="fashion-mnist, mnist, an image folder or a CSV list (path,label[,split])")
-    a.add_argument("--data-dir", help="folder holding the named dataset's IDX files")
-    a.add_argument("--folds", type=int, default=5, help="K of the cross-fitting (default 5)")
-    a.add_argument("--recipe", help="training recipe of each fold (default: chosen for this machine and the data, "
-                                    "as imgrec train chooses it)")
-    a.add_argument("--force", action="store_true",
-                   help="rank even when the fold models are too weak to judge labels (default: refuse)")
-    a.add_argument("--model", dest="name", help="architecture (default: the recipe's)")
-    a.add_argument("--epochs", type=int, help="epochs per fold (default: the recipe's)")
-    a.add_argument("--batch-size", type=int)
-    a.add_argument("--lr", type=float)
-    a.add_argument("--device", help="auto, cpu, cuda, cuda:N, mps")
-    a.add_argument("--threads", type=int)
-    a.add_argument("--image-size", type=int, help="training size (default 28 for named datasets, 32 for files)")
-    a.add_argument("--channels", type=int, choices=(1, 3))
-    a.add_argument("--splits", default="train", help="comma-separated splits to audit (default train)")
-    a.add_argument("--method", default="prune_by_noise_rate",
-                   choices=("prune_by_noise_rate", "prune_by_class", "both", "confident_joint", "argmax"),
-                   help="how suspects are flagged (default prune_by_noise_rate)")
-    a.add_argument("--rank-by", default="self_confidence", choices=("self_confidence", "normalized_margin"))
-    a.add_argument("--seed", type=int, default=0, help="fixes the folds")
-    add_json_option(a, "print the result (all suspects) as JSON")
-    a.add_argument("--csv", metavar="FILE", help="write the suspects as CSV")
-    a.add_argument("--json-out", metavar="FILE", help="write the result as JSON to a file")
-    a.add_argument("--html", metavar="FILE", help="write an HTML gallery of the suspects")
-    a.add_argument("--write-clean", metavar="FILE.csv",
-                   help="write a cleaned CSV list that `imgrec train --data FILE.csv` reads")
-    a.add_argument("--clean", default="remove", choices=("remove", "relabel"),
-                   help="what the cleaned list does with suspects (default remove)")
-    a.add_argument("--limit", type=int, default=500, help="suspects shown in the HTML gallery")
-    a.set_defaults(func=cmd_data_audit)
-
-    k = dsub.add_parser("pack", help="decode a dataset once into streamable shards (LitData)",
-                        description="Decode a dataset once, through the safe decoder, into LitData shards (raw "
-                                    "uint8 pixels at the packed size) that `imgrec train --data DIR` streams from "
-                                    "local disk or object storage (copy DIR to s3:// or gs://).")
-    k.add_argument("source", help="fashion-mnist, mnist, an image folder or a CSV list (path,label[,split])")
-    k.add_argument("--out", required=True, help="the pack's folder (must not exist, or be empty)")
-    k.add_argument("--image-size", type=int, help="square side in pixels (default 28 for named datasets, 32 for files)")
-    k.add_argument("--channels", type=int, choices=(1, 3), help="default: the data's own")
-    k.add_argument("--val-split", type=float, help="fraction (<1) or count carved from training data")
-    k.add_argument("--split-seed", type=int, default=0)
-    k.add_argument("--train-limit", type=int, help="pack only the first N training images")
-    k.add_argument("--data-dir", help="folder holding the named dataset's IDX files")
-    add_bad_image_option(k)
-    add_json_option(k, "print the pack's metadata as JSON")
-    k.set_defaults(func=cmd_data_pack)
+    for name, func, options, help, description in (
+        ("check", cmd_data_check, CHECK_OPTIONS,
+         "bad files, sizes, class counts, exact/near duplicates and train/test leakage",
+         "Check a dataset before training: unreadable files, sizes and modes, class counts, exact and near duplicates "
+         "within and across splits (leakage), and duplicates whose labels disagree."),
+        ("audit", cmd_data_audit, AUDIT_OPTIONS, "rank likely label errors (cross-fitting + confident learning)",
+         "Score every image with a model that never saw it (K-fold cross-fitting with a training recipe), then rank "
+         "likely label errors by confident learning (Northcutt et al., JAIR 2021) with a suggested label."),
+        ("pack", cmd_data_pack, PACK_OPTIONS, "decode a dataset once into streamable shards (LitData)",
+         "Decode a dataset once, through the safe decoder, into LitData shards (raw uint8 pixels at the packed size) "
+         "that `imgrec train --data DIR` streams from local disk or object storage (copy DIR to s3:// or gs://)."),
+    ):
+        add_command(dsub, name, func, options, help=help, description=description)
 
 
 def cmd_export_samples(args) -> int:
@@ -103,15 +114,12 @@ def cmd_export_samples(args) -> int:
 
 
 def cmd_data_check(args) -> int:
-    from imgrec.data.datacheck import HASH_RADIUS, NEAR_MIN_CORR, check
+    from imgrec.data.datacheck import HASH_RADIUS, NEAR_MIN_CORR, check, check_settings
     from imgrec.errors import ConfigError
 
     near = NEAR_MIN_CORR if args.near_threshold is None else args.near_threshold
     radius = HASH_RADIUS if args.hash_radius is None else args.hash_radius
-    if not 0 < near <= 1:
-        raise ConfigError(f"--near-threshold must be in (0, 1], not {near}")
-    if not 0 <= radius <= 64:
-        raise ConfigError(f"--hash-radius must be in 0..64, not {radius}")
+    check_settings(near, radius, ConfigError, ("--near-threshold", "--hash-radius"))
     if args.workers is not None and args.workers < 1:
         raise ConfigError("--workers must be at least 1")
     report = check(args.source, data_dir=args.data_dir, near_threshold=near, hash_radius=radius,
@@ -158,12 +166,12 @@ def cmd_data_audit(args) -> int:
             d["cleaned"] = clean
         print_json(d)
         return 0
+    if clean:
+        written.append(f"{clean['path']}: {clean['rows']} rows ({clean['removed']} removed, {clean['relabelled']} "
+                       f"relabelled); train on it with: imgrec train --data {clean['path']}")
     print(result.summary())
     for w in written:
         print(f"wrote {w}")
-    if clean:
-        print(f"wrote {clean['path']}: {clean['rows']} rows ({clean['removed']} removed, "
-              f"{clean['relabelled']} relabelled); train on it with: imgrec train --data {clean['path']}")
     return 0
 
 

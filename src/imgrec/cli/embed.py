@@ -4,27 +4,32 @@ from __future__ import annotations
 
 import sys
 
-from imgrec.cli.common import add_json_option, print_json
+from imgrec.cli.common import DEVICE_HELP, add_command, json_option, print_json
+
+
+EMBED_OPTIONS = (
+    ("--model", {"required": True, "help": "model directory"}),
+    ("inputs", {"nargs": "*", "help": "image files and folders (searched recursively)"}),
+    ("--data", {"help": "embed a labelled split of this data instead (default: the run's own, with --split)"}),
+    ("--split", {"choices": ("train", "val", "test"), "help": "the split of --data (or the run's data)"}),
+    ("--out", {"required": True, "help": "output file: .npy or .safetensors"}),
+    ("--raw", {"action": "store_true", "help": "the features as they are, not L2-normalised"}),
+    ("--batch-size", {"type": int, "default": 64}),
+    ("--device", {"default": "auto", "help": DEVICE_HELP}),
+    ("--on-bad-image", {"default": "skip", "choices": ("skip", "fail"),
+                        "help": "an unreadable file: skip it with a warning (default) or stop (exit 2, nothing "
+                                "written)"}),
+    json_option("print a summary as JSON"),
+)
 
 
 def add_parsers(sub) -> None:
-    p = sub.add_parser("embed", help="write feature vectors of images for search, dedup or clustering",
-                       description="Write the model's penultimate features (the vector its classifier reads), one "
-                                   "row per image, to a .npy or .safetensors file, with <name>.index.csv "
-                                   "listing the file (and label) of each row. Rows are L2-normalised unless "
-                                   "--raw: a dot product is then a cosine similarity.")
-    p.add_argument("--model", required=True, help="model directory")
-    p.add_argument("inputs", nargs="*", help="image files and folders (searched recursively)")
-    p.add_argument("--data", help="embed a labelled split of this data instead (default: the run's own, with --split)")
-    p.add_argument("--split", choices=("train", "val", "test"), help="the split of --data (or the run's data)")
-    p.add_argument("--out", required=True, help="output file: .npy or .safetensors")
-    p.add_argument("--raw", action="store_true", help="the features as they are, not L2-normalised")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:N, mps")
-    p.add_argument("--on-bad-image", default="skip", choices=("skip", "fail"),
-                   help="an unreadable file: skip it with a warning (default) or stop (exit 2, nothing written)")
-    add_json_option(p, "print a summary as JSON")
-    p.set_defaults(func=cmd_embed)
+    add_command(sub, "embed", cmd_embed, EMBED_OPTIONS,
+                help="write feature vectors of images for search, dedup or clustering",
+                description="Write the model's penultimate features (the vector its classifier reads), one row per "
+                            "image, to a .npy or .safetensors file, with <name>.index.csv listing the file (and "
+                            "label) of each row. Rows are L2-normalised unless --raw: a dot product is then a cosine "
+                            "similarity.")
 
 
 def cmd_embed(args) -> int:

@@ -9,52 +9,57 @@ import json
 import sys
 from pathlib import Path
 
-from imgrec.cli.common import (add_backend_option, add_eval_data_options, add_json_option, add_model_dir_options,
-                               fmt_table, print_json)
+from imgrec.cli.common import (add_command, backend_option, eval_data_options, fmt_table, json_option,
+                               model_dir_options, print_json)
 
 
 TOP_K_HELP = ("top-k accuracy to report (default 5; single-label models; '-' in text and null in JSON where k is "
               "not below the number of classes)")
 
 
+TOP_K = ("--top-k", {"type": int, "help": TOP_K_HELP})
+
+EVAL_OPTIONS = (*model_dir_options(), *eval_data_options(), TOP_K, backend_option(), json_option())
+
+REPORT_OPTIONS = (
+    *model_dir_options(),
+    *eval_data_options(),
+    ("--out", {"default": "report.html", "help": "HTML file to write (default report.html)"}),
+    TOP_K,
+    ("--max-gallery", {"type": int, "default": 60, "help": "misclassified images shown (default 60)"}),
+    json_option("print the report's numbers as JSON"),
+)
+
+EXPLAIN_OPTIONS = (
+    *model_dir_options(),
+    ("image", {"help": "an image file"}),
+    ("--out", {"help": "PNG file to write (default <image name>-explain.png)"}),
+    ("--target", {"help": "class to explain (label or index; default the predicted class)"}),
+    ("--steps", {"action": "store_true", "help": "show the pipeline step by step, training included"}),
+    ("--label", {"help": "the image's true class for the loss (default its folder name when that names a class, "
+                         "else the predicted class)"}),
+    ("--lr", {"type": float, "default": 0.01, "help": "learning rate of the one SGD step shown (default 0.01)"}),
+    ("--json-out", {"help": "with --steps: also write every number and array shown as JSON to this file"}),
+    (("--neighbours", "--neighbors"), {"type": int, "metavar": "K",
+                                       "help": "also show the K training images nearest to it in feature space "
+                                               "(<out>-neighbours.png)"}),
+    json_option(),
+)
+
+
 def add_parsers(sub) -> None:
-    p = sub.add_parser("eval", help="evaluate a model on a dataset split")
-    add_model_dir_options(p)
-    add_eval_data_options(p)
-    p.add_argument("--top-k", type=int, help=TOP_K_HELP)
-    add_backend_option(p)
-    add_json_option(p)
-    p.set_defaults(func=cmd_eval)
-
-    p = sub.add_parser("report", help="write an HTML evaluation report",
-                       description="Evaluate a model on a dataset split and write one self-contained HTML report: "
-                                   "training curves, accuracy with confidence intervals, per-class metrics, confusion "
-                                   "matrix, misclassified images, calibration and the dataset.")
-    add_model_dir_options(p)
-    add_eval_data_options(p)
-    p.add_argument("--out", default="report.html", help="HTML file to write (default report.html)")
-    p.add_argument("--top-k", type=int, help=TOP_K_HELP)
-    p.add_argument("--max-gallery", type=int, default=60, help="misclassified images shown (default 60)")
-    add_json_option(p, "print the report's numbers as JSON")
-    p.set_defaults(func=cmd_report)
-
-    p = sub.add_parser("explain", help="show where the model looked (Grad-CAM) and what its first layers do",
-                       description="Draw a Grad-CAM heat map over the image for the predicted class (or --target); "
-                                   "with --steps, the whole pipeline: pixels as numbers, first-layer filters, feature "
-                                   "maps after convolution, activation and pooling, a classic edge filter, softmax.")
-    add_model_dir_options(p)
-    p.add_argument("image", help="an image file")
-    p.add_argument("--out", help="PNG file to write (default <image name>-explain.png)")
-    p.add_argument("--target", help="class to explain (label or index; default the predicted class)")
-    p.add_argument("--steps", action="store_true", help="show the pipeline step by step, training included")
-    p.add_argument("--label", help="the image's true class for the loss (default its folder name when that names "
-                                   "a class, else the predicted class)")
-    p.add_argument("--lr", type=float, default=0.01, help="learning rate of the one SGD step shown (default 0.01)")
-    p.add_argument("--json-out", help="with --steps: also write every number and array shown as JSON to this file")
-    p.add_argument("--neighbours", "--neighbors", type=int, metavar="K",
-                   help="also show the K training images nearest to it in feature space (<out>-neighbours.png)")
-    add_json_option(p)
-    p.set_defaults(func=cmd_explain)
+    for name, func, options, help, description in (
+        ("eval", cmd_eval, EVAL_OPTIONS, "evaluate a model on a dataset split", None),
+        ("report", cmd_report, REPORT_OPTIONS, "write an HTML evaluation report",
+         "Evaluate a model on a dataset split and write one self-contained HTML report: training curves, accuracy "
+         "with confidence intervals, per-class metrics, confusion matrix, misclassified images, calibration and "
+         "the dataset."),
+        ("explain", cmd_explain, EXPLAIN_OPTIONS, "show where the model looked (Grad-CAM) and what its first layers do",
+         "Draw a Grad-CAM heat map over the image for the predicted class (or --target); with --steps, the whole "
+         "pipeline: pixels as numbers, first-layer filters, feature maps after convolution, activation and "
+         "pooling, a classic edge filter, softmax."),
+    ):
+        add_command(sub, name, func, options, help=help, description=description)
 
 
 def _load_labelled(args):
@@ -126,12 +131,8 @@ def print_multilabel(args, clf, res: dict) -> None:
 
 def _need_report_extra() -> None:
     """A one-line error instead of a traceback when the optional plotting/templating packages are missing."""
-    from imgrec.errors import ConfigError
-    for module in ("matplotlib", "jinja2"):
-        try:
-            __import__(module)
-        except ModuleNotFoundError:
-            raise ConfigError(f"this command needs {module}: pip install 'imgrec[report]'") from None
+    from imgrec.errors import require_modules
+    require_modules(("matplotlib", "jinja2"), "this command", "report")
 
 
 def cmd_report(args) -> int:

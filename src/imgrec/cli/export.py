@@ -5,7 +5,7 @@ from __future__ import annotations
 import re
 import sys
 
-from imgrec.cli.common import add_eval_data_options, add_json_option, print_json
+from imgrec.cli.common import WHICH_OPTION, add_command, eval_data_options, json_option, print_json
 
 
 class _FormatNames:
@@ -41,32 +41,36 @@ def _format_error_in_one_line(p) -> None:
     p.error = error
 
 
+EXPORT_OPTIONS = (
+    ("--model", {"required": True, "help": "model directory (a run directory)"}),
+    WHICH_OPTION,
+    # a metavar, so that argparse does not list the choices (importing torch) while the parser is built
+    ("--format", {"default": "onnx", "choices": _FormatNames(), "metavar": "FORMAT",
+                  "help": "%(choices)s (default %(default)s)"}),
+    ("--out", {"help": "file to write (default DIR/model.onnx, DIR/model.int8.onnx or DIR/model.torchscript.pt)"}),
+    ("--int8", {"action": "store_true",
+                "help": "int8 static quantisation (ONNX Runtime, QDQ, per-channel), calibrated on training images"}),
+    ("--calib-size", {"type": int, "default": 512, "help": "training images used to calibrate --int8 (default 512)"}),
+    ("--check", {"action": "store_true",
+                 "help": "only check an existing exported file (--out, default DIR/model.onnx) against PyTorch"}),
+    ("--check-data", {"nargs": "+", "metavar": "PATH",
+                      "help": "image files/folders to check on (default: the model's validation split)"}),
+    ("--check-limit", {"type": int, "help": "check on at most this many images (default all)"}),
+    *eval_data_options(default_split="val"),
+    json_option(),
+)
+
+
 def add_parsers(sub) -> None:
-    p = sub.add_parser(
-        "export", help="export a model to ONNX or TorchScript with the preprocessing inside, and check it",
+    p = add_command(
+        sub, "export", cmd_export, EXPORT_OPTIONS,
+        help="export a model to ONNX or TorchScript with the preprocessing inside, and check it",
         description="Write one file whose graph takes uint8 pixels (N×H×W×C, RGB or gray, any size) and does the "
                     "resize, normalisation, network, flip-TTA and softmax; class names and input size go into its "
                     "metadata. The export is checked against PyTorch on the validation split (or --split, "
                     "--data, --check-data) and replaces --out only when top-1 agreement and probabilities are within "
                     "tolerance. The data options default to the run's own (model.json), as for `imgrec eval`.")
-    p.add_argument("--model", required=True, help="model directory (a run directory)")
-    p.add_argument("--which", default="best", choices=("best", "last"), help="which weights (default best)")
-    # a metavar, so that argparse does not list the choices (importing torch) while the parser is built
-    p.add_argument("--format", default="onnx", choices=_FormatNames(), metavar="FORMAT",
-                   help="%(choices)s (default %(default)s)")
-    p.add_argument("--out", help="file to write (default DIR/model.onnx, DIR/model.int8.onnx or DIR/model.torchscript.pt)")
-    p.add_argument("--int8", action="store_true",
-                   help="int8 static quantisation (ONNX Runtime, QDQ, per-channel), calibrated on training images")
-    p.add_argument("--calib-size", type=int, default=512, help="training images used to calibrate --int8 (default 512)")
-    p.add_argument("--check", action="store_true",
-                   help="only check an existing exported file (--out, default DIR/model.onnx) against PyTorch")
-    p.add_argument("--check-data", nargs="+", metavar="PATH",
-                   help="image files/folders to check on (default: the model's validation split)")
-    p.add_argument("--check-limit", type=int, help="check on at most this many images (default all)")
-    add_eval_data_options(p, default_split="val")
-    add_json_option(p)
     _format_error_in_one_line(p)
-    p.set_defaults(func=cmd_export)
 
 
 def cmd_export(args) -> int:

@@ -1,16 +1,19 @@
 """``imgrec models``: the registry; ``imgrec models --timm PATTERN``: timm's architectures (``--model timm:NAME``)."""
 from __future__ import annotations
 
-from imgrec.cli.common import add_json_option, fmt_table, print_json
+from imgrec.cli.common import add_command, fmt_table, json_option, print_json
+
+
+MODELS_OPTIONS = (
+    ("--timm", {"nargs": "?", "const": "*", "metavar": "PATTERN",
+                "help": "list timm architectures matching PATTERN (e.g. 'resnet1*'; no wildcard: names containing "
+                        "it; default all), usable as --model timm:NAME (needs imgrec[timm])"}),
+    json_option(),
+)
 
 
 def add_parsers(sub) -> None:
-    p = sub.add_parser("models", help="list the registered architectures (--timm: timm's)")
-    p.add_argument("--timm", nargs="?", const="*", metavar="PATTERN",
-                   help="list timm architectures matching PATTERN (e.g. 'resnet1*'; no wildcard: names "
-                        "containing it; default all), usable as --model timm:NAME (needs imgrec[timm])")
-    add_json_option(p)
-    p.set_defaults(func=cmd_models)
+    add_command(sub, "models", cmd_models, MODELS_OPTIONS, help="list the registered architectures (--timm: timm's)")
 
 
 def cmd_models(args) -> int:

@@ -15,7 +15,7 @@ import csv
 import io
 import sys
 
-from imgrec.cli.common import add_backend_option, fmt_table, print_json
+from imgrec.cli.common import DEVICE_HELP, add_command, backend_option, fmt_table, print_json
 
 EXIT_SOME_UNREADABLE = 1  # some files could not be read; the others were predicted (imgrec.cli: 2 = bad input)
 BAD_IMAGE_HELP = ("what an unreadable file does: report (default: an error row in the table, JSON and CSV, "
@@ -23,41 +23,43 @@ BAD_IMAGE_HELP = ("what an unreadable file does: report (default: an error row i
                   "first one, exit code 2)")
 
 
+PREDICT_OPTIONS = (
+    ("--model", {"required": True, "help": "model directory, or an exported .onnx file"}),
+    ("inputs", {"nargs": "+", "help": "image files and folders (searched recursively)"}),
+    ("--top-k", {"type": int, "help": "labels per image, best first (default 5; single-label models)"}),
+    ("--threshold", {"action": "append", "metavar": "T|LABEL=T",
+                     "help": "multi-label models: decision threshold in 0..1 for every label (0.3) or one label "
+                             "(dog=0.3); repeatable; default: the thresholds chosen on the validation split"}),
+    ("--accept-rate", {"type": float, "metavar": "RATE",
+                       "help": "share of in-distribution images to answer: images whose out-of-distribution score "
+                               "is lower than that share of the validation images' are answered \"unknown\" "
+                               "(default: the rate the model was trained with, 0.95)"}),
+    ("--no-unknown", {"action": "store_true", "help": "always name one of the classes, never \"unknown\""}),
+    ("--batch-size", {"type": int, "default": 64}),
+    ("--device", {"default": "auto", "help": DEVICE_HELP}),
+    ("--amp", {"default": "auto", "choices": ("auto", "bf16", "fp16", "none"),
+               "help": "PyTorch autocast: auto (default: bf16 where this CPU/GPU runs the model faster in it), bf16, "
+                       "fp16 (GPU) or none (fp32); ONNX Runtime runs the exported file's precision"}),
+    backend_option(),
+    ("--decode-threads", {"type": int,
+                          "help": "threads decoding images while the model runs (default: one per core; 0: no "
+                                  "pipeline)"}),
+    ("--on-bad-image", {"default": "report", "choices": ("report", "skip", "fail"), "help": BAD_IMAGE_HELP}),
+    ("--json", {"action": "store_true",
+                "help": 'print [{"file", "predictions": [{"label", "score"}], "input_notes": [...]}] (with '
+                        '"unknown" and "ood_score" when the model answers unknown); an unreadable file has "error" '
+                        'and no predictions'}),
+    ("--csv", {"help": "write file,rank,label,score,error,input_notes(,unknown,ood_score) rows to this CSV file"}),
+    ("--verbose", {"action": "store_true", "help": "print the table even with --csv"}),
+)
+
+
 def add_parsers(sub) -> None:
-    p = sub.add_parser("predict", help="predict labels for image files and folders",
-                       description="Predict every image file given or found in the folders given. Each answer "
-                                   "comes with notes where the image differs much from the training images "
-                                   "(colour into a grey model, a much larger or smaller size, a far-off aspect "
-                                   "ratio). " + BAD_IMAGE_HELP[0].upper() + BAD_IMAGE_HELP[1:] + ".")
-    p.add_argument("--model", required=True, help="model directory, or an exported .onnx file")
-    p.add_argument("inputs", nargs="+", help="image files and folders (searched recursively)")
-    p.add_argument("--top-k", type=int, help="labels per image, best first (default 5; single-label models)")
-    p.add_argument("--threshold", action="append", metavar="T|LABEL=T",
-                   help="multi-label models: decision threshold in 0..1 for every label (0.3) or one label "
-                        "(dog=0.3); repeatable; default: the thresholds chosen on the validation split")
-    p.add_argument("--accept-rate", type=float, metavar="RATE",
-                   help="share of in-distribution images to answer: images whose out-of-distribution score is "
-                        "lower than that share of the validation images' are answered \"unknown\" (default: "
-                        "the rate the model was trained with, 0.95)")
-    p.add_argument("--no-unknown", action="store_true",
-                   help="always name one of the classes, never \"unknown\"")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:N, mps")
-    p.add_argument("--amp", default="auto", choices=("auto", "bf16", "fp16", "none"),
-                   help="PyTorch autocast: auto (default: bf16 where this CPU/GPU runs the model faster in it), "
-                        "bf16, fp16 (GPU) or none (fp32); ONNX Runtime runs the exported file's precision")
-    add_backend_option(p)
-    p.add_argument("--decode-threads", type=int,
-                   help="threads decoding images while the model runs (default: one per core; 0: no pipeline)")
-    p.add_argument("--on-bad-image", default="report", choices=("report", "skip", "fail"), help=BAD_IMAGE_HELP)
-    p.add_argument("--json", action="store_true",
-                   help='print [{"file", "predictions": [{"label", "score"}], "input_notes": [...]}] (with '
-                        '"unknown" and "ood_score" when the model answers unknown); an unreadable file has '
-                        '"error" and no predictions')
-    p.add_argument("--csv", help="write file,rank,label,score,error,input_notes(,unknown,ood_score) rows to this "
-                                 "CSV file")
-    p.add_argument("--verbose", action="store_true", help="print the table even with --csv")
-    p.set_defaults(func=cmd_predict)
+    add_command(sub, "predict", cmd_predict, PREDICT_OPTIONS, help="predict labels for image files and folders",
+                description="Predict every image file given or found in the folders given. Each answer comes with "
+                            "notes where the image differs much from the training images (colour into a grey model, "
+                            "a much larger or smaller size, a far-off aspect ratio). "
+                            + BAD_IMAGE_HELP[0].upper() + BAD_IMAGE_HELP[1:] + ".")
 
 
 def cmd_predict(args) -> int:
@@ -134,10 +136,7 @@ def format_table(results: list[dict], top_k: int) -> str:
             cells += [""] * (width - len(cells))
         rows.append([r["file"]] + ([_answer(r)] if answers else []) + cells)
     header = ["file"] + (["answer"] if answers else []) + [f"top {i}" for i in range(1, min(top_k, width) + 1)]
-    if any(r.get("input_notes") for r in results):
-        header.append("input notes")
-        rows = [row + [_notes(r)] for row, r in zip(rows, results)]
-    return fmt_table(rows, header)
+    return _table_with_notes(rows, header, results)
 
 
 def format_labels(results: list[dict]) -> str:
@@ -145,9 +144,13 @@ def format_labels(results: list[dict]) -> str:
     rows = [[r["file"], f"error: {r['error']}" if "error" in r else
              ", ".join(f"{p['label']} ({p['score'] * 100:.1f}%)" for p in r["predictions"]) or "-"]
             for r in results]
-    header = ["file", "labels"]
+    return _table_with_notes(rows, ["file", "labels"], results)
+
+
+def _table_with_notes(rows: list[list], header: list[str], results: list[dict]) -> str:
+    """The table, with an "input notes" column last when any image has notes."""
     if any(r.get("input_notes") for r in results):
-        header.append("input notes")
+        header = header + ["input notes"]
         rows = [row + [_notes(r)] for row, r in zip(rows, results)]
     return fmt_table(rows, header)
 

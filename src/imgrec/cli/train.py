@@ -3,11 +3,12 @@ from __future__ import annotations
 
 import sys
 
-from imgrec.cli.common import add_bad_image_option, add_json_option, bool_flag, print_json
+from imgrec.cli.common import (BOOL, DATA_DIR_HELP, DEVICE_HELP, VAL_SPLIT_HELP, add_command, add_options,
+                               bad_image_option, json_option, print_json)
 
 # the flags named otherwise than their config field; every other flag whose name is a field of DataConfig,
 # ModelConfig or TrainConfig sets that field (RunConfig.update finds the section), so a new field needs only
-# its flag here
+# its row in one of the option tables below
 RENAMED_FLAGS = {"model": "name", "tta": "tta_flip"}
 
 
@@ -22,107 +23,6 @@ def train_options(parser_dests: set[str]) -> dict[str, str]:
     return options
 
 
-def add_parsers(sub) -> None:
-    from imgrec.engine.recipes import recipe_names
-
-    p = sub.add_parser("train", help="train a model", description="Train a model; writes runs/<name>/.")
-    g = p.add_argument_group("data")
-    g.add_argument("--data", help="fashion-mnist, mnist, an image folder, a CSV list, or a pack from `imgrec data "
-                                  "pack` (a folder, s3://, gs://) (default fashion-mnist)")
-    g.add_argument("--data-dir", help="folder holding the named dataset's IDX files")
-    g.add_argument("--image-size", type=int)
-    g.add_argument("--channels", type=int, choices=(1, 3))
-    g.add_argument("--val-split", type=float, help="fraction (<1) or count carved from training data")
-    g.add_argument("--split-seed", type=int)
-    g.add_argument("--train-limit", type=int, help="use only the first N training images")
-    add_bad_image_option(g, default=None)
-    bool_flag(g, "stream", "stream packed shards from disk or object storage (--no-stream: load them into memory); "
-                           "default: in memory when the decoded data fits")
-    g.add_argument("--stream-workers", type=int, help="DataLoader worker processes reading shards (default: 0 on "
-                                                      "2 cores, else up to 4)")
-    g.add_argument("--task", choices=("classification", "multilabel"),
-                   help="one label per image, or several (a CSV list with labels separated by ';'); "
-                        "default: detected from the data")
-    g = p.add_argument_group("model")
-    g.add_argument("--model", help="architecture (see `imgrec models`); default: the recipe's")
-    g.add_argument("--recipe", help=f"a named recipe: {', '.join(recipe_names())} (default: chosen for this machine)")
-    g.add_argument("--config", help="YAML config file (a saved config.yaml works)")
-    g.add_argument("--pretrained", action="store_true", default=None, help="start from torchvision's ImageNet weights")
-    g.add_argument("--weights", help="start from a local state dict (.safetensors or weights-only .pt/.pth)")
-    g.add_argument("--freeze-backbone", action="store_true", default=None, help="train only the classifier head")
-    g = p.add_argument_group("training")
-    g.add_argument("--epochs", type=int)
-    g.add_argument("--batch-size", type=int, help="the global batch (several processes share each batch)")
-    g.add_argument("--lr", type=float, help="peak learning rate")
-    g.add_argument("--optimizer", choices=("sgd", "adam", "adamw"))
-    g.add_argument("--momentum", type=float)
-    g.add_argument("--weight-decay", type=float)
-    g.add_argument("--scheduler", choices=("onecycle", "cosine", "linear", "none"))
-    g.add_argument("--warmup", type=float, help="fraction of steps for warm-up")
-    g.add_argument("--label-smoothing", type=float)
-    g.add_argument("--crop-padding", type=int, help="random-crop padding in pixels (0 = off)")
-    bool_flag(g, "flip", "random horizontal flips (default: on, off for digits)")
-    g.add_argument("--no-augment", action="store_true", help="no crop, no flip")
-    g.add_argument("--ema", type=float, help="EMA decay of the evaluated weights (e.g. 0.999)")
-    bool_flag(g, "tta", "average predictions over the image and its mirror")
-    bool_flag(g, "calibrate", "fit a temperature on the validation split after training so that scores say how "
-                              "sure the model is (default: on; --no-calibrate keeps the raw softmax scores)")
-    bool_flag(g, "unknown", "fit an out-of-distribution score after training, so that predict and serve answer "
-                            "\"unknown\" for images unlike the training images (default: on)")
-    g.add_argument("--accept-rate", type=float, metavar="RATE",
-                   help="share of validation images answered rather than called unknown (default 0.95)")
-    g.add_argument("--grad-clip", type=float)
-    g.add_argument("--patience", type=int, help="early stopping after N epochs without val improvement")
-    g.add_argument("--time-budget", type=_duration, metavar="DURATION",
-                   help="train for at most this long (90, 90s, 5m, 1h): the epochs are set from the first epoch's "
-                        "speed, and training stops at an epoch end with the best weights when the time is up")
-    g.add_argument("--val-last", type=int, help="validate only the last N epochs (0: every epoch)")
-    g.add_argument("--best-metric", choices=("auto", "acc", "balanced_acc", "macro_f1"),
-                   help="validation number that picks the best epoch (auto: balanced_acc with an imbalance option)")
-    g = p.add_argument_group("class imbalance")
-    g.add_argument("--class-weights", metavar="auto|inverse|effective|none|FILE",
-                   help="loss weights per class: auto = effective number of samples (Cui et al. 2019), inverse "
-                        "= 1/count, or a JSON/YAML {class: weight} or CSV class,weight file")
-    g.add_argument("--class-weight-beta", type=float, help="β of the effective number (default 0.999)")
-    g.add_argument("--sampler", choices=("shuffle", "balanced"),
-                   help="balanced: every batch draws classes uniformly (with replacement)")
-    g.add_argument("--logit-adjust", type=_tau, nargs="?", const=1.0, metavar="TAU|auto",
-                   help="post-hoc logit adjustment at prediction (Menon et al. 2021): subtract TAU·log(class "
-                        "prior); TAU defaults to 1; auto: the TAU in 0..2 best on validation balanced accuracy")
-    g.add_argument("--reweight-from", type=float, metavar="FRACTION",
-                   help="deferred re-weighting (Cao et al. 2019): --class-weights apply only from this fraction "
-                        "of the epochs on (e.g. 0.7: the last 30%%)")
-    g.add_argument("--logit-adjust-loss", type=float, nargs="?", const=1.0, metavar="TAU",
-                   help="logit-adjusted training loss (Menon et al. 2021): cross-entropy of logits + "
-                        "TAU·log(class prior); predicts with the raw logits; TAU defaults to 1")
-    g.add_argument("--long-tail", type=float, metavar="RATIO",
-                   help="experiments: keep a long-tailed subset, class i keeping RATIO^(-i/(K-1)) of its images")
-    g.add_argument("--seed", type=int)
-    g.add_argument("--deterministic", action="store_true", default=None)
-    g = p.add_argument_group("speed")
-    g.add_argument("--device", help="auto (default), cpu, cuda, cuda:N, mps")
-    g.add_argument("--amp", choices=("auto", "bf16", "fp16", "none"), help="mixed precision (auto: where it is fast)")
-    bool_flag(g, "channels-last", "channels_last memory format (default: on for CNNs)")
-    g.add_argument("--compile", action="store_true", default=None, help="torch.compile the model")
-    g.add_argument("--eval-batch-size", type=int)
-    g.add_argument("--threads", type=int, help="CPU threads per process (default: the cores / processes)")
-    g.add_argument("--nproc", type=int, metavar="N",
-                   help="train with N processes on this machine: starts torchrun (CPUs: gloo; CUDA: one GPU each); "
-                        "--batch-size stays the global batch. Several machines: see the README")
-    g.add_argument("--sync-bn", action="store_true", default=None,
-                   help="several CUDA processes: BatchNorm statistics of the global batch (SyncBatchNorm)")
-    g = p.add_argument_group("output")
-    g.add_argument("--out", help="run directory (default runs/<data>-<model>)")
-    g.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
-    g.add_argument("--overwrite", action="store_true", help="replace a finished run in --out")
-    g.add_argument("--checkpoint-every", type=int, help="also checkpoint every N steps")
-    bool_flag(g, "tensorboard", "write TensorBoard event files to OUT/tensorboard/ (`tensorboard --logdir runs`); "
-                                "default: on when the tensorboard package is installed")
-    add_json_option(g, "print only a JSON summary")
-    g.add_argument("--quiet", action="store_true")
-    p.set_defaults(func=cmd_train)
-
-
 def _duration(text: str) -> float:
     """``90``, ``90s``, ``5m``, ``1.5h`` → seconds (argparse turns the ValueError into one usage line)."""
     t = text.strip().lower()
@@ -135,6 +35,131 @@ def _duration(text: str) -> float:
 
 def _tau(text: str):
     return "auto" if text.strip().lower() == "auto" else float(text)
+
+
+STORE_TRUE = {"action": "store_true", "default": None}  # a flag that, when not given, leaves it to the recipe
+
+DATA_OPTIONS = (
+    ("--data", {"help": "fashion-mnist, mnist, an image folder, a CSV list, or a pack from `imgrec data pack` (a "
+                        "folder, s3://, gs://) (default fashion-mnist)"}),
+    ("--data-dir", {"help": DATA_DIR_HELP}),
+    ("--image-size", {"type": int}),
+    ("--channels", {"type": int, "choices": (1, 3)}),
+    ("--val-split", {"type": float, "help": VAL_SPLIT_HELP}),
+    ("--split-seed", {"type": int}),
+    ("--train-limit", {"type": int, "help": "use only the first N training images"}),
+    bad_image_option(default=None),
+    ("--stream", {**BOOL, "help": "stream packed shards from disk or object storage (--no-stream: load them into "
+                                  "memory); default: in memory when the decoded data fits"}),
+    ("--stream-workers", {"type": int, "help": "DataLoader worker processes reading shards (default: 0 on 2 cores, "
+                                               "else up to 4)"}),
+    ("--task", {"choices": ("classification", "multilabel"),
+                "help": "one label per image, or several (a CSV list with labels separated by ';'); default: "
+                        "detected from the data"}),
+)
+
+TRAINING_OPTIONS = (
+    ("--epochs", {"type": int}),
+    ("--batch-size", {"type": int, "help": "the global batch (several processes share each batch)"}),
+    ("--lr", {"type": float, "help": "peak learning rate"}),
+    ("--optimizer", {"choices": ("sgd", "adam", "adamw")}),
+    ("--momentum", {"type": float}),
+    ("--weight-decay", {"type": float}),
+    ("--scheduler", {"choices": ("onecycle", "cosine", "linear", "none")}),
+    ("--warmup", {"type": float, "help": "fraction of steps for warm-up"}),
+    ("--label-smoothing", {"type": float}),
+    ("--crop-padding", {"type": int, "help": "random-crop padding in pixels (0 = off)"}),
+    ("--flip", {**BOOL, "help": "random horizontal flips (default: on, off for digits)"}),
+    ("--no-augment", {"action": "store_true", "help": "no crop, no flip"}),
+    ("--ema", {"type": float, "help": "EMA decay of the evaluated weights (e.g. 0.999)"}),
+    ("--tta", {**BOOL, "help": "average predictions over the image and its mirror"}),
+    ("--calibrate", {**BOOL, "help": "fit a temperature on the validation split after training so that scores say "
+                                     "how sure the model is (default: on; --no-calibrate keeps the raw softmax "
+                                     "scores)"}),
+    ("--unknown", {**BOOL, "help": "fit an out-of-distribution score after training, so that predict and serve "
+                                   "answer \"unknown\" for images unlike the training images (default: on)"}),
+    ("--accept-rate", {"type": float, "metavar": "RATE",
+                       "help": "share of validation images answered rather than called unknown (default 0.95)"}),
+    ("--grad-clip", {"type": float}),
+    ("--patience", {"type": int, "help": "early stopping after N epochs without val improvement"}),
+    ("--time-budget", {"type": _duration, "metavar": "DURATION",
+                       "help": "train for at most this long (90, 90s, 5m, 1h): the epochs are set from the first "
+                               "epoch's speed, and training stops at an epoch end with the best weights when the "
+                               "time is up"}),
+    ("--val-last", {"type": int, "help": "validate only the last N epochs (0: every epoch)"}),
+    ("--best-metric", {"choices": ("auto", "acc", "balanced_acc", "macro_f1"),
+                       "help": "validation number that picks the best epoch (auto: balanced_acc with an imbalance "
+                               "option)"}),
+)
+
+IMBALANCE_OPTIONS = (
+    ("--class-weights", {"metavar": "auto|inverse|effective|none|FILE",
+                         "help": "loss weights per class: auto = effective number of samples (Cui et al. 2019), "
+                                 "inverse = 1/count, or a JSON/YAML {class: weight} or CSV class,weight file"}),
+    ("--class-weight-beta", {"type": float, "help": "β of the effective number (default 0.999)"}),
+    ("--sampler", {"choices": ("shuffle", "balanced"),
+                   "help": "balanced: every batch draws classes uniformly (with replacement)"}),
+    ("--logit-adjust", {"type": _tau, "nargs": "?", "const": 1.0, "metavar": "TAU|auto",
+                        "help": "post-hoc logit adjustment at prediction (Menon et al. 2021): subtract TAU·log(class "
+                                "prior); TAU defaults to 1; auto: the TAU in 0..2 best on validation balanced "
+                                "accuracy"}),
+    ("--reweight-from", {"type": float, "metavar": "FRACTION",
+                         "help": "deferred re-weighting (Cao et al. 2019): --class-weights apply only from this "
+                                 "fraction of the epochs on (e.g. 0.7: the last 30%%)"}),
+    ("--logit-adjust-loss", {"type": float, "nargs": "?", "const": 1.0, "metavar": "TAU",
+                             "help": "logit-adjusted training loss (Menon et al. 2021): cross-entropy of logits + "
+                                     "TAU·log(class prior); predicts with the raw logits; TAU defaults to 1"}),
+    ("--long-tail", {"type": float, "metavar": "RATIO",
+                     "help": "experiments: keep a long-tailed subset, class i keeping RATIO^(-i/(K-1)) of its "
+                             "images"}),
+    ("--seed", {"type": int}),
+    ("--deterministic", STORE_TRUE),
+)
+
+SPEED_OPTIONS = (
+    ("--device", {"help": DEVICE_HELP}),
+    ("--amp", {"choices": ("auto", "bf16", "fp16", "none"), "help": "mixed precision (auto: where it is fast)"}),
+    ("--channels-last", {**BOOL, "help": "channels_last memory format (default: on for CNNs)"}),
+    ("--compile", {**STORE_TRUE, "help": "torch.compile the model"}),
+    ("--eval-batch-size", {"type": int}),
+    ("--threads", {"type": int, "help": "CPU threads per process (default: the cores / processes)"}),
+    ("--nproc", {"type": int, "metavar": "N",
+                 "help": "train with N processes on this machine: starts torchrun (CPUs: gloo; CUDA: one GPU each); "
+                         "--batch-size stays the global batch. Several machines: see the README"}),
+    ("--sync-bn", {**STORE_TRUE,
+                   "help": "several CUDA processes: BatchNorm statistics of the global batch (SyncBatchNorm)"}),
+)
+
+OUTPUT_OPTIONS = (
+    ("--out", {"help": "run directory (default runs/<data>-<model>)"}),
+    ("--resume", {"action": "store_true", "help": "continue the run in --out from its checkpoint"}),
+    ("--overwrite", {"action": "store_true", "help": "replace a finished run in --out"}),
+    ("--checkpoint-every", {"type": int, "help": "also checkpoint every N steps"}),
+    ("--tensorboard", {**BOOL, "help": "write TensorBoard event files to OUT/tensorboard/ (`tensorboard --logdir "
+                                       "runs`); default: on when the tensorboard package is installed"}),
+    json_option("print only a JSON summary"),
+    ("--quiet", {"action": "store_true"}),
+)
+
+
+def _model_options() -> tuple:
+    from imgrec.engine.recipes import recipe_names
+    return (
+        ("--model", {"help": "architecture (see `imgrec models`); default: the recipe's"}),
+        ("--recipe", {"help": f"a named recipe: {', '.join(recipe_names())} (default: chosen for this machine)"}),
+        ("--config", {"help": "YAML config file (a saved config.yaml works)"}),
+        ("--pretrained", {**STORE_TRUE, "help": "start from torchvision's ImageNet weights"}),
+        ("--weights", {"help": "start from a local state dict (.safetensors or weights-only .pt/.pth)"}),
+        ("--freeze-backbone", {**STORE_TRUE, "help": "train only the classifier head"}),
+    )
+
+
+def add_parsers(sub) -> None:
+    p = add_command(sub, "train", cmd_train, help="train a model", description="Train a model; writes runs/<name>/.")
+    groups = (("data", DATA_OPTIONS), ("model", _model_options()), ("training", TRAINING_OPTIONS),
+              ("class imbalance", IMBALANCE_OPTIONS), ("speed", SPEED_OPTIONS), ("output", OUTPUT_OPTIONS))
+    for title, options in groups:
+        add_options(p.add_argument_group(title), options)
 
 
 def cmd_train(args) -> int:
