@@ -12,6 +12,12 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 FMNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 
+# OpenMP threads that wait for work sleep instead of spinning (GNU OpenMP spins by default). On a small machine
+# shared with other processes, a spinning thread holds a core the other threads of the same matrix product are
+# waiting for: measured on 2 busy cores, a 1-epoch resnet18 run took 52 s spinning and 14 s passive. Set before
+# torch is imported (OpenMP reads it once), here and for every process a test starts; a value given wins.
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 
 @pytest.fixture(autouse=True, scope="session")
 def _isolated_cache(tmp_path_factory):
@@ -81,12 +87,81 @@ def trained_run(tmp_path_factory, fmnist_arrays):
     return out, summary
 
 
-def run_cli(*args, cwd=None, env=None, timeout=600, input=None):
-    """Run ``imgrec`` as a subprocess; returns CompletedProcess with text output."""
+@pytest.fixture(scope="session")
+def exported_run(trained_run, tmp_path_factory):
+    """The shared trained model exported to ONNX (fp32) through the library, with its check on 600 validation
+    images: (path, ExportResult). Shared, read-only: a test that changes the file works on a copy."""
+    from imgrec.infer.export import export_model
+    out = tmp_path_factory.mktemp("export") / "model.onnx"
+    return out, export_model(trained_run[0], out, check_limit=600)
+
+
+def run_cli_process(*args, cwd=None, env=None, timeout=600, input=None):
+    """Run ``imgrec`` as a subprocess; returns CompletedProcess with text output. For the tests about the process
+    itself: signals, a process that kills itself, torchrun, what a fresh interpreter imports."""
     e = dict(os.environ)
     e.update(env or {})
     return subprocess.run([sys.executable, "-m", "imgrec.cli", *map(str, args)], capture_output=True, text=True,
                           cwd=cwd, env=e, timeout=timeout, input=input)
+
+
+def run_cli(*args, cwd=None, env=None, timeout=None, input=None):
+    """Run ``imgrec ARGS`` in this process through ``imgrec.cli.main`` (what the console script calls): exit code,
+    stdout and stderr as a CompletedProcess, as ``run_cli_process`` gives, without paying a fresh interpreter's
+    torch import (1.5-2 s on 2 cores) per command. What a command changes for the whole process is put back
+    afterwards: environment, working directory, torch's thread count and deterministic mode, the random
+    generators and the SIGINT handler. Python warnings go to the captured stderr as in a fresh process; an
+    exception that main() lets through (a subprocess would print a traceback) fails the test. ``timeout``
+    is accepted for the same signature; pytest-timeout bounds an in-process run."""
+    import contextlib
+    import io
+    import random
+    import signal
+    import warnings
+
+    import torch
+
+    from imgrec.cli import main
+    argv = [str(a) for a in args]
+    out, err = io.StringIO(), io.StringIO()
+    saved_env, saved_cwd = dict(os.environ), os.getcwd()
+    saved_threads = torch.get_num_threads()
+    saved_det = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled())
+    saved_rng = (random.getstate(), np.random.get_state(), torch.get_rng_state())
+    saved_sigint, saved_stdin = signal.getsignal(signal.SIGINT), sys.stdin
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        err.write(warnings.formatwarning(message, category, filename, lineno, line))
+
+    try:
+        os.environ.update({k: str(v) for k, v in (env or {}).items()})
+        if cwd is not None:
+            os.chdir(cwd)
+        sys.stdin = io.StringIO(input or "")
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err), warnings.catch_warnings():
+            warnings.resetwarnings()  # a fresh interpreter's filters: shown once per place, these kinds hidden
+            warnings.simplefilter("default")
+            for kind in (DeprecationWarning, PendingDeprecationWarning, ImportWarning, ResourceWarning):
+                warnings.simplefilter("ignore", kind)
+            warnings.showwarning = show
+            try:
+                code = main(argv)
+            except SystemExit as e:  # argparse's usage errors and --help/--version
+                code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+                if e.code is not None and not isinstance(e.code, int):
+                    print(e.code, file=sys.stderr)
+    finally:
+        sys.stdin = saved_stdin
+        os.chdir(saved_cwd)
+        os.environ.clear()
+        os.environ.update(saved_env)
+        torch.set_num_threads(saved_threads)
+        torch.use_deterministic_algorithms(saved_det[0], warn_only=saved_det[1])
+        random.setstate(saved_rng[0])
+        np.random.set_state(saved_rng[1])
+        torch.set_rng_state(saved_rng[2])
+        signal.signal(signal.SIGINT, saved_sigint)
+    return subprocess.CompletedProcess(["imgrec", *argv], int(code or 0), out.getvalue(), err.getvalue())
 
 
 def assert_clean_error(r, *needles):
@@ -116,7 +191,17 @@ SLOW_TESTS = {
     "test_calibration.py": ("test_no_calibrate_then_imgrec_calibrate",
                             "test_eval_json_and_text_show_calibration_before_and_after",
                             "test_overconfident_logits_get_their_factor_back"),
+    # servers in a process of their own
+    "test_export.py": ("test_cli_serve_with_onnxruntime_backend",),
+    "test_serve_onnx.py": ("test_server_on_onnxruntime_never_imports_torch_and_batches",
+                           "test_cli_serve_onnxruntime_runs_without_torch"),
+    # fits every kind of "unknown" score on 2,000 training images
+    "test_unknown.py": ("test_each_score_kind_fits_and_answers",),
 }
+
+# Module fixtures that train a model of their own (beyond the session's shared trained_run): a test using one
+# is slow.
+TRAINING_FIXTURES = {"ml_run", "skip_run", "grey_run", "timm_runs", "tour"}
 
 
 def pytest_collection_modifyitems(config, items):
@@ -124,7 +209,8 @@ def pytest_collection_modifyitems(config, items):
     processes that train or serve, or drive a browser). Browser tests are slow wherever they are."""
     for item in items:
         name = item.originalname if hasattr(item, "originalname") else item.name
-        if item.get_closest_marker("browser") or name in SLOW_TESTS.get(item.path.name, ()):
+        trains = TRAINING_FIXTURES.intersection(getattr(item, "fixturenames", ()))
+        if item.get_closest_marker("browser") or name in SLOW_TESTS.get(item.path.name, ()) or trains:
             item.add_marker(pytest.mark.slow)
 
 @pytest.hookimpl(hookwrapper=True)

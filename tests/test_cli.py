@@ -1,14 +1,19 @@
-"""Every CLI command as a subprocess, good input and bad: exit codes and one-line errors, no tracebacks."""
+"""Every CLI command, good input and bad: exit codes and one-line errors, no tracebacks. The commands run in this
+process through imgrec.cli.main (conftest.run_cli); a few run as real processes, one through the installed
+console script, so that what a user's shell sees (exit code, stderr) is checked on a process too."""
 from __future__ import annotations
 
 import csv
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import assert_clean_error, run_cli, write_image_folder
+from conftest import assert_clean_error, run_cli, run_cli_process, write_image_folder
 
 
 def test_models_lists_registry():
@@ -24,9 +29,21 @@ def test_models_lists_registry():
     assert table.returncode == 0 and "resnet18" in table.stdout
 
 
+def test_console_script_runs_and_fails_in_one_line(tmp_path):
+    """The installed ``imgrec`` command (the console script pip wrote), as a user's shell runs it."""
+    exe = Path(sys.executable).with_name("imgrec")
+    r = subprocess.run([str(exe), "models"], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0 and "resnet18" in r.stdout, r.stderr
+    r = subprocess.run([str(exe), "predict", "--model", str(tmp_path / "nomodel"), str(tmp_path)],
+                       capture_output=True, text=True, timeout=600)
+    assert_clean_error(r, "no such model directory")
+    assert r.returncode == 2 and r.stdout == ""
+
+
 def test_unknown_model_lists_choices(tmp_path):
-    r = run_cli("train", "--model", "resnet19", "--out", tmp_path / "x")
+    r = run_cli_process("train", "--model", "resnet19", "--out", tmp_path / "x")
     assert_clean_error(r, "unknown model 'resnet19'", "resnet18")
+    assert r.returncode == 2
 
 
 def test_missing_dataset_says_how_to_get_it(tmp_path):
@@ -125,7 +142,7 @@ def test_train_bad_options(tmp_path):
 def test_train_unwritable_output(tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("x")
-    r = run_cli("train", "--model", "simple_cnn", "--out", blocker / "run")
+    r = run_cli_process("train", "--model", "simple_cnn", "--out", blocker / "run")
     assert_clean_error(r, "not writable")
 
 

@@ -22,7 +22,7 @@ import sys
 import pytest
 import torch
 
-from conftest import assert_clean_error, run_cli
+from conftest import assert_clean_error, run_cli, run_cli_process
 from imgrec.data.dataset import ImageData
 from imgrec.data.memory import BatchLoader
 from imgrec.engine.train import resolve_config, train
@@ -157,7 +157,7 @@ def test_shards_are_the_global_batch_and_the_split_exactly_once():
 def test_two_processes_equal_one_and_only_rank0_writes(tmp_path, reference):
     ref, _ = reference
     run = tmp_path / "two"
-    r = run_cli(*CLI, "--nproc", "2", "--out", run, "--json", env=_env(tmp_path, run))
+    r = run_cli_process(*CLI, "--nproc", "2", "--out", run, "--json", env=_env(tmp_path, run))
     assert r.returncode == 0, r.stderr[-3000:]
     summary = json.loads(r.stdout)  # one JSON document: rank 1 printed nothing
     assert summary["epochs_run"] == 2 and summary["test_n"] == 10000
@@ -179,8 +179,8 @@ def test_sigterm_mid_epoch_on_2_then_resume_on_1(tmp_path, reference, capsys):
     run = tmp_path / "run"
     # rank 0 gets SIGTERM right after its step-4 checkpoint: the ranks agree to stop after step 5, rank 0
     # writes that checkpoint, every process exits as after Ctrl-C
-    r = run_cli(*CLI, "--nproc", "2", "--checkpoint-every", "4", "--quiet", "--out", run,
-                env=_env(tmp_path, run, signal_rank0=signal.SIGTERM))
+    r = run_cli_process(*CLI, "--nproc", "2", "--checkpoint-every", "4", "--quiet", "--out", run,
+                        env=_env(tmp_path, run, signal_rank0=signal.SIGTERM))
     assert r.returncode == 130 and "Traceback" not in r.stderr, r.stderr[-3000:]
     assert "interrupted" in r.stderr and "--resume" in r.stderr, r.stderr[-3000:]
     state = load_tree(run / "checkpoint.safetensors")

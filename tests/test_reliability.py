@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import imagefactory as fac
-from conftest import assert_clean_error, run_cli
+from conftest import assert_clean_error, run_cli, run_cli_process
 from imgrec import Classifier
 from imgrec.errors import ModelFileError
 from imgrec.safeio import atomic_write_bytes, check_writable, load_tree, load_weights
@@ -132,8 +132,8 @@ def test_sigkill_during_checkpoint_save_then_resume_matches_uninterrupted(tmp_pa
 
     run = tmp_path / "run"
     # the 2nd checkpoint write (end of epoch 2) is killed after its temporary file is written, before the rename
-    r = run_cli(*TRAIN, "--epochs", "3", "--out", run,
-                env={"IMGREC_FAULT_KILL_SAVE": "checkpoint.safetensors:2"})
+    r = run_cli_process(*TRAIN, "--epochs", "3", "--out", run,
+                        env={"IMGREC_FAULT_KILL_SAVE": "checkpoint.safetensors:2"})
     assert r.returncode == -signal.SIGKILL
     assert list(run.glob(".checkpoint.safetensors.*.tmp")), "the kill should have hit mid-save"
     state = load_tree(run / "checkpoint.safetensors")  # the previous good checkpoint still loads

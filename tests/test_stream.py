@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import imagefactory as fac
-from conftest import assert_clean_error, run_cli, write_image_folder
+from conftest import assert_clean_error, run_cli, run_cli_process, write_image_folder
 from imgrec.data.named import FASHION_MNIST_CLASSES
 from imgrec.safeio import load_tree, load_weights
 
@@ -185,7 +185,7 @@ def test_sigkill_mid_epoch_then_resume_equals_uninterrupted(tmp_path, fm_pack):
     run = tmp_path / "run"
     # the process SIGKILLs itself while writing its 2nd checkpoint (step 10 of 15 in epoch 1): the one at step 5
     # stays, mid-epoch, with the stream's position in it
-    r = run_cli(*train, "--out", run, env={"IMGREC_FAULT_KILL_SAVE": "checkpoint.safetensors:2"})
+    r = run_cli_process(*train, "--out", run, env={"IMGREC_FAULT_KILL_SAVE": "checkpoint.safetensors:2"})
     assert r.returncode == -signal.SIGKILL
     state = load_tree(run / "checkpoint.safetensors")
     assert (state["epoch"], state["start_step"]) == (0, 5) and state["loader"]["litdata"] is not None
@@ -282,9 +282,10 @@ def test_two_processes_on_a_pack_evaluate_every_image_once(tmp_path, fm_pack):
         port = s.getsockname()[1]
     def ddp(name, **env):
         run = tmp_path / name
-        r = run_cli("train", "--data", fm_pack, "--stream", "--nproc", "2", "--epochs", "1", "--amp", "none",
-                    "--model", "fastnet_small", "--batch-size", "128", "--out", run, "--json",
-                    env={"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "GLOO_SOCKET_IFNAME": "lo", **env})
+        r = run_cli_process("train", "--data", fm_pack, "--stream", "--nproc", "2", "--epochs", "1", "--amp", "none",
+                            "--model", "fastnet_small", "--batch-size", "128", "--out", run, "--json",
+                            env={"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port), "GLOO_SOCKET_IFNAME": "lo",
+                                 **env})
         assert r.returncode == 0, r.stderr[-3000:]
         assert "drop_last" not in r.stderr
         return json.loads(r.stdout), json.loads((run / "model.json").read_text()), r.stderr
