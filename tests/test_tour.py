@@ -6,8 +6,7 @@ import csv
 import importlib.util
 import json
 import re
-import subprocess
-import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -27,11 +26,25 @@ def _module():
 
 @pytest.fixture(scope="module")
 def tour(tmp_path_factory):
+    """The script's main() in this process, each of its `imgrec` commands through imgrec.cli.main in the work
+    folder (conftest.run_cli) instead of a fresh interpreter: the same commands, arguments and outputs, without a
+    torch import per command. A failed command still stops the script with its exit code and output."""
+    from conftest import run_cli
+
     out = tmp_path_factory.mktemp("tour")
     work = out / "work"
-    p = subprocess.run([sys.executable, str(SCRIPT), "--out", str(out), "--work", str(work)],
-                       capture_output=True, text=True, timeout=600)
-    assert p.returncode == 0, p.stdout + p.stderr
+    mod = _module()
+
+    def in_process(self, *args):
+        t0 = time.perf_counter()
+        r = run_cli(*args, cwd=self.work, env={"MPLBACKEND": "Agg"})
+        self.seconds[args[0]] = self.seconds.get(args[0], 0.0) + time.perf_counter() - t0
+        if r.returncode != 0:
+            raise AssertionError(f"`imgrec {' '.join(args)}` failed ({r.returncode}): {r.stdout}{r.stderr}")
+        return r
+
+    mod.Imgrec.__call__ = in_process
+    assert mod.main(["--out", str(out), "--work", str(work)]) == 0
     md = (out / "tour.md").read_text(encoding="utf-8")
     return out, work, md
 
