@@ -20,7 +20,7 @@ ort = pytest.importorskip("onnxruntime")
 
 from PIL import Image  # noqa: E402
 
-from conftest import ROOT, assert_clean_error, run_cli  # noqa: E402
+from conftest import assert_clean_error, run_cli  # noqa: E402
 from imgrec.errors import ImageDecodeError, ModelFileError  # noqa: E402
 from imgrec.infer import export as export_mod  # noqa: E402
 from imgrec.infer.export import export_model  # noqa: E402
@@ -38,11 +38,10 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # conftest: one intra-op thr
 
 # -- fixtures ---------------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def exported(trained_run, tmp_path_factory):
-    """The shared trained model exported to ONNX (fp32) through the library, with its check."""
-    out = tmp_path_factory.mktemp("export") / "model.onnx"
-    result = export_model(trained_run[0], out, check_limit=CHECK_LIMIT)
-    return out, result
+def exported(exported_run):
+    """The shared trained model exported to ONNX (fp32) through the library, with its check (conftest)."""
+    assert exported_run[1].check.n == CHECK_LIMIT
+    return exported_run
 
 
 @pytest.fixture(scope="module")

@@ -31,12 +31,11 @@ N_CONCURRENT = 8
 
 
 @pytest.fixture(scope="module")
-def exported(trained_run, tmp_path_factory):
-    """The session's trained simple_cnn exported to ONNX (fp32) by the library, checked against PyTorch."""
-    from imgrec.infer.export import export_model
-    out = tmp_path_factory.mktemp("serve-onnx") / "model.onnx"
-    export_model(trained_run[0], out, check_limit=300)
-    return out
+def exported(exported_run):
+    """The session's trained simple_cnn exported to ONNX (fp32) by the library, checked against PyTorch
+    (conftest.exported_run, shared with test_export.py)."""
+    assert exported_run[1].check.passed
+    return exported_run[0]
 
 
 @pytest.fixture(scope="module")
