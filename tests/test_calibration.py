@@ -13,7 +13,9 @@ import torch
 
 from conftest import assert_clean_error, run_cli
 from imgrec.errors import DatasetError, ModelFileError
-from imgrec.eval.calibration import T_BOUNDS, calibration_summary, fit_temperature, temperature_entry
+from imgrec.eval.calibration import (TEMPERATURE_PRIOR, TEMPERATURE_PRIOR_SIGMA, T_BOUNDS, calibration_summary,
+                                     ece_bootstrap, ece_noise_floor, fit_temperature, temperature_entry)
+from imgrec.eval.metrics import expected_calibration_error
 from imgrec.infer.predictor import Classifier
 from imgrec.modeldir import ModelMeta, read_meta, write_meta
 
@@ -35,14 +37,37 @@ def _np_nll(z: np.ndarray, y: np.ndarray, t: float) -> float:
 def test_fitted_temperature_minimises_nll_against_a_grid_search():
     z, y = _synthetic(5000, seed=1)
     z = z * 1.7 + 0.3 * torch.randn(z.shape, generator=torch.Generator().manual_seed(2))
-    t = fit_temperature(z, y)
+    t = fit_temperature(z, y, prior=None)
     zn, yn = z.double().numpy(), y.numpy()
     grid = np.exp(np.linspace(np.log(0.2), np.log(10), 3001))  # steps of 0.13% in T
     values = [_np_nll(zn, yn, g) for g in grid]
     best = int(np.argmin(values))
     assert abs(t - grid[best]) <= grid[best] * 0.0027
     assert _np_nll(zn, yn, t) <= values[best] + 1e-12
-    assert fit_temperature(z, y) == t  # deterministic
+    assert fit_temperature(z, y, prior=None) == t  # deterministic
+    # on 5,000 images the prior moves the fit little even for a T twice its centre (measured: 1.4%)
+    assert fit_temperature(z, y) == pytest.approx(t, rel=0.02)
+
+
+def test_the_prior_makes_a_map_fit_that_holds_a_tiny_split_near_its_centre():
+    z, y = _synthetic(40, seed=3)
+    z = z * 1.7
+    t0, sigma = TEMPERATURE_PRIOR, TEMPERATURE_PRIOR_SIGMA
+    zn, yn = z.double().numpy(), y.numpy()
+    grid = np.exp(np.linspace(np.log(0.2), np.log(10), 3001))
+    objective = [_np_nll(zn, yn, g) + (np.log(g) - np.log(t0)) ** 2 / (2 * sigma ** 2 * len(yn)) for g in grid]
+    best = grid[int(np.argmin(objective))]
+    t_map, t_ml = fit_temperature(z, y), fit_temperature(z, y, prior=None)
+    assert t_map == pytest.approx(best, rel=0.003)
+    # the MAP fit lies between the NLL's own T and the prior's centre
+    assert min(t_ml, t0) <= t_map <= max(t_ml, t0) and abs(np.log(t_map / t0)) < abs(np.log(t_ml / t0))
+    assert fit_temperature(z, y, prior=(2.0, 0.01)) == pytest.approx(2.0, rel=0.01)  # a narrow prior wins
+    entry = temperature_entry(z, y, "val")
+    assert entry["T"] == pytest.approx(t_map, abs=1e-6) and entry["T_nll"] == pytest.approx(t_ml, abs=1e-6)
+    assert entry["prior"] == {"T": t0, "sigma_log": sigma}
+    assert "prior" not in temperature_entry(z, y, "val", prior=None)
+    with pytest.raises(ValueError, match="sigma > 0"):
+        fit_temperature(z, y, prior=(1.0, 0.0))
 
 
 def test_overconfident_logits_get_their_factor_back():
@@ -60,10 +85,12 @@ def test_overconfident_logits_get_their_factor_back():
 
 
 def test_fit_edge_cases():
-    # perfectly separable logits: the NLL keeps falling as T shrinks, so the fit stops at the lower bound
+    # perfectly separable logits: the NLL keeps falling as T shrinks, so the NLL alone stops at the lower bound;
+    # the prior keeps a T near its centre (a split of 40 right answers is no proof of certainty)
     z = torch.eye(4).repeat(10, 1) * 5
     y = torch.arange(4).repeat(10)
-    assert fit_temperature(z, y) == pytest.approx(T_BOUNDS[0])
+    assert fit_temperature(z, y, prior=None) == pytest.approx(T_BOUNDS[0])
+    assert 0.5 * TEMPERATURE_PRIOR < fit_temperature(z, y) < TEMPERATURE_PRIOR
     with pytest.raises(DatasetError, match="at least one image"):
         fit_temperature(torch.empty(0, 3), torch.empty(0, dtype=torch.long))
     with pytest.raises(DatasetError, match="non-finite"):
@@ -186,6 +213,8 @@ def test_no_calibrate_then_imgrec_calibrate(tmp_path):
     after = read_meta(out)
     assert after.inference["temperature"] == entry and entry["split"] == "val" and entry["n"] == 1000
     assert after.temperature == entry["T"] != 1.0
+    # the stored T is the prior's MAP fit; on 1,000 images it stays close to the NLL's own
+    assert entry["prior"]["T"] == TEMPERATURE_PRIOR and entry["T"] == pytest.approx(entry["T_nll"], rel=0.05)
     # nothing else in model.json changed
     d = after.to_dict()
     d["inference"].pop("temperature")
@@ -195,7 +224,7 @@ def test_no_calibrate_then_imgrec_calibrate(tmp_path):
     assert r.returncode == 0, r.stderr
     assert "warning" in r.stderr and "test split" in r.stderr
     assert read_meta(out).inference["temperature"]["split"] == "test"
-    assert "T = " in r.stdout and "ECE" in r.stdout
+    assert "T = " in r.stdout and "ECE" in r.stdout and "the NLL alone" in r.stdout
 
     r = run_cli("calibrate", "--model", tmp_path / "nothing")
     assert_clean_error(r, "no such model directory")
@@ -218,6 +247,38 @@ def test_brier_and_nll_match_numpy():
     assert s["brier"] == pytest.approx(float(((p - onehot) ** 2).sum(1).mean()), abs=1e-12)
     assert s["nll"] == pytest.approx(-float(np.mean(np.log(p[np.arange(len(yn)), yn]))), abs=1e-12)
     assert math.isfinite(s["ece"])
+
+
+def test_ece_noise_floor_is_what_calibrated_labels_give():
+    # a calibrated model's ECE on 1,000 images, measured on many independent label draws (the full label, not
+    # only right/wrong), against the floor computed from the scores alone
+    z, _ = _synthetic(1000, seed=5)
+    probs = torch.softmax(z, 1)
+    g = torch.Generator().manual_seed(6)
+    seen = [expected_calibration_error(probs, torch.multinomial(probs, 1, generator=g).squeeze(1))["ece"]
+            for _ in range(300)]
+    floor = ece_noise_floor(probs, draws=300)
+    assert floor["n"] == 1000 and floor["p05"] < floor["mean"] < floor["p95"]
+    assert floor["mean"] == pytest.approx(float(np.mean(seen)), rel=0.08)
+    assert floor["p95"] == pytest.approx(float(np.percentile(seen, 95)), rel=0.15)
+    assert ece_noise_floor(probs, draws=50) == ece_noise_floor(probs, draws=50)  # seeded
+    # the floor falls as 1/sqrt(n): four times the images, about half the floor
+    z4, _ = _synthetic(4000, seed=5)
+    ratio = floor["mean"] / ece_noise_floor(torch.softmax(z4, 1), draws=100)["mean"]
+    assert 1.6 < ratio < 2.5
+    # a model sure of every answer and calibrated (always right) has no floor
+    assert ece_noise_floor(torch.eye(3).repeat(50, 1), draws=20)["p95"] == 0.0
+
+
+def test_ece_bootstrap_interval_holds_the_ece_and_narrows_with_more_images():
+    z, y = _synthetic(4000, seed=7)
+    probs = torch.softmax(z * 1.5, 1)  # over-confident: a real ECE well above the noise
+    point = expected_calibration_error(probs, y)["ece"]
+    lo, hi = ece_bootstrap(probs, y, draws=200)
+    assert lo < point < hi
+    lo2, hi2 = ece_bootstrap(probs[:500], y[:500], draws=200)
+    assert hi2 - lo2 > 1.8 * (hi - lo)
+    assert ece_bootstrap(probs, y, draws=50) == ece_bootstrap(probs, y, draws=50)
 
 
 def test_server_answers_with_the_calibrated_scores(trained_run, fmnist_arrays):

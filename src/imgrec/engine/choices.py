@@ -15,7 +15,8 @@ __all__ = ["choose_logit_adjust", "choose_temperature", "choose_unknown", "choos
 
 
 def choose_temperature(out: Path, bundle: DataBundle, meta: ModelMeta, device: torch.device, amp: str) -> float:
-    """Temperature scaling: the T minimising the validation NLL of ``softmax(logits / T)``, for the best weights
+    """Temperature scaling: the T minimising the validation NLL of ``softmax(logits / T)`` under the prior on
+    log T of imgrec.eval.calibration (it matters on a small folder's few dozen images only), for the best weights
     as the model directory predicts them (the same forward pass, flip-TTA and logit adjustment included);
     stored in ``meta.inference["temperature"]`` (written with the next save). The test split is never used to
     fit it. Returns T."""
