@@ -5,9 +5,13 @@ out-of-distribution score tells the model's own kind of images from things it wa
     python benchmarks/confidence.py --train fashion-mnist          # trains one with the defaults first
     python benchmarks/confidence.py --near-ood                     # 8 Fashion-MNIST classes known, 2 unknown
     python benchmarks/confidence.py --small-folder                 # a small folder of mixed photos, defaults
+    python benchmarks/confidence.py --dev-folders                  # 7 more small folders, calibration only
     python benchmarks/confidence.py --model runs/x --out benchmarks/results/confidence.md
 
-For each model: ECE, NLL and Brier on the test split with the raw scores and with the stored temperature;
+For each model: ECE, NLL and Brier on the test split with the raw scores and with the stored temperature,
+each ECE with a 95% bootstrap interval and its noise floor (the ECE a perfectly calibrated model with the same
+scores gets by chance on as many images: 1,000 test images leave about 0.03 at 80% accuracy, so a target
+below that cannot be read from one folder);
 then, for ``msp``, ``energy``, ``knn`` and ``mahalanobis`` (imgrec.infer.ood), AUROC and the false-positive rate
 at 95% true-positive rate (the share of unknown images accepted when 95% of the test images are) against
 far-OOD sets built here: Gaussian and uniform noise, rendered text, drawn shapes, and digits rendered with
@@ -38,7 +42,7 @@ from _machine import machine_markdown  # noqa: E402
 
 from imgrec.data.dataset import load_run_split  # noqa: E402
 from imgrec.data.transforms import convert_channels, resize_uint8  # noqa: E402
-from imgrec.eval.calibration import calibration_metrics  # noqa: E402
+from imgrec.eval.calibration import calibration_metrics, ece_bootstrap, ece_noise_floor  # noqa: E402
 from imgrec.infer import ood  # noqa: E402
 from imgrec.infer.predictor import Classifier  # noqa: E402
 
@@ -139,20 +143,39 @@ def split_images(model_dir: str, split: str, size: int, channels: int) -> tuple[
     return to_model(data.images, size, channels), data.labels, list(s.bundle.classes)
 
 
+def calibration_report(clf: Classifier, te_x: torch.Tensor, te_y: torch.Tensor, draws: int = 1000) -> dict:
+    """ECE, NLL and Brier of the test split with the raw scores and with the stored temperature, on the logits
+    predict returns (Classifier.logits: flip-TTA, logit adjustment, the model's autocast); with each ECE a 95%
+    bootstrap interval and the noise floor: the ECE a perfectly calibrated model with the same scores gets on
+    as many images by chance (imgrec.eval.calibration.ece_noise_floor)."""
+    z = clf.logits(te_x)
+    out: dict = {}
+    for side, t in (("raw", 1.0), ("scaled", clf.meta.temperature)):
+        m = calibration_metrics(z, te_y, t)
+        probs = torch.softmax(z.double() / t, dim=1)
+        m["ece_ci95"] = ece_bootstrap(probs, te_y, draws=draws)
+        m["floor"] = ece_noise_floor(probs, draws=draws)
+        out[side] = m
+    return out
+
+
 def evaluate_model(model_dir: str, *, n_ood: int = 2000, unknown: dict[str, np.ndarray] | None = None,
-                   accept: float = 0.95) -> dict:
+                   accept: float = 0.95, calibration_only: bool = False) -> dict:
     clf = Classifier.load(model_dir, device="cpu")
     size, ch, T = clf.image_size, clf.channels, clf.meta.temperature
-    res: dict = {"model": model_dir, "name": clf.meta.name, "temperature": T}
-    tr_x, tr_y, classes = split_images(model_dir, "train", size, ch)
+    entry = clf.meta.inference.get("temperature") or {}
+    res: dict = {"model": model_dir, "name": clf.meta.name, "temperature": T, "T_nll": entry.get("T_nll"),
+                 "n_val": entry.get("n")}
+    te_x, te_y, classes = split_images(model_dir, "test", size, ch)
+    res["calibration"] = calibration_report(clf, te_x, te_y)
+    res["test_accuracy"] = float((clf.logits(te_x).argmax(1) == te_y).double().mean())
+    if calibration_only:
+        return res
+    tr_x, tr_y, _ = split_images(model_dir, "train", size, ch)
     va_x, _, _ = split_images(model_dir, "val", size, ch)
-    te_x, te_y, _ = split_images(model_dir, "test", size, ch)
     tr_z, tr_f = outputs(clf, tr_x)
     va_z, va_f = outputs(clf, va_x)
     te_z, te_f = outputs(clf, te_x)
-    res["test_accuracy"] = float((te_z.argmax(1) == te_y.numpy()).mean())
-    zt = torch.from_numpy(te_z)
-    res["calibration"] = {"raw": calibration_metrics(zt, te_y, 1.0), "scaled": calibration_metrics(zt, te_y, T)}
     stats = ood.fit_stats(tr_f, tr_y.numpy(), len(classes))
     res["bank_bytes"] = int(stats.bank.nbytes)
     res["stats_bytes"] = int(sum(a.nbytes for a in stats.arrays().values()))
@@ -211,37 +234,81 @@ def near_ood(root: Path, unknown=(6, 9), extra: list[str] = ()) -> dict:
 
 
 # -- a small folder as users bring one ----------------------------------------------------------------
-def small_folder(root: Path, per_class: int = 40, test_per_class: int = 100, seed: int = 0) -> dict:
-    """Train with the defaults (no option but --data) on a small ImageFolder tree made from Fashion-MNIST as a
-    user's photos would come: mixed sizes (28-96 px), a third in colour, PNG and JPEG, and the junk files
-    folders carry (.ipynb_checkpoints/, ._x.jpg); measure it as the others."""
+def build_small_folder(data: Path, per_class: int = 40, test_per_class: int = 100, seed: int = 0,
+                       n_classes: int = 10, sides: tuple[int, int] = (28, 96)) -> Path:
+    """A small ImageFolder tree made from Fashion-MNIST as a user's photos would come: mixed sizes (``sides``,
+    inclusive), a third in colour, PNG and JPEG, and the junk files folders carry (.ipynb_checkpoints/,
+    ._x.jpg). Seed 0 with 10 classes is the benchmark's own folder (the first images of each class); any other
+    folder draws its classes and images at random from the rest of Fashion-MNIST, so its test split never holds
+    one of the benchmark folder's test images."""
     from imgrec.data.named import load_named
+    if (data / ".done").exists():
+        return data
     x, y = (np.asarray(a) for a in load_named("fashion-mnist", "train"))
     xt, yt = (np.asarray(a) for a in load_named("fashion-mnist", "test"))
-    data = root / "small"
     rng = np.random.default_rng(seed)
-    if not (data / ".done").exists():
-        for split, (xs, ys, n) in (("train", (x, y, per_class)), ("test", (xt, yt, test_per_class))):
-            for c in range(10):
-                d = data / split / f"class{c}"
-                d.mkdir(parents=True, exist_ok=True)
-                for i in np.nonzero(ys == c)[0][:n]:
-                    im = Image.fromarray(xs[i])
-                    side = int(rng.integers(28, 97))
-                    im = im.resize((side, side), Image.BILINEAR)
-                    if rng.random() < 1 / 3:
-                        tint = rng.uniform(0.6, 1.0, 3)
-                        im = Image.fromarray((np.asarray(im)[..., None] * tint).astype(np.uint8))
-                    im.save(d / (f"{i}.jpg" if i % 2 else f"{i}.png"), quality=92)
-            (data / split / ".ipynb_checkpoints").mkdir(exist_ok=True)
-            (data / split / "class0" / "._0.jpg").write_bytes(b"\x00\x05\x16\x07 Mac resource fork")
-        (data / ".done").write_text("")
-    out = root / "small-run"
+    own = seed == 0 and n_classes == 10
+    pick = np.random.default_rng([seed, n_classes, 1])  # a separate stream: seed 0's sizes and tints stay as before
+    classes = list(range(10)) if own else sorted(pick.choice(10, n_classes, replace=False).tolist())
+    for split, (xs, ys, n, skip) in (("train", (x, y, per_class, 40)), ("test", (xt, yt, test_per_class, 100))):
+        for c in classes:
+            d = data / split / f"class{c}"
+            d.mkdir(parents=True, exist_ok=True)
+            members = np.nonzero(ys == c)[0]
+            chosen = members[:n] if own else np.sort(pick.choice(members[skip:], n, replace=False))
+            for i in chosen:
+                im = Image.fromarray(xs[i])
+                side = int(rng.integers(sides[0], sides[1] + 1))
+                im = im.resize((side, side), Image.BILINEAR)
+                if rng.random() < 1 / 3:
+                    tint = rng.uniform(0.6, 1.0, 3)
+                    im = Image.fromarray((np.asarray(im)[..., None] * tint).astype(np.uint8))
+                im.save(d / (f"{i}.jpg" if i % 2 else f"{i}.png"), quality=92)
+        (data / split / ".ipynb_checkpoints").mkdir(exist_ok=True)
+        (data / split / f"class{classes[0]}" / "._0.jpg").write_bytes(b"\x00\x05\x16\x07 Mac resource fork")
+    (data / ".done").write_text("")
+    return data
+
+
+# the folders the temperature prior was chosen on (imgrec.eval.calibration): other seeds, class counts and
+# sizes than the benchmark's own folder, and none of its test images (seed, classes, smallest and largest side)
+DEV_FOLDERS = ((1, 10, (28, 96)), (2, 10, (28, 96)), (3, 10, (40, 128)), (4, 6, (28, 96)), (5, 10, (28, 96)),
+               (6, 10, (28, 96)), (7, 5, (28, 64)))
+
+
+def small_folder(root: Path, per_class: int = 40, test_per_class: int = 100, seed: int = 0, n_classes: int = 10,
+                 sides: tuple[int, int] = (28, 96), calibration_only: bool = False) -> dict:
+    """Train with the defaults (no option but --data) on the small folder of :func:`build_small_folder` and
+    measure it as the others (``calibration_only``: the calibration table only)."""
+    own = seed == 0 and n_classes == 10 and sides == (28, 96)
+    tag = "" if own else f"-s{seed}-k{n_classes}-{sides[0]}-{sides[1]}"
+    data = build_small_folder(root / f"small{tag}", per_class, test_per_class, seed, n_classes, sides)
+    out = root / f"small{tag}-run"
     if not (out / "model.json").exists():
         subprocess.run([*IMGREC, "train", "--data", str(data), "--out", str(out), "--overwrite"], check=True)
-    res = evaluate_model(str(out))
-    res["folder"] = f"{per_class} training images per class (10 classes), {test_per_class} test images per class"
+    res = evaluate_model(str(out), calibration_only=calibration_only)
+    res["folder"] = (f"{per_class} training images per class ({n_classes} classes, {sides[0]}-{sides[1]} px), "
+                     f"{test_per_class} test images per class" + ("" if own else f", seed {seed}"))
     return res
+
+
+def _ece_cell(m: dict) -> str:
+    lo, hi = m["ece_ci95"]
+    return f"{m['ece']:.4f} [{lo:.4f}, {hi:.4f}] | {m['floor']['mean']:.4f} ({m['floor']['p95']:.4f})"
+
+
+def calibration_table(results: list[dict]) -> list[str]:
+    """One row a model: test accuracy, validation images, T (and the NLL-only T), ECE raw and scaled, each with
+    its 95% bootstrap interval and noise floor (mean and 95th percentile)."""
+    lines = ["| folder | test acc | val images | T (NLL alone) | raw ECE [95%] | floor (p95) | scaled ECE [95%] | "
+             "floor (p95) | raw → scaled NLL |", "|---" * 9 + "|"]
+    for r in results:
+        c = r["calibration"]
+        t_nll = f" ({r['T_nll']:.3f})" if r.get("T_nll") is not None else ""
+        lines.append(f"| {r.get('folder', r['model'])} | {r['test_accuracy']:.3f} | {r.get('n_val')} | "
+                     f"{r['temperature']:.3f}{t_nll} | {_ece_cell(c['raw'])} | {_ece_cell(c['scaled'])} | "
+                     f"{c['raw']['nll']:.4f} → {c['scaled']['nll']:.4f} |")
+    return lines
 
 
 def markdown(results: list[dict]) -> str:
@@ -249,14 +316,24 @@ def markdown(results: list[dict]) -> str:
              "`python benchmarks/confidence.py` (see its docstring); statistics from the training split, thresholds "
              "from the validation split (95% of in-distribution images accepted), measured on the test split.", "",
              machine_markdown(), ""]
+    dev = [r for r in results if r.get("dev")]
+    if dev:
+        lines += ["## Development folders (calibration only; `confidence.py --dev-folders`)", "",
+                  "The folders the temperature prior was chosen on: their test splits are the development set. The "
+                  "benchmark's own small folder below was measured once, after the choice.", "",
+                  *calibration_table(dev), ""]
     for r in results:
+        if r.get("dev"):
+            continue
         c = r["calibration"]
         lines += [f"## {r['model']} ({r['name']}, test accuracy {r['test_accuracy']:.2%}, T = {r['temperature']:.3f})", "",
                   *([r["folder"], ""] if "folder" in r else []),
                   *([f"Known: 8 classes; unknown: the test images of classes {r['unknown_classes']}.", ""]
                     if "unknown_classes" in r else []),
-                  "| | ECE | NLL | Brier |", "|---|---|---|---|",
-                  *(f"| {k} | {c[k]['ece']:.4f} | {c[k]['nll']:.4f} | {c[k]['brier']:.4f} |" for k in ("raw", "scaled")), "",
+                  "| | ECE [95% bootstrap] | noise floor: mean (95th pct.) | NLL | Brier |", "|---|---|---|---|---|",
+                  *(f"| {k} | {_ece_cell(c[k])} | {c[k]['nll']:.4f} | {c[k]['brier']:.4f} |" for k in ("raw", "scaled")),
+                  "", *([f"T by the NLL alone on the {r['n_val']} validation images: {r['T_nll']:.3f}.", ""]
+                        if r.get("T_nll") is not None else []),
                   f"Feature bank: {r['bank_bytes'] / 1e6:.2f} MB (float16); all statistics {r['stats_bytes'] / 1e6:.2f} MB.", ""]
         sets = [k for k, v in next(iter(r["scores"].values())).items() if isinstance(v, dict)]
         lines += ["| score | " + " | ".join(f"{s} AUROC / FPR95" for s in sets) + " | mean AUROC | test accepted |",
@@ -281,6 +358,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--train", help="train a model on this data with the defaults first")
     ap.add_argument("--near-ood", action="store_true", help="also run the 8-known / 2-unknown protocol")
     ap.add_argument("--small-folder", action="store_true", help="also train and measure on a small image folder")
+    ap.add_argument("--dev-folders", action="store_true",
+                    help="also train and measure (calibration only) the development folders: other seeds, class "
+                         "counts and sizes (DEV_FOLDERS)")
     ap.add_argument("--work", default=None, help="where trained models and folders go (default: a temp dir)")
     ap.add_argument("--n-ood", type=int, default=2000, help="images per far-OOD set")
     ap.add_argument("--out", help="write the markdown table here")
@@ -294,6 +374,10 @@ def main(argv: list[str] | None = None) -> int:
                        check=True)
         models.append(str(out))
     results = [evaluate_model(m, n_ood=a.n_ood) for m in models]
+    if a.dev_folders:
+        for seed, k, sides in DEV_FOLDERS:
+            results.append({**small_folder(work, seed=seed, n_classes=k, sides=sides, calibration_only=True),
+                            "dev": True})
     if a.small_folder:
         results.append(small_folder(work))
     if a.near_ood:
