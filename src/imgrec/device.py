@@ -33,6 +33,10 @@ def cpu_has_fast_bf16() -> bool:
 
     Without them PyTorch emulates bf16 and autocast is slower than fp32, so imgrec stays in fp32.
     """
+    # oneDNN limited below its bf16 instruction sets (ONEDNN_MAX_CPU_ISA=AVX2, say) runs bf16 emulated too
+    isa = os.environ.get("ONEDNN_MAX_CPU_ISA", "ALL").upper()
+    if not (isa == "ALL" or any(k in isa for k in ("BF16", "AMX", "FP16", "AVX10"))):
+        return False
     try:
         with open("/proc/cpuinfo") as f:
             flags = f.read()
