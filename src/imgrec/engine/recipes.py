@@ -170,48 +170,15 @@ def adapt_to_data(probe, current: dict, explicit: set[str]) -> tuple[dict, str]:
         if key not in explicit and current.get(key) != value:
             changes[key] = value
 
-    if "image_size" in explicit or probe.kind in ("pack", "tensor"):
-        size = current.get("image_size") or probe.median_side  # a pack or a tensor holds its images at one size
-    else:
-        size = 32 if probe.median_side <= 40 else 64
-        put("image_size", size)
-    size = int(size or 32)
-    notes = []
-    fine_tune = None
-    if probe.channels == 3 and probe.median_side >= 64 and "name" not in explicit and "pretrained" not in explicit \
-            and "weights" not in explicit:
-        fine_tune = cached_pretrained(FINE_TUNE_MODEL)
-        if fine_tune is None:
-            notes.append(f"trained from scratch: no pretrained {FINE_TUNE_MODEL} weights in the cache "
-                         f"(--model {FINE_TUNE_MODEL} --pretrained downloads them)")
-    base_batch = int(current.get("batch_size") or 512)
-    if n < LARGE_DATA:
-        base_batch = min(base_batch, SMALL_MAX_BATCH)  # tens of steps an epoch even at the compute bound
-    batch = current["batch_size"] if "batch_size" in explicit else max(MIN_BATCH, min(base_batch, _pow2_floor(n / 25)))
+    size = _data_image_size(probe, current, explicit, put)
+    notes: list[str] = []
+    fine_tune = _cached_fine_tune(probe, explicit, notes)
+    batch = _data_batch(n, current, explicit)
     put("batch_size", batch)
-    if fine_tune:
-        put("name", FINE_TUNE_MODEL)
-        put("pretrained", True)
-        put("optimizer", "sgd")
-        put("lr", FINE_TUNE_LR_PER_32 * batch / 32)
-        notes.append(f"fine-tuning ImageNet {FINE_TUNE_MODEL} from the cache")
-    elif n < LARGE_DATA and "name" not in explicit and current.get("name") in SMALL_DATA_MODELS:
-        put("name", SMALL_DATA_MODELS[current["name"]])
-    if not fine_tune and "lr" not in explicit and (changes.get("optimizer") or current.get("optimizer")) == "sgd":
-        put("lr", round(min(float(current.get("lr") or 0.4), SMALL_LR_PER_32 * batch / 32), 6))
+    _data_model_and_lr(n, batch, fine_tune, current, explicit, changes, put, notes)
     # the loader keeps a short last batch unless an epoch has at least 4 full ones (imgrec.engine.train)
     steps_per_epoch = n // int(batch) if n >= 4 * int(batch) else math.ceil(n / int(batch))
-    if "epochs" in explicit:
-        epochs = int(current["epochs"])
-    elif n >= LARGE_DATA:
-        epochs = int(current.get("epochs") or 10)
-    else:
-        epochs = min(MAX_EPOCHS, max(MIN_EPOCHS, math.ceil(SEEN_TARGET / n)))
-        # the tiniest folders: a batch cannot shrink below MIN_BATCH (BatchNorm statistics), so more epochs
-        epochs = max(epochs, min(MAX_TINY_EPOCHS, math.ceil(MIN_STEPS / steps_per_epoch)))
-        epochs = max(4, min(epochs, COST_BOUND // max(1, n * size * size)))
-        if fine_tune:
-            epochs = min(epochs, 15)  # a pretrained backbone converges in far fewer passes
+    epochs = _data_epochs(n, size, steps_per_epoch, fine_tune, current, explicit)
     put("epochs", epochs)
     if n < LARGE_DATA:
         put("val_last", 0)
@@ -222,3 +189,69 @@ def adapt_to_data(probe, current: dict, explicit: set[str]) -> tuple[dict, str]:
     if n < LARGE_DATA:
         parts.append("validating every epoch")
     return changes, f"{desc}: " + ", ".join(parts + notes)
+
+
+def _data_image_size(probe, current: dict, explicit: set[str], put) -> int:
+    """The training image size: the user's, a pack's or tensor's own, else 32 px for small images, 64 above."""
+    if "image_size" in explicit or probe.kind in ("pack", "tensor"):
+        size = current.get("image_size") or probe.median_side  # a pack or a tensor holds its images at one size
+    else:
+        size = 32 if probe.median_side <= 40 else 64
+        put("image_size", size)
+    return int(size or 32)
+
+
+def _cached_fine_tune(probe, explicit: set[str], notes: list[str]) -> str | None:
+    """The cached pretrained weights colour photos are fine-tuned from (None: trained from scratch)."""
+    if not (probe.channels == 3 and probe.median_side >= 64) or explicit & {"name", "pretrained", "weights"}:
+        return None
+    fine_tune = cached_pretrained(FINE_TUNE_MODEL)
+    if fine_tune is None:
+        notes.append(f"trained from scratch: no pretrained {FINE_TUNE_MODEL} weights in the cache "
+                     f"(--model {FINE_TUNE_MODEL} --pretrained downloads them)")
+    return fine_tune
+
+
+def _data_batch(n: int, current: dict, explicit: set[str]) -> int:
+    if "batch_size" in explicit:
+        return current["batch_size"]
+    base_batch = int(current.get("batch_size") or 512)
+    if n < LARGE_DATA:
+        base_batch = min(base_batch, SMALL_MAX_BATCH)  # tens of steps an epoch even at the compute bound
+    return max(MIN_BATCH, min(base_batch, _pow2_floor(n / 25)))
+
+
+def _data_model_and_lr(n: int, batch: int, fine_tune: str | None, current: dict, explicit: set[str],
+                       changes: dict, put, notes: list[str]) -> None:
+    """The architecture, optimizer and learning rate for the data: a fine-tuned backbone, or the machine's
+    network (its small-data variant) with SGD's learning rate scaled to the batch."""
+    if fine_tune:
+        put("name", FINE_TUNE_MODEL)
+        put("pretrained", True)
+        put("optimizer", "sgd")
+        put("lr", FINE_TUNE_LR_PER_32 * batch / 32)
+        notes.append(f"fine-tuning ImageNet {FINE_TUNE_MODEL} from the cache")
+        return
+    if n < LARGE_DATA and "name" not in explicit and current.get("name") in SMALL_DATA_MODELS:
+        put("name", SMALL_DATA_MODELS[current["name"]])
+    if n < LARGE_DATA and current.get("optimizer") == "muon":
+        # the small-data settings (batch, lr per batch, epochs) were measured with SGD (benchmarks/defaults.py)
+        put("optimizer", "sgd")
+    if "lr" not in explicit and (changes.get("optimizer") or current.get("optimizer")) == "sgd":
+        put("lr", round(min(float(current.get("lr") or 0.4), SMALL_LR_PER_32 * batch / 32), 6))
+
+
+def _data_epochs(n: int, size: int, steps_per_epoch: int, fine_tune: str | None, current: dict,
+                 explicit: set[str]) -> int:
+    """Epochs: enough images seen and optimizer steps for small data, bounded in compute (COST_BOUND)."""
+    if "epochs" in explicit:
+        return int(current["epochs"])
+    if n >= LARGE_DATA:
+        return int(current.get("epochs") or 10)
+    epochs = min(MAX_EPOCHS, max(MIN_EPOCHS, math.ceil(SEEN_TARGET / n)))
+    # the tiniest folders: a batch cannot shrink below MIN_BATCH (BatchNorm statistics), so more epochs
+    epochs = max(epochs, min(MAX_TINY_EPOCHS, math.ceil(MIN_STEPS / steps_per_epoch)))
+    epochs = max(4, min(epochs, COST_BOUND // max(1, n * size * size)))
+    if fine_tune:
+        epochs = min(epochs, 15)  # a pretrained backbone converges in far fewer passes
+    return epochs

@@ -98,16 +98,7 @@ class Trainer:
         self.cfg, self.device, self.amp = cfg, device, amp
         self.task = task  # "classification" or "multilabel" (imgrec.engine.losses)
         self.train_loader, self.val_loader = train_loader, val_loader
-        self.model = model.to(device)
-        if channels_last:
-            self.model = self.model.to(memory_format=torch.channels_last)
-        # several processes (torchrun): every rank runs this trainer on its share of each global batch, DDP
-        # averages the gradients, and rank 0 alone writes files (two writers could interleave one checkpoint)
-        self.world = distributed.world_size()
-        self.is_writer = distributed.is_main()
-        if getattr(cfg, "sync_bn", False) and self.world > 1:
-            distributed.check_sync_bn(True, device, self.world)
-            self.model = nn.SyncBatchNorm.convert_sync_batchnorm(self.model)  # same state-dict keys
+        self.model = self._place_model(model, channels_last)
         self.run_dir = Path(run_dir) if run_dir else None
         self.callbacks = list(callbacks)
         self.on_save = on_save
@@ -121,24 +112,46 @@ class Trainer:
         if cfg.ema:
             from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
             self.ema = AveragedModel(self.model, multi_avg_fn=get_ema_multi_avg_fn(cfg.ema), use_buffers=True)
-        # deferred re-weighting (cfg.reweight_from, Cao et al. 2019): the class weights apply from epoch
-        # reweight_epoch on (0-based); _run_epoch switches them by the epoch, so a resumed run does the same
-        self.class_weights = class_weights
-        self.reweight_epoch = math.ceil(float(getattr(cfg, "reweight_from", 0.0) or 0.0) * cfg.epochs - 1e-9)
-        # train_prior (training class frequencies) with cfg.logit_adjust_loss: the logit-adjusted loss
-        self.loss_fn = build_loss(task, cfg.label_smoothing, class_weights if self.reweight_epoch <= 0 else None,
-                                  logit_prior=train_prior,
-                                  logit_tau=float(getattr(cfg, "logit_adjust_loss", 0.0) or 0.0)).to(device)
-        # post-hoc logit adjustment (cfg.logit_adjust): validation sees the logits prediction will produce, so
-        # the best epoch is chosen for the adjusted model (imgrec.infer.runtime.forward_logits adds the same bias)
-        self.logit_bias = logit_bias
-        self.best_metric = _best_metric(cfg, task)
-        self.best_score = -math.inf  # the best epoch's validation best_metric
+        self._set_loss(class_weights, logit_bias, train_prior)
         module = self.model
         if self.world > 1:
             from torch.nn.parallel import DistributedDataParallel
             module = DistributedDataParallel(self.model, device_ids=[device.index] if device.type == "cuda" else None)
         self.forward = torch.compile(module) if cfg.compile else module
+        self._reset_progress()
+
+    def _place_model(self, model: nn.Module, channels_last: bool) -> nn.Module:
+        """The model on the device, in its memory format, with synchronised BatchNorm when asked for."""
+        model = model.to(self.device)
+        if channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        # several processes (torchrun): every rank runs this trainer on its share of each global batch, DDP
+        # averages the gradients, and rank 0 alone writes files (two writers could interleave one checkpoint)
+        self.world = distributed.world_size()
+        self.is_writer = distributed.is_main()
+        if getattr(self.cfg, "sync_bn", False) and self.world > 1:
+            distributed.check_sync_bn(True, self.device, self.world)
+            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)  # same state-dict keys
+        return model
+
+    def _set_loss(self, class_weights, logit_bias, train_prior) -> None:
+        cfg = self.cfg
+        # deferred re-weighting (cfg.reweight_from, Cao et al. 2019): the class weights apply from epoch
+        # reweight_epoch on (0-based); _run_epoch switches them by the epoch, so a resumed run does the same
+        self.class_weights = class_weights
+        self.reweight_epoch = math.ceil(float(getattr(cfg, "reweight_from", 0.0) or 0.0) * cfg.epochs - 1e-9)
+        # train_prior (training class frequencies) with cfg.logit_adjust_loss: the logit-adjusted loss
+        self.loss_fn = build_loss(self.task, cfg.label_smoothing,
+                                  class_weights if self.reweight_epoch <= 0 else None, logit_prior=train_prior,
+                                  logit_tau=float(getattr(cfg, "logit_adjust_loss", 0.0) or 0.0)).to(self.device)
+        # post-hoc logit adjustment (cfg.logit_adjust): validation sees the logits prediction will produce, so
+        # the best epoch is chosen for the adjusted model (imgrec.infer.runtime.forward_logits adds the same bias)
+        self.logit_bias = logit_bias
+        self.best_metric = _best_metric(cfg, self.task)
+
+    def _reset_progress(self) -> None:
+        """Where training stands: nothing run yet."""
+        self.best_score = -math.inf  # the best epoch's validation best_metric
         self.epoch = 0            # the epoch in progress (0-based)
         self.start_step = 0       # first step of self.epoch still to run (non-zero after a mid-epoch resume)
         self.history: list[dict] = []
@@ -151,7 +164,7 @@ class Trainer:
         self._stop_agreed = False     # … and the ranks agreed at the last flush to stop after this step
         self.resume_note: str | None = None  # what a resume on another number of processes changed (printed)
         self.train_time_s = 0.0
-        self.last_lr = cfg.lr
+        self.last_lr = self.cfg.lr
 
     # -- the one step --------------------------------------------------------------------------
     def train_step(self, x: torch.Tensor, y: torch.Tensor,
