@@ -54,7 +54,7 @@ RECIPES: dict[str, dict] = {
     # reached 92.71% in 9 (3 seeds), measured with 2 cores limited to AVX2 (an emulation).
     "fast-fp32": dict(name="fastnet_small", epochs=8, amp="none", **_CPU_MUON, muon_lr=0.15),
     # CUDA GPUs: unmeasured in this form (no GPU was available when it was written). The step of so small a
-    # net is launch-bound on a GPU, so the bf16 CPU recipe's settings are kept (6 epochs of fastnet trained in
+    # net is launch-bound on a GPU, so the earlier SGD settings of the CPU recipes are kept (6 epochs of fastnet trained in
     # 4.0-4.4 s on an H200 and reached 92.9-93.2% test, measured in an earlier session); bf16 autocast via amp="auto".
     "fast-gpu": dict(name="fastnet", epochs=6, amp="auto", **_FAST_COMMON),
     "accurate": dict(
