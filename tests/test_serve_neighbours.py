@@ -186,6 +186,30 @@ def test_moved_training_data_is_found_with_neighbours_data(moved_run, capsys, tr
         assert np.array_equal(np.asarray(im), train_images[n["index"], 0].numpy())
 
 
+def test_shutdown_waits_for_the_pictures_being_read(classifier, trained_run):
+    """A server stopped while the training images are still being read waits for the read to end: a reader
+    left inside torch when the interpreter exits aborts the process (exit 134 in place of 0 on Ctrl-C)."""
+    import threading
+    settings = ServeSettings()
+    nb = load_neighbours(classifier, trained_run[0], settings)
+    started, release, read = threading.Event(), threading.Event(), nb.read_pictures
+
+    def gated_read():
+        started.set()
+        release.wait()
+        read()
+
+    nb.read_pictures = gated_read
+    with LiveServer(create_app(classifier, settings, nb), settings) as s:
+        assert started.wait(60), "the pictures were not read after start-up"
+        state = s.state
+        # let the read go only once the server has begun to stop
+        threading.Thread(target=lambda: (wait_until(lambda: not state.ready, "shutdown"), release.set()),
+                         daemon=True).start()
+    assert s.thread is not None and not s.thread.is_alive()
+    assert nb.pictures_read.is_set() and nb.missing is None and nb.info()["pictures_ready"] is True
+
+
 def _copy_run(src, dst):
     dst.mkdir()
     for f in src.iterdir():

@@ -47,7 +47,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-import threading
 
 import anyio
 import anyio.to_thread
@@ -109,14 +108,17 @@ def _lifespan(state: ServerState):
         await anyio.to_thread.run_sync(state.warm_up)
         state.batcher.start()
         state.ready = True
-        if state.neighbours is not None and not state.neighbours.pictures_read.is_set():
+        if state.neighbours is not None:
             # the training images are read after start-up, so the model answers meanwhile (thumbnails null)
-            threading.Thread(target=state.neighbours.read_pictures, name="imgrec-neighbours", daemon=True).start()
+            state.neighbours.start_reading()
         try:
             yield
         finally:
             state.ready = False
             await anyio.to_thread.run_sync(state.batcher.stop)
+            if state.neighbours is not None:
+                # a reader still inside torch when the interpreter exits aborts the process (SIGABRT, exit 134)
+                await anyio.to_thread.run_sync(state.neighbours.finish_reading)
 
     return lifespan
 

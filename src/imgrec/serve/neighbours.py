@@ -49,6 +49,7 @@ class ServeNeighbours:
             self.pictures_read.set()
         self._thumbnail = functools.lru_cache(maxsize=THUMB_CACHE)(self._make_thumbnail)
         self._bank32: Any = None  # the bank as a float32 torch tensor, made on the first lookup
+        self._reader: threading.Thread | None = None
 
     @property
     def pictures(self) -> bool:
@@ -59,6 +60,21 @@ class ServeNeighbours:
         """What /v1/model says: rows in the bank, the largest K, and whether there are pictures."""
         return {"rows": len(self.bank), "max_k": MAX_NEIGHBOURS, "pictures": self.pictures,
                 "pictures_ready": self._images is not None}
+
+    def start_reading(self) -> None:
+        """Read the pictures in a background thread (once; nothing to do when they are read or unavailable)."""
+        if self.pictures_read.is_set() or self._reader is not None:
+            return
+        self._reader = threading.Thread(target=self.read_pictures, name="imgrec-neighbours", daemon=True)
+        self._reader.start()
+
+    def finish_reading(self) -> None:
+        """Wait for the background read to end (at shutdown: the process must not exit in the middle of it)."""
+        if self._reader is None:
+            return
+        if self._reader.is_alive():
+            log.info("waiting for the training images being read to finish")
+        self._reader.join()
 
     def read_pictures(self) -> None:
         """Read the training images and keep the bank's rows (runs once, in a background thread). A failure is
