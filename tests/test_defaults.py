@@ -94,7 +94,7 @@ def test_small_data_gets_enough_steps_and_validation(n):
     probe = DataProbe("folder", n, 5, [n // 5] * 5, 3, 40, 90, 300)
     base = {**get_recipe("fast-bf16"), "image_size": None}
     changes, reason = adapt_to_data(probe, base, set())
-    batch, epochs = changes["batch_size"], changes["epochs"]
+    batch, epochs = changes["batch_size"], changes.get("epochs", base["epochs"])  # a change only where it differs
     steps = max(1, -(-n // batch)) if n < 4 * batch else n // batch
     assert 16 <= batch <= 512 and steps >= 3 and steps * epochs >= 200
     assert changes["val_last"] == 0 and changes["image_size"] == 64

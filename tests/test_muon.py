@@ -126,3 +126,33 @@ def test_config_accepts_muon_and_rejects_unknown_optimizers():
     cfg.train.optimizer = "lion"
     with pytest.raises(Exception, match="optimizer must be one of"):
         validate(cfg)
+
+
+_NO_DYNAMO = """
+import sys, torch
+from imgrec.config import TrainConfig
+from imgrec.engine.trainer import build_optimizer, build_scheduler
+net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.Flatten(), torch.nn.Linear(8 * 36, 4))
+cfg = TrainConfig(optimizer="muon", compile={compile})
+opt = build_optimizer(net, cfg)
+sched = build_scheduler(opt, cfg, 10)
+for _ in range(2):
+    opt.zero_grad(set_to_none=True)
+    net(torch.randn(2, 3, 8, 8)).sum().backward()
+    opt.step()
+    sched.step()
+opt.load_state_dict(opt.state_dict())
+print("torch._dynamo" in sys.modules)
+"""
+
+
+@pytest.mark.parametrize("compile_", [False, True])
+def test_muon_runs_do_not_import_dynamo_unless_they_compile(compile_):
+    """torch.optim's wrappers import torch._dynamo (about a second) on their first call; a run that compiles
+    nothing skips it (Muon's step needs no dynamo; torch's own SGD and Adam steps import it anyway), and one that
+    compiles keeps torch's wrappers as they are."""
+    import subprocess
+    import sys
+    out = subprocess.run([sys.executable, "-c", _NO_DYNAMO.replace("{compile}", str(compile_))],
+                         capture_output=True, text=True, check=True).stdout.split()
+    assert out == [str(compile_)]
