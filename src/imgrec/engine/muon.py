@@ -38,9 +38,9 @@ def orthogonalize(g: torch.Tensor, steps: int = NS_STEPS, eps: float = 1e-7,
     if tall:
         x = x.T
     x = x / (x.norm() + eps)  # spectral norm ≤ Frobenius norm ≤ 1: inside the iteration's basin
-    for _ in range(steps):
+    for _ in range(steps):  # x ← a·x + (b·G + c·G²)·x with G = x·xᵀ, the sums fused into the products (addmm)
         gram = x @ x.T
-        x = a * x + (b * gram + c * gram @ gram) @ x
+        x = torch.addmm(x, torch.addmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
     return (x.T if tall else x).to(g.dtype)
 
 
