@@ -38,9 +38,16 @@ def orthogonalize(g: torch.Tensor, steps: int = NS_STEPS, eps: float = 1e-7,
     if tall:
         x = x.T
     x = x / (x.norm() + eps)  # spectral norm ≤ Frobenius norm ≤ 1: inside the iteration's basin
-    for _ in range(steps):  # x ← a·x + (b·G + c·G²)·x with G = x·xᵀ, the sums fused into the products (addmm)
+    # x ← a·x + (b·G + c·G²)·x with G = x·xᵀ. In fp32 the sums are fused into the products (addmm: 17% faster on
+    # 2 Zen 5 cores, the same values to 1e-6); in bf16 the fused form rounds differently and its 3-seed validation
+    # mean came out 0.18 points lower for a 7% gain, so bf16 keeps the plain form its recipe was chosen with
+    fused = dtype == torch.float32
+    for _ in range(steps):
         gram = x @ x.T
-        x = torch.addmm(x, torch.addmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
+        if fused:
+            x = torch.addmm(x, torch.addmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
+        else:
+            x = a * x + (b * gram + c * gram @ gram) @ x
     return (x.T if tall else x).to(g.dtype)
 
 
