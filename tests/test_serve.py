@@ -638,6 +638,9 @@ def test_cli_serves_on_loopback_and_stops_cleanly(trained_run, images, workers):
                 time.sleep(0.1)
             for image in images[:4]:  # several requests: with --workers 2 both processes get some
                 assert c.post("/v1/predict", content=image).json()["model"] == "simple_cnn"
+                # every process has the model's bank of training features (the thumbnails come once read)
+                near = c.post("/v1/predict?neighbours=2", content=image).json()["neighbours"][0]
+                assert len(near) == 2 and all(0 < n["similarity"] <= 1 and n["label"] for n in near)
         # the listening socket is bound to 127.0.0.1 only (0100007F in /proc/net/tcp)
         with open("/proc/net/tcp") as f:
             listening = [ln.split()[1] for ln in f.readlines()[1:] if ln.split()[3] == "0A"]
