@@ -90,6 +90,31 @@ def test_sgd_groups_match_torch_sgd():
         torch.testing.assert_close(pa, pb, rtol=1e-5, atol=1e-6)
 
 
+def test_sgd_runs_step_as_torch_sgd_and_resume_its_checkpoints():
+    """--optimizer sgd builds ConvMuon's SGD groups (no torch._dynamo import): the same updates as
+    torch.optim.SGD with the same groups, and a state dict written by torch.optim.SGD (a checkpoint of an earlier
+    SGD run) resumes into it and goes on as torch.optim.SGD would."""
+    cfg = TrainConfig(optimizer="sgd", lr=0.05, momentum=0.9, weight_decay=5e-4)
+    a = _net()
+    a(_batch()[0])
+    b = copy.deepcopy(a)
+    ours = build_optimizer(a, cfg)
+    assert isinstance(ours, ConvMuon) and not any(g["muon"] for g in ours.param_groups)
+    ref = build_optimizer(b, TrainConfig(optimizer="sgd", lr=0.05, momentum=0.9, weight_decay=5e-4, compile=True))
+    assert type(ref) is torch.optim.SGD  # a compiled run keeps torch's own
+    _steps(a, ours, 3)
+    _steps(b, ref, 3)
+    for pa, pb in zip(a.parameters(), b.parameters()):
+        torch.testing.assert_close(pa, pb, rtol=1e-5, atol=1e-6)
+    c = copy.deepcopy(b)
+    resumed = build_optimizer(c, cfg)
+    resumed.load_state_dict(copy.deepcopy(ref.state_dict()))
+    _steps(b, ref, 3)
+    _steps(c, resumed, 3)
+    for pb, pc in zip(b.parameters(), c.parameters()):
+        torch.testing.assert_close(pb, pc, rtol=1e-5, atol=1e-6)
+
+
 def test_state_dict_resumes_exactly():
     a = _net()
     a(_batch()[0])
@@ -133,24 +158,25 @@ import sys, torch
 from imgrec.config import TrainConfig
 from imgrec.engine.trainer import build_optimizer, build_scheduler
 net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3), torch.nn.Flatten(), torch.nn.Linear(8 * 36, 4))
-cfg = TrainConfig(optimizer="muon", compile={compile})
-opt = build_optimizer(net, cfg)
-sched = build_scheduler(opt, cfg, 10)
-for _ in range(2):
-    opt.zero_grad(set_to_none=True)
-    net(torch.randn(2, 3, 8, 8)).sum().backward()
-    opt.step()
-    sched.step()
-opt.load_state_dict(opt.state_dict())
+for name in ("muon", "sgd"):
+    cfg = TrainConfig(optimizer=name, compile={compile})
+    opt = build_optimizer(net, cfg)
+    sched = build_scheduler(opt, cfg, 10)
+    for _ in range(2):
+        opt.zero_grad(set_to_none=True)
+        net(torch.randn(2, 3, 8, 8)).sum().backward()
+        opt.step()
+        sched.step()
+    opt.load_state_dict(opt.state_dict())
 print("torch._dynamo" in sys.modules)
 """
 
 
 @pytest.mark.parametrize("compile_", [False, True])
-def test_muon_runs_do_not_import_dynamo_unless_they_compile(compile_):
+def test_muon_and_sgd_runs_do_not_import_dynamo_unless_they_compile(compile_):
     """torch.optim's wrappers import torch._dynamo (about a second) on their first call; a run that compiles
-    nothing skips it (Muon's step needs no dynamo; torch's own SGD and Adam steps import it anyway), and one that
-    compiles keeps torch's wrappers as they are."""
+    nothing skips it (Muon's and imgrec's SGD steps need no dynamo; torch's own SGD and Adam steps import it
+    anyway), and one that compiles keeps torch's wrappers as they are."""
     import subprocess
     import sys
     out = subprocess.run([sys.executable, "-c", _NO_DYNAMO.replace("{compile}", str(compile_))],

@@ -80,6 +80,12 @@ class ConvMuon(torch.optim.Optimizer):
                                       weight_decay=weight_decay, muon=False))
         self.ns_dtype = ns_dtype  # None: bf16 on a GPU or a CPU with bf16 units, else fp32
 
+    def load_state_dict(self, state_dict: dict) -> None:
+        super().load_state_dict(state_dict)
+        for group in self.param_groups:  # a checkpoint of torch.optim.SGD (imgrec's SGD runs before) lacks these
+            group.setdefault("muon", False)
+            group.setdefault("muon_momentum", self.defaults["muon_momentum"])
+
     def _ns_dtype(self, p: torch.Tensor) -> torch.dtype:
         if self.ns_dtype is None:
             from imgrec.device import cpu_has_fast_bf16
