@@ -179,6 +179,45 @@ def test_ctrl_c_leaves_resumable_checkpoint(tmp_path, inherited):
     assert json.loads(r.stdout)["epochs_run"] == 2
 
 
+@pytest.mark.parametrize("presses", [1, 2])
+def test_ctrl_c_inside_a_step_keeps_the_checkpoint_in_line_with_its_schedule(tmp_path, monkeypatch, presses):
+    """SIGINT delivered between the scheduler's step and the count of finished steps: one press is taken once
+    the step is counted, so the checkpoint's schedule and step agree and the resume runs to the end (it once
+    stepped the one-cycle schedule past its end); two presses stop at once and leave the last checkpoint
+    written before, which resumes too."""
+    from imgrec.engine.callbacks import Callback
+    from imgrec.engine.train import resolve_config, train
+
+    class SigintInStep(Callback):
+        def on_train_begin(self, trainer):
+            cls = type(trainer.scheduler)  # patched on the class: the scheduler's own state is checkpointed
+            step, calls = cls.step, [0]
+
+            def stepped(sched, *a, **k):
+                step(sched, *a, **k)
+                calls[0] += 1
+                if calls[0] == 7:  # inside train_step, before the trainer counts the step
+                    for _ in range(presses):
+                        os.kill(os.getpid(), signal.SIGINT)
+            monkeypatch.setattr(cls, "step", stepped)
+
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        run = tmp_path / "run"
+        cfg = resolve_config(None, None, {"name": "simple_cnn", "epochs": 2, "train_limit": 1200, "val_split": 300,
+                                          "batch_size": 100, "lr": 3e-3, "checkpoint_every": 5},
+                             model_given=True)
+        with pytest.raises(KeyboardInterrupt):
+            train(cfg, run, progress=False, callbacks=[SigintInStep()])
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    state = load_tree(run / "checkpoint.safetensors")
+    assert state["epoch"] == 0 and state["start_step"] == (7 if presses == 1 else 5)
+    assert state["scheduler"]["last_epoch"] == state["start_step"]
+    summary = train(cfg, run, resume=True, progress=False)
+    assert summary["epochs_run"] == 2
+
+
 # -- the CLI on every bad image case -----------------------------------------------------------------
 BAD_IMAGES = {
     "zero.png": (fac.zero_byte, "empty"),

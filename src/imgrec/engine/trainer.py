@@ -22,6 +22,34 @@ from imgrec.infer.runtime import autocast, forward_logits
 from imgrec.modeldir import RunDir
 
 
+@contextlib.contextmanager
+def _ctrl_c_after_the_step():
+    """Ctrl-C during one step is taken when the step and its bookkeeping are done: a KeyboardInterrupt between
+    the scheduler's step and the count of finished steps would leave a checkpoint one step out of line with its
+    schedule (its resume then steps the one-cycle schedule past its end). A second Ctrl-C stops at once. Only in
+    the main thread and under Python's own SIGINT handler (several processes have their own: StopRequest)."""
+    import signal
+    import threading
+    if threading.current_thread() is not threading.main_thread() \
+            or signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+        yield
+        return
+    caught: list[int] = []
+
+    def later(signum, frame):
+        if caught:
+            raise KeyboardInterrupt
+        caught.append(signum)
+
+    signal.signal(signal.SIGINT, later)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    if caught:
+        raise KeyboardInterrupt
+
+
 def seed_everything(seed: int, deterministic: bool = False) -> None:
     random.seed(seed)
     np.random.seed(seed % (2**32))
@@ -186,6 +214,7 @@ class Trainer:
         self._pending_loss, self._pending_correct = 0.0, 0  # device-side sums not yet in partial
         self._pending_seen = 0        # several processes: images this rank trained on since the last flush
         self._stop: distributed.StopRequest | None = None  # several processes: SIGINT/SIGTERM seen during fit
+        self._torn_step = False  # a step stopped between its optimizer step and its count (a second Ctrl-C)
         self._stop_agreed = False     # … and the ranks agreed at the last flush to stop after this step
         self.resume_note: str | None = None  # what a resume on another number of processes changed (printed)
         self.train_time_s = 0.0
@@ -211,6 +240,7 @@ class Trainer:
         if self.cfg.grad_clip:
             self.scaler.unscale_(self.optimizer)
             nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
+        self._torn_step = True  # the weights change from here until the loop counts this step
         self.scaler.step(self.optimizer)
         self.scaler.update()
         self.last_lr = self.optimizer.param_groups[0]["lr"]  # the rate this step used (for the log)
@@ -300,7 +330,9 @@ class Trainer:
                     self._run_epoch()
         except KeyboardInterrupt as e:
             # Ctrl-C: keep what was done so far as a resumable checkpoint, then let the caller exit
-            if self.run_dir is not None and self.is_writer and not isinstance(e, _AgreedStop):
+            # (not after a step stopped halfway: the last checkpoint written stays the one to resume from)
+            if self.run_dir is not None and self.is_writer and not isinstance(e, _AgreedStop) \
+                    and not self._torn_step:
                 self.save_checkpoint()
             raise
         finally:
@@ -330,16 +362,18 @@ class Trainer:
         global_batch = getattr(self.train_loader, "global_batch", None)
         for step, (x, y) in enumerate(self.train_loader.iterate(self.start_step), start=self.start_step):
             n = int(y.shape[0])
-            if self.world > 1:
-                scale = n * self.world / global_batch(step) if global_batch is not None else 1.0
-                loss, correct = self.train_step(x, y, loss_scale=scale)
-                self._pending_seen += n
-            else:
-                loss, correct = self.train_step(x, y)
-                p["seen"] += n
-            self._pending_loss = self._pending_loss + loss.float() * n
-            self._pending_correct = self._pending_correct + correct
-            self.start_step = step + 1
+            with _ctrl_c_after_the_step():
+                if self.world > 1:
+                    scale = n * self.world / global_batch(step) if global_batch is not None else 1.0
+                    loss, correct = self.train_step(x, y, loss_scale=scale)
+                    self._pending_seen += n
+                else:
+                    loss, correct = self.train_step(x, y)
+                    p["seen"] += n
+                self._pending_loss = self._pending_loss + loss.float() * n
+                self._pending_correct = self._pending_correct + correct
+                self.start_step = step + 1
+                self._torn_step = False
             ckpt_due = bool(ckpt_every) and self.run_dir is not None and self.start_step % ckpt_every == 0 \
                 and self.start_step < self.steps_per_epoch
             if self.start_step % read_every == 0 or (self.world > 1 and ckpt_due):
