@@ -4,6 +4,9 @@ from __future__ import annotations
 import contextlib
 import math
 import random
+import signal
+import sys
+import threading
 import time
 from pathlib import Path
 from typing import Callable, Sequence
@@ -28,8 +31,6 @@ def _ctrl_c_after_the_step():
     the scheduler's step and the count of finished steps would leave a checkpoint one step out of line with its
     schedule (its resume then steps the one-cycle schedule past its end). A second Ctrl-C stops at once. Only in
     the main thread and under Python's own SIGINT handler (several processes have their own: StopRequest)."""
-    import signal
-    import threading
     if threading.current_thread() is not threading.main_thread() \
             or signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
         yield
@@ -69,7 +70,6 @@ _DYNAMO_WRAPPED = ("add_param_group", "zero_grad", "state_dict", "load_state_dic
 
 
 def _optimizer_without_dynamo_import() -> None:
-    import sys
     if "torch._dynamo" in sys.modules:
         return
     for name in _DYNAMO_WRAPPED:

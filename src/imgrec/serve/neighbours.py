@@ -81,7 +81,7 @@ class ServeNeighbours:
         logged in one line and the answers go on without pictures."""
         if self.pictures_read.is_set():
             return
-        from imgrec.errors import ImgrecError
+        from imgrec.errors import ImgrecError, first_line
         from imgrec.eval.neighbours import load_training_images
         try:
             train = load_training_images(self._meta, self._data)
@@ -91,7 +91,7 @@ class ServeNeighbours:
             import torch
             self._images = train[torch.from_numpy(self.bank.index)].clone()  # the rest is let go
         except (ImgrecError, OSError, ValueError) as e:
-            self.missing = str(e).splitlines()[0] if str(e) else type(e).__name__
+            self.missing = first_line(e)
             log.warning("nearest training images without pictures: %s", self.missing)
         finally:
             self.pictures_read.set()
