@@ -305,3 +305,29 @@ def test_wrong_architecture_names_the_mismatch(resnet18_files):
     # strict_backbone=False loads what fits and reports the rest
     report = load_pretrained(model, "resnet34", weights_file=files["pth"], strict_backbone=False)
     assert "features.layer1.2.conv1.weight" in report.skipped and report.loaded_count > 0
+
+
+@pytest.mark.parametrize("size", [3, 5, 7, 14])
+def test_conv_before_pool_is_the_plain_conv_and_pool_in_bf16(size):
+    """Under CPU bf16 autocast the pooled conv skips the rows the pool drops (and runs the smallest maps as a
+    matrix product): the pooled output and the weight gradient are the plain conv's, to bf16 rounding."""
+    import torch.nn as nn
+
+    from imgrec.models.fast import ConvBeforePool
+    torch.manual_seed(0)
+    fast = ConvBeforePool(32, 64, 3, padding=1, bias=False)
+    plain = nn.Conv2d(32, 64, 3, padding=1, bias=False)
+    plain.load_state_dict(fast.state_dict())
+    x = torch.randn(8, 32, size, size).contiguous(memory_format=torch.channels_last)
+    outs, grads = [], []
+    for conv in (fast, plain):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = nn.functional.max_pool2d(conv(x), 2).float()
+        y.square().sum().backward()
+        outs.append(y.detach())
+        grads.append(conv.weight.grad.clone())
+    assert outs[0].shape == outs[1].shape == (8, 64, size // 2, size // 2)
+    assert torch.allclose(outs[0], outs[1], rtol=2e-2, atol=2e-2)
+    assert torch.allclose(grads[0], grads[1], rtol=5e-2, atol=5e-2 * grads[1].abs().max().item())
+    with torch.no_grad():  # fp32: the plain convolution itself
+        assert torch.equal(fast(x), plain(x))
