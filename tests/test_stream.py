@@ -68,7 +68,9 @@ def test_pack_holds_the_in_memory_pixels(fm_pack):
 @pytest.mark.slow
 def test_streamed_training_matches_in_memory_accuracy(fm_pack, tmp_path):
     """Same seed and recipe, in memory vs streamed from the shards (different batch order): test accuracy on
-    the 10,000 test images within 0.3 points."""
+    the 10,000 test images within 1 point. Two batch orders give two models: at ~76% accuracy the test split's
+    own standard error is 0.43 points, and the two runs measured 0.1-0.44 points apart as the arithmetic of the
+    convolutions changed; a stream that mislabels, misnormalises or drops images loses far more."""
     accs = {}
     for name, data in (("memory", ["--data", "fashion-mnist", "--train-limit", "6000"]),
                        ("stream", ["--data", fm_pack, "--stream"])):
@@ -76,7 +78,7 @@ def test_streamed_training_matches_in_memory_accuracy(fm_pack, tmp_path):
         assert r.returncode == 0, r.stderr
         accs[name] = json.loads(r.stdout)["test_acc"]
     assert accs["memory"] > 0.75, accs
-    assert abs(accs["memory"] - accs["stream"]) <= 0.003, accs
+    assert abs(accs["memory"] - accs["stream"]) <= 0.01, accs
 
 
 @pytest.mark.slow

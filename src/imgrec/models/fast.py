@@ -116,7 +116,7 @@ def _conv3x3_gemm(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     cols = torch.cat([x[:, i:i + oh, j:j + ow, :] for i in range(3) for j in range(3)], dim=3)
     kernel = weight.to(torch.bfloat16).permute(0, 2, 3, 1).reshape(weight.shape[0], 9 * c)  # O x (kh kw C)
     out = cols.reshape(n * oh * ow, 9 * c) @ kernel.t()
-    return out.view(n, oh, ow, -1).permute(0, 3, 1, 2)
+    return out.view(n, oh, ow, weight.shape[0]).permute(0, 3, 1, 2)  # explicit: an empty batch has no -1
 
 
 class ConvBNAct(nn.Sequential):
