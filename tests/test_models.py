@@ -333,3 +333,21 @@ def test_conv_before_pool_is_the_plain_conv_and_pool_in_bf16(size):
         assert torch.equal(fast(x), plain(x))
         with torch.autocast("cpu", dtype=torch.bfloat16):  # an empty batch (a rank's last, short shard)
             assert fast(x[:0]).shape == (0, 64, size - size % 2, size - size % 2)
+
+
+def test_conv_before_pool_keeps_its_bias_in_bf16():
+    """A ConvBeforePool built with a bias (FastNet's are not: BatchNorm follows) adds it on every path."""
+    import torch.nn as nn
+
+    from imgrec.models.fast import ConvBeforePool
+    torch.manual_seed(0)
+    fast = ConvBeforePool(16, 8, 3, padding=1, bias=True)
+    with torch.no_grad():
+        fast.bias.fill_(5.0)
+    plain = nn.Conv2d(16, 8, 3, padding=1, bias=True)
+    plain.load_state_dict(fast.state_dict())
+    x = torch.randn(4, 16, 3, 3).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        a, b = (nn.functional.max_pool2d(c(x), 2).float() for c in (fast, plain))
+    assert a.shape == b.shape == (4, 8, 1, 1)
+    assert torch.allclose(a, b, rtol=2e-2, atol=5e-2)

@@ -97,7 +97,8 @@ class ConvBeforePool(nn.Conv2d):
         if not ((h_odd or w_odd) and _cpu_bf16_autocast(x)):
             return super().forward(x)
         x = F.pad(x, (1, 1 - w_odd, 1, 1 - h_odd))
-        if x.shape[-2] <= 4 and x.shape[-1] <= 4:
+        if x.shape[-2] <= 4 and x.shape[-1] <= 4 and self.bias is None and self.groups == 1 \
+                and self.stride == (1, 1) and self.dilation == (1, 1):  # the product form's only case
             return _conv3x3_gemm(x, self.weight)
         return F.conv2d(x, self.weight, self.bias, self.stride, 0, self.dilation, self.groups)
 
