@@ -13,7 +13,7 @@ from imgrec.data import named
 from imgrec.data.idx import read_idx, read_idx_pair
 from imgrec.data.dataset import ImageData, load_data, split_off
 from imgrec.data.memory import BatchLoader
-from imgrec.errors import DatasetError
+from imgrec.errors import ConfigError, DatasetError
 
 
 def write_idx(path, arr: np.ndarray, gz=False):
@@ -262,3 +262,38 @@ def test_loader_is_reproducible_and_resumable():
         assert torch.equal(a, b) and torch.equal(ya, yb)
     ld.set_epoch(3)
     assert not torch.equal(list(ld)[0][0], full[0][0])
+
+
+def test_alternating_flips_show_every_image_both_ways_every_two_epochs():
+    """flip_order "alternate": an image mirrored in one epoch is not in the next, whatever the shuffle; about half
+    are mirrored in each epoch; several processes and a resumed epoch get the same flips."""
+    g = torch.Generator().manual_seed(1)
+    n = 90
+    d = ImageData(torch.randint(0, 256, (n, 1, 6, 6), dtype=torch.uint8, generator=g), torch.arange(n))
+
+    def mirrored(ld, epoch, start_step=0):
+        ld.set_epoch(epoch)
+        out = {}
+        for x, y in ld.iterate(start_step=start_step):
+            for xi, yi in zip(x, y.tolist()):
+                img = d.images[yi].float()
+                assert torch.equal(xi, img) or torch.equal(xi, img.flip(2))
+                out[yi] = not torch.equal(xi, img)
+        return out
+
+    ld = BatchLoader(d, 20, [0.0], [1.0 / 255], shuffle=True, flip=True, seed=4, flip_order="alternate")
+    e0, e1, e2 = (mirrored(ld, e) for e in range(3))
+    assert sorted(e0) == sorted(e1) == list(range(n))
+    assert all(e0[i] != e1[i] for i in range(n)) and e0 == e2
+    assert 25 < sum(e0.values()) < 65
+    tail = mirrored(ld, 1, start_step=2)  # a resumed epoch: the same flips
+    assert tail and all(tail[i] == e1[i] for i in tail)
+    shards = [BatchLoader(d, 20, [0.0], [1.0 / 255], shuffle=True, flip=True, seed=4, flip_order="alternate",
+                          rank=r, world_size=2) for r in range(2)]
+    assert {**mirrored(shards[0], 1), **mirrored(shards[1], 1)} == e1
+    # random flips: independent coins, so some image keeps its side from one epoch to the next
+    rnd = BatchLoader(d, 20, [0.0], [1.0 / 255], shuffle=True, flip=True, seed=4)
+    r0, r1 = mirrored(rnd, 0), mirrored(rnd, 1)
+    assert any(r0[i] == r1[i] for i in range(n))
+    with pytest.raises(ConfigError, match="flip_order"):
+        BatchLoader(d, 20, [0.0], [1.0], flip=True, flip_order="sometimes")

@@ -58,6 +58,7 @@ class TrainConfig:
     label_smoothing: float = 0.1
     crop_padding: int | None = None    # random-crop padding in pixels; None = size // 14 (2 px at 28 px)
     flip: bool | None = None           # horizontal flips; None = the dataset's default (off for digits)
+    flip_order: str = "random"         # random (each epoch draws anew) | alternate (each image mirrored every other epoch)
     ema: float | None = None           # EMA decay per step for the evaluated weights, or None
     tta_flip: bool = False             # average predictions over the image and its mirror at evaluation
     grad_clip: float | None = None     # max gradient norm, or None
@@ -189,7 +190,7 @@ def load_yaml(path: str | Path) -> dict:
 def validate(cfg: RunConfig) -> None:
     t = cfg.train
     choices = {"optimizer": ("sgd", "adam", "adamw", "muon"), "scheduler": ("onecycle", "cosine", "linear", "none"),
-               "amp": ("auto", "bf16", "fp16", "none")}
+               "flip_order": ("random", "alternate"), "amp": ("auto", "bf16", "fp16", "none")}
     for k, allowed in choices.items():
         if getattr(t, k) not in allowed:
             raise ConfigError(f"{k} must be one of {', '.join(allowed)}, got {getattr(t, k)!r}")

@@ -11,7 +11,7 @@ import math
 import torch
 
 from imgrec.data.dataset import ImageData
-from imgrec.data.transforms import Preprocess, augment_batch, augment_generator
+from imgrec.data.transforms import Preprocess, alternating_flips, augment_batch, augment_generator
 from imgrec.errors import ConfigError
 
 __all__ = ["BatchLoader"]
@@ -29,7 +29,7 @@ class BatchLoader:
                  crop_padding: int = 0, flip: bool = False, drop_last: bool = False, seed: int = 0,
                  device: str | torch.device = "cpu", channels_last: bool = False,
                  dtype: torch.dtype = torch.float32, sampler: str = "shuffle", rank: int = 0, world_size: int = 1,
-                 shard: str = "batch"):
+                 shard: str = "batch", flip_order: str = "random"):
         # several processes (rank of world_size): shard "batch" splits every global batch of ``batch_size`` into
         # contiguous per-rank shares (training: the ranks together see exactly the batches one process would);
         # shard "split" gives each rank one contiguous slice of the data (evaluation: every image once, no padding)
@@ -43,9 +43,15 @@ class BatchLoader:
         self.batch_size = int(batch_size)
         self.shuffle, self.drop_last, self.seed = shuffle, drop_last, seed
         self.crop_padding, self.flip = int(crop_padding), bool(flip)
+        if flip_order not in ("random", "alternate"):
+            raise ConfigError(f"flip_order must be random or alternate, got {flip_order!r}")
         self.device = torch.device(device)
         self.images = data.images.to(self.device)
         self.labels = data.labels.to(self.device)
+        # "alternate": image i is mirrored in the even epochs if its coin says so and in the odd ones if not; a
+        # pure function of (seed, epoch, image), so exact resume and any number of processes see the same flips
+        self._flip_base = alternating_flips(seed, len(data)).to(self.device) if flip and flip_order == "alternate" \
+            else None
         self.preprocess = Preprocess(mean, std, self.device, channels_last=channels_last, dtype=dtype)
         self.epoch = 0
         # sampler "balanced" (with shuffle): each of the epoch's n draws picks a class uniformly, then one of its
@@ -94,6 +100,12 @@ class BatchLoader:
             return by_class[starts[c] + offset]
         return torch.randperm(n, generator=self._generator(-1)) if self.shuffle else torch.arange(n)
 
+    def _flips(self, idx: torch.Tensor) -> torch.Tensor | None:
+        """The alternating flips of images ``idx`` this epoch (None: random flips)."""
+        if self._flip_base is None:
+            return None
+        return self._flip_base.index_select(0, idx) ^ bool(self.epoch % 2)
+
     def __iter__(self):
         return self.iterate(start_step=0)
 
@@ -108,12 +120,13 @@ class BatchLoader:
                 idx = idx[lo:hi]
                 x = self.images.index_select(0, idx)
                 if self.crop_padding or self.flip:  # this share's rows of the global batch's random numbers
-                    x = augment_batch(x, self._generator(step), self.crop_padding, self.flip, draw=n_global, start=lo)
+                    x = augment_batch(x, self._generator(step), self.crop_padding, self.flip, draw=n_global, start=lo,
+                                      flip_mask=self._flips(idx))
                 yield self.preprocess(x), self.labels.index_select(0, idx)
                 continue
             x = self.images.index_select(0, idx)
             if self.crop_padding or self.flip:
-                x = augment_batch(x, self._generator(step), self.crop_padding, self.flip)
+                x = augment_batch(x, self._generator(step), self.crop_padding, self.flip, flip_mask=self._flips(idx))
             yield self.preprocess(x), self.labels.index_select(0, idx)
 
 

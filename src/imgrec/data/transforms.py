@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from imgrec.errors import DatasetError
 
-__all__ = ["Preprocess", "augment_batch", "convert_channels", "resize_uint8"]
+__all__ = ["Preprocess", "alternating_flips", "augment_batch", "convert_channels", "resize_uint8"]
 
 
 class Preprocess:
@@ -67,6 +67,14 @@ def convert_channels(images: torch.Tensor, channels: int) -> torch.Tensor:
     raise DatasetError(f"cannot convert {c}-channel images to {channels} channels")
 
 
+def alternating_flips(seed: int, n: int) -> torch.Tensor:
+    """Which of ``n`` images are mirrored in even epochs (they are the others in odd ones): one fair coin per
+    image from ``seed`` alone. Alternating flips (Keller Jordan's airbench) show every image both ways in every two
+    epochs, where independent coins show ~25% of the images one way only in two epochs; in short runs that buys
+    accuracy for nothing (benchmarks/results/fast_search.md)."""
+    return torch.rand(n, generator=augment_generator(seed, -1, -1)) < 0.5
+
+
 def augment_generator(seed: int, epoch: int, *salt: int) -> torch.Generator:
     """The random generator of one batch's augmentation (``salt``: its step): it depends on (seed, epoch, step)
     only, so a resumed run, a streamed run and an in-memory run draw the same crops and flips."""
@@ -76,7 +84,7 @@ def augment_generator(seed: int, epoch: int, *salt: int) -> torch.Generator:
 
 
 def augment_batch(x: torch.Tensor, g: torch.Generator, crop_padding: int = 0, flip: bool = False, *,
-                  draw: int | None = None, start: int = 0) -> torch.Tensor:
+                  draw: int | None = None, start: int = 0, flip_mask: torch.Tensor | None = None) -> torch.Tensor:
     """Random crops from a zero-padded image and random horizontal flips, for a whole uint8 batch at once.
 
     The randomness comes from ``g`` (a CPU generator), so the same generator state gives the same batch on any
@@ -84,6 +92,7 @@ def augment_batch(x: torch.Tensor, g: torch.Generator, crop_padding: int = 0, fl
     ``draw``/``start``: ``x`` is rows ``start:start+len(x)`` of a batch of ``draw`` images (one process's share
     of a global batch); the random numbers are drawn for all ``draw`` images, so each image gets the crop and
     flip it would get in one process.
+    ``flip_mask``: which rows of ``x`` to mirror (bool, one per row), given instead of drawn (alternating flips).
     """
     n, c, h, w = x.shape
     draw = n if draw is None else int(draw)
@@ -101,7 +110,9 @@ def augment_batch(x: torch.Tensor, g: torch.Generator, crop_padding: int = 0, fl
             oy, ox = divmod(k, 2 * p + 1)
             out[idx] = padded[idx, :, oy:oy + h, ox:ox + w]
         x = out
-    if flip:
+    if flip_mask is not None:
+        x = torch.where(flip_mask.to(x.device).view(n, 1, 1, 1), x.flip(3), x)
+    elif flip:
         mask = (torch.rand(draw, generator=g)[rows] < 0.5).to(x.device).view(n, 1, 1, 1)
         x = torch.where(mask, x.flip(3), x)
     return x

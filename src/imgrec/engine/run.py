@@ -44,7 +44,8 @@ def build_loaders(bundle: DataBundle, cfg: RunConfig, device: torch.device, chan
     n = len(bundle.train)
     train = BatchLoader(bundle.train, t.batch_size, bundle.mean, bundle.std, shuffle=True, crop_padding=pad,
                         flip=flip, drop_last=n >= 4 * t.batch_size, seed=t.seed, device=device,
-                        channels_last=channels_last, sampler=t.sampler, rank=rank, world_size=world_size)
+                        channels_last=channels_last, sampler=t.sampler, rank=rank, world_size=world_size,
+                        flip_order=t.flip_order)
     val = BatchLoader(bundle.val, t.eval_batch_size, bundle.mean, bundle.std, device=device,
                       channels_last=channels_last, rank=rank, world_size=world_size, shard="split")
     return train, val
@@ -214,6 +215,11 @@ def _open_run_data(cfg: RunConfig, main: bool, progress: bool) -> tuple[DataBund
     if progress and data_why:
         how = "in memory" if packed is None or not packed.stream else f"streamed from {packed.split_dir('train')}"
         print(f"data {how}: {data_why}", file=sys.stderr)
+    if progress and packed is not None and packed.stream and t.flip_order == "alternate" \
+            and (bundle.flip if t.flip is None else t.flip):
+        # a stream hands out images without their place in the split, which alternating flips are keyed by
+        print("note: the streamed training images are flipped at random (alternating flips need them in memory)",
+              file=sys.stderr)
     if main:
         distributed.barrier()
     d.image_size, d.channels = bundle.image_size, bundle.channels
