@@ -237,3 +237,31 @@ def test_embed_files_and_a_split(trained_run, folder, tmp_path):
     assert_clean_error(run_cli("embed", "--model", model, str(folder), "--out", str(tmp_path / "e.txt")), ".npy")
     assert_clean_error(run_cli("embed", "--model", model, str(folder), "--split", "val", "--out",
                                str(tmp_path / "e.npy")), "not both")
+
+
+def test_one_validation_pass_chooses_the_same_temperature_and_threshold(trained_run, fmnist_arrays, tmp_path):
+    """`imgrec train` forwards the validation images once for the temperature and the "unknown" score; what it
+    chooses is what two passes of their own choose."""
+    import shutil
+    from types import SimpleNamespace
+
+    from imgrec.engine.choices import choose_temperature, choose_unknown, validation_pass
+    from imgrec.modeldir import read_meta, write_meta
+    x, y, xt, yt = fmnist_arrays
+    split = lambda a, b: SimpleNamespace(images=torch.from_numpy(a)[:, None], labels=torch.from_numpy(b).long())
+    bundle = SimpleNamespace(train=split(x[:3000], y[:3000]), val=split(xt[:600], yt[:600]))
+    dev = torch.device("cpu")
+    chosen = []
+    for shared_pass in (False, True):
+        run = tmp_path / f"shared{shared_pass}"
+        shutil.copytree(trained_run[0], run)
+        meta = read_meta(run)
+        shared = validation_pass(run, bundle, dev, "none") if shared_pass else None
+        t = choose_temperature(run, bundle, meta, dev, "none", shared)
+        write_meta(run, meta)
+        th = choose_unknown(run, bundle, meta, dev, "none", 0.95, shared)
+        if shared_pass:
+            assert shared[0].temperature == t != 1.0  # the score reads through the temperature chosen after the pass
+        chosen.append((t, th))
+    (t0, th0), (t1, th1) = chosen
+    assert t1 == pytest.approx(t0, rel=1e-4) and th1 == pytest.approx(th0, rel=1e-4, abs=1e-4)

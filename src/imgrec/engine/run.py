@@ -19,7 +19,7 @@ from imgrec.data.stream import StreamLoader, default_workers
 from imgrec.device import pick_device, set_threads, usable_cores
 from imgrec.engine import distributed
 from imgrec.engine.choices import (MIN_UNKNOWN_VAL, choose_logit_adjust, choose_temperature, choose_unknown,
-                                   choose_val_thresholds)
+                                   choose_val_thresholds, validation_pass)
 from imgrec.engine.callbacks import (CSVLogger, EarlyStopping, GuardRails, ProgressBar, TensorBoardLogger, TimeBudget,
                                      tensorboard_enabled)
 from imgrec.engine.trainer import Trainer, seed_everything
@@ -345,19 +345,23 @@ def _choose_on_validation(summary: dict, out: Path, bundle: DataBundle, meta: Mo
     if str(t.logit_adjust).lower() == "auto" and single:
         summary["logit_adjust_tau"] = choose_logit_adjust(out, bundle, meta, device, t.amp)
         save()
+    unknown = t.unknown and single and len(bundle.val) and hasattr(bundle.train, "images")
+    shared = None  # the validation split's forward pass, once for the temperature and the "unknown" score
     if t.calibrate and single and len(bundle.val):
         # a multi-label model is skipped: its per-label sigmoids and thresholds would need one T per label; a
         # validation split streamed from shards (too big for memory) is not held here, so none is fitted then
-        summary["temperature"] = choose_temperature(out, bundle, meta, device, t.amp)
+        if unknown and len(bundle.val) >= MIN_UNKNOWN_VAL:
+            shared = validation_pass(out, bundle, device, t.amp)
+        summary["temperature"] = choose_temperature(out, bundle, meta, device, t.amp, shared)
         save()
-    if t.unknown and single and len(bundle.val) and hasattr(bundle.train, "images"):
+    if unknown:
         # the statistics come from training images, the threshold from the validation images, never the test split
         if len(bundle.val) < MIN_UNKNOWN_VAL:
             if progress:
                 print(f"note: {len(bundle.val)} validation images are too few to choose an \"unknown\" threshold "
                       f"(at least {MIN_UNKNOWN_VAL}); this model always names one of its classes", file=sys.stderr)
         else:
-            threshold = choose_unknown(out, bundle, meta, device, t.amp, t.accept_rate)
+            threshold = choose_unknown(out, bundle, meta, device, t.amp, t.accept_rate, shared)
             if threshold is not None:
                 summary["unknown_threshold"] = threshold
                 save()
