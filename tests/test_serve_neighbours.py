@@ -273,3 +273,22 @@ def test_top_is_a_stable_sort_cut_at_k(k):
     want_rows = np.argsort(-sims, axis=1, kind="stable")[:, :min(k, 8)]
     assert np.array_equal(got_rows, want_rows)
     assert np.array_equal(got_sims, np.take_along_axis(sims, want_rows, axis=1))
+
+
+def test_the_server_and_the_library_share_one_float32_copy_of_the_bank():
+    """The server's lookup is a view of the bank's float32 rows (10 MB for the default model), not a second copy,
+    and finds what Bank.nearest finds."""
+    import numpy as np
+
+    from imgrec.infer.neighbours import Bank
+    from imgrec.serve.neighbours import ServeNeighbours
+    rng = np.random.default_rng(0)
+    rows = rng.standard_normal((50, 8)).astype(np.float32)
+    bank = Bank(rows / np.linalg.norm(rows, axis=1, keepdims=True), np.arange(50) * 3, np.arange(50) % 2)
+    serve = ServeNeighbours(bank, ["a", "b"], missing="no pictures here")
+    q = rows[[4, 17]]
+    answer = serve.lookup(q, 3)
+    assert np.shares_memory(serve._bank32.numpy(), bank.features32())
+    sims, found = bank.nearest(q, 3)
+    assert [[a["index"] for a in row] for row in answer] == (bank.index[found]).tolist()
+    assert [row[0]["index"] for row in answer] == [12, 51]  # each query's own row first

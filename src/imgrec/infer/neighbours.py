@@ -32,11 +32,16 @@ class Bank:
     def __len__(self) -> int:
         return len(self.index)
 
+    def features32(self) -> np.ndarray:
+        """The rows in float32, converted once and kept (looked up many times by a server; 10,000 × 256: 10 MB);
+        every lookup path shares this one copy."""
+        if self._features32 is None:
+            self._features32 = self.features.astype(np.float32)
+        return self._features32
+
     def nearest(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """(similarities, bank rows) of the ``k`` nearest rows to each query (M × D), most similar first."""
-        if self._features32 is None:  # looked up many times (a server): converted once (10,000 × 256: 10 MB)
-            self._features32 = self.features.astype(np.float32)
-        return self.top(unit_rows(queries) @ self._features32.T, k)
+        return self.top(unit_rows(queries) @ self.features32().T, k)
 
     @staticmethod
     def top(sims: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
