@@ -72,6 +72,9 @@ TRAINING_OPTIONS = (
     ("--label-smoothing", {"type": float}),
     ("--crop-padding", {"type": int, "help": "random-crop padding in pixels (0 = off)"}),
     ("--flip", {**BOOL, "help": "random horizontal flips (default: on, off for digits)"}),
+    ("--flip-order", {"choices": ("random", "alternate"),
+                      "help": "random: each epoch flips anew; alternate: each image mirrored every other epoch "
+                              "(the CPU recipes' choice; data in memory only)"}),
     ("--no-augment", {"action": "store_true", "help": "no crop, no flip"}),
     ("--ema", {"type": float, "help": "EMA decay of the evaluated weights (e.g. 0.999)"}),
     ("--tta", {**BOOL, "help": "average predictions over the image and its mirror"}),
