@@ -99,6 +99,7 @@ def test_small_data_gets_enough_steps_and_validation(n):
     assert 16 <= batch <= 512 and steps >= 3 and steps * epochs >= 200
     assert changes["val_last"] == 0 and changes["image_size"] == 64
     assert 0 < changes.get("lr", base["lr"]) <= base["lr"] and "validating every epoch" in reason
+    assert base["flip_order"] == "alternate" and changes["flip_order"] == "random"  # as small data was measured
 
 
 def test_large_small_image_data_is_left_alone_and_explicit_settings_win():
@@ -107,6 +108,7 @@ def test_large_small_image_data_is_left_alone_and_explicit_settings_win():
     small = probe_tensor(500, 10, 1, 32)
     changes, _ = adapt_to_data(small, {**get_recipe("fast-bf16"), "image_size": 32}, {"batch_size", "epochs"})
     assert "batch_size" not in changes and "epochs" not in changes and "image_size" not in changes
+    assert "flip_order" not in adapt_to_data(small, get_recipe("fast-bf16"), {"flip_order"})[0]
 
 
 def test_colour_photos_fine_tune_cached_pretrained_weights(tmp_path, fmnist_arrays):

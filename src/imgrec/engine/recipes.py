@@ -202,6 +202,7 @@ def adapt_to_data(probe, current: dict, explicit: set[str]) -> tuple[dict, str]:
     if n < LARGE_DATA:
         put("val_last", 0)
         put("crop_padding", None)  # size // 14 px: the augmentation small data needs most
+        put("flip_order", "random")  # what the small-data settings were measured with (benchmarks/defaults.py)
     parts = [f"{changes['name']} (small data)"] if "name" in changes and not fine_tune else []
     parts += [f"batch {batch} ({steps_per_epoch} steps an epoch)", f"{epochs} epochs ({steps_per_epoch * epochs:,} "
               f"steps)", f"lr {changes.get('lr', current.get('lr'))}", f"{size} px"]
