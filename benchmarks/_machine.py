@@ -48,3 +48,60 @@ def write_result(out: str, lines: list[str]) -> None:
     print(text)
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     Path(out).write_text(text)
+
+
+def machine_class() -> str:
+    """cpu-bf16 | cpu-fp32 | cpu-fp32, emulated AVX2 | gpu: which table this invocation's numbers belong to."""
+    m = machine_info()
+    if m["gpu"]:
+        return "gpu"
+    if os.environ.get("ONEDNN_MAX_CPU_ISA", "").upper().startswith("AVX2"):
+        return "cpu-fp32, emulated AVX2"
+    return "cpu-bf16" if ("avx512_bf16" in m["isa"] or "amx_bf16" in m["isa"]) else "cpu-fp32"
+
+
+def cpu_flags_line() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return "unknown"
+
+
+def cpu_family_model() -> str:
+    """'family F model M' from /proc/cpuinfo (x86), or '' where it does not say."""
+    fam = model = None
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                key, _, value = line.partition(":")
+                key = key.strip()
+                if key == "cpu family" and fam is None:
+                    fam = value.strip()
+                elif key == "model" and model is None:
+                    model = value.strip()
+                if fam is not None and model is not None:
+                    break
+    except OSError:
+        pass
+    return f"family {fam} model {model}" if fam is not None and model is not None else ""
+
+
+def replace_section(path, cls: str, lines: list[str], heading: str) -> str:
+    """The text of the file at ``path`` with the section of machine class ``cls`` replaced by ``lines`` (the
+    sections of other machine classes kept); a file without sections starts with ``heading``."""
+    import re
+    from pathlib import Path
+    path = Path(path)
+    begin, end = f"<!-- machine-class: {cls} -->", f"<!-- end: {cls} -->"
+    block = "\n".join([begin, *lines, end])
+    text = path.read_text() if path.is_file() else ""
+    if "<!-- machine-class:" not in text:
+        text = heading
+    pattern = re.compile(re.escape(begin) + r".*?" + re.escape(end), re.S)
+    if pattern.search(text):
+        return pattern.sub(lambda _: block, text)
+    return text.rstrip("\n") + "\n\n" + block + "\n"

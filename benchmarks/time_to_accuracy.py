@@ -26,7 +26,6 @@ import argparse
 import gzip
 import json
 import os
-import re
 import shutil
 import statistics
 import subprocess
@@ -36,31 +35,10 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _machine import machine_info, machine_markdown  # noqa: E402
+from _machine import cpu_flags_line, machine_class, machine_markdown, replace_section  # noqa: E402
 
 TARGET = 0.925
 FMNIST = Path("/usr/share/datasets/fashion-mnist")
-
-
-def machine_class() -> str:
-    """cpu-bf16 | cpu-fp32 | cpu-fp32, emulated AVX2 | gpu: which table this invocation's numbers belong to."""
-    m = machine_info()
-    if m["gpu"]:
-        return "gpu"
-    if os.environ.get("ONEDNN_MAX_CPU_ISA", "").upper().startswith("AVX2"):
-        return "cpu-fp32, emulated AVX2"
-    return "cpu-bf16" if ("avx512_bf16" in m["isa"] or "amx_bf16" in m["isa"]) else "cpu-fp32"
-
-
-def cpu_flags_line() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return "unknown"
 
 
 def run_imgrec(seed: int, extra: list[str]) -> dict:
@@ -139,21 +117,6 @@ def prepare_torchvision_root(tmp: Path) -> Path:
     return tmp
 
 
-def replace_section(path: Path, cls: str, lines: list[str]) -> str:
-    """The file's text with the section of machine class ``cls`` replaced by ``lines`` (other sections kept)."""
-    begin, end = f"<!-- machine-class: {cls} -->", f"<!-- end: {cls} -->"
-    block = "\n".join([begin, *lines, end])
-    text = path.read_text() if path.is_file() else ""
-    if "<!-- machine-class:" not in text:
-        text = ("# Time to accuracy on Fashion-MNIST\n\nOne section per machine class, each written by "
-                "`python benchmarks/time_to_accuracy.py` on such a machine (the tutorial loop run in the same "
-                "invocation unless the section says otherwise).\n")
-    pattern = re.compile(re.escape(begin) + r".*?" + re.escape(end), re.S)
-    if pattern.search(text):
-        return pattern.sub(lambda _: block, text)
-    return text.rstrip("\n") + "\n\n" + block + "\n"
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seeds", type=int, default=3)
@@ -214,7 +177,9 @@ def main() -> None:
             lines.append(f"| tutorial loop | best {max(a for _, a, _ in tut['history']):.4f} | did not reach "
                          f"{TARGET:.1%} in {args.tutorial_epochs} epochs | | | {load:.2f} |")
     out = Path(args.out)
-    text = replace_section(out, cls, lines)
+    text = replace_section(out, cls, lines, "# Time to accuracy on Fashion-MNIST\n\nOne section per machine class, each "
+                           "written by `python benchmarks/time_to_accuracy.py` on such a machine (the tutorial loop "
+                           "run in the same invocation unless the section says otherwise).\n")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(text)
     print("\n".join(lines))
