@@ -351,3 +351,24 @@ def test_conv_before_pool_keeps_its_bias_in_bf16():
         a, b = (nn.functional.max_pool2d(c(x), 2).float() for c in (fast, plain))
     assert a.shape == b.shape == (4, 8, 1, 1)
     assert torch.allclose(a, b, rtol=2e-2, atol=5e-2)
+
+
+@pytest.mark.parametrize("size", [28, 64])
+def test_fastnet_head_is_the_global_pool_and_exports_keep_it(size):
+    """At 28 px FastNet's last map is 1x1 and the head skips the pool; the logits and the gradient are those
+    of the pool, at any size, and a traced model (what the exports run) still contains the pool."""
+    torch.manual_seed(0)
+    model = create_model("fastnet_lean", num_classes=10, in_chans=1, image_size=size).train()
+    x = torch.randn(6, 1, size, size)
+    feats = model.forward_features(x)
+    assert (feats.shape[-2:] == (1, 1)) == (size == 28)
+    leaf = feats.detach().requires_grad_()
+    head = model.forward_head(leaf)
+    ref_leaf = feats.detach().requires_grad_()
+    ref = model.fc(model.global_pool(ref_leaf).flatten(1)) * model.logit_scale
+    assert torch.equal(head, ref)
+    head.square().sum().backward()
+    ref.square().sum().backward()
+    assert torch.equal(leaf.grad, ref_leaf.grad)
+    traced = torch.jit.trace(model.eval(), x[:2])
+    assert "adaptive_max_pool2d" in str(traced.inlined_graph)

@@ -224,7 +224,14 @@ class FastNet(nn.Module):
         return self.stages(self.stem(x))
 
     def forward_head(self, feats: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
-        pooled = self.global_pool(feats).flatten(1)
+        if feats.shape[-2] == 1 and feats.shape[-1] == 1 and not (torch.jit.is_tracing() or
+                                                                 torch.onnx.is_in_onnx_export()):
+            # The global max pool of a 1x1 map (FastNet's at 28 px) is the map itself: on a CPU,
+            # AdaptiveMaxPool2d's channels_last path spends ~0.9 ms of a 40 ms training step on it (batch 512,
+            # 2 Zen 5 cores). Exports keep the pool, so that their graphs do not depend on the input size.
+            pooled = feats.flatten(1)
+        else:
+            pooled = self.global_pool(feats).flatten(1)
         if pre_logits:
             return pooled
         return self.fc(pooled) * self.logit_scale
