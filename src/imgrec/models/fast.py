@@ -114,10 +114,34 @@ def _conv3x3_gemm(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
     n, c, h, w = x.shape
     oh, ow = h - 2, w - 2
     x = x.to(torch.bfloat16).permute(0, 2, 3, 1)  # N H W C (a view when the map is channels_last)
-    cols = torch.cat([x[:, i:i + oh, j:j + ow, :] for i in range(3) for j in range(3)], dim=3)
+    cols = _Windows3x3.apply(x)  # N oh ow (kh kw C)
     kernel = weight.to(torch.bfloat16).permute(0, 2, 3, 1).reshape(weight.shape[0], 9 * c)  # O x (kh kw C)
     out = cols.reshape(n * oh * ow, 9 * c) @ kernel.t()
     return out.view(n, oh, ow, weight.shape[0]).permute(0, 3, 1, 2)  # explicit: an empty batch has no -1
+
+
+class _Windows3x3(torch.autograd.Function):
+    """The 3x3 windows of an N H W C map side by side on the last axis (N oh ow 9C). Its backward adds the nine
+    slices of the gradient into one zeroed map; autograd's own backward of the nine slicings and the
+    concatenation zero-filled and summed nine full-size maps (and as many half-size ones), ~1.5 ms of a 37 ms
+    bf16 training step of fastnet_lean on 2 Zen 5 cores."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        oh, ow = x.shape[1] - 2, x.shape[2] - 2
+        ctx.in_shape = x.shape
+        return torch.cat([x[:, i:i + oh, j:j + ow, :] for i in range(3) for j in range(3)], dim=3)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        n, h, w, c = ctx.in_shape
+        oh, ow = h - 2, w - 2
+        out = grad.new_zeros(n, h, w, c)
+        parts = grad.view(n, oh, ow, 9, c)
+        for k in reversed(range(9)):  # autograd's order: the same bf16 sums to the last bit
+            i, j = divmod(k, 3)
+            out[:, i:i + oh, j:j + ow, :] += parts[:, :, :, k, :]
+        return out
 
 
 class ConvBNAct(nn.Sequential):
