@@ -7,19 +7,9 @@ import platform
 
 
 def machine_info() -> dict:
-    cpu = platform.processor() or "unknown"
-    flags = ""
-    try:
-        with open("/proc/cpuinfo") as f:
-            text = f.read()
-        for line in text.splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-            if line.startswith("flags"):
-                flags = line
-                break
-    except OSError:
-        pass
+    info = _cpuinfo("model name", "flags")
+    cpu = info.get("model name") or platform.processor() or "unknown"
+    flags = info.get("flags", "")
     import torch
     isa = [f for f in ("amx_bf16", "avx512_bf16", "avx512f", "avx2") if f in flags.split()]
     try:
@@ -60,34 +50,31 @@ def machine_class() -> str:
     return "cpu-bf16" if ("avx512_bf16" in m["isa"] or "amx_bf16" in m["isa"]) else "cpu-fp32"
 
 
-def cpu_flags_line() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return "unknown"
-
-
-def cpu_family_model() -> str:
-    """'family F model M' from /proc/cpuinfo (x86), or '' where it does not say."""
-    fam = model = None
+def _cpuinfo(*keys: str) -> dict[str, str]:
+    """The first value of each of ``keys`` in /proc/cpuinfo (keys it lacks, or a system without it: absent)."""
+    found: dict[str, str] = {}
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
                 key, _, value = line.partition(":")
                 key = key.strip()
-                if key == "cpu family" and fam is None:
-                    fam = value.strip()
-                elif key == "model" and model is None:
-                    model = value.strip()
-                if fam is not None and model is not None:
-                    break
+                if key in keys and key not in found:
+                    found[key] = value.strip()
+                    if len(found) == len(keys):
+                        break
     except OSError:
         pass
-    return f"family {fam} model {model}" if fam is not None and model is not None else ""
+    return found
+
+
+def cpu_flags_line() -> str:
+    return _cpuinfo("flags").get("flags", "unknown")
+
+
+def cpu_family_model() -> str:
+    """'family F model M' from /proc/cpuinfo (x86), or '' where it does not say."""
+    info = _cpuinfo("cpu family", "model")
+    return f"family {info['cpu family']} model {info['model']}" if len(info) == 2 else ""
 
 
 def replace_section(path, cls: str, lines: list[str], heading: str) -> str:
