@@ -28,7 +28,6 @@ import csv
 import json
 import os
 import resource
-import sys
 import tempfile
 import time
 
@@ -41,6 +40,7 @@ try:  # the training entry point (imgrec.engine.train; imgrec.engine.run before 
 except ImportError:  # pragma: no cover
     import imgrec.engine.run as run_mod  # noqa: E402
 import imgrec.engine.trainer as trainer_mod  # noqa: E402
+import imgrec.engine.run as pipe_mod  # noqa: E402  (the run pipeline: where train() looks its helpers up)
 
 T_IMPORT = time.perf_counter() - T0
 
@@ -113,17 +113,17 @@ def main():
     sizes = [int(s) for s in a.sizes.split(",")] if a.sizes else None
 
     if sizes:
-        orig = run_mod.build_loaders
+        orig = pipe_mod.build_loaders
 
         def build_loaders(*args, **kw):
             tr, va = orig(*args, **kw)
             return ResizingLoader(tr, sizes), va
-        run_mod.build_loaders = build_loaders
+        pipe_mod.build_loaders = build_loaders
 
     if a.whiten:
         import imgrec.models as models_mod
         captured = {}
-        orig_load, orig_create = run_mod.load_data, models_mod.create_model
+        orig_load, orig_create = pipe_mod.load_data, models_mod.create_model
 
         def load_data(*args, **kw):
             captured["b"] = b = orig_load(*args, **kw)
@@ -133,7 +133,7 @@ def main():
             m = orig_create(name, **kw)
             whiten_stem(m, captured["b"])
             return m
-        run_mod.load_data, models_mod.create_model = load_data, create_model
+        pipe_mod.load_data, models_mod.create_model = load_data, create_model
 
     eval_time = [0.0]
     # the per-epoch validation: Trainer.validate (Trainer.evaluate before the package was restructured)
