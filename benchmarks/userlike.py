@@ -235,6 +235,11 @@ def spec_hash(spec: dict) -> str:
 
 
 if __name__ == "__main__":  # python benchmarks/userlike.py ROOT [N_TRAIN N_TEST]
-    import sys
-    out = make_user_folder(sys.argv[1], *(int(a) for a in sys.argv[2:4]), junk=True)
+    import argparse
+    ap = argparse.ArgumentParser(description="Write a folder of user-like images (train/ and test/) from Fashion-MNIST.")
+    ap.add_argument("root", help="the folder to write")
+    ap.add_argument("n_train", type=int, nargs="?", default=200)
+    ap.add_argument("n_test", type=int, nargs="?", default=200)
+    a = ap.parse_args()
+    out = make_user_folder(a.root, a.n_train, a.n_test, junk=True)
     print(json.dumps(out["counts"]), out["classes"])
