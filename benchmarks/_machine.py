@@ -4,10 +4,12 @@ from __future__ import annotations
 import datetime
 import os
 import platform
+import re
+from pathlib import Path
 
 
 def machine_info() -> dict:
-    info = _cpuinfo("model name", "flags")
+    info = cpuinfo("model name", "flags")
     cpu = info.get("model name") or platform.processor() or "unknown"
     flags = info.get("flags", "")
     import torch
@@ -33,7 +35,6 @@ def machine_markdown() -> str:
 
 def write_result(out: str, lines: list[str]) -> None:
     """Print a Markdown result and write it to ``out``."""
-    from pathlib import Path
     text = "\n".join(lines) + "\n"
     print(text)
     Path(out).parent.mkdir(parents=True, exist_ok=True)
@@ -50,7 +51,7 @@ def machine_class() -> str:
     return "cpu-bf16" if ("avx512_bf16" in m["isa"] or "amx_bf16" in m["isa"]) else "cpu-fp32"
 
 
-def _cpuinfo(*keys: str) -> dict[str, str]:
+def cpuinfo(*keys: str) -> dict[str, str]:
     """The first value of each of ``keys`` in /proc/cpuinfo (keys it lacks, or a system without it: absent)."""
     found: dict[str, str] = {}
     try:
@@ -68,20 +69,18 @@ def _cpuinfo(*keys: str) -> dict[str, str]:
 
 
 def cpu_flags_line() -> str:
-    return _cpuinfo("flags").get("flags", "unknown")
+    return cpuinfo("flags").get("flags", "unknown")
 
 
 def cpu_family_model() -> str:
     """'family F model M' from /proc/cpuinfo (x86), or '' where it does not say."""
-    info = _cpuinfo("cpu family", "model")
+    info = cpuinfo("cpu family", "model")
     return f"family {info['cpu family']} model {info['model']}" if len(info) == 2 else ""
 
 
 def replace_section(path, cls: str, lines: list[str], heading: str) -> str:
     """The text of the file at ``path`` with the section of machine class ``cls`` replaced by ``lines`` (the
     sections of other machine classes kept); a file without sections starts with ``heading``."""
-    import re
-    from pathlib import Path
     path = Path(path)
     begin, end = f"<!-- machine-class: {cls} -->", f"<!-- end: {cls} -->"
     block = "\n".join([begin, *lines, end])

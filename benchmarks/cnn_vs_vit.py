@@ -50,7 +50,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _machine import machine_info  # noqa: E402
+from _machine import cpuinfo, machine_info  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 FMNIST = Path("/usr/share/datasets/fashion-mnist")
@@ -232,12 +232,8 @@ def verdict(rows: list[dict]) -> list[str]:
 
 
 def cpu_line() -> str:
-    info = {}
-    try:
-        for line in open("/proc/cpuinfo"):
-            k, _, v = line.partition(":")
-            info.setdefault(k.strip(), v.strip())
-    except OSError:
+    info = cpuinfo("model name", "cpu family", "model", "flags")
+    if not info:
         return "unreadable"
     flags = info.get("flags", "").split()
     has = [f for f in ("avx512_bf16", "amx_bf16", "amx_tile") if f in flags]

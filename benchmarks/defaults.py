@@ -46,6 +46,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
+from _machine import cpuinfo  # noqa: E402
 from userlike import make_user_folder, spec_hash  # noqa: E402
 
 BUILDER_VERSION = 1
@@ -98,22 +99,11 @@ SWEEP_COMMON = ["--val-last", "0", "--on-bad-image", "skip"]
 
 # ---------------------------------------------------------------------------------------------------- machine
 def cpu_facts() -> dict:
-    facts = {"model_name": platform.processor() or "unknown", "cpu_family": None, "flags": []}
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                key, _, val = line.partition(":")
-                key = key.strip()
-                if key == "model name":
-                    facts["model_name"] = val.strip()
-                elif key == "cpu family":
-                    facts["cpu_family"] = val.strip()
-                elif key == "flags":
-                    have = set(val.split())
-                    facts["flags"] = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile") if f in have]
-                    break
-    except OSError:
-        pass
+    info = cpuinfo("model name", "cpu family", "flags")
+    have = set(info.get("flags", "").split())
+    facts = {"model_name": info.get("model name") or platform.processor() or "unknown",
+             "cpu_family": info.get("cpu family"),
+             "flags": [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile") if f in have]}
     facts["cores"] = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     return facts
 

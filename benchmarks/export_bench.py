@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _machine import machine_markdown, write_result  # noqa: E402
+from _machine import cpu_flags_line, machine_markdown, write_result  # noqa: E402
 
 from imgrec.data.dataset import load_eval_split  # noqa: E402
 from imgrec.eval.evaluate import evaluate  # noqa: E402
@@ -202,13 +202,7 @@ def main() -> None:
             print(f"  naive ({threads} threads) {naive:.0f} img/s", flush=True)
         torch.set_num_threads(default_threads)
 
-    flags = ""
-    with open("/proc/cpuinfo") as f:
-        for line in f:
-            if line.startswith("flags"):
-                flags = " ".join(x for x in line.split(":", 1)[1].split()
-                                 if x.startswith(("avx512", "avx_vnni", "amx", "avx2", "fma")))
-                break
+    flags = " ".join(x for x in cpu_flags_line().split() if x.startswith(("avx512", "avx_vnni", "amx", "avx2", "fma")))
     import onnxruntime
     lines = [
         "# Export, int8 and batch prediction (`benchmarks/export_bench.py`)", "",

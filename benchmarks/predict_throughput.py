@@ -46,6 +46,9 @@ from pathlib import Path
 
 import numpy as np
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _machine import cpuinfo  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
 TOP_K = 5
 BATCH = 64  # imgrec predict's default --batch-size
@@ -240,25 +243,11 @@ def naive_loop(model_dir: Path, files: list[Path], threads: int) -> float:
 
 # -- the machine ------------------------------------------------------------------------------------
 def machine() -> dict:
-    info = {"cpu": platform.processor() or "unknown", "family": "?", "model": "?", "flags": set()}
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                key, _, value = line.partition(":")
-                key, value = key.strip(), value.strip()
-                if key == "vendor_id":
-                    info["vendor"] = value
-                elif key == "model name":
-                    info["cpu"] = value
-                elif key == "cpu family":
-                    info["family"] = value
-                elif key == "model":
-                    info["model"] = value
-                elif key == "flags":
-                    info["flags"] = set(value.split())
-                    break
-    except OSError:
-        pass
+    facts = cpuinfo("vendor_id", "model name", "cpu family", "model", "flags")
+    info = {"cpu": facts.get("model name") or platform.processor() or "unknown", "family": facts.get("cpu family", "?"),
+            "model": facts.get("model", "?"), "flags": set(facts.get("flags", "").split())}
+    if "vendor_id" in facts:
+        info["vendor"] = facts["vendor_id"]
     import onnxruntime
     import torch
     info["cores"] = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()

@@ -27,6 +27,8 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _machine import cpuinfo  # noqa: E402
 
 
 # -- a minimal HTTP/1.1 client: cheap enough that the load generator does not starve the server ------------
@@ -160,13 +162,7 @@ def sample_request() -> bytes:
 # -- the report -------------------------------------------------------------------------------------------
 def machine() -> dict:
     import torch
-    cpu = platform.processor() or "unknown"
-    try:
-        with open("/proc/cpuinfo") as f:
-            m = re.search(r"model name\s*:\s*(.+)", f.read())
-            cpu = m.group(1).strip() if m else cpu
-    except OSError:
-        pass
+    cpu = cpuinfo("model name").get("model name") or platform.processor() or "unknown"
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
     return {"cpu": cpu, "cores": cores, "torch": torch.__version__, "python": platform.python_version(),
             "date": datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")}

@@ -238,8 +238,9 @@ if __name__ == "__main__":  # python benchmarks/userlike.py ROOT [N_TRAIN N_TEST
     import argparse
     ap = argparse.ArgumentParser(description="Write a folder of user-like images (train/ and test/) from Fashion-MNIST.")
     ap.add_argument("root", help="the folder to write")
-    ap.add_argument("n_train", type=int, nargs="?", default=200)
-    ap.add_argument("n_test", type=int, nargs="?", default=200)
+    ap.add_argument("n_train", type=int, nargs="?", help="training images (make_user_folder's default if left out)")
+    ap.add_argument("n_test", type=int, nargs="?", help="test images (make_user_folder's default if left out)")
     a = ap.parse_args()
-    out = make_user_folder(a.root, a.n_train, a.n_test, junk=True)
+    counts = {k: v for k, v in (("n_train", a.n_train), ("n_test", a.n_test)) if v is not None}
+    out = make_user_folder(a.root, junk=True, **counts)
     print(json.dumps(out["counts"]), out["classes"])
