@@ -41,6 +41,8 @@ class ModelConfig:
     pretrained: bool = False           # torchvision ImageNet weights for this architecture
     weights: str | None = None         # a local state dict to start from (safetensors or weights-only .pt)
     freeze_backbone: bool = False      # train only the classifier head
+    probe: bool | None = None          # first fit the classifier on the frozen backbone's features (L-BFGS,
+                                       # seconds); None = when starting from pretrained weights
     kwargs: dict[str, Any] = field(default_factory=dict)   # extra architecture arguments
 
 
@@ -198,9 +200,14 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError(f"task must be classification or multilabel, got {cfg.data.task!r}")
     if cfg.data.on_bad_image not in ("fail", "skip"):
         raise ConfigError(f"on_bad_image must be fail or skip, got {cfg.data.on_bad_image!r}")
-    for k in ("epochs", "batch_size", "eval_batch_size"):
+    for k in ("batch_size", "eval_batch_size"):
         if int(getattr(t, k)) < 1:
             raise ConfigError(f"{k} must be at least 1")
+    m = cfg.model
+    probe = m.probe if m.probe is not None else bool(m.pretrained or m.weights)
+    if int(t.epochs) < 0 or (int(t.epochs) == 0 and not probe):
+        raise ConfigError("epochs must be at least 1 (0 only when a linear probe fits the classifier: "
+                          "with --pretrained or --weights)")
     if t.lr <= 0:
         raise ConfigError("lr must be positive")
     if not 0 <= t.label_smoothing < 1:

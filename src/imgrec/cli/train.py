@@ -153,9 +153,12 @@ def _model_options() -> tuple:
         ("--model", {"help": "architecture (see `imgrec models`); default: the recipe's"}),
         ("--recipe", {"help": f"a named recipe: {', '.join(recipe_names())} (default: chosen for this machine)"}),
         ("--config", {"help": "YAML config file (a saved config.yaml works)"}),
-        ("--pretrained", {**STORE_TRUE, "help": "start from torchvision's ImageNet weights"}),
+        ("--pretrained", {**STORE_TRUE, "help": "start from the architecture's ImageNet weights (torchvision's, or "
+                                                "timm's for timm:NAME; see `imgrec weights`)"}),
         ("--weights", {"help": "start from a local state dict (.safetensors or weights-only .pt/.pth)"}),
         ("--freeze-backbone", {**STORE_TRUE, "help": "train only the classifier head"}),
+        ("--probe", {**BOOL, "help": "fit the classifier on the frozen backbone's features first (seconds; with "
+                                     "--epochs 0 that is the whole training); default: on with pretrained weights"}),
     )
 
 

@@ -76,6 +76,7 @@ class CSVLogger(Callback):
     """Rewrites ``metrics.csv`` (atomically) from the trainer's history at every epoch end."""
 
     FIELDS = ("epoch", "train_loss", "train_acc", "val_loss", "val_acc", "lr", "epoch_time_s", "images_per_s")
+    logs_baseline = True  # also the row of weights fitted before the first epoch (Trainer.set_baseline): epoch 0
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
@@ -84,7 +85,8 @@ class CSVLogger(Callback):
         buf = io.StringIO()
         w = csv.DictWriter(buf, fieldnames=self.FIELDS, extrasaction="ignore", lineterminator="\n")
         w.writeheader()
-        for row in trainer.history:
+        rows = ([trainer.baseline] if getattr(trainer, "baseline", None) else []) + list(trainer.history)
+        for row in rows:
             w.writerow({k: (f"{v:.6g}" if isinstance(v, float) else "" if v is None else v) for k, v in row.items()})
         atomic_write_text(self.path, buf.getvalue())
 

@@ -28,7 +28,8 @@ from imgrec.infer.runtime import resolve_amp
 from imgrec.modeldir import ModelMeta, RunDir, write_meta
 from imgrec.safeio import atomic_write_text, check_writable
 
-__all__ = ["run", "build_loaders", "build_model", "model_meta", "uses_channels_last"]
+__all__ = ["run", "build_loaders", "build_model", "model_meta", "uses_channels_last", "backbone_normalisation",
+           "uses_probe"]
 
 
 def build_loaders(bundle: DataBundle, cfg: RunConfig, device: torch.device, channels_last: bool, *,
@@ -123,6 +124,7 @@ def run(cfg: RunConfig, out: Path, *, resume: bool, overwrite: bool, progress: b
     bundle, packed = _open_run_data(cfg, main, progress)
     weights = _imbalance_setup(bundle, cfg, progress)
     model, model_kwargs = build_model(cfg, bundle, rank=ctx.rank, resume=resume, progress=progress)
+    backbone_normalisation(model, cfg, bundle)
     channels_last = uses_channels_last(cfg)
     t = cfg.train
     train_loader, val_loader = build_loaders(bundle, cfg, ctx.device, channels_last, rank=ctx.rank,
@@ -137,8 +139,11 @@ def run(cfg: RunConfig, out: Path, *, resume: bool, overwrite: bool, progress: b
     if resume and has_checkpoint:
         if _resume(trainer, cfg, rd, ctx, main, progress):
             return _finished_summary(out, cfg, trainer, t_start)
-    elif main:
-        atomic_write_text(rd.config, cfg.to_yaml())
+    else:
+        if main:
+            atomic_write_text(rd.config, cfg.to_yaml())
+        if uses_probe(cfg, bundle):
+            _probe_step(trainer, bundle, cfg, meta, amp, channels_last, progress)
     trainer.fit()
     if ctx.world_size > 1:
         # every rank leaves the process group together, here: a rank that exits while another still holds the
@@ -266,6 +271,57 @@ def build_model(cfg: RunConfig, bundle: DataBundle, *, rank: int = 0, resume: bo
     return model, model_kwargs
 
 
+# ImageNet's channel statistics, for torchvision's pretrained weights (timm's carry their own in pretrained_cfg)
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+def backbone_normalisation(model, cfg: RunConfig, bundle: DataBundle) -> None:
+    """A model started from pretrained weights sees its images normalised as its backbone was trained (timm's
+    ``pretrained_cfg`` mean/std, else ImageNet's), not with the data's own statistics: a frozen backbone's
+    BatchNorm layers expect exactly that input. Grey images get the mean of the three channels' numbers."""
+    if not (cfg.model.pretrained or cfg.model.weights):
+        return
+    pcfg = getattr(model, "pretrained_cfg", None) or {}
+    mean, std = tuple(pcfg.get("mean") or IMAGENET_MEAN), tuple(pcfg.get("std") or IMAGENET_STD)
+    if len(mean) != 3 or len(std) != 3:
+        return
+    if bundle.channels == 1:
+        mean, std = (sum(mean) / 3,), (sum(std) / 3,)
+    bundle.mean, bundle.std = [float(v) for v in mean], [float(v) for v in std]
+
+
+def uses_probe(cfg: RunConfig, bundle: DataBundle) -> bool:
+    """Whether the run first fits its classifier as a linear probe on frozen features (imgrec.engine.transfer):
+    ``model.probe``, by default when it starts from pretrained weights; single-label data in memory only."""
+    m = cfg.model
+    on = m.probe if m.probe is not None else bool(m.pretrained or m.weights)
+    return bool(on) and bundle.task != "multilabel" and hasattr(bundle.train, "images")
+
+
+def _probe_step(trainer: Trainer, bundle: DataBundle, cfg: RunConfig, meta: ModelMeta, amp, channels_last: bool,
+                progress: bool) -> None:
+    """Fit the classifier on the frozen backbone's features; its weights become the run's best so far (what
+    fine-tuning must beat on validation) and, when there are no epochs to train, the model."""
+    from imgrec.engine.transfer import fit_probe
+    t = cfg.train
+    t0 = time.perf_counter()
+    res = fit_probe(trainer.model, bundle.train.images, bundle.train.labels, bundle.val.images, bundle.val.labels,
+                    bundle.mean, bundle.std, num_classes=len(bundle.classes), device=trainer.device, amp=amp,
+                    flip=bundle.flip if t.flip is None else bool(t.flip), tta_flip=bool(t.tta_flip),
+                    channels_last=channels_last, progress=progress)
+    val = trainer.validate(trainer.val_loader) if len(bundle.val) else {"acc": 0.0, "loss": float("inf")}
+    seconds = time.perf_counter() - t0
+    trainer.train_time_s += seconds
+    meta.training["transfer"] = {"method": "linear probe" + (", then fine-tuning" if t.epochs else ""),
+                                 "weights": cfg.model.weights or ("pretrained" if cfg.model.pretrained else None),
+                                 "l2": res.l2, "views": res.views, "features_s": round(res.features_s, 3),
+                                 "fit_s": round(res.fit_s, 3), "grid": res.grid}
+    logs = {"epoch": 0, "phase": "probe", "train_loss": None, "train_acc": None, "val_loss": val["loss"],
+            "val_acc": val["acc"] if len(bundle.val) else None, "lr": None, "epoch_time_s": seconds,
+            "images_per_s": len(bundle.train) * res.views / max(seconds, 1e-9)}
+    trainer.set_baseline(logs, val)
+
+
 def _run_meta(bundle: DataBundle, cfg: RunConfig, model_kwargs: dict, device, amp, weights) -> ModelMeta:
     """model.json's content before training, with the imbalance settings the run trains with."""
     t = cfg.train
@@ -282,7 +338,7 @@ def _meta_writer(out: Path, meta: ModelMeta):
     """The one writer of model.json during a run: the trainer calls it when it saves weights, and the steps
     after training with the numbers they add."""
     def on_save(tr: Trainer, test_metrics: dict | None = None) -> None:
-        best = tr.history[tr.best_epoch] if tr.best_epoch >= 0 else {}
+        best = tr.history[tr.best_epoch] if tr.best_epoch >= 0 else (tr.baseline or {})
         meta.metrics = {"best_epoch": tr.best_epoch + 1, "val_acc": best.get("val_acc"),
                         "val_loss": best.get("val_loss"), "epochs_run": len(tr.history), **(test_metrics or {})}
         if best.get("val_balanced_acc") is not None:

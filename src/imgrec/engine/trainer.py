@@ -209,6 +209,7 @@ class Trainer:
         self.start_step = 0       # first step of self.epoch still to run (non-zero after a mid-epoch resume)
         self.history: list[dict] = []
         self.best_acc, self.best_loss, self.best_epoch = -1.0, math.inf, -1
+        self.baseline: dict | None = None  # the weights before the first epoch, when they were fitted (set_baseline)
         self.stop_training = False
         self.partial = {"loss_sum": 0.0, "correct": 0, "seen": 0, "time": 0.0}
         self._pending_loss, self._pending_correct = 0.0, 0  # device-side sums not yet in partial
@@ -317,6 +318,22 @@ class Trainer:
             f1 = per_class_prf(cm)["f1"]
             out.update(balanced_acc=balanced_accuracy(cm), macro_f1=sum(f1) / max(len(f1), 1))
         return out
+
+    def set_baseline(self, logs: dict, val: dict) -> None:
+        """The model's weights before the first epoch count as the best so far (``best_epoch`` -1, shown as
+        epoch 0): a linear probe's head on a pretrained backbone, which fine-tuning must beat on validation to
+        replace. Writes them as the best and last weights and model.json, as an epoch end does."""
+        self.baseline = dict(logs)
+        self.best_acc, self.best_loss, self.best_epoch = val["acc"], val["loss"], -1
+        self.best_score = val.get(self.best_metric, val["acc"])
+        if self.run_dir is not None and self.is_writer:
+            write_weights(self.run_dir, "last", self.eval_model)
+            write_weights(self.run_dir, "best", self.eval_model)
+            for cb in self.callbacks:
+                if getattr(cb, "logs_baseline", False):
+                    cb.on_epoch_end(self, -1, self.baseline)
+            if self.on_save is not None:
+                self.on_save(self)
 
     # -- the loop ----------------------------------------------------------------------------------
     def fit(self) -> list[dict]:
@@ -443,7 +460,7 @@ class Trainer:
             "epoch": self.epoch, "start_step": self.start_step, "partial": dict(self.partial),
             "total_steps": self.total_steps,
             "history": self.history, "best": [self.best_acc, self.best_loss, self.best_epoch],
-            "best_score": self.best_score,
+            "best_score": self.best_score, "baseline": self.baseline,
             "train_time_s": self.train_time_s, "rng": rng,
             # the number of processes and the global batch of the steps counted above (see load_state_dict)
             "world_size": self.world, "global_batch": int(self.cfg.batch_size),
@@ -491,6 +508,7 @@ class Trainer:
         self.best_acc, self.best_loss, self.best_epoch = state["best"]
         self.best_epoch = int(self.best_epoch)
         self.best_score = float(state.get("best_score", self.best_acc))  # older checkpoints chose by accuracy
+        self.baseline = state.get("baseline")
         self.train_time_s = float(state.get("train_time_s", 0.0))
         rng = state["rng"]
         torch.set_rng_state(rng["torch"])
