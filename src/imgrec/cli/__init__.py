@@ -9,10 +9,10 @@ from __future__ import annotations
 import argparse
 import sys
 
-from imgrec.cli import calibrate, data, embed, evaluate, export, models, predict, serve, train
+from imgrec.cli import calibrate, data, embed, evaluate, export, models, predict, serve, train, weights
 
 EXIT_BAD_INPUT, EXIT_FAILURE, EXIT_INTERRUPTED = 2, 1, 130
-COMMAND_MODULES = (models, train, evaluate, predict, serve, export, calibrate, data, embed)
+COMMAND_MODULES = (models, train, evaluate, predict, serve, export, calibrate, data, embed, weights)
 
 
 def build_parser() -> argparse.ArgumentParser:
