@@ -13,6 +13,7 @@ sum of squares, which ONNX has.
 """
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -92,17 +93,26 @@ def channel_stats(o: torch.Tensor) -> torch.Tensor:
 
 
 class LayerTaps:
-    """Forward hooks that keep the channel statistics of the named modules' outputs during one pass."""
+    """Forward hooks that keep the channel statistics of the named modules' outputs during one pass.
+
+    A hook belongs to the module, not to the call: while one thread's taps are open, a pass of the same
+    network on another thread (``predict_files`` runs batches side by side on a CPU, imgrec.infer.files)
+    calls them too. So a hook keeps only the outputs of passes run on the thread that opened the taps;
+    without that check, one batch's layer statistics were another batch's (wrong scores for batches of
+    equal size, a size mismatch under flip-TTA for unequal ones)."""
 
     def __init__(self, model: nn.Module, names: list[str]):
         self.model, self.names = model, list(names)
         self.outputs: list[torch.Tensor | None] = [None] * len(self.names)
         self.handles: list = []
+        self.thread: int | None = None
 
     def __enter__(self) -> "LayerTaps":
+        self.thread = threading.get_ident()
         for i, name in enumerate(self.names):
             def keep(module, args, out, i=i):
-                self.outputs[i] = out
+                if threading.get_ident() == self.thread:
+                    self.outputs[i] = out
             self.handles.append(self.model.get_submodule(name).register_forward_hook(keep))
         return self
 
