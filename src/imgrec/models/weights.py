@@ -250,10 +250,11 @@ def _check_shapes(got: dict[str, tuple[int, ...]], expected: dict[str, tuple[int
                   model: str) -> None:
     """ModelFileError naming the first key that is not in ``model``, has another shape, or is missing
     (BatchNorm's num_batches_tracked may be missing: torch fills it in)."""
+    unknown = [k for k in got if k not in expected]
+    if unknown:
+        raise ModelFileError(f"{source}: {len(unknown)} of its {len(got)} tensors are not part of {model}, the "
+                             f"first {unknown[0]!r} (weights of another architecture or layout?)")
     for k, shape in got.items():
-        if k not in expected:
-            raise ModelFileError(f"{source}: tensor {k!r} is not part of {model} (weights of another architecture "
-                                 f"or layout?)")
         if tuple(shape) != expected[k]:
             raise ModelFileError(f"{source}: {k} has shape {list(shape)}, {model} needs {list(expected[k])}")
     missing = [k for k in expected if k not in got and not k.endswith("num_batches_tracked")]
