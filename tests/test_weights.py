@@ -86,6 +86,7 @@ def test_every_backbone_row_agrees_with_timm(b):
     assert cfg.hf_hub_id == b.hf_repo and (cfg.hf_hub_filename or "model.safetensors") == b.filename
     assert {"apache-2.0": "Apache-2.0", "bsd-3-clause": "BSD-3-Clause"}[cfg.license] == b.licence
     assert cfg.input_size[-1] == b.image_size and tuple(cfg.mean) == b.mean and tuple(cfg.std) == b.std
+    assert b.torch_file == (cfg.url.rsplit("/", 1)[-1] if "download.pytorch.org" in (cfg.url or "") else "")
     with torch.device("meta"):
         net = timm.create_model(arch)
     nbytes = sum(v.numel() * v.element_size() for v in net.state_dict().values())
@@ -208,6 +209,35 @@ def test_a_missing_file_on_the_hub_is_one_line(hf, monkeypatch):
         monkeypatch.setenv("HF_ENDPOINT", hub.url)
         with pytest.raises(ModelFileError, match="efficientnet_lite0: cannot reach .*404"):
             w.fetch_weights("efficientnet_lite0", progress=False)
+
+
+def test_torchvision_downloads_in_torch_hub_cache_are_found(hf, tmp_path, monkeypatch):
+    """resnet18/50 are torchvision's weights: torchvision's own download (hash prefix in its name) is found and
+    taken into the HF cache without network; one whose content does not match its name is not."""
+    import dataclasses
+
+    import timm
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    state = timm.create_model("resnet18").state_dict()  # timm's resnet keys are torchvision's
+    folder = tmp_path / "torch" / "hub" / "checkpoints"
+    folder.mkdir(parents=True)
+    torch.save(state, folder / "x.pth")
+    sha = hashlib.sha256((folder / "x.pth").read_bytes()).hexdigest()
+    file = folder / f"resnet18-{sha[:8]}.pth"
+    (folder / "x.pth").rename(file)
+    assert w.BACKBONES["resnet18"].torch_file == "resnet18-f37072fd.pth"  # torchvision's real name
+    monkeypatch.setitem(w.BACKBONES, "resnet18", dataclasses.replace(w.BACKBONES["resnet18"], torch_file=file.name))
+    rows = {r["name"]: r for r in w.list_weights()}
+    assert (rows["resnet18"]["source"], rows["resnet18"]["path"]) == ("torch-cache", str(file))
+    assert w.cached_weights("resnet18") is None  # the HF cache alone: a pure look-up
+    [(b, path)] = w.available_backbones()
+    assert b.name == "resnet18" and w.cached_weights("resnet18") == path and w.fetch_weights("resnet18") == path
+    assert torch.equal(timm_offline(monkeypatch, "resnet18.tv_in1k").state_dict()["fc.weight"], state["fc.weight"])
+    other = folder / f"resnet18-{'0' * 8}.pth"  # its content does not start with the hash its name promises
+    file.rename(other)
+    monkeypatch.setitem(w.BACKBONES, "resnet18", dataclasses.replace(w.BACKBONES["resnet18"], torch_file=other.name))
+    assert w._torch_cached(w.BACKBONES["resnet18"]) is None
 
 
 # -- verify_file ----------------------------------------------------------------------------------------------

@@ -43,7 +43,8 @@ def cmd_weights(args) -> int:
     if args.json:
         print_json(rows)
         return 0
-    print(fmt_table([[r["name"], r["model"], "yes" if r["path"] else "no", f"{r['size_mb']:.1f} MB", r["licence"],
+    where = {"hf-cache": "yes", "torch-cache": "yes (torch's cache)", "absent": "no"}
+    print(fmt_table([[r["name"], r["model"], where[r["source"]], f"{r['size_mb']:.1f} MB", r["licence"],
                       r["path"] or "-"] for r in rows],
                     ["name", "model", "on this machine", "size", "licence", "path"]))
     return 0

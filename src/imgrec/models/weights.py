@@ -9,7 +9,9 @@ Weights live where timm looks for them, the Hugging Face cache (``$HF_HUB_CACHE`
         refs/main                                        <commit>
 
 so a user's existing cache, a mirror (``HF_ENDPOINT``) and the offline switch (``HF_HUB_OFFLINE``) work unchanged,
-and ``timm.create_model(model, pretrained=True)`` finds what imgrec downloaded or added.
+and ``timm.create_model(model, pretrained=True)`` finds what imgrec downloaded or added. torchvision's own downloads
+of the same weights (resnet18, resnet50: ``$TORCH_HOME/hub/checkpoints/<name>-<sha256 prefix>.pth``) are found too:
+checked against the hash prefix in their name, as torch hub checks them, and taken into the HF cache without network.
 
 imgrec adds what huggingface_hub lacks. huggingface_hub checks a download's length, not its content:
 :func:`verify_file` checks a blob against the SHA-256 its name promises, and the safetensors header against the
@@ -54,6 +56,7 @@ class Backbone:
     image_size: int                    # the input size of timm's pretrained cfg
     mean: tuple[float, float, float]   # input normalisation the weights were trained with
     std: tuple[float, float, float]
+    torch_file: str = ""               # torchvision's file of the same weights in torch hub's cache, if any
 
 
 # Ordered by preference on 2 CPU cores: small and fast first. Ids, licences, sizes and resolutions from timm's
@@ -67,13 +70,15 @@ BACKBONES: dict[str, Backbone] = {b.name: b for b in (
     Backbone("efficientnet_b0", "timm:efficientnet_b0", "timm/efficientnet_b0.ra_in1k",
              "model.safetensors", "Apache-2.0", 21.3, 5.29, 77.69, 224, _IMAGENET_MEAN, _IMAGENET_STD),
     Backbone("resnet18", "timm:resnet18.tv_in1k", "timm/resnet18.tv_in1k",
-             "model.safetensors", "BSD-3-Clause", 46.8, 11.69, 69.76, 224, _IMAGENET_MEAN, _IMAGENET_STD),
+             "model.safetensors", "BSD-3-Clause", 46.8, 11.69, 69.76, 224, _IMAGENET_MEAN, _IMAGENET_STD,
+             "resnet18-f37072fd.pth"),
     Backbone("convnext_atto", "timm:convnext_atto", "timm/convnext_atto.d2_in1k",
              "model.safetensors", "Apache-2.0", 14.8, 3.70, 77.01, 224, _IMAGENET_MEAN, _IMAGENET_STD),
     Backbone("efficientnet_lite1", "timm:tf_efficientnet_lite1", "timm/tf_efficientnet_lite1.in1k",
              "model.safetensors", "Apache-2.0", 21.9, 5.42, 76.64, 240, _TF_MEAN, _TF_STD),
     Backbone("resnet50", "timm:resnet50.tv2_in1k", "timm/resnet50.tv2_in1k",
-             "model.safetensors", "BSD-3-Clause", 102.4, 25.56, 80.85, 176, _IMAGENET_MEAN, _IMAGENET_STD),
+             "model.safetensors", "BSD-3-Clause", 102.4, 25.56, 80.85, 176, _IMAGENET_MEAN, _IMAGENET_STD,
+             "resnet50-11ad3fa6.pth"),
 )}
 
 
@@ -135,19 +140,59 @@ def cached_weights(name: str) -> Path | None:
 
 
 def available_backbones() -> list[tuple[Backbone, Path]]:
-    """The backbones whose weights are on this machine, in preference order, with their files."""
-    found = [(b, cached_weights(b.name)) for b in BACKBONES.values()]
-    return [(b, p) for b, p in found if p is not None]
+    """The backbones whose weights are on this machine, in preference order, with their files in the HF cache
+    (a torchvision download found in torch hub's cache is taken into it first: once, no network)."""
+    found = []
+    for b in BACKBONES.values():
+        path = cached_weights(b.name)
+        if path is None and _torch_cached(b) is not None:
+            path = _from_torch_cache(b)
+        if path is not None:
+            found.append((b, path))
+    return found
+
+
+def _torch_cached(b: Backbone) -> Path | None:
+    """torchvision's download of the backbone's weights in torch hub's cache, when whole: its SHA-256 starts with
+    the prefix in its name (torch hub's check_hash)."""
+    if not b.torch_file:
+        return None
+    import torch.hub
+    path = Path(torch.hub.get_dir()) / "checkpoints" / b.torch_file
+    if not path.is_file():
+        return None
+    prefix = b.torch_file.rsplit("-", 1)[-1].split(".")[0]
+    key = (str(path.resolve()), path.stat().st_size, path.stat().st_mtime_ns, "torch")
+    if not _verified.get(key):
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            while chunk := f.read(1 << 20):
+                h.update(chunk)
+        if not h.hexdigest().startswith(prefix):
+            return None
+        _verified[key] = True
+    return path
+
+
+def _from_torch_cache(b: Backbone) -> Path | None:
+    """The torch hub file taken into the HF cache (same key names in timm), or None when it does not fit."""
+    try:
+        return add_weights(_torch_cached(b), b.name)
+    except (ModelFileError, OSError):
+        return None
 
 
 def list_weights() -> list[dict]:
-    """Every backbone, for ``imgrec weights``: name, model, source ("hf-cache" or "absent"), size_mb, licence,
-    path (None when absent), image_size, imagenet_top1."""
+    """Every backbone, for ``imgrec weights``: name, model, source ("hf-cache", "torch-cache": torchvision's
+    download, or "absent"), size_mb, licence, path (None when absent), image_size, imagenet_top1."""
     rows = []
     for b in BACKBONES.values():
         path = cached_weights(b.name)
+        source = "hf-cache" if path else "absent"
+        if path is None and _torch_cached(b) is not None:
+            path, source = _torch_cached(b), "torch-cache"
         size = round(path.stat().st_size / 1e6, 1) if path is not None else b.size_mb
-        rows.append({"name": b.name, "model": b.model, "source": "hf-cache" if path else "absent",
+        rows.append({"name": b.name, "model": b.model, "source": source,
                      "size_mb": size, "licence": b.licence, "path": str(path) if path else None,
                      "image_size": b.image_size, "imagenet_top1": b.imagenet_top1})
     return rows
@@ -282,13 +327,14 @@ def _endpoint() -> str:
 
 
 def fetch_weights(name: str, *, progress: bool = True) -> Path:
-    """The verified weights of backbone ``name``: from the cache, else downloaded now through huggingface_hub
+    """The verified weights of backbone ``name``: from the HF cache (or torch hub's, taken into it), else
+    downloaded now through huggingface_hub
     (from ``$HF_ENDPOINT``, into the HF cache) after one line on stderr naming the size, licence and source;
     ``progress`` shows huggingface_hub's progress bar. Never downloads when ``HF_HUB_OFFLINE`` or
     ``IMGREC_OFFLINE`` is set. ModelFileError in one line on any failure; a file that fails
     :func:`verify_file` is removed from the cache, never left where :func:`cached_weights` would find it."""
     b = backbone(name)
-    path = cached_weights(b.name)
+    path = cached_weights(b.name) or (_from_torch_cache(b) if _torch_cached(b) else None)
     if path is not None:
         return path
     hint = f"on an air-gapped machine: imgrec weights add FILE --as {b.name}"
