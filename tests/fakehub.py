@@ -8,7 +8,9 @@ with the headers huggingface_hub reads (huggingface_hub/file_download.py: ``get_
 - ``"short-body"``: every GET promises the whole file in Content-Length, sends half of it and closes;
 - ``"short-body-once"``: the first GET does that, later ones (huggingface_hub's resumes) are served whole;
 - ``"short-file"``: GET serves a shorter file, with a matching Content-Length, than HEAD announced;
-- ``"wrong-hash"``: GET serves other bytes of the same length under the announced SHA-256.
+- ``"wrong-hash"``: GET serves other bytes of the same length under the announced SHA-256;
+- ``"cdn"``: not a fault: as the Hub serves LFS files, HEAD answers 302 with the metadata and a ``Location`` on
+  another host name (``localhost``: a CDN, to huggingface_hub), where GET ``/cdn/<sha256>`` serves the file.
 
     with FakeHub() as hub:
         hub.add("timm/x.in1k", "model.safetensors", data)
@@ -76,6 +78,9 @@ class FakeHub:
                     hub.requests.append((self.command, self.path, self.headers.get("Range")))
                 m = _PATH.match(self.path)
                 data = hub.files.get((m["repo"], m["file"])) if m else None
+                if self.path.startswith("/cdn/"):
+                    data = next((d for d in hub.files.values()
+                                 if hashlib.sha256(d).hexdigest() == self.path[5:]), None)
                 if data is None:
                     self.send_response(404)
                     self.send_header("X-Error-Code", "EntryNotFound")
@@ -94,6 +99,14 @@ class FakeHub:
             def do_HEAD(self):
                 data = self._lookup()
                 if data is None:
+                    return
+                if hub.fault == "cdn" and not self.path.startswith("/cdn/"):
+                    self.send_response(302)
+                    self._meta_headers(data)
+                    port = hub.server.server_address[1]
+                    self.send_header("Location", f"http://localhost:{port}/cdn/{hashlib.sha256(data).hexdigest()}")
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
                     return
                 self.send_response(200)
                 self._meta_headers(data)

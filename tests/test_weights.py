@@ -168,6 +168,15 @@ def test_an_interrupted_download_is_retried_to_a_verified_file(hf, lite0_bytes, 
     assert hashlib.sha256(path.read_bytes()).hexdigest() == sha
 
 
+def test_a_redirect_to_a_cdn_is_followed(hf, lite0_bytes, monkeypatch):
+    """The Hub answers HEAD for an LFS file with 302, the metadata in X-Linked-* headers and the file elsewhere."""
+    with FakeHub(fault="cdn") as hub:
+        sha = serve(hub, lite0_bytes, monkeypatch)
+        path = w.fetch_weights("efficientnet_lite0", progress=False)
+    assert ("GET", f"/cdn/{sha}", None) in hub.requests
+    assert path.resolve().name == sha and w.cached_weights("efficientnet_lite0") == path
+
+
 def test_a_corrupted_cached_file_is_not_used_and_is_downloaded_again(hf, lite0_bytes, monkeypatch):
     with FakeHub() as hub:
         serve(hub, lite0_bytes, monkeypatch)
