@@ -67,76 +67,79 @@ class FakeHub:
         return data, len(data)
 
     def _handler(self):
-        hub = self
+        return type("Handler", (_Handler,), {"hub": self})
 
-        class Handler(BaseHTTPRequestHandler):
-            def log_message(self, *args):  # quiet test output
-                pass
 
-            def _lookup(self):
-                with hub._lock:
-                    hub.requests.append((self.command, self.path, self.headers.get("Range")))
-                m = _PATH.match(self.path)
-                data = hub.files.get((m["repo"], m["file"])) if m else None
-                if self.path.startswith("/cdn/"):
-                    data = next((d for d in hub.files.values()
-                                 if hashlib.sha256(d).hexdigest() == self.path[5:]), None)
-                if data is None:
-                    self.send_response(404)
-                    self.send_header("X-Error-Code", "EntryNotFound")
-                    self.send_header("Content-Length", "0")
-                    self.end_headers()
-                return data
+class _Handler(BaseHTTPRequestHandler):
+    """One request to the fake hub; ``hub`` is set on a subclass per server."""
 
-            def _meta_headers(self, data: bytes) -> None:
-                sha = hashlib.sha256(data).hexdigest()
-                self.send_header("X-Repo-Commit", COMMIT)
-                self.send_header("ETag", f'"{sha}"')
-                self.send_header("X-Linked-Etag", f'"{sha}"')
-                self.send_header("X-Linked-Size", str(len(data)))
-                self.send_header("Accept-Ranges", "bytes")
+    hub: FakeHub
 
-            def do_HEAD(self):
-                data = self._lookup()
-                if data is None:
-                    return
-                if hub.fault == "cdn" and not self.path.startswith("/cdn/"):
-                    self.send_response(302)
-                    self._meta_headers(data)
-                    port = hub.server.server_address[1]
-                    self.send_header("Location", f"http://localhost:{port}/cdn/{hashlib.sha256(data).hexdigest()}")
-                    self.send_header("Content-Length", "0")
-                    self.end_headers()
-                    return
-                self.send_response(200)
-                self._meta_headers(data)
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
+    def log_message(self, *args):  # quiet test output
+        pass
 
-            def do_GET(self):
-                data = self._lookup()
-                if data is None:
-                    return
-                with hub._lock:
-                    hub._gets += 1
-                    first = hub._gets == 1
-                start = _range_start(self.headers.get("Range"))
-                if start and hub.fault != "short-body":
-                    self.send_response(206)
-                    self._meta_headers(data)
-                    self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
-                    body, length = data[start:], len(data) - start
-                else:  # no Range, or a server that ignores it: the whole file (huggingface_hub restarts)
-                    self.send_response(200)
-                    self._meta_headers(data)
-                    body, length = hub._body(data, first)
-                self.send_header("Content-Length", str(length))
-                self.end_headers()
-                self.wfile.write(body)
-                self.wfile.flush()
-                self.close_connection = True  # HTTP/1.0: a short body ends with the connection
+    def _lookup(self):
+        with self.hub._lock:
+            self.hub.requests.append((self.command, self.path, self.headers.get("Range")))
+        m = _PATH.match(self.path)
+        data = self.hub.files.get((m["repo"], m["file"])) if m else None
+        if self.path.startswith("/cdn/"):
+            data = next((d for d in self.hub.files.values()
+                         if hashlib.sha256(d).hexdigest() == self.path[5:]), None)
+        if data is None:
+            self.send_response(404)
+            self.send_header("X-Error-Code", "EntryNotFound")
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+        return data
 
-        return Handler
+    def _meta_headers(self, data: bytes) -> None:
+        sha = hashlib.sha256(data).hexdigest()
+        self.send_header("X-Repo-Commit", COMMIT)
+        self.send_header("ETag", f'"{sha}"')
+        self.send_header("X-Linked-Etag", f'"{sha}"')
+        self.send_header("X-Linked-Size", str(len(data)))
+        self.send_header("Accept-Ranges", "bytes")
+
+    def do_HEAD(self):
+        data = self._lookup()
+        if data is None:
+            return
+        if self.hub.fault == "cdn" and not self.path.startswith("/cdn/"):
+            self.send_response(302)
+            self._meta_headers(data)
+            port = self.hub.server.server_address[1]
+            self.send_header("Location", f"http://localhost:{port}/cdn/{hashlib.sha256(data).hexdigest()}")
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
+        self.send_response(200)
+        self._meta_headers(data)
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+
+    def do_GET(self):
+        data = self._lookup()
+        if data is None:
+            return
+        with self.hub._lock:
+            self.hub._gets += 1
+            first = self.hub._gets == 1
+        start = _range_start(self.headers.get("Range"))
+        if start and self.hub.fault != "short-body":
+            self.send_response(206)
+            self._meta_headers(data)
+            self.send_header("Content-Range", f"bytes {start}-{len(data) - 1}/{len(data)}")
+            body, length = data[start:], len(data) - start
+        else:  # no Range, or a server that ignores it: the whole file (huggingface_hub restarts)
+            self.send_response(200)
+            self._meta_headers(data)
+            body, length = self.hub._body(data, first)
+        self.send_header("Content-Length", str(length))
+        self.end_headers()
+        self.wfile.write(body)
+        self.wfile.flush()
+        self.close_connection = True  # HTTP/1.0: a short body ends with the connection
 
 
 def _range_start(header: str | None) -> int:

@@ -324,6 +324,12 @@ def test_add_refuses_another_efficientnet_variant(hf):
     assert cache_files(hf) == []
 
 
+@needs_lite0
+def test_add_refuses_tensorflow_ports_for_pytorch_padded_efficientnets(hf):
+    with pytest.raises(ModelFileError, match="fit timm's tf_ architectures only .* not timm:efficientnet_b0"):
+        w.add_weights(LUKEMELAS_LITE0, "efficientnet_b0")
+
+
 @pytest.mark.parametrize("suffix", [".pth", ".safetensors"])
 def test_add_refuses_another_architecture_in_one_line(suffix, hf, tmp_path):
     with pytest.raises(ModelFileError) as e:

@@ -409,6 +409,12 @@ def add_weights(file: str | Path, as_name: str) -> Path:
     state = {k.removeprefix("module."): v for k, v in load_weights(path).items()}  # no pickle code runs
     expected = _expected_shapes(b.model)
     if not set(state) <= set(expected) and _is_lukemelas(state):
+        if not b.model.startswith("timm:tf_"):
+            # lukemelas' weights are TensorFlow ports, trained with TF's asymmetric "same" padding: on timm's
+            # PyTorch-padded EfficientNets every shape fits and the features come out subtly wrong
+            tf = ", ".join(n for n, x in BACKBONES.items() if x.model.startswith("timm:tf_"))
+            raise ModelFileError(f"{path}: EfficientNet-PyTorch weights (TensorFlow ports) fit timm's tf_ "
+                                 f"architectures only ({tf}), not {b.model}")
         state = _zip_lukemelas(state, expected, str(path), b.model)
     _check_shapes({k: tuple(v.shape) for k, v in state.items()}, expected, str(path), b.model)
     return _write_to_cache(state, b)
