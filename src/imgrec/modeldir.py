@@ -10,6 +10,10 @@ model directory, so ``--model runs/x`` works for eval, predict, serve, report an
     checkpoint.safetensors  resumable training state (optimizer, scheduler, EMA, RNG …), no pickle
     config.yaml             the resolved training config
     metrics.csv             per-epoch train/val loss and accuracy, learning rate, speed
+    ood.safetensors         the "unknown" score's statistics (imgrec.infer.ood), when it needs them
+    neighbours.safetensors  training features for the nearest-training-images lookup (imgrec.infer.neighbours)
+    tensorboard/            TensorBoard event files (--tensorboard on)
+    model.onnx, model.int8.onnx, model.torchscript.pt   what `imgrec export` writes there by default
 
 Every file is written atomically (see imgrec.safeio), so a crash never leaves a half-written file in place.
 
@@ -117,7 +121,8 @@ def _run_file(name: str) -> property:
 
 @dataclass(frozen=True)
 class RunDir:
-    """The file names of a run (= model) directory; nothing else in imgrec spells them."""
+    """The file names of a run (= model) directory; nothing else in imgrec spells them. Every writer takes
+    its name from here, so :meth:`run_files` and :meth:`clear` (``--overwrite``) know every file a run left."""
     path: Path
 
     META = "model.json"
@@ -126,7 +131,16 @@ class RunDir:
     CHECKPOINT = "checkpoint.safetensors"
     CONFIG = "config.yaml"
     METRICS = "metrics.csv"
+    OOD = "ood.safetensors"                # the "unknown" score's statistics (imgrec.infer.ood)
+    NEIGHBOURS = "neighbours.safetensors"  # the nearest-training-images bank (imgrec.infer.neighbours)
+    ONNX = "model.onnx"                    # `imgrec export`'s default files (imgrec.infer.export.FORMATS)
+    ONNX_INT8 = "model.int8.onnx"
+    TORCHSCRIPT = "model.torchscript.pt"
+    TENSORBOARD = "tensorboard"            # a folder: TensorBoard's event files
     WEIGHTS = {"best": BEST, "last": LAST}
+    EXPORTS = (ONNX, ONNX_INT8, TORCHSCRIPT)
+    FILES = (META, CHECKPOINT, CONFIG, METRICS, BEST, LAST, OOD, NEIGHBOURS, *EXPORTS)
+    FOLDERS = (TENSORBOARD,)
 
     def __init__(self, path: str | Path):
         object.__setattr__(self, "path", Path(path))
@@ -135,6 +149,10 @@ class RunDir:
     checkpoint = _run_file(CHECKPOINT)
     config = _run_file(CONFIG)
     metrics = _run_file(METRICS)
+    ood = _run_file(OOD)
+    neighbours = _run_file(NEIGHBOURS)
+    onnx = _run_file(ONNX)
+    tensorboard = _run_file(TENSORBOARD)
 
     def weights(self, which: str = "best") -> Path:
         if which not in self.WEIGHTS:
@@ -142,8 +160,25 @@ class RunDir:
         return self.path / self.WEIGHTS[which]
 
     def run_files(self) -> list[Path]:
-        """Everything a training run writes (what ``--overwrite`` removes)."""
-        return [self.path / n for n in (self.META, self.CHECKPOINT, self.CONFIG, self.METRICS, self.BEST, self.LAST)]
+        """Every file a run and the commands that write into its directory (calibrate, export) leave there:
+        the named files, and the files now inside the run's folders (``tensorboard/``). What ``--overwrite``
+        removes; :meth:`clear` removes the folders too."""
+        inside = [f for d in self.FOLDERS if (self.path / d).is_dir() and not (self.path / d).is_symlink()
+                  for f in sorted((self.path / d).rglob("*")) if not f.is_dir() or f.is_symlink()]
+        return [self.path / n for n in self.FILES] + inside
+
+    def clear(self) -> None:
+        """Remove every file and folder of a run (:meth:`run_files`, ``tensorboard/``); nothing else in the
+        directory is touched."""
+        import shutil
+        for f in self.run_files():
+            if not f.is_dir() or f.is_symlink():
+                f.unlink(missing_ok=True)
+        for d in self.FOLDERS:
+            if (self.path / d).is_symlink() or (self.path / d).is_file():
+                (self.path / d).unlink()
+            elif (self.path / d).is_dir():
+                shutil.rmtree(self.path / d)
 
     def holds_run(self) -> bool:
         return any((self.path / n).exists() for n in (self.META, self.CHECKPOINT, self.CONFIG))

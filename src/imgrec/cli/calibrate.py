@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 from imgrec.cli.common import add_json_option, print_json
+from imgrec.modeldir import RunDir
 
 
 def add_parsers(sub) -> None:
@@ -53,5 +54,5 @@ def cmd_calibrate(args) -> int:
     print(f"T = {entry['T']:.4f}{nll_only} fitted on the {entry['split']} split (n={entry['n']}): "
           f"ECE {entry['ece_before']:.4f} → {entry['ece_after']:.4f}   NLL {entry['nll_before']:.4f} → "
           f"{entry['nll_after']:.4f}   Brier {entry['brier_before']:.4f} → {entry['brier_after']:.4f}")
-    print(f"wrote {Path(args.model) / 'model.json'}")
+    print(f"wrote {RunDir(args.model).meta}")
     return 0

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from imgrec.errors import ConfigError, ModelFileError
+from imgrec.modeldir import RunDir
 
 if TYPE_CHECKING:
     from imgrec.infer.base import Predictor
@@ -20,7 +21,7 @@ if TYPE_CHECKING:
 __all__ = ["BACKENDS", "load_classifier", "onnx_path", "resolve_backend"]
 
 BACKENDS = ("auto", "torch", "onnxruntime")
-EXPORTED_NAME = "model.onnx"  # what `imgrec export` writes into the model directory by default
+EXPORTED_NAME = RunDir.ONNX  # what `imgrec export` writes into the model directory by default
 
 
 def onnx_path(model: str | os.PathLike) -> Path:

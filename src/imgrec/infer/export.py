@@ -73,7 +73,7 @@ from imgrec.errors import ConfigError, ModelFileError, require_modules
 from imgrec.infer.ort import (INPUT_NAME, INPUT_SPEC, LOGITS_NAME, ONNX_FORMAT, ONNX_FORMAT_VERSION, OOD_NAME,
                               PROBS_NAME)
 from imgrec.infer.runtime import load_model
-from imgrec.modeldir import ModelMeta
+from imgrec.modeldir import ModelMeta, RunDir
 from imgrec.safeio import atomic_path, check_writable
 
 __all__ = ["DEFAULT_FORMAT", "FORMATS", "CheckResult", "ExportFormat", "ExportGraph", "ExportResult", "Tolerance",
@@ -634,7 +634,7 @@ def _inspect_onnx(path: Path, meta: ModelMeta, model_dir) -> bool:
 # ------------------------------------------------------------------------------------------------
 # the formats (here, below the functions the entries name)
 FORMATS: dict[str, ExportFormat] = {spec.name: spec for spec in (
-    ExportFormat("onnx", "model.onnx", "model.int8.onnx", (".onnx",), _write_onnx, _run_onnx,
+    ExportFormat("onnx", RunDir.ONNX, RunDir.ONNX_INT8, (".onnx",), _write_onnx, _run_onnx,
                  needs=_need_onnx, inspect=_inspect_onnx, check_unknown=_check_unknown),
-    ExportFormat("torchscript", "model.torchscript.pt", None, (".pt", ".pth"), _write_torchscript, _run_torchscript),
+    ExportFormat("torchscript", RunDir.TORCHSCRIPT, None, (".pt", ".pth"), _write_torchscript, _run_torchscript),
 )}

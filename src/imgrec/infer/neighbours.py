@@ -14,10 +14,11 @@ from pathlib import Path
 import numpy as np
 
 from imgrec.errors import ModelFileError
+from imgrec.modeldir import RunDir
 
 __all__ = ["NEIGHBOURS_FILE", "Bank", "unit_rows", "write_bank", "load_bank"]
 
-NEIGHBOURS_FILE = "neighbours.safetensors"
+NEIGHBOURS_FILE = RunDir.NEIGHBOURS
 
 
 class Bank:

@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from imgrec.modeldir import RunDir
+
 __all__ = ["SCORES", "FEATURE_SCORES", "DEFAULT_SCORE", "DEFAULT_ACCEPT_RATE", "STATS_FILE", "OodStats",
            "fit_stats", "score", "threshold_for_accept_rate", "quantile_table", "threshold_from_table",
            "unknown_entry", "save_arrays", "load_arrays", "save_stats", "load_stats", "auroc", "fpr_at_tpr"]
@@ -27,7 +29,7 @@ FEATURE_SCORES = ("knn", "mahalanobis")           # multi-layer "mahalanobis_lay
 KNN_K = 10  # neighbours; with a bank of a few thousand images k=10 ranks like Sun et al.'s k=50 on 50,000
 DEFAULT_SCORE = "mahalanobis"  # the best mean AUROC of the four on the far-OOD sets (benchmarks/confidence.py)
 DEFAULT_ACCEPT_RATE = 0.95  # share of validation images answered (not "unknown") at the stored threshold
-STATS_FILE = "ood.safetensors"  # in the model directory: what the feature scores need, no pickle
+STATS_FILE = RunDir.OOD  # in the model directory: what the feature scores need, no pickle
 TABLE_POINTS = 201  # validation-score quantiles kept in model.json: any accept rate maps to a threshold
 BANK_MAX = 10_000  # training images kept in the feature bank (stride-subsampled; float16: 10,000 × D × 2 bytes)
 
