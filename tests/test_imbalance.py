@@ -55,6 +55,30 @@ def test_weights_file_formats(tmp_path, name, text):
     assert torch.allclose(w, torch.tensor([1, 2.5, 4]) * 3 / 7.5)
 
 
+@pytest.mark.parametrize("name", ["w.csv", "w.json", "w.yaml"])
+def test_weights_file_saved_by_excel_with_a_byte_order_mark(tmp_path, name):
+    """Excel's "CSV UTF-8" (and Notepad's UTF-8) put a byte-order mark before the header and end lines with
+    CRLF: the header is still a header, as it is for a CSV image list (one reader, imgrec.safeio)."""
+    text = {"w.csv": "class,weight\r\na,1\r\nb,2.5\r\nc,4\r\n", "w.json": '{"a": 1, "b": 2.5, "c": 4}',
+            "w.yaml": "a: 1\nb: 2.5\nc: 4\n"}[name]
+    p = tmp_path / name
+    p.write_bytes(text.encode("utf-8-sig"))
+    assert p.read_bytes().startswith(b"\xef\xbb\xbf")
+    assert read_weights_file(p, CLASSES).tolist() == [1, 2.5, 4]
+
+
+def test_weights_file_size_nesting_and_encoding_are_one_line(tmp_path):
+    for name, data, needle in [("big.csv", b"a,1\n" * (5 << 20), "larger than 16 MB"),
+                               ("deep.json", b"[" * 200_000 + b"]" * 200_000, "nested more than"),
+                               ("deep.yaml", b"a: " + b"[" * 5000 + b"]" * 5000, "nested more than"),
+                               ("latin1.csv", "classe,poids\né,1\n".encode("latin-1"), "not UTF-8")]:
+        p = tmp_path / name
+        p.write_bytes(data)
+        with pytest.raises(ConfigError) as e:
+            read_weights_file(p, CLASSES)
+        assert needle in str(e.value) and str(p) in str(e.value) and "\n" not in str(e.value), str(e.value)
+
+
 @pytest.mark.parametrize("name,text,needle", [
     ("w.json", '{"a": 1, "b": 2, "zebra": 3}', "unknown class 'zebra'"),
     ("w.json", '{"a": 1, "b": -2, "c": 3}', "class 'b' must be a finite number ≥ 0"),

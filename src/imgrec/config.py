@@ -14,6 +14,7 @@ from typing import Any
 import yaml
 
 from imgrec.errors import ConfigError
+from imgrec.safeio import load_yaml_text, read_text_file
 
 
 @dataclass
@@ -157,31 +158,11 @@ TENSORBOARD_MISSING = ("tensorboard is on, but the tensorboard package is not in
 MAX_CONFIG_BYTES = 1 << 20  # a run config is a few hundred bytes; nothing legitimate comes near 1 MB
 
 
-class _NoAliasLoader(yaml.SafeLoader):
-    """PyYAML's safe loader without aliases (``*name``). safe_load keeps an alias as a shared reference, which
-    costs nothing until something walks the tree (``dataclasses.asdict``, the YAML dump of the resolved config):
-    nine levels of ``[*a, *a, …]`` in a few hundred bytes become billions of nodes. Configs never need them."""
-
-    def compose_node(self, parent, index):
-        if self.check_event(yaml.AliasEvent):
-            event = self.peek_event()
-            raise yaml.YAMLError(f"aliases (*{event.anchor}) are not allowed in a config{event.start_mark}")
-        return super().compose_node(parent, index)
-
-
 def load_yaml(path: str | Path) -> dict:
-    """A config file as a dict: at most 1 MB, plain YAML without aliases, a mapping at the top."""
-    try:
-        with open(path, "rb") as f:
-            raw = f.read(MAX_CONFIG_BYTES + 1)
-        if len(raw) > MAX_CONFIG_BYTES:
-            raise ConfigError(f"{path}: config file larger than {MAX_CONFIG_BYTES >> 20} MB")
-        d = yaml.load(raw.decode("utf-8"), Loader=_NoAliasLoader)  # noqa: S506 - a SafeLoader subclass
-    except (OSError, UnicodeDecodeError, yaml.YAMLError) as e:
-        first = " ".join(str(e).split())[:200]
-        raise ConfigError(f"{path}: cannot read config ({first})") from None
-    except RecursionError:  # thousands of nested brackets
-        raise ConfigError(f"{path}: cannot read config (nested too deeply)") from None
+    """A config file as a dict: at most 1 MB, plain YAML without aliases, nested at most 64 levels, a mapping
+    at the top (imgrec.safeio's bounded readers)."""
+    head = "cannot read config"
+    d = load_yaml_text(read_text_file(path, head, limit=MAX_CONFIG_BYTES), str(path), head)
     if d is None:
         return {}
     if not isinstance(d, dict):

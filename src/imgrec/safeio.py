@@ -9,13 +9,15 @@ Two rules of imgrec's file handling live here so that every writer and reader fo
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
+import re
 import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator
 
-from imgrec.errors import ModelFileError, first_line
+from imgrec.errors import ConfigError, ImgrecError, ModelFileError, first_line
 
 if TYPE_CHECKING:  # torch is imported where it is used: atomic writes alone must not pay for it
     import torch
@@ -136,6 +138,120 @@ def check_writable(folder: str | os.PathLike, need_bytes: int = 0) -> None:
         if free < need_bytes:
             raise ModelFileError(f"{folder}: not enough free disk space ({free >> 20} MiB free, "
                                  f"about {need_bytes >> 20} MiB needed)")
+
+
+# ----------------------------------------------------------------------------------------------
+# bounded reading of the text files imgrec is handed (JSON, YAML, CSV): a size limit, a nesting limit and
+# one ImgrecError line for anything wrong, never a RecursionError, a MemoryError or a silent exit
+MAX_TEXT_BYTES = 256 << 20  # a CSV list of a few million images; the size a reader takes unless it says less
+MAX_JSON_BYTES = 64 << 20   # model.json (2,000 classes with their per-class metrics take under 1 MB)
+MAX_NESTING = 64            # JSON/YAML levels: imgrec's own files use fewer than 10
+_JSON_STRINGS = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*"', re.S)
+_JSON_BRACKETS = re.compile(r"[\[\]{}]")
+
+
+def read_text_file(path: str | os.PathLike, head: str = "cannot read the file", *, limit: int = MAX_TEXT_BYTES,
+                   error: type[ImgrecError] = ConfigError) -> str:
+    """The text of ``path``: UTF-8 with a byte-order mark dropped (Excel writes one), at most ``limit``
+    bytes. ``error("<path>: <head> (<why>)")``, one line, when it cannot be read, is larger or is not UTF-8."""
+    try:
+        with open(path, "rb") as f:
+            raw = f.read(limit + 1)
+    except OSError as e:
+        raise error(f"{path}: {head} ({e.strerror or type(e).__name__})") from None
+    if len(raw) > limit:
+        raise error(f"{path}: {head} (larger than {_mib(limit)})")
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise error(f"{path}: {head} (not UTF-8 text: byte {e.start})") from None
+
+
+def _mib(n: int) -> str:
+    return f"{n >> 20} MB" if n >= 1 << 20 else f"{n} bytes"
+
+
+def json_nesting(text: str, stop_above: int = MAX_NESTING) -> int:
+    """How deeply the arrays and objects of a JSON text nest (strings skipped); counting stops once it
+    passes ``stop_above``. Linear in the text, no recursion: json.loads itself recurses once per level."""
+    depth = deepest = 0
+    for m in _JSON_BRACKETS.finditer(_JSON_STRINGS.sub('""', text)):
+        if m.group() in "[{":
+            depth += 1
+            if depth > deepest:
+                deepest = depth
+                if deepest > stop_above:
+                    break
+        else:
+            depth -= 1
+    return deepest
+
+
+def loads_json(text: str, where: str, head: str = "cannot read JSON", *, max_nesting: int = MAX_NESTING,
+               error: type[ImgrecError] = ConfigError) -> Any:
+    """``json.loads`` with the nesting bounded: ``error("<where>: <head> (<why>)")`` for a text that is not
+    JSON or nests more than ``max_nesting`` levels."""
+    if json_nesting(text, max_nesting) > max_nesting:
+        raise error(f"{where}: {head} (nested more than {max_nesting} levels deep)")
+    try:
+        return json.loads(text)
+    except (ValueError, RecursionError) as e:  # JSONDecodeError; an integer of more than 4,300 digits
+        raise error(f"{where}: {head} (not valid JSON: {first_line(e, 200)})") from None
+
+
+def read_json_file(path: str | os.PathLike, head: str = "cannot read JSON", *, limit: int = MAX_JSON_BYTES,
+                   max_nesting: int = MAX_NESTING, error: type[ImgrecError] = ConfigError) -> Any:
+    """A JSON file read by :func:`read_text_file` and :func:`loads_json`."""
+    return loads_json(read_text_file(path, head, limit=limit, error=error), str(path), head,
+                      max_nesting=max_nesting, error=error)
+
+
+def read_csv_rows(path: str | os.PathLike, head: str = "cannot read CSV", *, limit: int = MAX_TEXT_BYTES,
+                  error: type[ImgrecError] = ConfigError) -> list[list[str]]:
+    """The rows of a CSV file (UTF-8, a byte-order mark dropped, at most ``limit`` bytes): the one CSV reader
+    of the files imgrec is handed (image lists, class weights)."""
+    import csv
+    text = read_text_file(path, head, limit=limit, error=error)
+    try:
+        return list(csv.reader(text.splitlines()))
+    except csv.Error as e:  # a field over csv.field_size_limit (128 KB), a NUL byte
+        raise error(f"{path}: {head} ({first_line(e, 200)})") from None
+
+
+def load_yaml_text(text: str, where: str, head: str = "cannot read YAML", *, max_nesting: int = MAX_NESTING,
+                   error: type[ImgrecError] = ConfigError) -> Any:
+    """Plain YAML without aliases, nested at most ``max_nesting`` levels; ``error("<where>: <head> (<why>)")``
+    for anything else."""
+    import yaml
+    try:
+        return yaml.load(text, Loader=_no_alias_loader(max_nesting))  # noqa: S506 - a SafeLoader subclass
+    except yaml.YAMLError as e:
+        raise error(f"{where}: {head} ({' '.join(str(e).split())[:200]})") from None
+    except RecursionError:
+        raise error(f"{where}: {head} (nested too deeply)") from None
+
+
+@functools.cache
+def _no_alias_loader(max_nesting: int) -> type:
+    """PyYAML's safe loader without aliases (``*name``) and with nesting bounded. safe_load keeps an alias as
+    a shared reference, which costs nothing until something walks the tree (``dataclasses.asdict``, a YAML
+    dump): nine levels of ``[*a, *a, …]`` in a few hundred bytes become billions of nodes. imgrec's files
+    never need them."""
+    import yaml
+
+    class NoAliasLoader(yaml.SafeLoader):
+        def compose_node(self, parent, index):
+            if self.check_event(yaml.AliasEvent):
+                event = self.peek_event()
+                raise yaml.YAMLError(f"aliases (*{event.anchor}) are not allowed{event.start_mark}")
+            self._depth = getattr(self, "_depth", 0) + 1
+            try:
+                if self._depth > max_nesting:
+                    raise yaml.YAMLError(f"nested more than {max_nesting} levels deep")
+                return super().compose_node(parent, index)
+            finally:
+                self._depth -= 1
+    return NoAliasLoader
 
 
 # ----------------------------------------------------------------------------------------------

@@ -9,10 +9,10 @@ one from a stranger before training on it or packing it (``imgrec data check LIS
 """
 from __future__ import annotations
 
-import csv as _csv
 from pathlib import Path
 
 from imgrec.errors import DatasetError
+from imgrec.safeio import read_csv_rows
 
 HEADER_NAMES = {"path", "file", "filename", "image", "label", "labels", "class", "classes", "split"}
 LABEL_SEP = ";"
@@ -66,9 +66,6 @@ def csv_has_multiple_labels(csv_path: Path) -> bool:
 
 
 def _read_rows(csv_path: Path) -> list[list[str]]:
-    """The CSV file's rows (a UTF-8 byte-order mark ignored); DatasetError when it cannot be read."""
-    try:
-        text = csv_path.read_text(encoding="utf-8-sig")
-    except (OSError, UnicodeDecodeError) as e:
-        raise DatasetError(f"{csv_path}: cannot read CSV ({e})") from None
-    return list(_csv.reader(text.splitlines()))
+    """The CSV file's rows (a UTF-8 byte-order mark ignored, imgrec.safeio.read_csv_rows); DatasetError when it
+    cannot be read."""
+    return read_csv_rows(csv_path, "cannot read CSV", error=DatasetError)

@@ -31,21 +31,19 @@ Training-side options (``imgrec train``), each off by default:
 """
 from __future__ import annotations
 
-import csv
-import io
-import json
 import math
 from pathlib import Path
 
 import torch
-import yaml
 
 from imgrec.errors import ConfigError
+from imgrec.safeio import load_yaml_text, loads_json, read_csv_rows, read_text_file
 
 __all__ = ["HINT_RATIO", "WEIGHT_MODES", "class_weights", "imbalance_hint", "imbalance_ratio",
            "TAU_GRID", "logit_adjust_entry", "long_tail_indices", "read_weights_file"]
 
 WEIGHT_MODES = ("none", "auto", "inverse", "effective")
+MAX_WEIGHTS_BYTES = 16 << 20  # a class-weights file: one short line per class
 HINT_RATIO = 10.0   # `imgrec train` suggests the options above this largest/smallest class ratio
 # --logit-adjust auto tries these τ on the validation split. τ = 1 is Bayes-optimal for the balanced error only
 # when the logits are calibrated log-probabilities; label smoothing (the recipes use 0.1) and short schedules
@@ -116,18 +114,13 @@ def read_weights_file(path: str | Path, classes) -> torch.Tensor:
     """
     path = Path(path)
     classes = [str(c) for c in classes]
-    try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as e:
-        raise ConfigError(f"{path}: cannot read the class weights ({e.__class__.__name__})") from None
-    if path.suffix.lower() == ".csv":
-        data = _read_csv(path, text)
+    what = "cannot read the class weights"
+    if path.suffix.lower() == ".csv":  # the reader imgrec's CSV image lists use (a byte-order mark dropped)
+        data = _read_csv(path, read_csv_rows(path, what, limit=MAX_WEIGHTS_BYTES))
     else:
-        try:
-            data = json.loads(text) if path.suffix.lower() == ".json" else yaml.safe_load(text)
-        except (ValueError, yaml.YAMLError) as e:
-            raise ConfigError(f"{path}: not valid {'JSON' if path.suffix.lower() == '.json' else 'YAML'} "
-                              f"({str(e).splitlines()[0]})") from None
+        text = read_text_file(path, what, limit=MAX_WEIGHTS_BYTES)
+        data = loads_json(text, str(path), what) if path.suffix.lower() == ".json" else \
+            load_yaml_text(text, str(path), what)
     if isinstance(data, list):
         if len(data) != len(classes):
             raise ConfigError(f"{path}: {len(data)} class weights for {len(classes)} classes")
@@ -158,8 +151,8 @@ def read_weights_file(path: str | Path, classes) -> torch.Tensor:
     return torch.tensor(out, dtype=torch.float64)
 
 
-def _read_csv(path: Path, text: str) -> dict:
-    rows = [r for r in csv.reader(io.StringIO(text)) if r and any(x.strip() for x in r)]
+def _read_csv(path: Path, rows: list[list[str]]) -> dict:
+    rows = [r for r in rows if r and any(x.strip() for x in r)]
     if rows and len(rows[0]) >= 2 and rows[0][0].strip().lower() in ("class", "label", "name"):
         rows = rows[1:]  # a header row
     out: dict[str, str] = {}
