@@ -25,6 +25,9 @@ class DataConfig:
     channels: int | None = None        # 1 or 3; None = the data's own
     val_split: float | None = None     # fraction (<1) or count (≥1) carved from training data; None = 5000 / 0.1
     split_seed: int = 0                # fixes the validation split independently of the training seed
+    val_files: list[str] | None = None # the validation split as files (relative to the data source), when it was
+                                       # held out by groups of similar images (imgrec.engine.transfer); None = carved
+                                       # at random by val_split
     train_limit: int | None = None     # use only the first N training images (quick experiments, tests)
     long_tail: float | None = None     # experiments: keep a long-tailed subset of train and val, class i keeping
                                        # ratio^(-i/(K-1)) of its images (1 … 1/ratio; imgrec.data.imbalance)

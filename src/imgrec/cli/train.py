@@ -197,6 +197,8 @@ def cmd_train(args) -> int:
         if not args.resume and (cfg.recipe or cfg.data_recipe):
             data_why = (cfg.data_recipe or {}).get("reason")
             head = f"recipe {cfg.recipe}: {cfg.recipe_reason}" if cfg.recipe else f"{cfg.model.name}"
+            if "weights" in (cfg.data_recipe or {}).get("changes", {}):  # transfer: the machine's network is unused
+                head = cfg.model.name
             print(head + (f"; for {data_why}" if data_why else ""), file=sys.stderr)
         shown = _saved_config(out) if args.resume else cfg  # on --resume the run's own settings, not the defaults
         print(f"{'resuming' if args.resume else 'training'} {shown.model.name} on {shown.data.data} → {out}",

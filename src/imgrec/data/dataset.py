@@ -53,6 +53,7 @@ class DataBundle:
     flip: bool = True                       # horizontal flip is a valid augmentation for this data
     counts: dict[str, list[int]] = field(default_factory=dict)  # per split: images per class (multilabel: carrying it)
     task: str = "classification"            # or "multilabel" (see imgrec.modeldir.TASKS)
+    val_carved: bool = False                # the validation split was carved from the training files at random
 
     def split(self, name: str) -> ImageData:
         data = {"train": self.train, "val": self.val, "test": self.test}.get(name)
@@ -119,7 +120,8 @@ def load_data(spec: str, *, image_size: int | None = None, channels: int | None 
               val_split: float | None = None, split_seed: int = 0, data_dir: str | None = None,
               on_bad_image: str = "fail", classes: list[str] | None = None,
               splits: tuple[str, ...] = ("train", "val", "test"), progress: bool = True,
-              task: str | None = None, sized: tuple[str, ...] | None = None) -> DataBundle:
+              task: str | None = None, sized: tuple[str, ...] | None = None,
+              val_files: list[str] | None = None) -> DataBundle:
     """Load a named dataset (``fashion-mnist``, ``mnist``), an image folder or a CSV list.
 
     ``val_split``: fraction or count carved from training data when the source has no validation split
@@ -129,12 +131,37 @@ def load_data(spec: str, *, image_size: int | None = None, channels: int | None 
     when some label cell holds a ``;``). ``sized``: the splits of a named dataset brought to ``image_size`` and
     ``channels`` (default: all); the others keep the source's size and channels (``imgrec eval`` at 224 px
     needs only its one split at that size, not the 55,000 training images at 3×224×224 — more than 20 GB).
-    Files are always decoded at ``image_size``.
+    Files are always decoded at ``image_size``. ``val_files``: the validation split as a list of files
+    (:func:`source_relative` names) instead of one carved at random, as a run that held validation out by groups
+    of similar images recorded it.
     """
     listing = list_source(spec, data_dir=data_dir, splits=tuple({"train", *splits}), task=task, classes=classes)
     if listing.in_memory:
         return _load_named(listing, image_size, channels, val_split, split_seed, splits, sized)
-    return _load_files(spec, listing, image_size, channels, val_split, split_seed, on_bad_image, progress)
+    return _load_files(spec, listing, image_size, channels, val_split, split_seed, on_bad_image, progress, val_files)
+
+
+def source_relative(path: str, spec: str) -> str:
+    """A file's name relative to the data source (the folder, or the CSV list's folder), so that a recorded
+    validation split still names the same files when the source is reached by another path or moved."""
+    root = Path(spec)
+    root = root.parent if root.is_file() else root
+    try:
+        return Path(path).resolve().relative_to(root.resolve()).as_posix()
+    except ValueError:
+        return str(path)
+
+
+def split_by_files(data: ImageData, val_files: list[str], spec: str) -> tuple[ImageData, ImageData]:
+    """(the rest, the files named by ``val_files``), each in ``data``'s order."""
+    if data.paths is None:
+        raise DatasetError(f"{spec}: a validation split given as files needs a source of files")
+    wanted = set(val_files)
+    is_val = torch.tensor([source_relative(p, spec) in wanted for p in data.paths], dtype=torch.bool)
+    if not bool(is_val.any()) or bool(is_val.all()):
+        raise DatasetError(f"{spec}: the recorded validation files ({len(wanted)}) do not match its training "
+                           f"images; has the folder changed? (train again, or pass --data with the same folder)")
+    return data.subset(torch.nonzero(~is_val)[:, 0]), data.subset(torch.nonzero(is_val)[:, 0])
 
 
 def _load_named(listing: Listing, image_size, channels, val_split, split_seed, splits, sized=None) -> DataBundle:
@@ -157,7 +184,7 @@ def _load_named(listing: Listing, image_size, channels, val_split, split_seed, s
 
 
 def _load_files(spec: str, listing: Listing, image_size, channels, val_split, split_seed, on_bad_image,
-                progress) -> DataBundle:
+                progress, val_files=None) -> DataBundle:
     size, task, classes = int(image_size or 32), listing.task, listing.classes
     groups: dict[str, tuple[list[Path], list]] = {}
     for s, part in listing.splits.items():
@@ -178,10 +205,14 @@ def _load_files(spec: str, listing: Listing, image_size, channels, val_split, sp
         if val_split:
             raise DatasetError(f"{spec}: has a val split already; drop --val-split")
         train, val = parts["train"], parts["val"]
+    elif val_files:
+        train, val = split_by_files(parts["train"], list(val_files), spec)
     else:
         train, val = split_off(parts["train"], 0.1 if val_split is None else val_split, split_seed)
     mean, std = channel_stats(train.images)
-    return _bundle(listing.name, list(classes), train, val, parts.get("test"), chans, size, mean, std, True, task)
+    bundle = _bundle(listing.name, list(classes), train, val, parts.get("test"), chans, size, mean, std, True, task)
+    bundle.val_carved = "val" not in parts and not val_files
+    return bundle
 
 
 def guess_channels(paths: list[Path], probe: int = 32) -> int:
@@ -227,8 +258,10 @@ def run_data_settings(meta: ModelMeta, data: str | None = None, data_dir: str | 
     policy = on_bad_image or d.get("on_bad_image") or cfg.get("on_bad_image") or "fail"
     val_split = d.get("val_split", cfg.get("val_split")) if same else None
     seed = d.get("split_seed", cfg.get("split_seed"))
+    val_files = (d.get("val_files") or cfg.get("val_files")) if same else None
     return {"source": spec, "data_dir": data_dir or (cfg.get("data_dir") if same else None),
-            "on_bad_image": policy, "val_split": val_split, "split_seed": int(seed or 0), "same_source": same}
+            "on_bad_image": policy, "val_split": val_split, "split_seed": int(seed or 0), "same_source": same,
+            "val_files": list(val_files) if isinstance(val_files, list) else None}
 
 
 def load_run_split(meta: ModelMeta, data: str | None = None, data_dir: str | None = None, split: str | None = None,
@@ -261,6 +294,7 @@ def load_run_split(meta: ModelMeta, data: str | None = None, data_dir: str | Non
                        channels=meta.channels if at_model_size else None,
                        val_split=run["val_split"], split_seed=run["split_seed"], data_dir=run["data_dir"],
                        on_bad_image=run["on_bad_image"], splits=splits, progress=False, task=meta.task,
+                       val_files=run["val_files"],
                        sized=(want,) if at_model_size else (),
                        # multi-label: a label outside the model's is reported with its CSV row
                        classes=list(meta.classes) if meta.task == "multilabel" else None)

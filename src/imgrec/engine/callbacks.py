@@ -170,7 +170,7 @@ class GuardRails(Callback):
             print(f"imgrec: warning: {text}", file=sys.stderr)
 
     def on_train_begin(self, trainer):
-        if trainer.epoch:  # resumed: said when the run started
+        if trainer.epoch or not trainer.cfg.epochs:  # resumed: said when the run started; no epochs: a probe
             return
         spe, cfg = trainer.steps_per_epoch, trainer.cfg
         total = spe * cfg.epochs
@@ -187,7 +187,7 @@ class GuardRails(Callback):
                   f"--val-last 0 validates every epoch)", file=sys.stderr)
 
     def on_train_end(self, trainer):
-        if self.task != "classification" or trainer.best_epoch < 0 or self.k < 2:
+        if self.task != "classification" or (trainer.best_epoch < 0 and not trainer.baseline) or self.k < 2:
             return
         chance = 1.0 / self.k
         n_val = self.n_val

@@ -189,8 +189,11 @@ def adapt_to_data(probe, current: dict, explicit: set[str]) -> tuple[dict, str]:
         if key not in explicit and current.get(key) != value:
             changes[key] = value
 
-    size = _data_image_size(probe, current, explicit, put)
     notes: list[str] = []
+    backbone = _transfer_backbone(probe, explicit, notes)
+    if backbone is not None:
+        return _transfer_changes(probe, backbone, put, changes, explicit)
+    size = _data_image_size(probe, current, explicit, put)
     fine_tune = _cached_fine_tune(probe, explicit, notes)
     batch = _data_batch(n, current, explicit)
     put("batch_size", batch)
@@ -209,6 +212,55 @@ def adapt_to_data(probe, current: dict, explicit: set[str]) -> tuple[dict, str]:
     if n < LARGE_DATA:
         parts.append("validating every epoch")
     return changes, f"{desc}: " + ", ".join(parts + notes)
+
+
+# --- transfer: photos start from a pretrained backbone -----------------------------------------------------------
+# Colour images start from ImageNet weights when a backbone's weights are on this machine (or can be downloaded):
+# a linear probe on the frozen backbone's features (imgrec.engine.transfer), measured on the photo folders of
+# benchmarks/transfer.py against training from scratch, fine-tuning and fastai's fine_tune
+# (benchmarks/results/transfer.md). Grey images and large collections of small images keep the from-scratch
+# recipes, which were measured better there (Fashion-MNIST, the grey folders of benchmarks/defaults.py).
+TRANSFER_SIZE = 128          # px: ImageNet backbones' features are good from 128 px; 224 costs ~3x for little
+TRANSFER_MIN_SIDE = 24       # median side below which images are too small to be photos worth transferring to
+
+
+def _transfer_backbone(probe, explicit: set[str], notes: list[str]):
+    """(Backbone, weights path, where they came from) for colour photos, or None (then the reason is noted)."""
+    if explicit & {"name", "pretrained", "weights", "probe"} or probe.channels != 3 or probe.kind == "tensor":
+        return None
+    if probe.median_side < TRANSFER_MIN_SIDE or (probe.n_train >= LARGE_DATA and probe.max_side <= 32):
+        return None
+    from imgrec.errors import ModelFileError
+    from imgrec.models.weights import BACKBONES, available_backbones, fetch_weights
+    found = available_backbones()
+    if found:
+        return found[0][0], found[0][1], "found in the Hugging Face cache"
+    first = next(iter(BACKBONES.values()))
+    try:
+        return first, fetch_weights(first.name), "downloaded"
+    except ModelFileError as e:
+        notes.append(f"trained from scratch: no pretrained backbone on this machine ({e}); `imgrec weights` "
+                     f"says how to add one")
+        return None
+
+
+def _transfer_changes(probe, chosen, put, changes: dict, explicit: set[str]) -> tuple[dict, str]:
+    """The settings of a linear probe on ``chosen`` = (backbone, weights path, origin), and the reason."""
+    bb, path, origin = chosen
+    put("name", bb.model)
+    put("weights", str(path))
+    put("probe", True)
+    put("epochs", 0)  # the probe is the whole training: fine-tuning costs 10-20x for less on new photos
+    put("image_size", TRANSFER_SIZE)
+    put("tta_flip", True)
+    put("amp", "auto")
+    per_class = probe.n_train / max(1, probe.num_classes)
+    size = changes.get("image_size", TRANSFER_SIZE)
+    few = (f"; {per_class:.0f} images per class: few enough that the probe is all they can teach"
+           if per_class < 25 else "")
+    reason = (f"{probe.describe()}: transfer from ImageNet {bb.name} (weights {origin}: {path}; licence "
+              f"{bb.licence}), a linear probe on its frozen features at {size} px{few}")
+    return changes, reason
 
 
 def _data_image_size(probe, current: dict, explicit: set[str], put) -> int:

@@ -92,7 +92,7 @@ def model_meta(bundle: DataBundle, cfg: RunConfig, model_kwargs: dict, device: t
                   "precision": "fp32" if amp is None else str(amp).removeprefix("torch."),
                   "channels_last": cfg.train.channels_last, "compile": bool(cfg.train.compile)},
         data={"name": bundle.name, "source": cfg.data.data, "counts": bundle.counts,
-              "val_split": cfg.data.val_split, "split_seed": cfg.data.split_seed,
+              "val_split": cfg.data.val_split, "split_seed": cfg.data.split_seed, "val_files": cfg.data.val_files,
               "on_bad_image": cfg.data.on_bad_image, "image_sizes": _image_sizes(cfg)},
         config=cfg.to_dict(),
     )
@@ -126,6 +126,8 @@ def run(cfg: RunConfig, out: Path, *, resume: bool, overwrite: bool, progress: b
     model, model_kwargs = build_model(cfg, bundle, rank=ctx.rank, resume=resume, progress=progress)
     backbone_normalisation(model, cfg, bundle)
     channels_last = uses_channels_last(cfg)
+    probing = uses_probe(cfg, bundle) and not (resume and has_checkpoint)
+    plain = _transfer_features(model, bundle, cfg, ctx.device, amp, channels_last, progress) if probing else None
     t = cfg.train
     train_loader, val_loader = build_loaders(bundle, cfg, ctx.device, channels_last, rank=ctx.rank,
                                              world_size=ctx.world_size, packed=packed)
@@ -142,8 +144,8 @@ def run(cfg: RunConfig, out: Path, *, resume: bool, overwrite: bool, progress: b
     else:
         if main:
             atomic_write_text(rd.config, cfg.to_yaml())
-        if uses_probe(cfg, bundle):
-            _probe_step(trainer, bundle, cfg, meta, amp, channels_last, progress)
+        if probing:
+            _probe_step(trainer, bundle, cfg, meta, amp, channels_last, progress, plain)
     trainer.fit()
     if ctx.world_size > 1:
         # every rank leaves the process group together, here: a rank that exits while another still holds the
@@ -216,7 +218,7 @@ def _open_run_data(cfg: RunConfig, main: bool, progress: bool) -> tuple[DataBund
                                  on_bad_image=d.on_bad_image, progress=progress)
     bundle = packed.bundle if packed is not None else load_data(
         d.data, image_size=d.image_size, channels=d.channels, val_split=d.val_split, split_seed=d.split_seed,
-        data_dir=d.data_dir, on_bad_image=d.on_bad_image, progress=progress, task=d.task)
+        data_dir=d.data_dir, on_bad_image=d.on_bad_image, progress=progress, task=d.task, val_files=d.val_files)
     if progress and data_why:
         how = "in memory" if packed is None or not packed.stream else f"streamed from {packed.split_dir('train')}"
         print(f"data {how}: {data_why}", file=sys.stderr)
@@ -298,8 +300,59 @@ def uses_probe(cfg: RunConfig, bundle: DataBundle) -> bool:
     return bool(on) and bundle.task != "multilabel" and hasattr(bundle.train, "images")
 
 
+def _transfer_features(model, bundle: DataBundle, cfg: RunConfig, device, amp, channels_last: bool,
+                       progress: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """The frozen backbone's features of the training and validation images (computed once, for the probe);
+    a validation split carved at random is first held out again by groups of similar images
+    (``transfer.grouped_split``) and recorded as files (``data.val_files``), so that it predicts accuracy on
+    new photos and ``eval``, ``calibrate`` and the neighbours read the same split."""
+    from imgrec.data.dataset import source_relative
+    from imgrec.engine.transfer import extract_features, grouped_split
+    if progress:
+        print(f"transfer: computing the frozen backbone's features of {len(bundle.train) + len(bundle.val):,} "
+              f"images", file=sys.stderr)
+    kw = dict(device=device, amp=amp, channels_last=channels_last)
+    z_tr = extract_features(model, bundle.train.images, bundle.mean, bundle.std, **kw)
+    z_val = extract_features(model, bundle.val.images, bundle.mean, bundle.std, **kw)
+    if not (bundle.val_carved and bundle.train.paths is not None and len(bundle.val)):
+        return z_tr, z_val
+    both = _union_in_source_order(bundle, cfg)
+    if both is None:
+        return z_tr, z_val
+    order, data = both
+    z = torch.cat([z_tr, z_val])[order]
+    tr_idx, val_idx, groups = grouped_split(z, data.labels, len(bundle.val), seed=cfg.data.split_seed)
+    if len(val_idx) == 0:
+        return z_tr, z_val
+    bundle.train, bundle.val = data.subset(tr_idx), data.subset(val_idx)
+    k = len(bundle.classes)
+    bundle.counts.update(train=class_counts(bundle.train.labels, k), val=class_counts(bundle.val.labels, k))
+    cfg.data.val_files = [source_relative(p, cfg.data.data) for p in bundle.val.paths]
+    if progress:
+        print(f"transfer: validation held out by groups of similar images: {len(val_idx)} images in {groups} "
+              f"groups", file=sys.stderr)
+    return z[tr_idx], z[val_idx]
+
+
+def _union_in_source_order(bundle: DataBundle, cfg: RunConfig):
+    """(permutation, ImageData) of training and validation images together, in the source's listing order (the
+    order a split given as files keeps: imgrec.data.dataset.split_by_files), or None when some image is not in
+    the listing (then the random split stays)."""
+    from imgrec.data.dataset import ImageData
+    from imgrec.data.sources import list_source
+    listing = list_source(cfg.data.data, data_dir=cfg.data.data_dir, splits=("train",), task=bundle.task)
+    position = {str(p): i for i, p in enumerate(listing.splits["train"]["paths"])}
+    paths = list(bundle.train.paths) + list(bundle.val.paths)
+    if any(p not in position for p in paths):
+        return None
+    order = torch.tensor(sorted(range(len(paths)), key=lambda i: position[paths[i]]), dtype=torch.long)
+    data = ImageData(torch.cat([bundle.train.images, bundle.val.images])[order],
+                     torch.cat([bundle.train.labels, bundle.val.labels])[order], [paths[i] for i in order.tolist()])
+    return order, data
+
+
 def _probe_step(trainer: Trainer, bundle: DataBundle, cfg: RunConfig, meta: ModelMeta, amp, channels_last: bool,
-                progress: bool) -> None:
+                progress: bool, plain=None) -> None:
     """Fit the classifier on the frozen backbone's features; its weights become the run's best so far (what
     fine-tuning must beat on validation) and, when there are no epochs to train, the model."""
     from imgrec.engine.transfer import fit_probe
@@ -308,7 +361,7 @@ def _probe_step(trainer: Trainer, bundle: DataBundle, cfg: RunConfig, meta: Mode
     res = fit_probe(trainer.model, bundle.train.images, bundle.train.labels, bundle.val.images, bundle.val.labels,
                     bundle.mean, bundle.std, num_classes=len(bundle.classes), device=trainer.device, amp=amp,
                     flip=bundle.flip if t.flip is None else bool(t.flip), tta_flip=bool(t.tta_flip),
-                    channels_last=channels_last, progress=progress)
+                    channels_last=channels_last, progress=progress, plain=plain)
     val = trainer.validate(trainer.val_loader) if len(bundle.val) else {"acc": 0.0, "loss": float("inf")}
     seconds = time.perf_counter() - t0
     trainer.train_time_s += seconds

@@ -1,6 +1,7 @@
 """``imgrec train`` as a library call: data → model → Trainer → run directory, then the final test number."""
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 from imgrec.config import RunConfig, load_yaml, validate
@@ -81,11 +82,13 @@ def adapt_config(cfg: RunConfig, explicit: set[str], probe=None) -> None:
         probe = probe_source(d.data, val_split=d.val_split, data_dir=d.data_dir)
     if probe is None:
         return
-    current = {"name": m.name, "pretrained": m.pretrained, "image_size": d.image_size,
-               **{k: getattr(t, k) for k in ("batch_size", "lr", "optimizer", "epochs", "val_last", "crop_padding")}}
+    current = {"name": m.name, "pretrained": m.pretrained, "weights": m.weights, "probe": m.probe,
+               "image_size": d.image_size,
+               **{k: getattr(t, k) for k in ("batch_size", "lr", "optimizer", "epochs", "val_last", "crop_padding",
+                                             "tta_flip", "amp")}}
     changes, reason = adapt_to_data(probe, current, explicit)
     for key, value in changes.items():
-        section = m if key in ("name", "pretrained") else d if key == "image_size" else t
+        section = next(s for s in (m, d, t) if key in {f.name for f in dataclasses.fields(s)})
         setattr(section, key, value)
     cfg.data_recipe = {"reason": reason, "changes": changes, "probe": probe.to_dict()}
 

@@ -16,6 +16,7 @@ them worse), so features are the same at training and at prediction time.
 """
 from __future__ import annotations
 
+import math
 import sys
 import time
 from dataclasses import dataclass
@@ -26,12 +27,14 @@ import torch.nn.functional as F
 
 from imgrec.errors import ConfigError
 
-__all__ = ["ProbeResult", "extract_features", "fit_softmax", "fit_probe", "L2_GRID"]
+__all__ = ["ProbeResult", "extract_features", "fit_softmax", "fit_probe", "grouped_split", "L2_GRID", "GROUP_SIZE"]
 
 # L2 strengths tried (per image, on standardised features), strongest first so that each fit starts from the
 # previous one's solution. Wide on purpose: a few shots per class want ~1, a thousand images per class ~1e-3.
 L2_GRID = (3.0, 1.0, 0.3, 0.1, 0.03, 0.01, 3e-3, 1e-3, 3e-4)
 FEATURE_BATCH = 64
+GROUP_SIZE = 8         # images per group of similar images when validation is held out by groups
+KMEANS_ITERS = 20
 
 
 @dataclass
@@ -143,13 +146,16 @@ def fold_into_classifier(model: nn.Module, w: torch.Tensor, b: torch.Tensor, mu:
 def fit_probe(model: nn.Module, train_images: torch.Tensor, train_labels: torch.Tensor, val_images: torch.Tensor,
               val_labels: torch.Tensor, mean, std, *, num_classes: int, device: torch.device,
               amp: torch.dtype | None, flip: bool, tta_flip: bool, channels_last: bool = True,
-              progress: bool = False, grid=L2_GRID) -> ProbeResult:
+              progress: bool = False, grid=L2_GRID,
+              plain: tuple[torch.Tensor, torch.Tensor] | None = None) -> ProbeResult:
     """Fit ``model``'s classifier as a linear probe on its frozen features (the module docstring) and return what
     was done. ``flip``: mirror images join the training features; ``tta_flip``: validation scores average an
-    image's features with its mirror image's, as prediction with test-time flips averages their logits."""
+    image's features with its mirror image's, as prediction with test-time flips averages their logits.
+    ``plain``: the images' own features when already computed (training, validation); only the mirror images'
+    are computed then."""
     t0 = time.perf_counter()
     z_tr, z_val = _features(model, train_images, val_images, mean, std, device=device, amp=amp, flip=flip,
-                            tta_flip=tta_flip, channels_last=channels_last, progress=progress)
+                            tta_flip=tta_flip, channels_last=channels_last, progress=progress, plain=plain)
     t1 = time.perf_counter()
     mu = z_tr.mean(0)
     sigma = z_tr.std(0).clamp_min(1e-6)
@@ -167,19 +173,84 @@ def fit_probe(model: nn.Module, train_images: torch.Tensor, train_labels: torch.
 
 
 def _features(model, train_images, val_images, mean, std, *, device, amp, flip, tta_flip, channels_last,
-              progress) -> tuple[torch.Tensor, torch.Tensor]:
+              progress, plain=None) -> tuple[torch.Tensor, torch.Tensor]:
     """(training features, their views stacked: plain then mirrored; validation features, averaged over the
     image and its mirror image when ``tta_flip``)."""
     kw = dict(device=device, amp=amp, channels_last=channels_last)
-    n = len(train_images) * (2 if flip else 1) + len(val_images) * (2 if tta_flip else 1)
-    if progress:
+    n = len(train_images) * (int(flip) + (plain is None)) + len(val_images) * (int(tta_flip) + (plain is None))
+    if progress and n:
         print(f"transfer: computing the frozen backbone's features of {n:,} image views", file=sys.stderr)
-    z_tr = extract_features(model, train_images, mean, std, **kw)
+    z_tr = extract_features(model, train_images, mean, std, **kw) if plain is None else plain[0]
     if flip:
         z_tr = torch.cat([z_tr, extract_features(model, train_images, mean, std, flip=True, **kw)])
-    z_val = extract_features(model, val_images, mean, std, **kw)
+    z_val = extract_features(model, val_images, mean, std, **kw) if plain is None else plain[1]
     if tta_flip and len(val_images):
         z_val = (z_val + extract_features(model, val_images, mean, std, flip=True, **kw)) / 2
     if not torch.isfinite(z_tr).all() or not torch.isfinite(z_val).all():
         raise ConfigError("the backbone's features are not finite (NaN or inf); the weights may be damaged")
     return z_tr, z_val
+
+
+def grouped_split(feats: torch.Tensor, labels: torch.Tensor, n_val: int, seed: int = 0,
+                  group_size: int = GROUP_SIZE) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """(training indices, validation indices, groups) with validation held out by groups of similar images.
+
+    Images in one folder are correlated (the same scenes, sessions, near-duplicates): a random validation split
+    puts a near twin of each validation image in training and says more about memory than about new photos.
+    Here each class's images are clustered (k-means on L2-normalised features, about ``group_size`` images a
+    group) and whole groups, in random order, go to validation until the class's share of ``n_val`` is reached;
+    every class keeps at least one group for training. Indices ascend."""
+    g = torch.Generator().manual_seed(seed)
+    z = F.normalize(feats.float(), dim=1)
+    n = len(labels)
+    val: list[torch.Tensor] = []
+    groups = 0
+    for c in labels.unique().tolist():
+        members = torch.nonzero(labels == c)[:, 0]
+        want = int(round(n_val * len(members) / n))
+        k = max(2, round(len(members) / group_size))
+        if want <= 0 or len(members) < 2:
+            continue
+        assign = _kmeans(z[members], min(k, len(members)), g)
+        order = torch.randperm(int(assign.max()) + 1, generator=g)
+        taken, kept = [], 0
+        sizes = torch.bincount(assign, minlength=int(assign.max()) + 1)
+        cap = max(want + 1, math.ceil(1.5 * want))  # a group may overshoot the share a little, not double it
+        for cluster in order.tolist():
+            size = int(sizes[cluster])
+            if size == 0 or kept + size > cap or kept + size >= len(members):
+                continue
+            taken.append(members[assign == cluster])
+            kept += size
+            if kept >= want:
+                break
+        if not taken:  # every group is too big for the share: the smallest one, if training keeps some
+            smallest = int(torch.where(sizes > 0, sizes, len(members) + 1).argmin())
+            if int(sizes[smallest]) < len(members):
+                taken.append(members[assign == smallest])
+        groups += len(taken)
+        val.extend(taken)
+    val_idx = torch.cat(val).sort().values if val else torch.zeros(0, dtype=torch.long)
+    mask = torch.ones(n, dtype=torch.bool)
+    mask[val_idx] = False
+    return torch.nonzero(mask)[:, 0], val_idx, groups
+
+
+def _kmeans(z: torch.Tensor, k: int, g: torch.Generator) -> torch.Tensor:
+    """Cluster of each row of ``z`` (unit rows): k-means++ seeding, then Lloyd's iterations on cosine distance."""
+    first = int(torch.randint(len(z), (1,), generator=g))
+    centres = [z[first]]
+    for _ in range(1, k):
+        d = (1 - z @ torch.stack(centres).T).clamp_min(0).amin(1)
+        p = d / d.sum() if float(d.sum()) > 0 else torch.full_like(d, 1 / len(d))
+        centres.append(z[int(torch.multinomial(p, 1, generator=g))])
+    c = torch.stack(centres)
+    assign = torch.zeros(len(z), dtype=torch.long)
+    for _ in range(KMEANS_ITERS):
+        assign = (z @ c.T).argmax(1)
+        new = torch.stack([F.normalize(z[assign == j].mean(0), dim=0) if bool((assign == j).any()) else c[j]
+                           for j in range(k)])
+        if torch.allclose(new, c):
+            break
+        c = new
+    return assign

@@ -91,7 +91,7 @@ def load_training_images(meta: ModelMeta, data: str | None = None) -> torch.Tens
     bundle = load_data(spec, image_size=meta.image_size, channels=meta.channels, val_split=run["val_split"],
                        split_seed=run["split_seed"], data_dir=run["data_dir"], on_bad_image=run["on_bad_image"],
                        splits=("train", "val"), progress=False, task=meta.task, sized=(),
-                       classes=list(meta.classes) if meta.task == "multilabel" else None)
+                       val_files=run.get("val_files"), classes=list(meta.classes) if meta.task == "multilabel" else None)
     if list(bundle.classes) != list(meta.classes):
         raise DatasetError(f"{spec}: its classes ({', '.join(bundle.classes[:5])}…) differ from the model's")
     return bundle.train.images
