@@ -21,9 +21,13 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 @pytest.fixture(autouse=True, scope="session")
 def _isolated_cache(tmp_path_factory):
-    # tests never touch the user's cache or the network
+    # tests never touch the user's cache or the network: pretrained weights too are looked for only in this
+    # empty cache (the Hugging Face and torch hub caches follow XDG_CACHE_HOME when nothing else names them)
     cache = tmp_path_factory.mktemp("xdg-cache")
-    old = {k: os.environ.get(k) for k in ("XDG_CACHE_HOME", "IMGREC_OFFLINE", "MPLBACKEND")}
+    named = ("HF_HOME", "HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE", "TORCH_HOME")
+    old = {k: os.environ.get(k) for k in ("XDG_CACHE_HOME", "IMGREC_OFFLINE", "MPLBACKEND", *named)}
+    for k in named:
+        os.environ.pop(k, None)
     os.environ["XDG_CACHE_HOME"] = str(cache)
     os.environ["IMGREC_OFFLINE"] = "1"
     os.environ["MPLBACKEND"] = "Agg"
