@@ -74,7 +74,7 @@ def test_serve_answers_carry_input_notes(trained_run, fmnist_arrays):
     grey = png(fmnist_arrays[2][0])
     colour = png(np.random.RandomState(0).randint(0, 256, (427, 640, 3), dtype=np.uint8))
     app = create_app(load_classifier(trained_run[0], device="cpu"), ServeSettings())
-    with TestClient(app) as client:
+    with TestClient(app, base_url="http://127.0.0.1") as client:
         r = client.post("/v1/predict", files=[("files", ("a.png", grey, "image/png")),
                                               ("files", ("b.png", colour, "image/png"))])
     assert r.status_code == 200, r.text

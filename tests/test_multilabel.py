@@ -263,7 +263,7 @@ def test_serve_answers_every_label_above_its_threshold(ml_run, ml_csv):
     out, _ = ml_run
     clf = Classifier.load(out, device="cpu")
     png = (ml_csv.parent / "img" / "481.png").read_bytes()
-    with TestClient(create_app(clf)) as client:
+    with TestClient(create_app(clf), base_url="http://127.0.0.1") as client:
         r = client.post("/v1/predict", files={"files": ("a.png", png, "image/png")})
         assert r.status_code == 200
         got, want = r.json()["predictions"][0], clf.predict(png)

@@ -329,7 +329,7 @@ def test_thousands_of_parts_are_400_with_flat_memory(server, client, field):
 
 # -- upload size: 413 before reading (Content-Length) and while streaming (counted bytes) --------------
 def test_declared_content_length_over_the_limit_is_413_before_reading(server):
-    head = (b"POST /v1/predict HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\n"
+    head = (b"POST /v1/predict HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: image/png\r\n"
             b"Content-Length: 100000000000\r\n\r\n")
     t = time.perf_counter()
     response, _ = raw_request(server.port, head)  # not a byte of the body is sent
@@ -343,10 +343,10 @@ def test_declared_content_length_over_the_limit_is_413_before_reading(server):
 def test_streamed_upload_over_the_limit_is_413_with_flat_memory(server, kind):
     """A chunked body (no Content-Length) of up to 200 MB: the server stops at ~1 MB and closes."""
     if kind == "raw":
-        head = b"POST /v1/predict HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\nTransfer-Encoding: chunked\r\n\r\n"
+        head = b"POST /v1/predict HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: image/png\r\nTransfer-Encoding: chunked\r\n\r\n"
         first = b""
     else:
-        head = (b"POST /v1/predict HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n"
+        head = (b"POST /v1/predict HTTP/1.1\r\nHost: 127.0.0.1\r\nTransfer-Encoding: chunked\r\n"
                 b"Content-Type: multipart/form-data; boundary=B\r\n\r\n")
         first = b'--B\r\nContent-Disposition: form-data; name="files"; filename="big.png"\r\n\r\n'
     payload = first + b"\0" * (64 * 1024 - len(first))
@@ -524,7 +524,7 @@ def test_inference_slower_than_the_timeout_is_504_and_the_worker_survives(slow_s
 
 def test_a_body_that_never_arrives_is_408(slow_server):
     server, _ = slow_server
-    head = b"POST /v1/predict HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\nContent-Length: 1000\r\n\r\n"
+    head = b"POST /v1/predict HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: image/png\r\nContent-Length: 1000\r\n\r\n"
     t = time.perf_counter()
     response, _ = raw_request(server.port, head, [b"\x89PNG"])
     assert _status_of(response) == 408  # (raw_request gives up after 10 s: an answer came before that)

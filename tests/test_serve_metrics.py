@@ -53,7 +53,7 @@ def requests_of(got, route: str, status: int) -> float:
 
 
 def test_metrics_count_requests_latency_batches_and_queue(classifier, pngs):
-    with TestClient(create_app(classifier, ServeSettings(metrics=True))) as client:
+    with TestClient(create_app(classifier, ServeSettings(metrics=True)), base_url="http://127.0.0.1") as client:
         two = client.post("/v1/predict", files=[("files", (f"{i}.png", pngs[i], "image/png")) for i in range(2)])
         one = client.post("/v1/predict", content=pngs[2], headers={"content-type": "image/png"})
         bad = client.post("/v1/predict", content=b"not an image at all")
@@ -79,8 +79,8 @@ def test_metrics_count_requests_latency_batches_and_queue(classifier, pngs):
 
 
 def test_two_apps_in_one_process_keep_their_own_counts(classifier, pngs):
-    with TestClient(create_app(classifier, ServeSettings(metrics=True))) as a, \
-            TestClient(create_app(classifier, ServeSettings(metrics=True))) as b:
+    with TestClient(create_app(classifier, ServeSettings(metrics=True)), base_url="http://127.0.0.1") as a, \
+            TestClient(create_app(classifier, ServeSettings(metrics=True)), base_url="http://127.0.0.1") as b:
         assert a.post("/v1/predict", content=pngs[0]).status_code == 200
         assert requests_of(samples(a.get("/metrics").text), "/v1/predict", 200) == 1
         assert requests_of(samples(b.get("/metrics").text), "/v1/predict", 200) == 0
@@ -120,14 +120,14 @@ def test_queue_depth_and_requests_in_progress_while_the_model_is_held(classifier
 
 
 def test_metrics_are_off_by_default(classifier):
-    with TestClient(create_app(classifier, ServeSettings())) as client:
+    with TestClient(create_app(classifier, ServeSettings()), base_url="http://127.0.0.1") as client:
         r = client.get("/metrics")
         assert r.status_code == 404 and isinstance(r.json()["detail"], str)
 
 
 def test_without_prometheus_client_metrics_is_a_json_404_and_the_rest_works(classifier, pngs, monkeypatch):
     monkeypatch.setitem(sys.modules, "prometheus_client", None)  # `import prometheus_client` raises ImportError
-    with TestClient(create_app(classifier, ServeSettings(metrics=True))) as client:
+    with TestClient(create_app(classifier, ServeSettings(metrics=True)), base_url="http://127.0.0.1") as client:
         r = client.get("/metrics")
         assert r.status_code == 404 and "prometheus-client" in r.json()["detail"]
         assert client.post("/v1/predict", content=pngs[0]).status_code == 200

@@ -116,7 +116,7 @@ def test_serve_answers_like_predict(timm_runs, fm_folder, which):
     run = timm_runs[which][0]
     clf = load_classifier(run, device="cpu")
     image = next((fm_folder / "test" / "sneaker").glob("*.png")).read_bytes()
-    with TestClient(create_app(clf, ServeSettings(max_batch=4))) as client:
+    with TestClient(create_app(clf, ServeSettings(max_batch=4)), base_url="http://127.0.0.1") as client:
         assert client.get("/v1/model").json()["name"] == clf.name == timm_runs[which][1]["model"]
         r = client.post("/v1/predict", files={"files": ("x.png", image, "image/png")}, params={"top_k": 3})
     assert r.status_code == 200, r.text

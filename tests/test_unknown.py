@@ -126,12 +126,12 @@ def test_serve_json_and_model_info(clf, folder):
     from imgrec.serve.app import ServeSettings, create_app
     files = [("files", ("n.png", (folder / "noise0.png").read_bytes(), "image/png")),
              ("files", ("r.png", (folder / "real0.png").read_bytes(), "image/png"))]
-    with TestClient(create_app(clf, ServeSettings())) as client:
+    with TestClient(create_app(clf, ServeSettings()), base_url="http://127.0.0.1") as client:
         body = client.post("/v1/predict", files=files).json()
         assert body["unknown"][0] is True and len(body["ood_scores"]) == 2
         info = client.get("/v1/model").json()
         assert info["unknown"]["score"] == "mahalanobis_layers"
-    with TestClient(create_app(clf, ServeSettings(unknown=False))) as client:
+    with TestClient(create_app(clf, ServeSettings(unknown=False)), base_url="http://127.0.0.1") as client:
         body = client.post("/v1/predict", files=files).json()
         assert "unknown" not in body and client.get("/v1/model").json()["unknown"] is None
     clf.set_accept_rate(0.95)

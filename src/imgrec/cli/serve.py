@@ -17,6 +17,13 @@ def add_parsers(sub) -> None:
     p.add_argument("--host", default="127.0.0.1",
                    help="address to listen on (default 127.0.0.1: this machine only; 0.0.0.0 opens it to the network)")
     p.add_argument("--port", type=int, default=8000, help="port (default 8000; 0 picks a free one)")
+    p.add_argument("--allow-host", action="append", default=[], metavar="NAME",
+                   help="also answer requests addressed to this host name (the Host header), e.g. the machine's "
+                        "name on the network; repeatable; * answers any. By default only 127.0.0.1, localhost, "
+                        "[::1] and the --host address are answered (others get 403: DNS rebinding)")
+    p.add_argument("--allow-origin", action="append", default=[], metavar="ORIGIN",
+                   help="let web pages of this origin (scheme://host[:port]) use the API, with CORS headers; "
+                        "repeatable; * allows any. By default requests from another site's pages get 403")
     g = p.add_argument_group("batching")
     g.add_argument("--max-batch", type=int, default=32, help="images per forward pass (1 turns batching off)")
     g.add_argument("--max-wait-ms", type=float, default=5.0,
@@ -61,7 +68,8 @@ def cmd_serve(args) -> int:
     settings = ServeSettings(max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, max_upload_mb=args.max_upload_mb,
                              max_files=args.max_files, queue_size=args.queue_size, timeout_s=args.timeout_s,
                              accept_rate=args.accept_rate, unknown=not args.no_unknown, metrics=args.metrics,
-                             neighbours_data=args.neighbours_data)
+                             neighbours_data=args.neighbours_data, allowed_hosts=args.allow_host,
+                             allowed_origins=args.allow_origin)
     if args.no_unknown and args.accept_rate is not None:
         raise ConfigError("--accept-rate and --no-unknown contradict each other: give one")
     try:

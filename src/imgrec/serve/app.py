@@ -9,6 +9,10 @@ Endpoints (see /docs, served offline):
     GET  /readyz       readiness: the model is loaded, warmed up, and its worker runs
     GET  /             the web page (static/index.html, app.js, style.css; no external URLs)
 
+Every request first passes the Host and Origin checks (guard.py): a Host that is not 127.0.0.1, localhost,
+[::1], the listening address or one of ``--allow-host``, and a request from a web page of another origin
+than ``--allow-origin`` names, get 403.
+
 A request's way through the server, and what bounds each step (the server faces strangers):
 
     admission    at most ``max_concurrent`` predict requests in progress; more → 503 at once
@@ -41,6 +45,7 @@ Where each part lives (this module builds the app from them, and keeps the names
     routes.py    the handlers and their URLs           page.py      static files, Swagger UI, security headers
     metrics.py   /metrics (Prometheus)                 runner.py    model loading, sockets, uvicorn, --workers
     neighbours.py  ?neighbours=K: the bank, the training images' thumbnails
+    guard.py     Host and Origin checks: a foreign Host (DNS rebinding) or another site's page → 403
 """
 from __future__ import annotations
 
@@ -53,6 +58,7 @@ import anyio.to_thread
 from fastapi import FastAPI
 
 from imgrec.serve import runner
+from imgrec.serve.guard import HostOriginGuard, HostPolicy
 from imgrec.serve.metrics import MetricsMiddleware, create_metrics
 from imgrec.serve.neighbours import ServeNeighbours
 from imgrec.serve.page import SecurityHeaders
@@ -94,6 +100,9 @@ def create_app(classifier, settings: ServeSettings | None = None, neighbours: Se
                   description="Image classification with an imgrec model. The web page is at `/`.")
     app.state.imgrec = state  # for tests and benchmarks
     register(app, Routes(state), metrics=settings.metrics)
+    # a foreign Host (DNS rebinding) or a page of another origin: 403 before any route runs
+    app.add_middleware(HostOriginGuard, policy=HostPolicy(settings.bound_host, settings.allowed_hosts,
+                                                          settings.allowed_origins))
     app.add_middleware(SecurityHeaders)
     # added last, so it runs first and counts every answer; an exception no handler took counts as its 500
     if metrics is not None:

@@ -215,7 +215,7 @@ def serve(model_dir: str | os.PathLike, settings: ServeSettings | None = None, *
     """
     import uvicorn
 
-    settings = settings or ServeSettings()
+    settings = dataclasses.replace(settings or ServeSettings(), bound_host=host)  # a Host the guard answers
     _check_process_options(port, workers, threads)
     n = _set_threads(threads, workers, resolve_backend(model_dir, backend))
     clf = load_classifier(model_dir, which, device, backend, n)

@@ -2,9 +2,10 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from imgrec.errors import ConfigError
+from imgrec.serve.guard import check_origin_spec
 
 __all__ = ["ServeSettings", "MAX_TOP_K", "MAX_OTHER_FIELDS"]
 
@@ -46,6 +47,13 @@ class ServeSettings:
     # where the training images are when they moved since training (``--neighbours-data``): the folder of a
     # named dataset's files, or the folder, CSV list or pack in place of the one model.json records
     neighbours_data: str | None = None
+    # who may use the server from a browser (imgrec.serve.guard): requests whose Host is not 127.0.0.1,
+    # localhost, [::1], the address it listens on (``bound_host``, set by ``imgrec serve``) or one of
+    # ``allowed_hosts`` get 403 (DNS rebinding), and so do requests from a web page of another origin than
+    # the server's own unless it is one of ``allowed_origins``; "*" in either turns that check off
+    bound_host: str | None = None
+    allowed_hosts: list[str] = field(default_factory=list)
+    allowed_origins: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         def positive(name: str, integer: bool = True, zero_ok: bool = False) -> None:
@@ -65,6 +73,18 @@ class ServeSettings:
                      "header_timeout_s"):
             positive(name, integer=False)
         positive("max_wait_ms", integer=False, zero_ok=True)
+        self._check_hosts_and_origins()
+
+    def _check_hosts_and_origins(self) -> None:
+        self.allowed_hosts, self.allowed_origins = list(self.allowed_hosts), list(self.allowed_origins)
+        for h in self.allowed_hosts:
+            if not isinstance(h, str) or not h.strip("[]") or any(c in h for c in "/@?# \t"):
+                raise ConfigError(f"allow-host: not a host name or address: {h!r} (e.g. myserver.lan, 10.0.0.5, *)")
+        for o in self.allowed_origins:
+            try:
+                check_origin_spec(o if isinstance(o, str) else repr(o))
+            except ValueError as e:
+                raise ConfigError(f"allow-origin: {e}") from None
 
     @property
     def max_upload_bytes(self) -> int:
