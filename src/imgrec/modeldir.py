@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 import math
 import types
 import typing
@@ -39,11 +38,12 @@ from pathlib import Path
 from typing import Any
 
 from imgrec.errors import ModelFileError
-from imgrec.safeio import atomic_write_json
+from imgrec.safeio import atomic_write_json, read_json_file
 
 # the out-of-distribution scores inference.unknown may name (imgrec.infer.ood computes them)
 OOD_SCORES = ("msp", "energy", "knn", "mahalanobis", "mahalanobis_layers")
-FEATURE_SCORES = ("knn", "mahalanobis", "mahalanobis_layers")  # the ones that need the penultimate features and a statistics file
+FEATURE_SCORES = ("knn", "mahalanobis", "mahalanobis_layers")
+MAX_META_BYTES = 64 << 20  # model.json: 2,000 classes with their per-class metrics take under 1 MB  # the ones that need the penultimate features and a statistics file
 
 __all__ = ["FORMAT", "FORMAT_VERSION", "ModelMeta", "RunDir", "check_model_kwargs", "read_meta", "write_meta"]
 
@@ -316,8 +316,8 @@ class ModelMeta:
                 if name not in values and name in d:
                     values[name] = read(d[name])
             meta = cls(**values)
-        except (TypeError, ValueError, AttributeError) as e:
-            raise ModelFileError(f"{where}: malformed model metadata ({e})") from None
+        except (TypeError, ValueError, AttributeError, OverflowError) as e:  # OverflowError: int(1e999)
+            raise ModelFileError(f"{where}: malformed model metadata ({str(e)[:200]})") from None
         meta.check(where)
         return meta
 
@@ -336,9 +336,11 @@ class ModelMeta:
         entry = self.inference.get("temperature")
         if entry is not None:
             # refused in one line here rather than turned into NaN or negative probabilities at prediction
+            # (1e-320 divides the logits into infinities; imgrec's fits stay in 0.05..20)
             t = entry.get("T") if isinstance(entry, dict) else None
-            if isinstance(t, bool) or not isinstance(t, (int, float)) or not 0 < t < float("inf"):
-                raise ModelFileError(f"{where}: inference.temperature.T must be a positive number")
+            if not _number_in(t, *TEMPERATURE_RANGE):
+                raise ModelFileError(f"{where}: inference.temperature.T must be a positive number in "
+                                     f"{TEMPERATURE_RANGE[0]:g}..{TEMPERATURE_RANGE[1]:g}, got {_short(t)}")
         if self.inference.get("unknown") is not None:
             reason = check_unknown_entry(self.inference["unknown"])
             if reason:
@@ -347,7 +349,7 @@ class ModelMeta:
         if la:
             try:
                 tau, prior = float(la["tau"]), [float(p) for p in la["prior"]]
-            except (KeyError, TypeError, ValueError):
+            except (KeyError, TypeError, ValueError, OverflowError):
                 raise ModelFileError(f"{where}: inference.logit_adjust needs tau and one prior per class") from None
             if len(prior) != len(self.classes) or not all(0 < p <= 1 for p in prior) or not 0 <= tau < 100:
                 raise ModelFileError(f"{where}: inference.logit_adjust needs 0 ≤ tau < 100 and one prior in (0, 1] "
@@ -356,10 +358,17 @@ class ModelMeta:
             raise ModelFileError(f"{where}: channels must be 1 or 3, got {self.channels}")
         if len(self.mean) != self.channels or len(self.std) != self.channels:
             raise ModelFileError(f"{where}: mean/std need one value per channel ({self.channels})")
-        if any(s <= 0 for s in self.std):
-            raise ModelFileError(f"{where}: std values must be positive")
+        if not all(_number_in(s, *STD_RANGE) for s in self.std):
+            raise ModelFileError(f"{where}: std values must be positive numbers in {STD_RANGE[0]:g}..{STD_RANGE[1]:g} "
+                                 f"(in 0..1 pixel units), got {', '.join(_short(s) for s in self.std)}")
+        if not all(_number_in(m, *MEAN_RANGE) for m in self.mean):
+            raise ModelFileError(f"{where}: mean values must be numbers in {MEAN_RANGE[0]:g}..{MEAN_RANGE[1]:g} "
+                                 f"(in 0..1 pixel units), got {', '.join(_short(m) for m in self.mean)}")
         if len(self.classes) < 1:
             raise ModelFileError(f"{where}: no classes")
+        head = self.kwargs.get("num_classes", len(self.classes))
+        if isinstance(head, bool) or not isinstance(head, int) or head != len(self.classes):
+            raise ModelFileError(f"{where}: {len(self.classes)} classes for a head of {_short(head)} outputs")
         if not 1 <= self.image_size <= 4096:
             raise ModelFileError(f"{where}: image_size {self.image_size} out of range")
         for name in self.weights.values():
@@ -373,6 +382,29 @@ class ModelMeta:
         return Path(model_dir) / self.weights[which]
 
 
+TEMPERATURE_RANGE = (1e-2, 1e2)  # inference.temperature.T: imgrec's fits stay in 0.05..20
+STD_RANGE = (1e-3, 1e3)           # per channel, in 0..1 pixel units (a photo's is about 0.25)
+MEAN_RANGE = (-1e3, 1e3)
+SCORE_LIMIT = 1e30                # |an "unknown" threshold or quantile|: the scores are sums of squares of unit vectors
+
+
+def _number_in(v: Any, lo: float, hi: float) -> bool:
+    """``v`` is a JSON number (not a boolean) in lo..hi: False for NaN, infinities, and integers too large for a
+    float (a 400-digit integer compared as a float raises OverflowError)."""
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        return False
+    try:
+        return lo <= float(v) <= hi
+    except OverflowError:
+        return False
+
+
+def _short(v: Any) -> str:
+    """A value for an error line: at most 40 characters (a 400-digit integer is not echoed whole)."""
+    r = repr(v) if not isinstance(v, int) or abs(v) < 10 ** 30 else f"an integer of {len(str(abs(v)))} digits"
+    return r if len(r) <= 40 else r[:37] + "..."
+
+
 def check_unknown_entry(entry: Any) -> str | None:
     """The reason ``inference.unknown`` is malformed, or None."""
     if not isinstance(entry, dict):
@@ -380,12 +412,12 @@ def check_unknown_entry(entry: Any) -> str | None:
     if entry.get("score") not in OOD_SCORES:
         return f"inference.unknown.score must be one of {', '.join(OOD_SCORES)}"
     t, rate, table = entry.get("threshold"), entry.get("accept_rate"), entry.get("val_quantiles")
-    if isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t):
-        return "inference.unknown.threshold must be a finite number"
+    if not _number_in(t, -SCORE_LIMIT, SCORE_LIMIT):
+        return f"inference.unknown.threshold must be a finite number, got {_short(t)}"
     if isinstance(rate, bool) or not isinstance(rate, (int, float)) or not 0 < rate <= 1:
         return "inference.unknown.accept_rate must be in (0, 1]"
     if table is not None and (not isinstance(table, list) or len(table) < 2
-                              or not all(isinstance(v, (int, float)) and math.isfinite(v) for v in table)):
+                              or not all(_number_in(v, -SCORE_LIMIT, SCORE_LIMIT) for v in table)):
         return "inference.unknown.val_quantiles must be a list of finite numbers"
     name = entry.get("file")
     if entry["score"] in FEATURE_SCORES and (not isinstance(name, str) or "/" in name or "\\" in name
@@ -415,7 +447,12 @@ def _reader(tp: Any, where: str) -> Callable[[Any], Any]:
         return tp
     if origin is list and len(args) == 1:
         item = _reader(args[0], where)
-        return lambda v: [item(x) for x in v]
+
+        def read_list(v: Any) -> list:
+            if not isinstance(v, list):  # a string would be read as its characters
+                raise TypeError(f"expected a list, got {type(v).__name__}")
+            return [item(x) for x in v]
+        return read_list
     if origin is dict and len(args) == 2:
         if args[1] is Any:
             return dict
@@ -454,10 +491,9 @@ def read_meta(model_dir: str | Path) -> ModelMeta:
         raise ModelFileError(f"{rd.path}: a model is a directory holding {RunDir.META} and weights")
     if not rd.meta.is_file():
         raise ModelFileError(f"{rd.path}: missing {RunDir.META} (not an imgrec model directory)")
-    try:
-        d = json.loads(rd.meta.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ModelFileError(f"{rd.meta}: unreadable model metadata ({str(e).splitlines()[0]})") from None
+    # bounded: a size limit, and nesting checked before json.loads recurses (2,000 levels were a
+    # RecursionError's traceback, 200,000 a silent exit)
+    d = read_json_file(rd.meta, "unreadable model metadata", limit=MAX_META_BYTES, error=ModelFileError)
     return ModelMeta.from_dict(d, str(rd.meta))
 
 

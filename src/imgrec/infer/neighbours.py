@@ -76,8 +76,26 @@ def write_bank(model_dir: str | Path, features: np.ndarray, index: np.ndarray, l
     return {"file": NEIGHBOURS_FILE, "split": "train", "rows": int(len(f))}
 
 
-def load_bank(model_dir: str | Path, entry: dict | None) -> Bank:
-    """The bank ``inference.neighbours`` names; ModelFileError in one line when there is none or it is broken."""
+def _check_bank_arrays(path: Path, a: dict, num_classes: int | None, width: int | None) -> None:
+    f, index, labels = a["features"], a["index"], a["labels"]
+    if f.ndim != 2 or index.ndim != 1 or labels.ndim != 1 or not (len(f) == len(index) == len(labels)) or not len(f):
+        raise ModelFileError(f"{path}: the bank's arrays do not fit together")
+    if not np.issubdtype(f.dtype, np.floating) or not np.isfinite(f).all():
+        raise ModelFileError(f"{path}: the bank's features must be finite numbers")
+    if width is not None and f.shape[1] != width:
+        raise ModelFileError(f"{path}: the bank's rows are {f.shape[1]} wide, the network's features {width}")
+    for name, v in (("index", index), ("labels", labels)):
+        if not np.issubdtype(v.dtype, np.integer) or v.min() < 0:
+            raise ModelFileError(f"{path}: the bank's {name} must be whole numbers ≥ 0")
+    if num_classes is not None and labels.max() >= num_classes:
+        raise ModelFileError(f"{path}: the bank names class {int(labels.max())}; the model has {num_classes}")
+
+
+def load_bank(model_dir: str | Path, entry: dict | None, num_classes: int | None = None,
+              width: int | None = None) -> Bank:
+    """The bank ``inference.neighbours`` names; ModelFileError in one line when there is none or it is broken:
+    arrays that do not fit together, features that are not finite (or not ``width`` wide, when given),
+    indices or labels that are not whole numbers ≥ 0, labels ≥ ``num_classes`` when given."""
     if not entry:
         raise ModelFileError(f"{model_dir}: no bank of training features (train it with this imgrec to show the "
                              "nearest training images)")
@@ -89,6 +107,7 @@ def load_bank(model_dir: str | Path, entry: dict | None) -> Bank:
     from safetensors.numpy import load_file
     try:
         a = load_file(str(path))
+        _check_bank_arrays(path, a, num_classes, width)
         bank = Bank(a["features"], a["index"], a["labels"])
     except FileNotFoundError:
         raise ModelFileError(f"{path}: the bank of training features is missing") from None

@@ -21,7 +21,7 @@ import numpy as np
 from imgrec.modeldir import RunDir
 
 __all__ = ["SCORES", "FEATURE_SCORES", "DEFAULT_SCORE", "DEFAULT_ACCEPT_RATE", "STATS_FILE", "OodStats",
-           "fit_stats", "score", "threshold_for_accept_rate", "quantile_table", "threshold_from_table",
+           "fit_stats", "gaussian_problem", "score", "threshold_for_accept_rate", "quantile_table", "threshold_from_table",
            "unknown_entry", "save_arrays", "load_arrays", "save_stats", "load_stats", "auroc", "fpr_at_tpr"]
 
 SCORES = ("msp", "energy", "knn", "mahalanobis")  # computed here; model.json may also name imgrec.infer.unknown's
@@ -182,10 +182,31 @@ def load_stats(path, kind: str) -> OodStats:
     if missing:
         raise ModelFileError(f"{path}: lacks {', '.join(missing)} (the {kind} score needs it)")
     if kind == "mahalanobis":
-        d = stats.means.shape[-1]
-        if stats.means.ndim != 2 or stats.precision.shape != (d, d) or not np.isfinite(stats.precision).all():
-            raise ModelFileError(f"{path}: means and precision do not fit together")
+        reason = gaussian_problem(stats.means, stats.precision)
+        if reason:
+            raise ModelFileError(f"{path}: {reason}")
+    if kind == "knn" and (stats.bank.ndim != 2 or not len(stats.bank) or not np.isfinite(stats.bank).all()):
+        raise ModelFileError(f"{path}: the bank of the knn score must be a non-empty matrix of finite numbers")
     return stats
+
+
+def gaussian_problem(means: np.ndarray, precision: np.ndarray) -> str | None:
+    """Why per-class means (K × D) and a shared precision matrix (D × D) cannot be a Mahalanobis score's, or
+    None: shapes that do not fit, numbers that are not finite, a precision that is not symmetric positive
+    definite (its Cholesky factor is what the score multiplies by)."""
+    if means.ndim != 2 or not means.shape[0] or precision.shape != (means.shape[1],) * 2:
+        return "means and precision do not fit together"
+    if not np.issubdtype(means.dtype, np.floating) or not np.issubdtype(precision.dtype, np.floating) or \
+            not np.isfinite(means).all() or not np.isfinite(precision).all():
+        return "means and precision must be finite numbers"
+    p = precision.astype(np.float64)
+    if not np.allclose(p, p.T, rtol=1e-4, atol=1e-6 * max(1.0, float(np.abs(p).max()))):
+        return "the precision matrix is not symmetric"
+    try:
+        np.linalg.cholesky(p)
+    except np.linalg.LinAlgError:
+        return "the precision matrix is not positive definite"
+    return None
 
 
 def auroc(in_scores: np.ndarray, out_scores: np.ndarray) -> float:

@@ -54,8 +54,9 @@ class Classifier(BasePredictor):
         self.preprocess = Preprocess(meta.mean, meta.std, self.device, channels_last=True)
         self.unknown_score = None  # imgrec.infer.unknown.UnknownScore: the OOD score beside the network
         if self.unknown and (model_dir is not None or self.unknown["score"] not in FEATURE_SCORES):
-            from imgrec.infer.unknown import load_unknown_score
+            from imgrec.infer.unknown import check_unknown_fits, load_unknown_score
             self.unknown_score = load_unknown_score(model_dir, self.unknown, self.temperature).to(self.device)
+            check_unknown_fits(self, model_dir)
         elif self.unknown:
             self.unknown, self.unknown_threshold = None, None
 

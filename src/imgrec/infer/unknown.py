@@ -23,11 +23,11 @@ from torch import nn
 
 from imgrec.errors import ConfigError
 from imgrec.infer.ood import (DEFAULT_ACCEPT_RATE, DEFAULT_SCORE, KNN_K, STATS_FILE, OodStats, fit_stats,
-                              load_arrays, load_stats, save_arrays, save_stats, unknown_entry)
+                              gaussian_problem, load_arrays, load_stats, save_arrays, save_stats, unknown_entry)
 from imgrec.infer.runtime import autocast
 from imgrec.modeldir import FEATURE_SCORES
 
-__all__ = ["UnknownScore", "forward_with_features", "fit_unknown", "load_unknown_score",
+__all__ = ["UnknownScore", "check_unknown_fits", "forward_with_features", "fit_unknown", "load_unknown_score",
            "layer_names", "unknown_layers", "LayerTaps"]
 
 LAYERS_SCORE = "mahalanobis_layers"
@@ -230,6 +230,25 @@ def load_unknown_score(model_dir: str | Path | None, entry: dict, temperature: f
     return UnknownScore(kind, _layer_stats(arrays, "", path), temperature, layers=parts)
 
 
+def check_unknown_fits(clf: Any, model_dir: str | Path | None) -> None:
+    """One pass of a blank image through ``clf``'s network and its "unknown" score: statistics of another
+    width than the features or tapped layers, kept columns past a layer's width, a layer name the network
+    does not have, or a score that is not finite are refused here, in one line, when the model is loaded,
+    rather than as an error on every prediction (a server that answers 500 while /readyz says 200)."""
+    from imgrec.errors import ModelFileError, first_line
+    where = Path(model_dir or ".") / str(clf.unknown.get("file") or "model.json")
+    x = torch.zeros((1, clf.channels, clf.image_size, clf.image_size), dtype=torch.uint8)
+    try:
+        logits, feats, layers = clf.logits_and_features(x, 1, clf.unknown.get("layers"))
+        with torch.inference_mode():
+            score = clf.unknown_score(logits.to(clf.device), feats.to(clf.device), [f.to(clf.device) for f in layers])
+    except (RuntimeError, IndexError, AttributeError, ValueError) as e:
+        raise ModelFileError(f"{where}: the out-of-distribution statistics do not fit the network "
+                             f"({first_line(e, 200)})") from None
+    if score.shape != (1,) or not bool(torch.isfinite(score).all()):
+        raise ModelFileError(f"{where}: the out-of-distribution score of a blank image is not a finite number")
+
+
 def _layer_stats(arrays: dict[str, np.ndarray], prefix: str, path: Path) -> OodStats:
     from imgrec.errors import ModelFileError
     try:
@@ -238,10 +257,16 @@ def _layer_stats(arrays: dict[str, np.ndarray], prefix: str, path: Path) -> OodS
         keep = arrays.get(prefix + "keep")
     except (KeyError, ValueError, TypeError):
         raise ModelFileError(f"{path}: lacks the {prefix or 'penultimate '}statistics of the multi-layer score") from None
+    what = f"the {prefix or 'penultimate '}statistics"
+    reason = gaussian_problem(st.means, st.precision)
+    if reason:
+        raise ModelFileError(f"{path}: {what}: {reason}")
     d = st.means.shape[-1]
-    if st.precision.shape != (d, d) or not np.isfinite(st.precision).all() or not scale > 0 or \
-            (keep is not None and (keep.ndim != 1 or len(keep) != d)):
-        raise ModelFileError(f"{path}: the {prefix or 'penultimate '}statistics do not fit together")
+    if not (np.isfinite(loc) and np.isfinite(scale) and scale > 0):
+        raise ModelFileError(f"{path}: {what}: the standardisation needs a finite centre and a positive spread")
+    if keep is not None and (keep.ndim != 1 or len(keep) != d or not np.issubdtype(keep.dtype, np.integer)
+                             or (d and keep.min() < 0) or len(np.unique(keep)) != d):
+        raise ModelFileError(f"{path}: {what}: the kept columns must be {d} distinct column numbers ≥ 0")
     st.keep, st.loc, st.scale = keep, loc, scale
     return st
 

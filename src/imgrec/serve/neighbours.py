@@ -125,6 +125,13 @@ class ServeNeighbours:
         return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
 
 
+def _feature_width(classifier) -> int:
+    """The width of the network's penultimate features (one pass of a blank image)."""
+    import torch
+    x = torch.zeros((1, classifier.channels, classifier.image_size, classifier.image_size), dtype=torch.uint8)
+    return int(classifier.logits_and_features(x, 1)[1].shape[1])
+
+
 def open_neighbours(classifier, model_dir: str | Path | None, data: str | None = None) -> ServeNeighbours | None:
     """The neighbours a server over ``classifier`` (loaded from ``model_dir``) can answer, or None: a model
     directory without a bank, or a backend without the features (an exported ONNX file). ModelFileError when
@@ -133,6 +140,6 @@ def open_neighbours(classifier, model_dir: str | Path | None, data: str | None =
     entry = (getattr(meta, "inference", None) or {}).get("neighbours")
     if model_dir is None or not entry or not hasattr(classifier, "scored_with_features"):
         return None
-    bank = load_bank(model_dir, entry)
+    bank = load_bank(model_dir, entry, len(classifier.classes), _feature_width(classifier))
     from imgrec.eval.neighbours import missing_training_data
     return ServeNeighbours(bank, classifier.classes, meta, data, missing_training_data(meta, data))

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from typing import Any
 
@@ -156,8 +157,10 @@ class Routes:
     # -- model and health ------------------------------------------------------------------------
     async def model_info(self):
         clf, settings = self.classifier, self.settings
-        metrics = {k: v for k, v in clf.meta.metrics.items()
-                   if v is None or isinstance(v, (int, float, bool))}  # numbers only: no paths or free text
+        # numbers only (no paths or free text), finite and float-sized (JSON has no NaN: a NaN val_loss from a
+        # diverged run, or one written into a handed model.json, would fail the whole answer)
+        metrics = {k: (v if v is None or isinstance(v, bool) or _plain_number(v) else None)
+                   for k, v in clf.meta.metrics.items() if v is None or isinstance(v, (int, float, bool))}
         # float32, as the predictors compare scores with them
         thresholds = [float(np.float32(t)) for t in clf.thresholds] if clf.multilabel else None
         return JSONResponse({
@@ -255,3 +258,10 @@ def register(app: FastAPI, routes: Routes, metrics: bool = False) -> None:
     for path, handler in (("/", routes.index), ("/static/{name}", routes.static_file),
                           ("/static/swagger/{name}", routes.swagger_file), ("/docs", routes.docs)):
         app.add_api_route(path, handler, methods=["GET"], include_in_schema=False)
+
+
+def _plain_number(v: int | float) -> bool:
+    try:
+        return math.isfinite(v) and abs(v) < 1e300
+    except OverflowError:  # an integer of hundreds of digits
+        return False
