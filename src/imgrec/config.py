@@ -7,6 +7,9 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import math
+import types
+import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -173,7 +176,34 @@ def load_yaml(path: str | Path) -> dict:
     return d
 
 
+def _number_kinds(tp: Any) -> tuple[set, bool]:
+    """(the number types a field's annotation allows, whether it allows anything else but None)."""
+    args = typing.get_args(tp) if typing.get_origin(tp) in (typing.Union, types.UnionType) else (tp,)
+    kinds = {a for a in args if a in (int, float)}
+    return kinds, any(a not in (int, float, type(None)) for a in args)
+
+
+def _validate_numbers(cfg: RunConfig) -> None:
+    """Every number field holds a finite number of its type: NaN passes every ``x <= 0`` check below (``--lr
+    nan`` trained on NaN, ``--val-split nan`` failed deep in the split), and a config's ``epochs: "many"``
+    failed with a traceback."""
+    for section in (cfg.data, cfg.model, cfg.train):
+        hints = typing.get_type_hints(type(section))
+        for f in dataclasses.fields(section):
+            kinds, other = _number_kinds(hints[f.name])
+            v = getattr(section, f.name)
+            if not kinds or v is None or (other and not isinstance(v, (int, float))):
+                continue
+            if isinstance(v, bool) or not isinstance(v, (int, float)):
+                raise ConfigError(f"{f.name} must be a number, got {str(v)[:40]!r}")
+            if isinstance(v, float) and not math.isfinite(v):
+                raise ConfigError(f"{f.name} must be a finite number, got {v}")
+            if float not in kinds and isinstance(v, float) and not v.is_integer():
+                raise ConfigError(f"{f.name} must be a whole number, got {v}")
+
+
 def validate(cfg: RunConfig) -> None:
+    _validate_numbers(cfg)
     t = cfg.train
     choices = {"optimizer": ("sgd", "adam", "adamw", "muon"), "scheduler": ("onecycle", "cosine", "linear", "none"),
                "flip_order": ("random", "alternate"), "amp": ("auto", "bf16", "fp16", "none")}

@@ -30,6 +30,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import os
 import types
 import typing
 from collections.abc import Callable
@@ -45,7 +46,8 @@ OOD_SCORES = ("msp", "energy", "knn", "mahalanobis", "mahalanobis_layers")
 FEATURE_SCORES = ("knn", "mahalanobis", "mahalanobis_layers")
 MAX_META_BYTES = 64 << 20  # model.json: 2,000 classes with their per-class metrics take under 1 MB  # the ones that need the penultimate features and a statistics file
 
-__all__ = ["FORMAT", "FORMAT_VERSION", "ModelMeta", "RunDir", "check_model_kwargs", "read_meta", "write_meta"]
+__all__ = ["FORMAT", "FORMAT_VERSION", "ModelMeta", "RunDir", "check_model_kwargs", "read_meta", "refuse_model_file",
+           "write_meta"]
 
 FORMAT = "imgrec-model"
 FORMAT_VERSION = 3
@@ -180,8 +182,25 @@ class RunDir:
             elif (self.path / d).is_dir():
                 shutil.rmtree(self.path / d)
 
+    def owns(self, path: str | Path) -> bool:
+        """Whether ``path`` is (or would replace) one of this directory's run files (:meth:`run_files`), through
+        whatever links or relative parts name it: an output written there would destroy the model."""
+        target = os.path.realpath(path)
+        return any(target == os.path.realpath(f) for f in self.run_files()) or \
+            any(Path(target).is_relative_to(os.path.realpath(self.path / d)) for d in self.FOLDERS)
+
     def holds_run(self) -> bool:
         return any((self.path / n).exists() for n in (self.META, self.CHECKPOINT, self.CONFIG))
+
+
+def refuse_model_file(out: str | Path, model: str | Path, option: str = "--out") -> None:
+    """ConfigError when the output ``out`` is one of the model's own files (``model``: its directory, or an
+    exported file, whose folder is then the model's)."""
+    from imgrec.errors import ConfigError
+    model = Path(model)
+    owner = RunDir(model if model.is_dir() else model.parent)
+    if owner.owns(out) or (not model.is_dir() and os.path.realpath(out) == os.path.realpath(model)):
+        raise ConfigError(f"{option} {out}: that is one of the model's own files; write somewhere else")
 
 
 def default_run_dir(data: str, model: str, root: str | Path = "runs") -> Path:

@@ -13,6 +13,7 @@ import functools
 import json
 import os
 import re
+import stat
 import tempfile
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterator
@@ -27,18 +28,24 @@ if TYPE_CHECKING:  # torch is imported where it is used: atomic writes alone mus
 # atomic writes
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
-    """Yield a temporary path in the same folder as ``path``; on success fsync and rename it into place."""
+    """Yield a temporary path in the same folder as ``path``; on success fsync and rename it into place. The
+    file keeps the permission bits of the one it replaces (a 600 model.json stays 600 through
+    ``imgrec calibrate``); a new file gets the usual ones (0666 less the umask)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        mode = stat.S_IMODE(os.stat(path).st_mode)
+    except OSError:  # no file there yet (or none we may look at)
+        mode = 0o666 & ~_umask()
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
-    os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes 0600 files; give the result normal permissions
     tmp = Path(tmp)
     try:
         yield tmp
         _fault_point(path)
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
+        os.chmod(tmp, mode)  # after the writing (mkstemp makes 0600 files): a read-only mode is kept too
         os.replace(tmp, path)
         _fsync_dir(path.parent)
     finally:
@@ -252,6 +259,50 @@ def _no_alias_loader(max_nesting: int) -> type:
             finally:
                 self._depth -= 1
     return NoAliasLoader
+
+
+# ----------------------------------------------------------------------------------------------
+# CSV files people open in a spreadsheet
+_FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
+
+
+def printable(text: str) -> str:
+    """``text`` as UTF-8 can hold it: a file name's bytes that are not UTF-8 (which Python keeps as lone
+    surrogates) written as ``\\xNN`` escapes instead of failing the whole output with UnicodeEncodeError."""
+    try:
+        text.encode("utf-8")
+        return text
+    except UnicodeEncodeError:
+        try:
+            return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+        except UnicodeEncodeError:  # a surrogate that is not an escaped byte
+            return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def csv_cell(value: Any) -> Any:
+    """A cell for a CSV file: text that a spreadsheet would run as a formula (starting with = + - @, a tab or
+    a carriage return, and not a plain number) gets a leading ``'`` (OWASP's advice); non-UTF-8 bytes are
+    escaped (:func:`printable`). Numbers are left as they are."""
+    if not isinstance(value, str):
+        return value
+    value = printable(value)
+    if value.startswith(_FORMULA_START):
+        try:
+            float(value)
+        except ValueError:
+            return "'" + value
+    return value
+
+
+def csv_text(rows: Any) -> str:
+    """Rows (lists of cells) as CSV text, every cell through :func:`csv_cell`: what imgrec's CSV outputs write."""
+    import csv
+    import io
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    for row in rows:
+        w.writerow([csv_cell(c) for c in row])
+    return buf.getvalue()
 
 
 # ----------------------------------------------------------------------------------------------

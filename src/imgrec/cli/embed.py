@@ -39,6 +39,10 @@ def cmd_embed(args) -> int:
 
     if bool(args.inputs) == bool(args.data or args.split):
         raise ConfigError("give image files/folders, or --split (and --data) for a labelled split; not both")
+    from imgrec.infer.embed import index_path
+    from imgrec.modeldir import refuse_model_file
+    refuse_model_file(args.out, args.model)  # embed --out runs/x/neighbours.safetensors overwrote the model's bank
+    refuse_model_file(index_path(args.out), args.model)
     clf = Classifier.load(args.model, device=args.device)
     if args.inputs:
         emb = embed_files(clf, args.inputs, normalize=not args.raw, batch_size=args.batch_size,

@@ -11,11 +11,10 @@ A new output format is one more writer function here and one more option.
 """
 from __future__ import annotations
 
-import csv
-import io
 import sys
 
 from imgrec.cli.common import DEVICE_HELP, add_command, backend_option, fmt_table, print_json
+from imgrec.safeio import printable
 
 EXIT_SOME_UNREADABLE = 1  # some files could not be read; the others were predicted (imgrec.cli: 2 = bad input)
 BAD_IMAGE_HELP = ("what an unreadable file does: report (default: an error row in the table, JSON and CSV, "
@@ -68,6 +67,9 @@ def cmd_predict(args) -> int:
 
     if args.top_k is not None and args.top_k < 1:
         raise ConfigError("--top-k must be at least 1")
+    if args.csv:
+        from imgrec.modeldir import refuse_model_file
+        refuse_model_file(args.csv, args.model, "--csv")
     clf = load_classifier(args.model, backend=args.backend, device=args.device, amp=args.amp)
     multilabel = clf.multilabel
     if multilabel and args.top_k is not None:
@@ -152,25 +154,25 @@ def _table_with_notes(rows: list[list], header: list[str], results: list[dict]) 
     if any(r.get("input_notes") for r in results):
         header = header + ["input notes"]
         rows = [row + [_notes(r)] for row, r in zip(rows, results)]
-    return fmt_table(rows, header)
+    # file names with bytes that are not UTF-8 (and error messages quoting them) as \xNN escapes
+    return fmt_table([[printable(str(c)) for c in row] for row in rows], header)
 
 
 def write_csv(path: str, results: list[dict]) -> None:
     """``file,rank,label,score,error,input_notes`` rows, and ``unknown,ood_score`` when the model answers
     "unknown" (one row per label; one row with the reason and no label
     for an unreadable file), written atomically (without importing PyTorch: the ONNX Runtime path)."""
-    from imgrec.safeio import atomic_write_text
+    from imgrec.safeio import atomic_write_text, csv_text
 
-    buf = io.StringIO()
-    w = csv.writer(buf, lineterminator="\n")
     unknown = any("unknown" in r for r in results)  # two more columns when the model answers "unknown"
-    w.writerow(["file", "rank", "label", "score", "error", "input_notes"] + (["unknown", "ood_score"] if unknown else []))
+    rows = [["file", "rank", "label", "score", "error", "input_notes"] + (["unknown", "ood_score"] if unknown else [])]
     for r in results:
         extra = [str(r["unknown"]).lower(), f"{r['ood_score']:.6g}"] if unknown and "unknown" in r else \
             (["", ""] if unknown else [])
         if "error" in r:
-            w.writerow([r["file"], "", "", "", r["error"], ""] + extra)
+            rows.append([r["file"], "", "", "", r["error"], ""] + extra)
             continue
         for i, p in enumerate(r["predictions"], 1):
-            w.writerow([r["file"], i, p["label"], f"{p['score']:.6f}", "", _notes(r)] + extra)
-    atomic_write_text(path, buf.getvalue())
+            rows.append([r["file"], i, p["label"], f"{p['score']:.6f}", "", _notes(r)] + extra)
+    # cells escaped: a class or file named =HYPERLINK(...) runs no formula; non-UTF-8 file names as \xNN
+    atomic_write_text(path, csv_text(rows))

@@ -14,7 +14,6 @@ Every file is written atomically; unreadable images are skipped and reported, ne
 """
 from __future__ import annotations
 
-import csv
 import io
 import json
 import os
@@ -68,9 +67,15 @@ def embed_files(clf, paths: Iterable[str | os.PathLike], *, normalize: bool = Tr
     return Embeddings(np.concatenate(rows), names, None, record.skipped)
 
 
+def index_path(out: str | os.PathLike) -> Path:
+    """``<name>.index.csv`` beside the features file ``out``."""
+    out = Path(out)
+    return out.with_name(out.name[: -len(out.suffix)] + ".index.csv") if out.suffix else out.with_name(out.name + ".index.csv")
+
+
 def write_embeddings(emb: Embeddings, out: str | os.PathLike) -> tuple[Path, Path]:
     """Write the features (format from the suffix) and ``<name>.index.csv``; returns both paths."""
-    from imgrec.safeio import atomic_write_bytes, atomic_write_text
+    from imgrec.safeio import atomic_write_bytes, atomic_write_text, csv_text
     out = Path(out)
     fmt = EMBED_FORMATS.get(out.suffix.lower())
     if fmt is None:
@@ -91,12 +96,11 @@ def write_embeddings(emb: Embeddings, out: str | os.PathLike) -> tuple[Path, Pat
         if emb.labels is not None:
             meta["classes"] = json.dumps(classes)
         data = save(arrays, metadata=meta)
-    index = out.with_name(out.name[: -len(out.suffix)] + ".index.csv")
-    text = io.StringIO()
-    w = csv.writer(text, lineterminator="\n")
-    w.writerow(["row", "file"] + (["label"] if emb.labels is not None else []))
-    for i, f in enumerate(emb.files):
-        w.writerow([i, f] + ([emb.labels[i]] if emb.labels is not None else []))
+    index = index_path(out)
+    # made before either file is written (a failure leaves neither); cells escaped (csv_cell: no formulas,
+    # non-UTF-8 file names as \xNN)
+    text = csv_text([["row", "file"] + (["label"] if emb.labels is not None else [])] +
+                    [[i, f] + ([emb.labels[i]] if emb.labels is not None else []) for i, f in enumerate(emb.files)])
     atomic_write_bytes(out, data)
-    atomic_write_text(index, text.getvalue())
+    atomic_write_text(index, text)
     return out, index
