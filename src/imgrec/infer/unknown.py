@@ -25,7 +25,7 @@ from imgrec.errors import ConfigError
 from imgrec.infer.ood import (DEFAULT_ACCEPT_RATE, DEFAULT_SCORE, KNN_K, STATS_FILE, OodStats, fit_stats,
                               gaussian_problem, load_arrays, load_stats, save_arrays, save_stats, unknown_entry)
 from imgrec.infer.runtime import autocast
-from imgrec.modeldir import FEATURE_SCORES
+from imgrec.modeldir import FEATURE_SCORES, RunDir
 
 __all__ = ["UnknownScore", "check_unknown_fits", "forward_with_features", "fit_unknown", "load_unknown_score",
            "layer_names", "unknown_layers", "LayerTaps"]
@@ -236,7 +236,7 @@ def check_unknown_fits(clf: Any, model_dir: str | Path | None) -> None:
     does not have, or a score that is not finite are refused here, in one line, when the model is loaded,
     rather than as an error on every prediction (a server that answers 500 while /readyz says 200)."""
     from imgrec.errors import ModelFileError, first_line
-    where = Path(model_dir or ".") / str(clf.unknown.get("file") or "model.json")
+    where = Path(model_dir or ".") / str(clf.unknown.get("file") or RunDir.META)
     x = torch.zeros((1, clf.channels, clf.image_size, clf.image_size), dtype=torch.uint8)
     try:
         logits, feats, layers = clf.logits_and_features(x, 1, clf.unknown.get("layers"))
