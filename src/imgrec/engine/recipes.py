@@ -137,41 +137,10 @@ COST_BOUND = 400_000 * 28 * 28
 SMALL_DATA_MODELS = {"fastnet_lean": "fastnet_small", "fastnet_relu": "fastnet_small"}
 SMALL_LR_PER_32 = 0.05       # SGD peak lr at batch 32; scaled linearly with the batch, capped at the recipe's
 MIN_BATCH, SMALL_MAX_BATCH = 16, 128
-FINE_TUNE_MODEL = "resnet18"  # the pretrained backbone colour photos default to, when its weights are at hand
-FINE_TUNE_LR_PER_32 = 0.01
 
 
 def _pow2_floor(x: float) -> int:
     return 1 << max(0, int(math.floor(math.log2(max(1.0, x)))))
-
-
-def cached_pretrained(model_name: str) -> str | None:
-    """Path of ``model_name``'s torchvision ImageNet weights when they are already in torch's hub cache (so a
-    default can use them without a download), else None."""
-    import os
-
-    import torch
-
-    from imgrec.models import model_info
-    weights = model_info(model_name).pretrained
-    if not weights:
-        return None
-    folder = os.path.join(torch.hub.get_dir(), "checkpoints")
-    # torchvision names its weight files after the model (resnet18-f37072fd.pth): without such a file there is
-    # nothing to find, and importing torchvision to learn the exact name (0.8 s, most of it torch._dynamo, which
-    # torchvision.ops imports) is skipped: a tenth of a small folder's whole run
-    try:
-        if not any(f.startswith(model_name) for f in os.listdir(folder)):
-            return None
-    except OSError:
-        return None
-    try:
-        import torchvision
-        url = torchvision.models.get_weight(weights).url
-    except (ValueError, AttributeError, KeyError):
-        return None
-    path = os.path.join(folder, os.path.basename(url))
-    return path if os.path.isfile(path) else None
 
 
 def adapt_to_data(probe, current: dict, explicit: set[str]) -> tuple[dict, str]:
@@ -194,19 +163,18 @@ def adapt_to_data(probe, current: dict, explicit: set[str]) -> tuple[dict, str]:
     if backbone is not None:
         return _transfer_changes(probe, backbone, put, changes, explicit)
     size = _data_image_size(probe, current, explicit, put)
-    fine_tune = _cached_fine_tune(probe, explicit, notes)
     batch = _data_batch(n, current, explicit)
     put("batch_size", batch)
-    _data_model_and_lr(n, batch, fine_tune, current, explicit, changes, put, notes)
+    _data_model_and_lr(n, batch, current, explicit, changes, put)
     # the loader keeps a short last batch unless an epoch has at least 4 full ones (imgrec.engine.train)
     steps_per_epoch = n // int(batch) if n >= 4 * int(batch) else math.ceil(n / int(batch))
-    epochs = _data_epochs(n, size, steps_per_epoch, fine_tune, current, explicit)
+    epochs = _data_epochs(n, size, steps_per_epoch, current, explicit)
     put("epochs", epochs)
     if n < LARGE_DATA:
         put("val_last", 0)
         put("crop_padding", None)  # size // 14 px: the augmentation small data needs most
         put("flip_order", "random")  # what the small-data settings were measured with (benchmarks/defaults.py)
-    parts = [f"{changes['name']} (small data)"] if "name" in changes and not fine_tune else []
+    parts = [f"{changes['name']} (small data)"] if "name" in changes else []
     parts += [f"batch {batch} ({steps_per_epoch} steps an epoch)", f"{epochs} epochs ({steps_per_epoch * epochs:,} "
               f"steps)", f"lr {changes.get('lr', current.get('lr'))}", f"{size} px"]
     if n < LARGE_DATA:
@@ -273,17 +241,6 @@ def _data_image_size(probe, current: dict, explicit: set[str], put) -> int:
     return int(size or 32)
 
 
-def _cached_fine_tune(probe, explicit: set[str], notes: list[str]) -> str | None:
-    """The cached pretrained weights colour photos are fine-tuned from (None: trained from scratch)."""
-    if not (probe.channels == 3 and probe.median_side >= 64) or explicit & {"name", "pretrained", "weights"}:
-        return None
-    fine_tune = cached_pretrained(FINE_TUNE_MODEL)
-    if fine_tune is None:
-        notes.append(f"trained from scratch: no pretrained {FINE_TUNE_MODEL} weights in the cache "
-                     f"(--model {FINE_TUNE_MODEL} --pretrained downloads them)")
-    return fine_tune
-
-
 def _data_batch(n: int, current: dict, explicit: set[str]) -> int:
     if "batch_size" in explicit:
         return current["batch_size"]
@@ -293,17 +250,9 @@ def _data_batch(n: int, current: dict, explicit: set[str]) -> int:
     return max(MIN_BATCH, min(base_batch, _pow2_floor(n / 25)))
 
 
-def _data_model_and_lr(n: int, batch: int, fine_tune: str | None, current: dict, explicit: set[str],
-                       changes: dict, put, notes: list[str]) -> None:
-    """The architecture, optimizer and learning rate for the data: a fine-tuned backbone, or the machine's
-    network (its small-data variant) with SGD's learning rate scaled to the batch."""
-    if fine_tune:
-        put("name", FINE_TUNE_MODEL)
-        put("pretrained", True)
-        put("optimizer", "sgd")
-        put("lr", FINE_TUNE_LR_PER_32 * batch / 32)
-        notes.append(f"fine-tuning ImageNet {FINE_TUNE_MODEL} from the cache")
-        return
+def _data_model_and_lr(n: int, batch: int, current: dict, explicit: set[str], changes: dict, put) -> None:
+    """The architecture, optimizer and learning rate for data trained from scratch: the machine's network (its
+    small-data variant) with SGD's learning rate scaled to the batch."""
     if n < LARGE_DATA and "name" not in explicit and current.get("name") in SMALL_DATA_MODELS:
         put("name", SMALL_DATA_MODELS[current["name"]])
     if n < LARGE_DATA and current.get("optimizer") == "muon":
@@ -313,8 +262,7 @@ def _data_model_and_lr(n: int, batch: int, fine_tune: str | None, current: dict,
         put("lr", round(min(float(current.get("lr") or 0.4), SMALL_LR_PER_32 * batch / 32), 6))
 
 
-def _data_epochs(n: int, size: int, steps_per_epoch: int, fine_tune: str | None, current: dict,
-                 explicit: set[str]) -> int:
+def _data_epochs(n: int, size: int, steps_per_epoch: int, current: dict, explicit: set[str]) -> int:
     """Epochs: enough images seen and optimizer steps for small data, bounded in compute (COST_BOUND)."""
     if "epochs" in explicit:
         return int(current["epochs"])
@@ -323,7 +271,4 @@ def _data_epochs(n: int, size: int, steps_per_epoch: int, fine_tune: str | None,
     epochs = min(MAX_EPOCHS, max(MIN_EPOCHS, math.ceil(SEEN_TARGET / n)))
     # the tiniest folders: a batch cannot shrink below MIN_BATCH (BatchNorm statistics), so more epochs
     epochs = max(epochs, min(MAX_TINY_EPOCHS, math.ceil(MIN_STEPS / steps_per_epoch)))
-    epochs = max(4, min(epochs, COST_BOUND // max(1, n * size * size)))
-    if fine_tune:
-        epochs = min(epochs, 15)  # a pretrained backbone converges in far fewer passes
-    return epochs
+    return max(4, min(epochs, COST_BOUND // max(1, n * size * size)))

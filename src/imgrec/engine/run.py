@@ -185,8 +185,8 @@ def _prepare_run_dir(cfg: RunConfig, rd: RunDir, *, resume: bool, overwrite: boo
     elif out.exists() and rd.holds_run():
         if not overwrite:
             raise ConfigError(f"{out}: already holds a run; use --resume to continue it or --overwrite to replace it")
-        for f in rd.run_files() if main else ():
-            f.unlink(missing_ok=True)
+        if main:
+            rd.clear()
     if main:
         check_writable(out, need_bytes=64 << 20)
         for stale in out.glob(".*.tmp"):  # temporary files left by a crash mid-write; the real files are intact
@@ -413,7 +413,7 @@ def _run_callbacks(cfg: RunConfig, rd: RunDir, bundle: DataBundle, main: bool, p
         callbacks.append(TimeBudget(t.time_budget, enabled=progress, on_change=lambda tr: main and atomic_write_text(
             rd.config, cfg.to_yaml())))
     if main and tensorboard_enabled(t.tensorboard):
-        callbacks.append(TensorBoardLogger(rd.path / "tensorboard"))
+        callbacks.append(TensorBoardLogger(rd.tensorboard))
     return callbacks
 
 

@@ -21,7 +21,7 @@ class Neighbours:
 
     def __init__(self, clf, model_dir, train_images: torch.Tensor | None = None):
         self.clf = clf
-        self.bank = load_bank(model_dir, clf.meta.inference.get("neighbours"))
+        self.bank = load_bank(model_dir, clf.meta.inference.get("neighbours"), len(clf.classes))
         if train_images is None:
             train_images = load_training_images(clf.meta)
         if int(self.bank.index.max()) >= len(train_images):
