@@ -189,7 +189,6 @@ SLOW_TESTS = {
                       "test_audit_bad_input"),
     "test_defaults.py": ("test_a_small_user_folder_trains_well_with_no_options",
                          "test_audit_refuses_to_rank_when_its_fold_models_are_weak",
-                         "test_colour_photos_fine_tune_cached_pretrained_weights",
                          "test_resume_shows_the_run_and_a_finished_run_says_so",
                          "test_the_recipe_line_says_what_was_chosen_and_why", "test_guard_rails_speak"),
     "test_calibration.py": ("test_no_calibrate_then_imgrec_calibrate",

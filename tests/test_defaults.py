@@ -111,27 +111,6 @@ def test_large_small_image_data_is_left_alone_and_explicit_settings_win():
     assert "flip_order" not in adapt_to_data(small, get_recipe("fast-bf16"), {"flip_order"})[0]
 
 
-def test_colour_photos_fine_tune_cached_pretrained_weights(tmp_path, fmnist_arrays):
-    """Weights already in torch's hub cache (here a file this test writes, with torchvision's key names and file
-    name) make colour photos default to fine-tuning resnet18."""
-    import torchvision
-
-    from imgrec.engine.recipes import FINE_TUNE_MODEL
-    url = torchvision.models.get_weight("ResNet18_Weights.IMAGENET1K_V1").url
-    ckpt = tmp_path / "torch" / "hub" / "checkpoints" / Path(url).name
-    ckpt.parent.mkdir(parents=True)
-    torch.manual_seed(0)
-    torch.save(torchvision.models.resnet18().state_dict(), ckpt)
-    data = user_folder(tmp_path / "photos", fmnist_arrays, per_class=12)
-    r = run_cli("train", "--data", data, "--out", tmp_path / "run", "--epochs", "1",
-                env={"TORCH_HOME": str(tmp_path / "torch")})
-    assert r.returncode == 0, r.stderr
-    assert f"fine-tuning ImageNet {FINE_TUNE_MODEL} from the cache" in r.stderr.splitlines()[0]
-    assert "initial weights: loaded" in r.stderr
-    meta = json.loads((tmp_path / "run" / "model.json").read_text())
-    assert meta["model"]["name"] == FINE_TUNE_MODEL and meta["config"]["model"]["pretrained"] is True
-
-
 def test_guard_rails_speak(tmp_path, fmnist_arrays):
     data = user_folder(tmp_path / "photos", fmnist_arrays, per_class=20)
     r = run_cli("train", "--data", data, "--out", tmp_path / "run", "--model", "simple_cnn", "--batch-size", "256",
