@@ -7,7 +7,7 @@ STAMP   := $(VENV)/.imgrec-installed
 FMNIST  := /usr/share/datasets/fashion-mnist
 RUN     ?= runs/demo
 
-.PHONY: setup data chromium demo test test-fast bench fuzz clean docs
+.PHONY: setup data chromium photos demo test test-fast bench fuzz clean docs
 
 setup: $(STAMP)
 
@@ -38,19 +38,28 @@ chromium:
 	  echo "note: could not install chromium with apt; the browser tests will be skipped"; \
 	fi
 
+# Debian's mate-backgrounds: real photos the transfer tests cut their small folders from (tests/photofolder.py)
+photos:
+	@if [ ! -d /usr/share/backgrounds/mate/nature ] && command -v apt-get >/dev/null 2>&1; then \
+	  (DEBIAN_FRONTEND=noninteractive apt-get install -y -qq mate-backgrounds >/dev/null 2>&1 || \
+	   (apt-get update -qq >/dev/null 2>&1 && \
+	    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq mate-backgrounds >/dev/null 2>&1)) || \
+	  echo "note: could not install mate-backgrounds with apt; the photo tests will fail"; \
+	fi
+
 demo: setup data
 	$(BIN)/imgrec train --data fashion-mnist --out $(RUN) --overwrite
 	$(BIN)/imgrec eval --model $(RUN) --data fashion-mnist --split test
 	$(BIN)/imgrec export-samples --data fashion-mnist --split test --count 4 --out $(RUN)/samples
 	$(BIN)/imgrec predict --model $(RUN) $(RUN)/samples --top-k 3
 
-test: setup data chromium
+test: setup data chromium photos
 	$(BIN)/lint-imports
 	$(BIN)/python -m pytest -q -x --timeout=900
 
 # Everything but the tests marked slow (real training runs, torchrun, subprocess servers, browsers, audits):
 # about 2 minutes on 2 cores, for running often while changing code. `make test` still runs everything.
-test-fast: setup data
+test-fast: setup data photos
 	$(BIN)/lint-imports
 	$(BIN)/python -m pytest -q -x --timeout=900 -m "not slow"
 

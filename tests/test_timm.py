@@ -234,10 +234,10 @@ def test_without_timm_installed_one_line_says_how(tmp_path, monkeypatch):
     timm_models.timm_model_info.cache_clear()
     try:
         rc, _, err = cli("train", "--model", "timm:convnext_atto", "--out", tmp_path / "x")
-        assert rc == 2 and "pip install 'imgrec[timm]'" in one_error_line(err)
+        assert rc == 2 and "pip install timm" in one_error_line(err)
         monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))  # no cached listing
         rc, _, err = cli("models", "--timm", "resnet*")
-        assert rc == 2 and "pip install 'imgrec[timm]'" in one_error_line(err)
+        assert rc == 2 and "pip install timm" in one_error_line(err)
         assert model_info("resnet18").name == "resnet18"  # built-in models do not need timm
     finally:
         timm_models.timm_model_info.cache_clear()

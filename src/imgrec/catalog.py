@@ -98,7 +98,7 @@ def _timm_cache_path() -> Path:
     try:
         version = metadata.version("timm")
     except metadata.PackageNotFoundError:
-        raise ConfigError("listing timm models needs timm, an optional extra: pip install 'imgrec[timm]'") from None
+        raise ConfigError("listing timm models needs timm, which imgrec installs: pip install timm") from None
     src = Path(__file__).parent / "models" / "timm_models.py"  # how rows are made (family, sizes)
     st = src.stat()
     h = hashlib.sha256(f"v{CATALOG_VERSION}|timm={version}|{st.st_size}:{st.st_mtime_ns}".encode())

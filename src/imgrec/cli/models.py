@@ -7,7 +7,7 @@ from imgrec.cli.common import add_command, fmt_table, json_option, print_json
 MODELS_OPTIONS = (
     ("--timm", {"nargs": "?", "const": "*", "metavar": "PATTERN",
                 "help": "list timm architectures matching PATTERN (e.g. 'resnet1*'; no wildcard: names containing "
-                        "it; default all), usable as --model timm:NAME (needs imgrec[timm])"}),
+                        "it; default all), usable as --model timm:NAME "}),
     json_option(),
 )
 

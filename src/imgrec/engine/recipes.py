@@ -200,13 +200,13 @@ def _transfer_backbone(probe, explicit: set[str], notes: list[str]):
         return None
     from imgrec.errors import ModelFileError
     from imgrec.models.weights import BACKBONES, available_backbones, fetch_weights
-    found = available_backbones()
-    if found:
-        return found[0][0], found[0][1], "found in the Hugging Face cache"
     first = next(iter(BACKBONES.values()))
     try:
+        found = available_backbones()
+        if found:
+            return found[0][0], found[0][1], "found in the Hugging Face cache"
         return first, fetch_weights(first.name), "downloaded"
-    except ModelFileError as e:
+    except (ModelFileError, ConfigError, ImportError) as e:  # offline, a failed download, timm missing
         notes.append(f"trained from scratch: no pretrained backbone on this machine ({e}); `imgrec weights` "
                      f"says how to add one")
         return None

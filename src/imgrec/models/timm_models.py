@@ -1,4 +1,4 @@
-"""timm's architectures as imgrec models: ``--model timm:NAME`` (an optional extra: ``pip install 'imgrec[timm]'``).
+"""timm's architectures as imgrec models: ``--model timm:NAME`` (timm is installed with imgrec).
 
 Any name timm knows works, with a pretrained tag or without (``timm:resnet18``, ``timm:resnet18.tv_in1k``,
 ``timm:vit_tiny_patch16_224``). The registry hands every ``timm:`` name to :func:`timm_model_info`
@@ -45,7 +45,7 @@ __all__ = ["TIMM_PREFIX", "INSTALL_HINT", "MIN_GRID", "TIMM_ARCH_KWARGS", "check
            "create_timm_model", "timm_source_state", "timm_catalog_rows"]
 
 TIMM_PREFIX = "timm"
-INSTALL_HINT = "pip install 'imgrec[timm]'"
+INSTALL_HINT = "pip install timm"
 MIN_GRID = 7  # patches per side below which a ViT gets smaller patches (zoo.vit_patch_size keeps 7-14)
 
 # The keyword arguments of timm's builders that only shape the architecture (sizes, depths, dropout rates,
@@ -98,7 +98,7 @@ def _timm(name: str = ""):
         import timm.models
     except ImportError as e:
         what = f"model 'timm:{name}'" if name else "listing timm models"
-        raise ConfigError(f"{what} needs timm, an optional extra: {INSTALL_HINT} ({e})") from None
+        raise ConfigError(f"{what} needs timm, which imgrec installs: {INSTALL_HINT} ({e})") from None
     return timm
 
 
