@@ -177,7 +177,9 @@ def test_moved_training_data_is_found_with_neighbours_data(moved_run, capsys, tr
     indices name the same training images (the same thumbnails as from the original run)."""
     run, clf, _ = moved_run
     nb = load_neighbours(clf, run, ServeSettings(neighbours_data="fashion-mnist"))
-    assert nb.missing is None and capsys.readouterr().err == ""
+    err = capsys.readouterr().err
+    # one line names the absolute folder the pictures come from
+    assert nb.missing is None and err.count("\n") == 1 and f"pictures from {nb.place}" in err, err
     nb.read_pictures()
     assert nb.info()["pictures_ready"] is True and nb.missing is None
     queries = nb.bank.features[[0, 7, 42]].astype(np.float32)
@@ -292,3 +294,102 @@ def test_the_server_and_the_library_share_one_float32_copy_of_the_bank():
     sims, found = bank.nearest(q, 3)
     assert [[a["index"] for a in row] for row in answer] == (bank.index[found]).tolist()
     assert [row[0]["index"] for row in answer] == [12, 51]  # each query's own row first
+
+
+# -- where a model directory's recorded source may be read from (issue 36) ----------------------------------
+def _run_recording(trained_run, root, source):
+    """A copy of the trained run at ``root``/runs/x whose model.json records ``source`` as its training data."""
+    run = _copy_run(trained_run[0], _mkdirs(root / "runs") / "x")
+    meta = json.loads((run / "model.json").read_text())
+    meta["data"]["source"] = meta["config"]["data"]["data"] = source
+    (run / "model.json").write_text(json.dumps(meta))
+    return run
+
+
+def _mkdirs(p):
+    p.mkdir(parents=True, exist_ok=True)
+    return p
+
+
+@pytest.fixture(scope="module")
+def photo_folder(tmp_path_factory):
+    """A small image folder next to where the runs go (what it holds matters not: the tests see where it is
+    looked for and read from, not its pictures)."""
+    root = tmp_path_factory.mktemp("project") / "photos"
+    for c in ("a", "b"):
+        _mkdirs(root / c)
+        Image.fromarray(np.zeros((8, 8), np.uint8)).save(root / c / "0.png")
+    return root
+
+
+def _reads(monkeypatch):
+    """The sources load_data is asked to read, each refused at once (the pictures themselves are not the point)."""
+    import imgrec.data.dataset as dataset
+    from imgrec.errors import DatasetError
+    reads = []
+
+    def load_data(spec, *a, **k):
+        reads.append(spec)
+        raise DatasetError(f"{spec}: read (test)")
+
+    monkeypatch.setattr(dataset, "load_data", load_data)
+    return reads
+
+
+def test_a_relative_source_is_found_beside_the_model_directory_not_in_the_working_directory(
+        trained_run, photo_folder, tmp_path, monkeypatch, capsys):
+    """runs/x trained on photos/ next to runs/: found from any working directory, and the absolute path read is
+    said in one line; the same relative name in the server's working directory is never read."""
+    from imgrec.eval.neighbours import training_data
+    project = photo_folder.parent
+    run = _run_recording(trained_run, project, "photos")
+    elsewhere = _mkdirs(tmp_path / "cwd")
+    shutil.copytree(photo_folder, elsewhere / "photos")
+    monkeypatch.chdir(elsewhere)
+    clf = load_classifier(run)
+    assert training_data(clf.meta, model_dir=run)["source"] == str(photo_folder.resolve())
+    nb = load_neighbours(clf, run, ServeSettings())
+    err = capsys.readouterr().err
+    assert nb.missing is None and err == f"imgrec: nearest training images' pictures from {photo_folder.resolve()}\n"
+    reads = _reads(monkeypatch)
+    nb.read_pictures()
+    assert reads == [str(photo_folder.resolve())]
+    # without the copy beside the run, the working directory's photos/ is not taken instead
+    run2 = _run_recording(trained_run, _mkdirs(tmp_path / "other"), "photos")
+    nb2 = load_neighbours(load_classifier(run2), run2, ServeSettings())
+    assert nb2.missing is not None and "photos" in nb2.missing and nb2.place is None
+
+
+@pytest.mark.parametrize("where", ["/etc", "outside", "url", "link_out", "list"])
+def test_a_handed_source_outside_the_model_tree_is_not_read(trained_run, photo_folder, tmp_path, where, capsys,
+                                                            monkeypatch):
+    """model.json pointing data.source at /etc, at a folder outside the model directory's tree (class names
+    matching), through a symlink inside the tree, at a URL, or at a list: no file there is read (load_data is
+    never called), the server says why in one line and answers without pictures; --neighbours-data naming the
+    same folder reads it."""
+    link = _mkdirs(tmp_path / "project") / "photos"
+    link.symlink_to(photo_folder, target_is_directory=True)  # inside the tree, pointing out of it
+    source = {"/etc": "/etc", "outside": str(photo_folder), "url": "s3://bucket/photos", "link_out": "photos",
+              "list": [str(photo_folder)]}[where]
+    run = _run_recording(trained_run, tmp_path / "project", source)
+    clf = load_classifier(run)
+    reads = _reads(monkeypatch)
+    nb = load_neighbours(clf, run, ServeSettings())
+    err = capsys.readouterr().err
+    assert nb.missing is not None and nb.place is None and err.count("\n") == 1 and "without pictures" in err, err
+    nb.read_pictures()
+    assert reads == [] and nb.info()["pictures"] is False
+    if where == "outside":  # named explicitly, the same folder is read
+        nb = load_neighbours(clf, run, ServeSettings(neighbours_data=str(photo_folder)))
+        assert nb.missing is None and nb.place == str(photo_folder.resolve())
+        nb.read_pictures()
+        assert reads == [str(photo_folder)]
+
+
+def test_explain_and_the_library_keep_to_the_same_rule(trained_run, tmp_path):
+    """Neighbours (explain --neighbours, the report's gallery) refuses a handed /etc in one line."""
+    from imgrec.errors import DatasetError
+    from imgrec.eval.neighbours import Neighbours
+    run = _run_recording(trained_run, tmp_path, "/etc")
+    with pytest.raises(DatasetError, match="inside"):
+        Neighbours(load_classifier(run), run)

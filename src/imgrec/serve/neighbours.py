@@ -7,7 +7,8 @@ the thumbnails run in a worker thread, off the event loop. Which training images
 from the bank's rows: no request names a file or an index.
 
 The pictures: the run's training split, found as ``model.json`` recorded it (or at ``--neighbours-data``), is
-read in a background thread once the server is ready, and only the bank's rows are kept (the 10,000 of the
+read (a recorded source only beside the model directory: imgrec.eval.neighbours.place_recorded_source; the
+absolute path read is said at start-up) in a background thread once the server is ready, and only the bank's rows are kept (the 10,000 of the
 default Fashion-MNIST model: 7.8 MB); when it cannot be found the server says so once at start-up and answers
 labels and similarities without pictures. Thumbnails are made on first use and cached (a bounded LRU).
 """
@@ -38,10 +39,11 @@ class ServeNeighbours:
     when they cannot be read)."""
 
     def __init__(self, bank: Bank, classes: list[str], meta=None, data: str | None = None,
-                 missing: str | None = None):
+                 missing: str | None = None, model_dir=None, place: str | None = None):
         self.bank = bank
         self.classes = list(classes)
-        self._meta, self._data = meta, data
+        self._meta, self._data, self._model_dir = meta, data, model_dir
+        self.place = place  # the absolute path the pictures are read from (logged at start-up), when they can be
         self.missing = missing  # why there are no pictures, in words; None while they can be (or are) read
         self._images: Any = None  # the bank's rows' training images, N×C×H×W uint8, once read
         self.pictures_read = threading.Event()  # set when the pictures are read, or known to be unavailable
@@ -84,7 +86,7 @@ class ServeNeighbours:
         from imgrec.errors import ImgrecError, first_line
         from imgrec.eval.neighbours import load_training_images
         try:
-            train = load_training_images(self._meta, self._data)
+            train = load_training_images(self._meta, self._data, self._model_dir)
             if int(self.bank.index.max()) >= len(train):
                 raise ImgrecError(f"the bank points past the training split ({len(train)} images): the data "
                                   "changed since training")
@@ -141,5 +143,7 @@ def open_neighbours(classifier, model_dir: str | Path | None, data: str | None =
     if model_dir is None or not entry or not hasattr(classifier, "scored_with_features"):
         return None
     bank = load_bank(model_dir, entry, len(classifier.classes), _feature_width(classifier))
-    from imgrec.eval.neighbours import missing_training_data
-    return ServeNeighbours(bank, classifier.classes, meta, data, missing_training_data(meta, data))
+    from imgrec.eval.neighbours import missing_training_data, training_data_place
+    missing = missing_training_data(meta, data, model_dir)
+    place = None if missing else training_data_place(meta, data, model_dir)
+    return ServeNeighbours(bank, classifier.classes, meta, data, missing, model_dir, place)

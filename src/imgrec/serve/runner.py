@@ -59,7 +59,9 @@ def load_neighbours(clf, model_dir: str | os.PathLike, settings: ServeSettings, 
     if nb is None and settings.neighbours_data:
         raise ConfigError("--neighbours-data: " + (why or "this model has no bank of training features (an exported "
                                                    "ONNX file has none; a model directory gets one from imgrec train)"))
-    if not quiet and (why or (nb is not None and nb.missing)):
+    if not quiet and nb is not None and nb.place:
+        print(f"imgrec: nearest training images' pictures from {nb.place}", file=sys.stderr, flush=True)
+    elif not quiet and (why or (nb is not None and nb.missing)):
         print(f"imgrec: nearest training images unavailable: {why}" if why else
               f"imgrec: nearest training images without pictures: {nb.missing} (--neighbours-data says where "
               "the training data is)", file=sys.stderr, flush=True)
