@@ -149,7 +149,7 @@ def run_one(kind: str, frac: float, seed: int, steps: int, data_dir: Path, workd
         "data": {"data": "fashion-mnist", "data_dir": str(data_dir), "val_split": VAL_FRACTION, "split_seed": seed},
         "model": {"name": m["name"], "kwargs": kwargs},
         "train": dict(RECIPES[kind], epochs=epochs, seed=seed),
-    }, model_given=True)
+    })
     out = workdir / "runs" / f"{kind}_f{frac:g}_s{seed}"
     summary = train(cfg, out, overwrite=True, progress=False)
     params = sum(p.numel() for p in create_model(m["name"], num_classes=10, in_chans=1, image_size=28,

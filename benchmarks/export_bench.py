@@ -50,7 +50,7 @@ def train_if_missing(root: Path) -> list[Path]:
         d = root / f"bench-{name}"
         if not (d / "best.safetensors").exists():
             print(f"training {name} ({over}) → {d}", flush=True)
-            cfg = resolve_config(None, None, {"name": name, **over}, model_given=True)
+            cfg = resolve_config(None, None, {"name": name, **over})
             train(cfg, d, progress=False)
         out.append(d)
     return out

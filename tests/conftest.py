@@ -86,7 +86,7 @@ def trained_run(tmp_path_factory, fmnist_arrays):
     from imgrec.engine.train import resolve_config, train
     out = tmp_path_factory.mktemp("runs") / "fm-simple"
     cfg = resolve_config(None, None, {"name": "simple_cnn", "epochs": 2, "train_limit": 8000, "val_split": 2000,
-                                      "batch_size": 128, "lr": 3e-3}, model_given=True)
+                                      "batch_size": 128, "lr": 3e-3})
     summary = train(cfg, out, progress=False)
     return out, summary
 

@@ -114,7 +114,7 @@ def _assert_weights_close(a, b, tol=WEIGHT_TOL):
 def reference(tmp_path_factory):
     """One process, the same global batch (library call, one thread as each of the 2 processes has)."""
     out = tmp_path_factory.mktemp("ref") / "one"
-    summary = train(resolve_config(None, None, {**ARGS, "threads": 1}, model_given=True), out, progress=False,
+    summary = train(resolve_config(None, None, {**ARGS, "threads": 1}), out, progress=False,
                     evaluate_test=False)
     return out, summary
 
@@ -189,7 +189,7 @@ def test_sigterm_mid_epoch_on_2_then_resume_on_1(tmp_path, reference, capsys):
     assert not list(run.glob(".*.tmp"))
 
     capsys.readouterr()
-    s = train(resolve_config(None, None, {**ARGS, "threads": 1}, model_given=True), run, resume=True,
+    s = train(resolve_config(None, None, {**ARGS, "threads": 1}), run, resume=True,
               progress=False, evaluate_test=False)
     err = capsys.readouterr().err
     assert "resuming on 1 process: global batch 100 (100 per process), learning rate 0.003" in err, err
@@ -217,7 +217,7 @@ def test_interrupted_on_1_then_resume_on_2_with_torchrun(tmp_path, reference):
     trainer_mod.Trainer.train_step = flaky
     try:
         with pytest.raises(KeyboardInterrupt):
-            train(resolve_config(None, None, {**ARGS, "threads": 1}, model_given=True), run, progress=False,
+            train(resolve_config(None, None, {**ARGS, "threads": 1}), run, progress=False,
                   evaluate_test=False)
     finally:
         trainer_mod.Trainer.train_step = orig

@@ -187,8 +187,7 @@ def test_logit_adjustment_travels_with_the_model(tmp_path, capsys):
 
     out = tmp_path / "la"
     cfg = resolve_config(None, None, {"name": "simple_cnn", "epochs": 1, "train_limit": 1500, "val_split": 300,
-                                      "batch_size": 128, "long_tail": 10, "logit_adjust": 1.0, "threads": 1},
-                         model_given=True)
+                                      "batch_size": 128, "long_tail": 10, "logit_adjust": 1.0, "threads": 1})
     summary = train(cfg, out, progress=False)
     meta = json.loads((out / "model.json").read_text())
     counts = meta["data"]["counts"]["train"]
@@ -231,7 +230,7 @@ def test_logit_adjustment_travels_with_the_model(tmp_path, capsys):
 def test_train_prints_the_imbalance_hint(tmp_path, capsys):
     from imgrec.engine.train import resolve_config, train
     cfg = resolve_config(None, None, {"name": "simple_cnn", "epochs": 1, "train_limit": 1000, "val_split": 200,
-                                      "long_tail": 20, "threads": 1, "class_weights": None}, model_given=True)
+                                      "long_tail": 20, "threads": 1, "class_weights": None})
     train(cfg, tmp_path / "h", progress=True, evaluate_test=False)
     err = capsys.readouterr().err
     hints = [ln for ln in err.splitlines() if ln.startswith("hint:")]
@@ -365,7 +364,7 @@ def test_new_imbalance_options_validated_and_recorded(tmp_path, capsys):
     # end to end: the adjusted loss trains, predicts with raw logits (nothing in model.json's inference)
     from imgrec.engine.train import resolve_config, train
     cfg = resolve_config(None, None, {"name": "simple_cnn", "epochs": 1, "train_limit": 600, "val_split": 200,
-                                      "long_tail": 10, "threads": 1, "logit_adjust_loss": 1.0}, model_given=True)
+                                      "long_tail": 10, "threads": 1, "logit_adjust_loss": 1.0})
     train(cfg, tmp_path / "la", progress=False, evaluate_test=False)
     meta = json.loads((tmp_path / "la" / "model.json").read_text())
     assert "logit_adjust" not in meta["inference"]

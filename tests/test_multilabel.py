@@ -53,8 +53,7 @@ def ml_run(tmp_path_factory, ml_csv):
     from imgrec.engine.train import resolve_config, train
     out = tmp_path_factory.mktemp("ml-runs") / "tiled"
     cfg = resolve_config(None, None, {"data": str(ml_csv), "name": "simple_cnn", "epochs": 4, "batch_size": 32,
-                                      "lr": 3e-3, "val_split": 0.2, "image_size": 32, "seed": 0},
-                         model_given=True)
+                                      "lr": 3e-3, "val_split": 0.2, "image_size": 32, "seed": 0})
     summary = train(cfg, out, progress=False)
     return out, summary
 

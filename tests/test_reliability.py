@@ -205,8 +205,7 @@ def test_ctrl_c_inside_a_step_keeps_the_checkpoint_in_line_with_its_schedule(tmp
     try:
         run = tmp_path / "run"
         cfg = resolve_config(None, None, {"name": "simple_cnn", "epochs": 2, "train_limit": 1200, "val_split": 300,
-                                          "batch_size": 100, "lr": 3e-3, "checkpoint_every": 5},
-                             model_given=True)
+                                          "batch_size": 100, "lr": 3e-3, "checkpoint_every": 5})
         with pytest.raises(KeyboardInterrupt):
             train(cfg, run, progress=False, callbacks=[SigintInStep()])
     finally:

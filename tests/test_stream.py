@@ -222,8 +222,7 @@ PROBE = textwrap.dedent('''
     from imgrec.engine.train import resolve_config, train
     cfg = resolve_config(None, None, {"name": "mem_probe", "data": sys.argv[1], "stream": True, "epochs": 1,
                                       "batch_size": 256, "crop_padding": 0, "flip": False, "threads": 1,
-                                      "stream_workers": 1, "amp": "none", "channels_last": False},
-                         model_given=True)
+                                      "stream_workers": 1, "amp": "none", "channels_last": False})
     train(cfg, sys.argv[2], progress=False, evaluate_test=False)
     kb = lambda who: resource.getrusage(who).ru_maxrss
     print(json.dumps({"main": kb(resource.RUSAGE_SELF), "worker": kb(resource.RUSAGE_CHILDREN)}))

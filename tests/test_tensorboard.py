@@ -20,7 +20,7 @@ TINY = {"name": "simple_cnn", "train_limit": 2000, "val_split": 500, "val_last":
 
 def _train(out, **overrides):
     from imgrec.engine.train import resolve_config, train
-    cfg = resolve_config(None, None, {**TINY, **overrides}, model_given=True)
+    cfg = resolve_config(None, None, {**TINY, **overrides})
     return train(cfg, out, progress=False, evaluate_test=False)
 
 

@@ -18,7 +18,7 @@ def small_cfg(**kw):
     base = {"name": "simple_cnn", "epochs": 2, "train_limit": 3000, "val_split": 1000, "batch_size": 100,
             "lr": 3e-3, "eval_batch_size": 1000}
     base.update(kw)
-    return resolve_config(None, None, base, model_given=True)
+    return resolve_config(None, None, base)
 
 
 def test_trained_run_beats_chance_and_writes_run_dir(trained_run):
@@ -151,9 +151,9 @@ def test_config_precedence_and_unknown_keys(tmp_path):
     cfg = resolve_config(None, str(f), {"lr": 0.01})
     assert cfg.train.epochs == 7 and cfg.train.lr == 0.01 and cfg.model.name == "lenet5"
     with pytest.raises(ConfigError, match="unknown setting"):
-        resolve_config(None, None, {"learning_rate": 1}, model_given=True)
+        resolve_config(None, None, {"learning_rate": 1})
     with pytest.raises(ConfigError, match="optimizer must be one of"):
-        resolve_config(None, None, {"optimizer": "rmsprop"}, model_given=True)
+        resolve_config(None, None, {"optimizer": "rmsprop"})
     with pytest.raises(ConfigError, match="unknown recipe"):
         resolve_config("turbo", None, {})
 
@@ -176,3 +176,56 @@ def test_val_last_validates_only_the_last_epochs(tmp_path):
     assert s["best_epoch"] == 3 and s["epochs_run"] == 3 and s["val_acc"] == pytest.approx(float(rows[2]["val_acc"]))
     meta = json.loads((tmp_path / "vl" / "model.json").read_text())
     assert meta["metrics"]["best_epoch"] == 3 and (tmp_path / "vl" / "best.safetensors").exists()
+
+
+# -- one resolution of the settings for the command line and the Python API (issue 36) -----------------------
+def _cli_config(monkeypatch, *args):
+    """The RunConfig ``imgrec train ARGS`` hands to the engine (the training itself is replaced by a stub)."""
+    import imgrec.engine.train as engine_train
+    from conftest import run_cli
+    seen = []
+
+    def fake_train(cfg, out, **kw):
+        seen.append(cfg)
+        return {"val_acc": 0.0, "best_epoch": 0}
+
+    monkeypatch.setattr(engine_train, "train", fake_train)
+    r = run_cli("train", *args, "--json")
+    assert r.returncode == 0 and len(seen) == 1, r.stderr
+    return seen[0]
+
+
+@pytest.fixture(scope="module")
+def tiny_folder(fmnist_arrays, tmp_path_factory):
+    from conftest import write_image_folder
+    x, y, _, _ = fmnist_arrays
+    return write_image_folder(tmp_path_factory.mktemp("tiny") / "shoes", x, y, ["a", "b", "c"], per_class=8)
+
+
+@pytest.mark.parametrize("case", ["readme", "folder_model", "folder_default", "recipe", "config_file"])
+def test_the_python_api_resolves_as_the_command_line(case, monkeypatch, tiny_folder, tmp_path):
+    """The README's Python example (``resolve_config(None, None, {"name": "resnet18", "epochs": 5})``) gets what
+    ``imgrec train --model resnet18 --epochs 5`` gets — the defaults for a named model, not the machine's recipe
+    for its own network — and so do a folder with and without a model, a named recipe and a config file."""
+    folder = str(tiny_folder)
+    cfg_file = tmp_path / "c.yaml"
+    cfg_file.write_text("model:\n  name: simple_cnn\ntrain:\n  lr: 0.01\n")
+    api, cli = {
+        "readme": (((None, None, {"name": "resnet18", "epochs": 5}), ("--model", "resnet18", "--epochs", "5"))),
+        "folder_model": ((None, None, {"data": folder, "name": "simple_cnn", "lr": 0.01}),
+                         ("--data", folder, "--model", "simple_cnn", "--lr", "0.01")),
+        "folder_default": ((None, None, {"data": folder}), ("--data", folder)),
+        "recipe": (("fast-fp32", None, {"data": folder}), ("--recipe", "fast-fp32", "--data", folder)),
+        "config_file": ((None, str(cfg_file), {"data": folder}), ("--config", str(cfg_file), "--data", folder)),
+    }[case]
+    from_api = resolve_config(*api)
+    from_cli = _cli_config(monkeypatch, *cli, "--out", str(tmp_path / "run"))
+    assert from_api.to_dict() == from_cli.to_dict()
+    assert (from_api.recipe, from_api.recipe_reason, from_api.data_recipe) == (
+        from_cli.recipe, from_cli.recipe_reason, from_cli.data_recipe)
+    if case in ("readme", "folder_model", "config_file"):  # a model named: no machine recipe on top of it
+        assert from_api.recipe is None and from_api.train.optimizer != "muon"
+    if case == "readme":
+        assert (from_api.model.name, from_api.train.epochs) == ("resnet18", 5)
+    if case == "recipe":  # a named recipe is taken as it is
+        assert from_api.recipe == "fast-fp32" and from_api.data_recipe is None

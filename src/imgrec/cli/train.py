@@ -181,8 +181,7 @@ def cmd_train(args) -> int:
     if args.no_augment:
         overrides["crop_padding"], overrides["flip"] = 0, False
     # on --resume the run's saved config.yaml governs (only a larger --epochs is taken from the command line)
-    cfg = resolve_config(args.recipe, args.config, overrides, model_given=args.model is not None or args.resume,
-                         adapt=not args.resume)
+    cfg = resolve_config(args.recipe, args.config, overrides, adapt=not args.resume)
     out = Path(args.out) if args.out else default_run_dir(cfg.data.data, cfg.model.name)
     args.out = str(out)  # for the resume hint after Ctrl-C
     if args.nproc is not None:

@@ -105,7 +105,7 @@ def fold_config(recipe: str | None, overrides: dict | None, *, n_fit: int, num_c
     from imgrec.data.probe import probe_tensor
     from imgrec.engine.train import adapt_config, explicit_keys, resolve_config
     overrides = dict(overrides or {})
-    cfg = resolve_config(recipe, None, overrides, model_given=bool(overrides.get("name")), adapt=False)
+    cfg = resolve_config(recipe, None, overrides, adapt=False)
     if recipe is None:
         # the images are already decoded at their training size: only the schedule adapts to them
         adapt_config(cfg, explicit_keys(overrides) | {"image_size"},
@@ -430,7 +430,7 @@ def audit(source: str, *, folds: int = 5, recipe: str | None = None, overrides: 
     _check_audit_options(folds, splits, method, rank_by)
     from imgrec.engine.train import resolve_config
     # settings first: an unknown recipe, model or option fails before any image is decoded
-    cfg = resolve_config(recipe, None, overrides, model_given=bool((overrides or {}).get("name")), adapt=False)
+    cfg = resolve_config(recipe, None, overrides, adapt=False)
     cat = catalog(source, data_dir)
     if image_size is None and cat.kind != "named":
         image_size = _files_image_size(source, data_dir)

@@ -14,7 +14,7 @@ from imgrec.engine.run import build_loaders, model_meta, run  # noqa: F401
 from imgrec.modeldir import default_run_dir  # noqa: F401
 
 __all__ = ["auto_recipe", "build_loaders", "choose_logit_adjust", "choose_temperature", "choose_unknown",
-           "choose_val_thresholds", "default_run_dir", "model_meta", "resolve_config", "train"]
+           "choose_val_thresholds", "default_run_dir", "model_meta", "recipe_from_settings", "resolve_config", "train"]
 
 
 def auto_recipe(device: str = "auto") -> tuple[str, str]:
@@ -25,38 +25,49 @@ def auto_recipe(device: str = "auto") -> tuple[str, str]:
 
 
 def resolve_config(recipe: str | None = None, config_file: str | None = None, overrides: dict | None = None,
-                   model_given: bool = False, adapt: bool = True) -> RunConfig:
-    """Defaults ← recipe ← config file ← command line.
+                   adapt: bool = True) -> RunConfig:
+    """Defaults ← recipe ← config file ← ``overrides``: the one resolution ``imgrec train`` and the Python API
+    share (the command line's flags are ``overrides`` under their config names: ``--model`` is ``name``).
 
-    Without a recipe and without a model (``--model`` or the config file's), the recipe is chosen for this
-    machine (``auto_recipe``); ``cfg.recipe_reason`` says why, and ``imgrec train`` prints it. Unless a recipe
-    was named (``--recipe``) or ``adapt`` is false, what depends on the data (batch, lr, epochs, validation,
-    image size, a pretrained start) is then chosen from it for every setting the user did not give
-    (``adapt_config``); ``cfg.data_recipe`` says what and why.
+    Which recipe, and whether the data adapts it, is decided by :func:`recipe_from_settings` from the explicit
+    settings alone; ``cfg.recipe_reason`` says why, and ``imgrec train`` prints it. Unless a recipe was named or
+    ``adapt`` is false, what depends on the data (batch, lr, epochs, validation, image size, a pretrained start) is then
+    chosen from it for every setting not given (``adapt_config``); ``cfg.data_recipe`` says what and why.
     """
     from imgrec.engine.recipes import get_recipe
 
     cfg = RunConfig()
     file_cfg = load_yaml(config_file) if config_file else {}
-    recipe = recipe or file_cfg.get("recipe")
     overrides = dict(overrides or {})
-    reason = "chosen with --recipe" if recipe else None
-    if recipe is None and not model_given and "name" not in (file_cfg.get("model") or {}):
-        device = overrides.get("device") or (file_cfg.get("train") or {}).get("device") or file_cfg.get("device")
-        recipe, reason = auto_recipe(device or "auto")
-    chosen_by_hand = recipe is not None and reason == "chosen with --recipe"
+    recipe, reason, named = recipe_from_settings(recipe, file_cfg, overrides)
     if recipe is not None:
         cfg.update(get_recipe(recipe), source=f"recipe {recipe}")
         cfg.recipe, cfg.recipe_reason = recipe, reason
     cfg.update(file_cfg, source=str(config_file))
     cfg.update(overrides, source="command line")
     validate(cfg)
-    if adapt and not chosen_by_hand:
+    if adapt and not named:
         adapt_config(cfg, explicit_keys(file_cfg, overrides))
         validate(cfg)
     from imgrec.models import model_info
     model_info(cfg.model.name)  # an unknown name fails now, listing the choices
     return cfg
+
+
+def recipe_from_settings(recipe: str | None, file_cfg: dict, overrides: dict) -> tuple[str | None, str | None, bool]:
+    """(recipe, reason, named) from the explicit settings: a recipe named (argument or the config file's
+    ``recipe``) is taken as it is (``named``: the data does not adapt it); a model named (``name`` in the
+    overrides or the config file) keeps the defaults, adapted to the data, since the machine's recipe is tuned
+    for its own network; otherwise the recipe chosen for this machine (``auto_recipe``)."""
+    recipe = recipe or file_cfg.get("recipe")
+    if recipe:
+        return recipe, "chosen with --recipe", True
+    if any(m is not None for m in (overrides.get("name"), file_cfg.get("name"),
+                                   (file_cfg.get("model") or {}).get("name"))):
+        return None, None, False
+    device = overrides.get("device") or (file_cfg.get("train") or {}).get("device") or file_cfg.get("device")
+    recipe, reason = auto_recipe(device or "auto")
+    return recipe, reason, False
 
 
 def explicit_keys(*layers: dict) -> set[str]:
