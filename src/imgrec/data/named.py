@@ -18,6 +18,11 @@ class NamedDataset:
     torchvision_class: str   # torchvision.datasets class used for downloading
     debian_package: str | None
     flip: bool               # horizontal flips are a valid augmentation (not for digits)
+    # what the source says of itself to the recipe (imgrec.data.sources: its describe), without reading a file
+    train_images: int = 60000  # in the training file, the validation split included
+    val_images: int = 5000     # carved from the training file when no --val-split is given
+    side: int = 28             # px, square
+    channels: int = 1
 
 
 FASHION_MNIST_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",

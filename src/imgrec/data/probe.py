@@ -1,18 +1,19 @@
 """What a dataset looks like before it is decoded: how many training images, of which sizes, grey or colour,
 how many classes and how balanced — the facts the default recipe is chosen from (``imgrec.engine.recipes``).
 
-Only file headers are read (Pillow's lazy ``Image.open`` reads the size and mode, no pixels), of at most
-``sample`` files spread evenly over the training files, so probing a folder of 50,000 images costs about as
-long as listing it. A file whose header cannot be read is left out of the size statistics; decoding reports it.
+The facts are asked of the source that claims the dataset (imgrec.data.sources): a source may describe itself
+(``Source.describe``: the named datasets know their counts and sizes without reading a file); the others are
+described from their listing, where only file headers are read (Pillow's lazy ``Image.open`` reads the size
+and mode, no pixels), of at most ``sample`` files spread evenly over the training files, so probing a folder
+of 50,000 images costs about as long as listing it. A file whose header cannot be read is left out of the size statistics; decoding reports it.
 """
 from __future__ import annotations
 
 import io
 import math
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 
-from imgrec.errors import DatasetError, ImageDecodeError
+from imgrec.errors import ConfigError, DatasetError, ImageDecodeError
 
 # grey modes: one channel after decoding (palette and two-channel images are treated as the decoder does)
 _GREY_MODES = {"1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "I;16N", "F"}
@@ -22,7 +23,7 @@ HEADER_BYTES = 64 << 10  # enough for the size and mode of every allowed format 
 @dataclass
 class DataProbe:
     """A dataset's shape, as far as the recipe needs it. Sides and aspect ratios are of the sampled files."""
-    kind: str                              # named | folder | csv | pack
+    kind: str                              # the source's kind (named, folder, csv, …), pack or tensor
     n_train: int                           # training images after the validation split is carved
     num_classes: int
     counts: list[int] = field(default_factory=list)   # training files per class (before the split)
@@ -70,37 +71,44 @@ def probe_tensor(n_train: int, num_classes: int, channels: int, side: int, count
 
 def probe_source(spec: str, *, val_split: float | None = None, data_dir: str | None = None,
                  sample: int = 256) -> DataProbe | None:
-    """The probe of a dataset as ``load_data`` would read it; None when it cannot be probed cheaply (a URL pack,
-    a source that does not exist — ``load_data`` then says what is wrong)."""
-    from imgrec.data import named
-    name = named.canonical_name(spec)
-    if name is not None:
-        # the MNIST family: 60,000 training images of 28×28 grey, 5,000 of them carved for validation
-        n_val = 5000 if val_split is None else _n_val(val_split, 60000)
-        k = len(named.NAMED[name].classes)
-        return DataProbe("named", 60000 - n_val, k, [6000] * k, 1, 28, 28, 28, 1.0, 1.0, 0)
+    """The probe of a dataset as ``load_data`` would read it, asked of the source that claims ``spec``
+    (imgrec.data.sources): its own ``describe`` when it has one (a named dataset's facts, no file read), else
+    :func:`probe_listing` over its listing (file headers sampled). None when it cannot be probed cheaply (a URL
+    pack, a spec no source claims, a listing that fails — ``load_data`` then says what is wrong)."""
     from imgrec.data import stream
-    if stream.is_pack(spec):
+    from imgrec.data.sources import resolve_source
+    if stream.is_pack(spec):  # opened before the registry, as load_data does: already split and sized
         return _probe_pack(spec)
-    path = Path(spec).expanduser()
-    if not path.exists():
-        return None
     try:
-        groups, classes = _file_groups(path)
-    except (DatasetError, OSError, ValueError):
+        source = resolve_source(spec)
+        if source.describe is not None:
+            return source.describe(spec, data_dir=data_dir, val_split=val_split, sample=sample)
+        listing = source.listing(spec, data_dir=data_dir, splits=("train", "val"), task=None, classes=None)
+    except (DatasetError, ConfigError, OSError, ValueError):
         return None  # load_data reports the problem in its own words
-    paths, labels = groups["train"]
-    if not paths:
+    return probe_listing(listing, val_split=val_split, sample=sample)
+
+
+def probe_listing(listing, *, val_split: float | None = None, sample: int = 256) -> DataProbe | None:
+    """The probe of a source's ``Listing``: counts from its labels, sizes and colour from up to ``sample`` file
+    headers (or an in-memory array's shape). The default ``describe`` of a registered source."""
+    train = listing.splits.get("train") or {}
+    labels = list(train.get("labels", []))
+    if not labels or len(listing.classes) < 2:
         return None
-    k = len(classes)
+    k = len(listing.classes)
+    index = {c: i for i, c in enumerate(listing.classes)}
     counts = [0] * k
-    for lab in labels:
+    for lab in labels:  # multi-label rows hold label names; one-label rows an index
         for c in (lab if isinstance(lab, (list, tuple)) else [lab]):
-            counts[c] += 1
-    has_val = "val" in groups
-    n = len(paths) if has_val else len(paths) - _n_val(0.1 if val_split is None else val_split, len(paths))
-    probe = DataProbe("folder" if path.is_dir() else "csv", max(1, n), k, counts, has_val=has_val)
-    _sizes(probe, paths, sample)
+            counts[index[c] if isinstance(c, str) else int(c)] += 1
+    has_val = "val" in listing.splits
+    n = len(labels) if has_val else len(labels) - _n_val(0.1 if val_split is None else val_split, len(labels))
+    probe = DataProbe(listing.kind, max(1, n), k, counts, has_val=has_val)
+    if "images" in train:
+        _array_sizes(probe, train["images"])
+    else:
+        _sizes(probe, list(train.get("paths", [])), sample)
     return probe
 
 
@@ -108,32 +116,20 @@ def _n_val(val_split: float, n: int) -> int:
     return int(round(val_split * n)) if val_split < 1 else int(val_split)
 
 
-def _file_groups(path: Path) -> tuple[dict, list[str]]:
-    """The split → (paths, labels) lists and the classes, as ``load_data`` scans them."""
-    from imgrec.data import csvlist
-    from imgrec.data import folder as folder_source
-    groups: dict = {}
-    if path.is_dir():
-        if folder_source.has_split_folders(path):
-            p, lab, classes = folder_source.scan_class_folders(path / "train")
-            groups["train"] = (p, lab)
-            if (path / "val").is_dir():
-                groups["val"] = folder_source.scan_class_folders(path / "val", classes)[:2]
-        else:
-            p, lab, classes = folder_source.scan_class_folders(path)
-            groups["train"] = (p, lab)
-        return groups, classes
-    if path.suffix.lower() != ".csv":
-        raise DatasetError(f"{path}: not a dataset")
-    multilabel = csvlist.csv_has_multiple_labels(path)
-    rows = csvlist.read_csv_list(path, None, multilabel=multilabel)
-    classes = sorted({n for _, labs in rows.values() for lab in labs for n in (lab if multilabel else [lab])})
-    index = {c: i for i, c in enumerate(classes)}
-    for s, (p, labs) in rows.items():
-        groups[s] = (p, [[index[n] for n in lab] if multilabel else index[lab] for lab in labs])
-    if "train" not in groups:
-        raise DatasetError(f"{path}: no training rows")
-    return groups, classes
+def _array_sizes(probe: DataProbe, images) -> None:
+    """Sizes and colour of an in-memory N×H×W (grey) or N×H×W×C / N×C×H×W array, all of one size."""
+    shape = tuple(getattr(images, "shape", ()))
+    if len(shape) == 3:
+        h, w, c = shape[1], shape[2], 1
+    elif len(shape) == 4:
+        chw = shape[1] in (1, 3, 4) and shape[3] not in (1, 3, 4)
+        h, w, c = (shape[2], shape[3], shape[1]) if chw else (shape[1], shape[2], shape[3])
+    else:
+        return
+    probe.min_side = probe.median_side = probe.max_side = int(min(h, w))
+    probe.aspect_min = probe.aspect_max = float(w / h) if h else 1.0
+    probe.channels = 3 if c >= 3 else 1
+    probe.sampled = int(shape[0])
 
 
 def _sizes(probe: DataProbe, paths: list, sample: int) -> None:

@@ -3,12 +3,13 @@
 
 A source is a name, a ``claims(spec)`` test and a ``listing(spec, ...)`` function that says what the source
 holds before any pixel is decoded: the class names and, per split, the labels and either the image files or
-an in-memory array (a named dataset's IDX files). Sources are asked in registration order; the first that
+an in-memory array (a named dataset's IDX files). It may also ``describe`` itself to the recipe (counts, sizes,
+channels: imgrec.data.probe); by default it is described from its listing. Sources are asked in registration order; the first that
 claims a spec serves it, and a spec no source claims is one error, worded once here. The built-in ones are
 the named datasets (``fashion-mnist``, ``mnist``), CSV lists and image folders; a pack from
 ``imgrec data pack`` is opened before this registry is asked (imgrec.data.stream), as it is already split and
 sized. A new source is one ``register_source(Source(...))`` call with its two functions; every command then
-reads it.
+reads it, and ``imgrec train`` chooses its recipe from it.
 """
 from __future__ import annotations
 
@@ -47,6 +48,9 @@ class Source:
     name: str
     claims: Callable[[str], bool]
     listing: Callable[..., Listing]  # (spec, *, data_dir, splits, task, classes) -> Listing
+    # (spec, *, data_dir, val_split, sample) -> imgrec.data.probe.DataProbe | None: the facts the recipe is
+    # chosen from (counts, sizes, channels); None: described from the listing (imgrec.data.probe.probe_listing)
+    describe: Callable[..., object] | None = None
 
 
 _SOURCES: list[Source] = []
@@ -109,6 +113,15 @@ def _named_listing(spec: str, *, data_dir=None, splits=SPLITS, task=None, classe
     return Listing(name, "named", list(ds.classes), parts, ds.flip)
 
 
+def _named_describe(spec: str, *, data_dir=None, val_split=None, sample=0):
+    """A named dataset's facts as it records them (imgrec.data.named.NamedDataset): no file is read."""
+    from imgrec.data.probe import DataProbe
+    ds = named.NAMED[named.canonical_name(spec)]
+    n, k = ds.train_images, len(ds.classes)
+    n_val = ds.val_images if val_split is None else int(round(val_split * n)) if val_split < 1 else int(val_split)
+    return DataProbe("named", n - n_val, k, [n // k] * k, ds.channels, ds.side, ds.side, ds.side, 1.0, 1.0, 0)
+
+
 def _is_csv(spec: str) -> bool:
     path = Path(spec).expanduser()
     return path.is_file() and path.suffix.lower() == ".csv"
@@ -147,6 +160,7 @@ def _folder_listing(spec: str, *, data_dir=None, splits=SPLITS, task=None, class
     return Listing(path.name, "folder", list(classes), parts, True, "classification")
 
 
-register_source(Source("named", lambda spec: named.canonical_name(spec) is not None, _named_listing))
+register_source(Source("named", lambda spec: named.canonical_name(spec) is not None, _named_listing,
+                       _named_describe))
 register_source(Source("csv", _is_csv, _csv_listing))
 register_source(Source("folder", lambda spec: Path(spec).expanduser().is_dir(), _folder_listing))
