@@ -11,6 +11,12 @@ included), L2-normalised unless asked not to, so that a dot product is a cosine 
 - beside either, ``<name>.index.csv``: ``row,file`` (and ``label``), one line per row, in row order.
 
 Every file is written atomically; unreadable images are skipped and reported, never given a row.
+
+No model directory is needed: ``imgrec embed --backbone efficientnet_lite0 photos/ --out photos.npy`` embeds with
+a pretrained ImageNet backbone as it is (:func:`backbone_classifier`): no training, the weights from the
+Hugging Face cache or downloaded (imgrec.models.weights), the images normalised as the weights were trained.
+ImageNet features already put near-duplicates and photos of one scene close together, which is what search and
+deduplication need before anyone has labelled anything.
 """
 from __future__ import annotations
 
@@ -27,9 +33,10 @@ import torch
 from imgrec.errors import ConfigError, ImageDecodeError
 from imgrec.infer.files import FilePredictions, decoded_batches, expand_inputs
 
-__all__ = ["EMBED_FORMATS", "Embeddings", "embed_files", "embed_images", "write_embeddings"]
+__all__ = ["EMBED_FORMATS", "Embeddings", "backbone_classifier", "embed_files", "embed_images", "write_embeddings"]
 
 EMBED_FORMATS = {".npy": "npy", ".safetensors": "safetensors"}
+IMAGENET_CLASSES = 1000
 
 
 @dataclass
@@ -39,6 +46,36 @@ class Embeddings:
     labels: list[str] | None = None          # a labelled split's class names, one per row
     classes: list[str] | None = None         # the model's classes (the order of the labels' indices)
     skipped: list[tuple[str, str]] = field(default_factory=list)  # (file, reason) of unreadable files
+
+
+def backbone_classifier(name: str, *, image_size: int | None = None, device: str = "auto", amp: str = "auto"):
+    """A :class:`~imgrec.infer.predictor.Classifier` of the pretrained backbone ``name`` (a name of
+    ``imgrec.models.weights.BACKBONES``: short or timm's) with its ImageNet weights and head, untrained by imgrec:
+    its penultimate features are what :func:`embed_images` returns. Inputs are squashed to ``image_size``
+    (default: the size of the backbone's pretrained cfg) and normalised with the backbone's own mean/std.
+
+    Raises ConfigError for an unknown name or a bad size, ModelFileError when no weights can be had (offline,
+    nothing cached: the message says how to add a file)."""
+    from imgrec.infer.predictor import Classifier
+    from imgrec.modeldir import ModelMeta
+    from imgrec.models.pretrained import load_pretrained
+    from imgrec.models.registry import create_model
+    from imgrec.models.weights import backbone, fetch_weights
+
+    b = backbone(name)
+    size = int(image_size or b.image_size)
+    if not 16 <= size <= 512:  # create_model's range, checked before any download
+        raise ConfigError(f"--image-size must be between 16 and 512, got {size}")
+    path = fetch_weights(b.name)
+    # the ImageNet head is kept (1000 classes): every tensor of the file then fits, nothing is re-initialised
+    model = create_model(b.model, num_classes=IMAGENET_CLASSES, in_chans=3, image_size=size)
+    load_pretrained(model, b.model, weights_file=path)
+    meta = ModelMeta(model={"name": b.model, "kwargs": {"num_classes": IMAGENET_CLASSES, "in_chans": 3,
+                                                        "image_size": size}},
+                     classes=[f"imagenet:{i}" for i in range(IMAGENET_CLASSES)], image_size=size, channels=3,
+                     mean=list(b.mean), std=list(b.std),
+                     training={"backbone": b.name, "weights": str(path), "licence": b.licence})
+    return Classifier(model, meta, device=device, amp=amp)
 
 
 def embed_images(clf, images: torch.Tensor, *, normalize: bool = True, batch_size: int = 256) -> np.ndarray:
