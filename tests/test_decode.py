@@ -14,7 +14,6 @@ import struct
 import subprocess
 import sys
 import threading
-import time
 import warnings
 import zlib
 from pathlib import Path
@@ -212,13 +211,17 @@ def test_working_symlink_is_followed(tmp_path):
     assert np.all(decode_image(link) == RED)
 
 
-def test_fifo_named_like_an_image_is_refused_without_blocking(tmp_path):
+def test_fifo_named_like_an_image_is_refused_without_blocking(tmp_path, monkeypatch):
     fifo = tmp_path / "pipe.png"
     os.mkfifo(fifo)
-    start = time.perf_counter()
+    flags = []
+    real_open = os.open
+    monkeypatch.setattr(decode.os, "open", lambda p, f, *a: flags.append(f) or real_open(p, f, *a))
+    monkeypatch.setattr(decode, "_read_limited", lambda *a: pytest.fail("read"))
     err = refused(fifo)  # a plain open() would wait for a writer forever
     assert err.reason == "not a regular file"
-    assert time.perf_counter() - start < 2
+    # why it cannot block: opened non-blocking, and refused from fstat before a byte is read
+    assert flags and all(f & os.O_NONBLOCK for f in flags)
 
 
 @pytest.mark.skipif(os.geteuid() == 0, reason="root reads chmod-000 files; test_permission_error_simulated covers it")
@@ -268,14 +271,13 @@ def test_input_over_max_bytes_is_refused(tmp_path):
         assert err.reason.startswith("file too large")
 
 
-def test_huge_sparse_file_is_refused_from_its_size_without_reading(tmp_path):
+def test_huge_sparse_file_is_refused_from_its_size_without_reading(tmp_path, monkeypatch):
     path = tmp_path / "huge.png"
     with open(path, "wb") as f:
         f.write(factory.write_png(tmp_path / "x.png").read_bytes())
         f.truncate(100 * 1024**3)  # 100 GiB, sparse
-    start = time.perf_counter()
+    monkeypatch.setattr(decode, "_read_limited", lambda *a: pytest.fail("read"))  # refused from its size alone
     assert refused(path).reason == f"file too large ({100 * 1024**3} bytes, limit {decode.DEFAULT_MAX_BYTES})"
-    assert time.perf_counter() - start < 1
 
 
 def test_endless_stream_is_read_only_up_to_the_limit():
@@ -333,10 +335,8 @@ def allocations(monkeypatch):
 def test_decompression_bombs_are_refused_before_pixels_are_allocated(tmp_path, make, allocations):
     path = make(tmp_path / "bomb")
     assert path.stat().st_size < 1_200_000  # small files (the 400 Mpx RGB PNG is complete: 1.2 MB)...
-    start = time.perf_counter()
     err = refused(path)  # ...declaring 64 or 400 megapixels
     assert err.reason.startswith("image too large")
-    assert time.perf_counter() - start < 1
     assert all(n <= DEFAULT_MAX_PIXELS for n in allocations), allocations
 
 
@@ -356,20 +356,19 @@ def test_png_bomb_is_a_real_image_that_would_decode(tmp_path):
 
 
 _RSS_CHILD = r"""
-import json, resource, sys, time
+import json, resource, sys
 from imgrec.data.decode import decode_image
 from imgrec.errors import ImageDecodeError
 results = {}
 for path in sys.argv[1:]:
     data = open(path, "rb").read()
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    start = time.perf_counter()
     try:
         decode_image(data)
         outcome = "decoded"
     except ImageDecodeError as e:
         outcome = e.reason
-    results[path] = {"outcome": outcome, "seconds": time.perf_counter() - start,
+    results[path] = {"outcome": outcome,
                      "rss_growth_mb": (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024}
 print(json.dumps(results))
 """
@@ -389,7 +388,6 @@ def test_bomb_refusal_keeps_process_memory_flat(tmp_path):
         r = results[str(path)]
         assert r["outcome"].startswith("image too large"), r
         assert r["rss_growth_mb"] < 40, r
-        assert r["seconds"] < 1, r
 
 
 def test_pillow_bomb_warning_becomes_an_error_without_leaking_warnings(tmp_path):
@@ -477,24 +475,30 @@ def _png_with_chunks(count: int) -> bytes:
     return factory.png_bytes(1, 2, idat, chunks_before=factory.png_chunk(b"abCd", b"") * count)
 
 
+@pytest.fixture()
+def pillow_never_opens(monkeypatch):
+    """The budget of the structure checks: refused before Pillow's (slow, Python) parser sees a byte."""
+    monkeypatch.setattr(decode.Image, "open", lambda *a, **k: pytest.fail("Pillow opened it"))
+
+
 def test_png_with_too_many_chunks_is_refused_fast():
     assert decode_image(_png_with_chunks(1000), channels=1).shape == (2, 1, 1)
-    start = time.perf_counter()
+
+
+def test_png_with_too_many_chunks_is_refused_before_pillow_reads_it(pillow_never_opens):
     assert refused(_png_with_chunks(200_000)).reason.startswith("corrupt PNG (more than")
-    assert time.perf_counter() - start < 1
 
 
-def test_jpeg_with_too_many_markers_is_refused_fast(tmp_path):
+def test_jpeg_with_too_many_markers_is_refused_fast(tmp_path, monkeypatch):
     data = factory.write_jpeg(tmp_path / "x.jpg", image=Image.new("RGB", (8, 8), RED)).read_bytes()
     assert data[2:4] == b"\xff\xe0"
     app0_end = 4 + int.from_bytes(data[4:6], "big")
     head, tail = data[:app0_end], data[app0_end:]
     assert close(decode_image(head + b"\xff\xe5\x00\x02" * 1000 + tail), RED, 3)
     assert close(decode_image(head + b"\x00" * 1000 + tail), RED, 3)  # Pillow skips junk between markers
+    monkeypatch.setattr(decode.Image, "open", lambda *a, **k: pytest.fail("Pillow opened it"))  # the budget
     for filler in (b"\xff\xe5\x00\x02" * 200_000, b"\x00" * 800_000):  # empty APP5 segments; junk bytes
-        start = time.perf_counter()
         assert refused(head + filler + tail).reason.startswith("corrupt JPEG (more than")
-        assert time.perf_counter() - start < 1
 
 
 def _with_repeated_last_scan(data: bytes, times: int) -> bytes:
@@ -503,7 +507,7 @@ def _with_repeated_last_scan(data: bytes, times: int) -> bytes:
     return data[:-2] + last_scan * times + data[-2:]
 
 
-def test_jpeg_with_too_many_progressive_scans_is_refused(tmp_path):
+def test_jpeg_with_too_many_progressive_scans_is_refused(tmp_path, monkeypatch):
     small = factory.write_jpeg(tmp_path / "p.jpg", width=64, height=64, progressive=True).read_bytes()
     assert decode_image(_with_repeated_last_scan(small, 20)).shape == (64, 64, 3)
     assert refused(_with_repeated_last_scan(small, 1000)).reason.startswith("corrupt JPEG (too many scans: 10")
@@ -511,22 +515,21 @@ def test_jpeg_with_too_many_progressive_scans_is_refused(tmp_path):
     image = Image.new("RGB", (2000, 2000), (120, 30, 200))
     large = factory.write_jpeg(tmp_path / "l.jpg", image=image, progressive=True).read_bytes()
     assert close(decode_image(large, size=8), (120, 30, 200), 4)
-    start = time.perf_counter()
+    monkeypatch.setattr(ImageFile.ImageFile, "load", lambda *a, **k: pytest.fail("decoded"))  # from the header
     assert refused(_with_repeated_last_scan(large, 300)).reason.startswith("corrupt JPEG (too many scans: 3")
-    assert time.perf_counter() - start < 1
 
 
-def test_gif_with_too_many_blocks_before_the_first_image_is_refused_fast(tmp_path):
+def test_gif_with_too_many_blocks_before_the_first_image_is_refused_fast(tmp_path, monkeypatch):
     data = factory.write_many_frames_gif(tmp_path / "g.gif", 1).read_bytes()
     header_end = data.index(b"\x2c")
     comment = b"\x21\xfe" + b"\x01c" * 200_000 + b"\x00"  # a comment in 200k one-byte sub-blocks
-    start = time.perf_counter()
-    assert refused(data[:header_end] + comment + data[header_end:]).reason.startswith("corrupt GIF (more than")
-    assert time.perf_counter() - start < 1
+    with monkeypatch.context() as m:  # refused by the scan, before Pillow's parser walks the blocks
+        m.setattr(decode.Image, "open", lambda *a, **k: pytest.fail("Pillow opened it"))
+        assert refused(data[:header_end] + comment + data[header_end:]).reason.startswith("corrupt GIF (more than")
     assert decode_image(data[:header_end] + b"\x21\xfe\x05hello\x00" + data[header_end:]).shape == (1, 1, 3)
 
 
-def test_large_rle_bmp_is_refused(tmp_path):
+def test_large_rle_bmp_is_refused(tmp_path, monkeypatch):
     palette = [(200, 0, 0), (0, 0, 200), (7, 8, 9)]
     indices = np.array([[0, 0, 0, 1], [2, 1, 1, 1]], dtype=np.uint8)
     small = factory.write_rle8_bmp(tmp_path / "rle.bmp", indices, palette)
@@ -534,9 +537,8 @@ def test_large_rle_bmp_is_refused(tmp_path):
     # 2100×2100 of one-pixel runs: 8.8 MB of codes, each one a Python loop iteration in Pillow
     codes = (b"\x01\x00\x01\x01" * 1050 + b"\x00\x00") * 2100 + b"\x00\x01"
     big = factory.rle8_bmp_bytes(codes, 2100, 2100, palette)
-    start = time.perf_counter()
+    monkeypatch.setattr(ImageFile.ImageFile, "load", lambda *a, **k: pytest.fail("decoded"))  # never run-length decoded
     assert refused(big).reason.startswith("RLE-compressed BMP larger than")
-    assert time.perf_counter() - start < 1
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -714,10 +716,13 @@ def test_broken_exif_is_ignored_not_fatal(tmp_path, kind):
     assert close(out[5, 2], RED, 10) and close(out[5, 17], BLUE, 10)
 
 
-def test_exif_ifd_loop_terminates(tmp_path):
-    start = time.perf_counter()
+def test_exif_ifd_loop_terminates(tmp_path, monkeypatch):
+    from PIL import TiffImagePlugin
+    loads, load = [], TiffImagePlugin.ImageFileDirectory_v2.load
+    monkeypatch.setattr(TiffImagePlugin.ImageFileDirectory_v2, "load",
+                        lambda self, *a, **k: loads.append(1) or load(self, *a, **k))
     out = decode_image(factory.write_broken_exif_jpeg(tmp_path / "loop.jpg", "loop"))
-    assert time.perf_counter() - start < 2
+    assert 1 <= len(loads) <= 4  # the budget: the looping IFD chain is not followed round (one load today)
     assert out.shape == (20, 10, 3)  # its orientation entry (6) is still read
 
 
@@ -742,9 +747,7 @@ def test_gif_frame_count_is_bounded(tmp_path, monkeypatch):
     )
     # frames are never decoded or counted by Pillow: n_frames would walk every one of them
     monkeypatch.setattr(Image.Image, "seek", lambda *a: pytest.fail("seek called"))
-    start = time.perf_counter()
     assert refused(factory.write_many_frames_gif(tmp_path / "many.gif", 300_000)).reason.startswith("too many frames")
-    assert time.perf_counter() - start < 1
 
 
 def test_webp_frame_count_is_bounded(tmp_path):

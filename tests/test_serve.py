@@ -317,13 +317,12 @@ def test_thousands_of_parts_are_400_with_flat_memory(server, client, field):
             "x\r\n").encode()
     body = part * 10_000 + f"--{boundary}--\r\n".encode()  # 10k parts in ~0.9 MB: under the size limit
     assert len(body) < 1024 * 1024
-    with PeakMemory() as mem:
-        t = time.perf_counter()
+    with PeakMemory() as mem:  # the budget: memory, and no inference pass for a refused request
+        passes = server.state.batcher.batches_run
         r = client.post("/v1/predict", content=body,
                         headers={"content-type": f"multipart/form-data; boundary={boundary}"})
-        elapsed = time.perf_counter() - t
     assert "too many" in assert_json_error(r, 400)
-    assert elapsed < 5
+    assert server.state.batcher.batches_run == passes
     assert mem.growth_mb < 40, f"peak RSS grew {mem.growth_mb:.0f} MB"
 
 
@@ -331,9 +330,7 @@ def test_thousands_of_parts_are_400_with_flat_memory(server, client, field):
 def test_declared_content_length_over_the_limit_is_413_before_reading(server):
     head = (b"POST /v1/predict HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: image/png\r\n"
             b"Content-Length: 100000000000\r\n\r\n")
-    t = time.perf_counter()
-    response, _ = raw_request(server.port, head)  # not a byte of the body is sent
-    assert time.perf_counter() - t < 5
+    response, _ = raw_request(server.port, head)  # not a byte of the body is sent: answered from the header
     assert _status_of(response) == 413
     assert b"connection: close" in response.lower()
     assert b'"detail":"upload too large' in response
@@ -525,10 +522,10 @@ def test_inference_slower_than_the_timeout_is_504_and_the_worker_survives(slow_s
 def test_a_body_that_never_arrives_is_408(slow_server):
     server, _ = slow_server
     head = b"POST /v1/predict HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: image/png\r\nContent-Length: 1000\r\n\r\n"
-    t = time.perf_counter()
     response, _ = raw_request(server.port, head, [b"\x89PNG"])
     assert _status_of(response) == 408  # (raw_request gives up after 10 s: an answer came before that)
-    assert time.perf_counter() - t > 0.9  # not before the 1 s read timeout
+    # answered by the read deadline (the server's own words), not by a connection that broke early
+    assert b"did not arrive within 1 s" in response, response
 
 
 def test_not_ready_is_503(classifier, images):
