@@ -484,6 +484,8 @@ def _note(name: str, r: dict) -> str:
         bits.append(f"{r.get('model')} at {r.get('image_size')} px, best epoch {r.get('best_epoch')} of "
                     f"{r.get('epochs_run')}" + (f", recipe {r['recipe']}" if r.get("recipe") else "")
                     + (f", trains at {r['train_img_s']} img/s" if r.get("train_img_s") else ""))
+        if r.get("train_time_s") is not None:
+            bits.append(f"training {r['train_time_s']:.0f} s of the command")
         if r.get("transfer"):
             bits.append(f"transfer: {r['transfer']}")
         if r.get("stopped"):
@@ -624,6 +626,7 @@ def main(argv=None) -> int:
     ap.add_argument("--work", default=None, help="runs and logs (default: a temporary folder, removed at the end)")
     ap.add_argument("--out", default=str(HERE / "results" / "transfer.md"))
     ap.add_argument("--json", action="store_true", help="print the raw results as JSON at the end")
+    ap.add_argument("--rewrite", action="store_true", help="only rewrite --out from the results kept in it")
     ap.add_argument("--no-throughput", action="store_true", help="skip the throughput section (kept from the file)")
     ap.add_argument("--timm-benchmark", default=None, help="path to timm's benchmark.py (from timm's repository)")
     ap.add_argument("--scratch-args", default="--model fastnet_small", help="what forces the default to scratch")
@@ -654,6 +657,13 @@ def main(argv=None) -> int:
         print("\n" + RESULT + json.dumps(throughput_worker(Path(w), q == "1")))
         return 0
 
+    if args.rewrite:
+        state = load_state(Path(args.out))
+        if not state:
+            raise SystemExit(f"{args.out} holds no results to rewrite")
+        Path(args.out).write_text(markdown(state))
+        print(f"rewritten: {args.out}")
+        return 0
     import photo_folders
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     bad = [m for m in methods if m not in METHODS]
@@ -717,6 +727,8 @@ def main(argv=None) -> int:
             if "cmd" in r and str(weights) in r["cmd"]:
                 r["cmd"] = r["cmd"].replace(str(weights), "FILE")
             res[name] = r
+            out.parent.mkdir(parents=True, exist_ok=True)
+            out.write_text(markdown(state))  # after every measured command: an interrupted suite keeps its rows
             print(f"   {LABEL[name]:24s} test {_pct(r.get('test_acc')):>5s}%  val {_pct(r.get('val_acc')):>5s}%  "
                   f"{r.get('wall_s', 0):6.1f} s" + (f"  ERROR {r['error']}" if "error" in r else ""), flush=True)
     if not args.no_throughput:
