@@ -151,6 +151,7 @@ def test_default_run_on_photos_is_a_probe_whose_model_works_everywhere(tmp_path,
     meta = json.loads((tmp_path / "run" / "model.json").read_text())
     assert meta["mean"] == [0.5] * 3 and meta["std"] == [0.5] * 3 and meta["image_size"] == 128
     assert meta["training"]["transfer"]["method"] == "linear probe" and meta["metrics"]["best_epoch"] == 0
+    assert meta["training"]["backbone"]["licence"] == "Apache-2.0"  # the weights' licence travels with the model
     val_files = meta["data"]["val_files"]
     assert val_files and all(not Path(f).is_absolute() and f.startswith("train/") for f in val_files)
     assert (tmp_path / "run" / "metrics.csv").read_text().splitlines()[1].startswith("0,")

@@ -29,7 +29,7 @@ from imgrec.modeldir import ModelMeta, RunDir, write_meta
 from imgrec.safeio import atomic_write_text, check_writable
 
 __all__ = ["run", "build_loaders", "build_model", "model_meta", "uses_channels_last", "backbone_normalisation",
-           "uses_probe"]
+           "uses_probe", "backbone_entry"]
 
 
 def build_loaders(bundle: DataBundle, cfg: RunConfig, device: torch.device, channels_last: bool, *,
@@ -90,12 +90,26 @@ def model_meta(bundle: DataBundle, cfg: RunConfig, model_kwargs: dict, device: t
         training={"recipe": cfg.recipe, "recipe_reason": cfg.recipe_reason, "data_recipe": cfg.data_recipe,
                   "device": str(device),
                   "precision": "fp32" if amp is None else str(amp).removeprefix("torch."),
-                  "channels_last": cfg.train.channels_last, "compile": bool(cfg.train.compile)},
+                  "channels_last": cfg.train.channels_last, "compile": bool(cfg.train.compile),
+                  **({"backbone": backbone_entry(cfg)} if cfg.model.pretrained or cfg.model.weights else {})},
         data={"name": bundle.name, "source": cfg.data.data, "counts": bundle.counts,
               "val_split": cfg.data.val_split, "split_seed": cfg.data.split_seed, "val_files": cfg.data.val_files,
               "on_bad_image": cfg.data.on_bad_image, "image_sizes": _image_sizes(cfg)},
         config=cfg.to_dict(),
     )
+
+
+def backbone_entry(cfg: RunConfig) -> dict:
+    """What a model started from pretrained weights records of them (``training.backbone`` in model.json, and
+    every export's metadata): the backbone, the weights' origin and their licence, which the trained model
+    inherits. A file of the user's own keeps the user's licence."""
+    from imgrec.models.weights import BACKBONES
+    known = next((b for b in BACKBONES.values() if b.model == cfg.model.name), None)
+    origin = cfg.model.weights or ("the architecture's pretrained weights" if cfg.model.pretrained else None)
+    if known is None:
+        return {"name": cfg.model.name, "weights": origin, "licence": "that of the weights file given"}
+    return {"name": known.name, "weights": origin, "hf_repo": known.hf_repo, "licence": known.licence,
+            "imagenet_top1": known.imagenet_top1}
 
 
 def _image_sizes(cfg: RunConfig) -> dict | None:
