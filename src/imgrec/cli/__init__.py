@@ -15,10 +15,19 @@ EXIT_BAD_INPUT, EXIT_FAILURE, EXIT_INTERRUPTED = 2, 1, 130
 COMMAND_MODULES = (models, train, evaluate, predict, serve, export, calibrate, data, embed, weights)
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, with a usage error as imgrec reports every bad input: one line on stderr, exit 2. argparse
+    would print the whole usage first (some twenty lines for ``train``); it is one ``--help`` away."""
+
+    def error(self, message: str):
+        self.exit(EXIT_BAD_INPUT, f"imgrec: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from imgrec import __version__
 
-    parser = argparse.ArgumentParser(prog="imgrec", description="Image recognition: train, evaluate, predict.")
+    # subcommands' parsers take the class of this one (argparse's add_subparsers default)
+    parser = OneLineParser(prog="imgrec", description="Image recognition: train, evaluate, predict.")
     parser.add_argument("--version", action="version", version=f"imgrec {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for module in COMMAND_MODULES:
