@@ -38,13 +38,16 @@ chromium:
 	  echo "note: could not install chromium with apt; the browser tests will be skipped"; \
 	fi
 
-# Debian's mate-backgrounds: real photos the transfer tests cut their small folders from (tests/photofolder.py)
+# Debian's mate-backgrounds and lomiri-wallpapers-16.04: real photos the transfer tests cut their small folders
+# from (tests/photofolder.py)
+PHOTO_PKGS := mate-backgrounds lomiri-wallpapers-16.04
 photos:
-	@if [ ! -d /usr/share/backgrounds/mate/nature ] && command -v apt-get >/dev/null 2>&1; then \
-	  (DEBIAN_FRONTEND=noninteractive apt-get install -y -qq mate-backgrounds >/dev/null 2>&1 || \
+	@if { [ ! -d /usr/share/backgrounds/mate/nature ] || [ ! -f /usr/share/backgrounds/Wine_by_Jakkub_Mede.jpg ]; } \
+	    && command -v apt-get >/dev/null 2>&1; then \
+	  (DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(PHOTO_PKGS) >/dev/null 2>&1 || \
 	   (apt-get update -qq >/dev/null 2>&1 && \
-	    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq mate-backgrounds >/dev/null 2>&1)) || \
-	  echo "note: could not install mate-backgrounds with apt; the photo tests will fail"; \
+	    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $(PHOTO_PKGS) >/dev/null 2>&1)) || \
+	  echo "note: could not install $(PHOTO_PKGS) with apt; the photo tests will fail"; \
 	fi
 
 demo: setup data

