@@ -6,9 +6,8 @@ looked up by the argument's name in BASE, and a new required argument without an
 In-process (conftest's run_cli). uvicorn's server is replaced, so a hostile value that gets through is an exit 0
 (which fails here) rather than a server that never returns.
 
-Not yet walked (issue 36, left open): negative and 400-digit numbers. Options such as ``--seed -3``,
-``--momentum -3``, ``--image-size 999999999999`` or ``--batch-size 999999999999`` are accepted by ``imgrec
-train`` today (the last two then allocate far too much); they need range checks in imgrec.config.validate."""
+Out-of-range numbers (``--seed -3``, ``--momentum -3``, ``--image-size 999999999999``, ``--batch-size
+999999999999``, …) are refused by imgrec.config.validate: test_train_numbers_out_of_range walks ``imgrec train``'s."""
 from __future__ import annotations
 
 import argparse
@@ -174,3 +173,21 @@ def test_every_command_is_walked():
     assert {"train", "predict", "serve", "eval", "report", "explain", "export", "calibrate", "embed", "data check",
             "data pack", "data audit", "weights add", "weights fetch"} <= names
     assert len(CASES) > 100 and np.all([len(w) > 0 for w, _ in COMMANDS])
+
+
+# imgrec train's numbers outside the range imgrec can use: refused in one line before any data is read (the
+# image size and the batch were accepted and then allocated)
+OUT_OF_RANGE = [("--seed", "-3"), ("--split-seed", "-1"), ("--momentum", "-3"), ("--momentum", "1"),
+                ("--image-size", "999999999999"), ("--image-size", "4"), ("--batch-size", "999999999999"),
+                ("--batch-size", "0"), ("--eval-batch-size", "999999999999"), ("--eval-batch-size", "-1"),
+                ("--threads", "0"), ("--threads", "999999999999"), ("--patience", "-3"),
+                ("--accept-rate", "0"), ("--accept-rate", "1.5"), ("--time-budget", "999999999999h"),
+                ("--crop-padding", "-1"), ("--train-limit", "0")]
+
+
+@pytest.mark.parametrize("flag,value", OUT_OF_RANGE, ids=[f"{f}={v}" for f, v in OUT_OF_RANGE])
+def test_train_numbers_out_of_range(flag, value, tmp_path):
+    r = run_cli("train", flag, value, "--out", tmp_path / "run", cwd=tmp_path)
+    assert_clean_error(r, flag[2:].replace("-", "_"))
+    assert len([ln for ln in r.stderr.splitlines() if ln.strip()]) == 1, r.stderr
+    assert not (tmp_path / "run").exists()

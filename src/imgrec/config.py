@@ -233,12 +233,39 @@ def validate(cfg: RunConfig) -> None:
     if cfg.data.val_split is not None and cfg.data.val_split <= 0:
         raise ConfigError("val_split must be positive")
     _validate_answers(t)
+    _validate_ranges(cfg)
     _validate_tensorboard(t)
     _validate_imbalance(t)
     if t.time_budget is not None and not (isinstance(t.time_budget, (int, float)) and t.time_budget > 0):
         raise ConfigError(f"time_budget must be a positive number of seconds, got {t.time_budget!r}")
     if cfg.data.long_tail is not None and not cfg.data.long_tail >= 1:
         raise ConfigError(f"long_tail must be an imbalance ratio ≥ 1, got {cfg.data.long_tail}")
+
+
+# (low, high, what) of the whole-number settings that have a sane range: a negative seed, or an image size or
+# batch of 999999999999 (accepted, then allocated) are refused in one line before any data is read
+INT_RANGES = {
+    "seed": (0, 2**32 - 1, "a seed"), "split_seed": (0, 2**32 - 1, "a seed"),
+    "image_size": (16, 512, "pixels (what the model registry builds)"),
+    "batch_size": (1, 65536, "images"), "eval_batch_size": (1, 65536, "images"),
+    "threads": (1, 1024, "CPU threads"), "patience": (0, 100_000, "epochs (0: no early stopping)"),
+    "crop_padding": (0, 256, "pixels"), "val_last": (0, 100_000, "epochs"), "checkpoint_every": (0, 10**9, "steps"),
+    "stream_workers": (0, 256, "processes"), "train_limit": (1, 10**10, "images"),
+}
+TIME_BUDGET_MAX = 366 * 24 * 3600.0  # a year of training, in seconds
+
+
+def _validate_ranges(cfg: RunConfig) -> None:
+    """Numbers inside the ranges imgrec can use (their types were checked by _validate_numbers)."""
+    t = cfg.train
+    for key, (low, high, what) in INT_RANGES.items():
+        v = getattr(cfg.data if hasattr(cfg.data, key) else t, key)
+        if v is not None and not low <= v <= high:
+            raise ConfigError(f"{key} must be between {low} and {high} {what}, got {v}")
+    if not 0 <= t.momentum < 1:
+        raise ConfigError(f"momentum must be in [0, 1), got {t.momentum}")
+    if isinstance(t.time_budget, (int, float)) and t.time_budget > TIME_BUDGET_MAX:
+        raise ConfigError(f"time_budget must be at most {TIME_BUDGET_MAX:.0f} seconds (a year), got {t.time_budget!r}")
 
 
 def _validate_answers(t: TrainConfig) -> None:
