@@ -42,7 +42,16 @@ replaces a good file and never leaves a partial one (imgrec.safeio.atomic_path).
 
 **int8.** ONNX Runtime's ``quantize_static``: QDQ format, per-channel int8 weights, uint8 activations,
 calibrated (MinMax) on images from the model's *training* split (never the test split), only the
-convolutions, matrix products and ``Gemm`` quantised (the pixel preprocessing stays exact). On x86 CPUs
+convolutions, matrix products and ``Gemm`` quantised (the pixel preprocessing stays exact), with the ``Clip``
+(ReLU6) and ``Relu`` after them named too: ONNX Runtime then folds each such activation into the range of the
+convolution's output (its ``QDQRemovableActivation``). Without that, a convolution's output was quantised over
+its whole pre-activation range and clipped afterwards: a MobileNet/EfficientNet-Lite block's BatchNorm-folded
+output spans tens of units of which ReLU6 keeps [0, 6], so most of the 256 levels were spent on values the clip
+throws away. Measured on EfficientNet-Lite0 with a linear probe (6 photo classes, 51 validation images):
+top-1 agreement with PyTorch 92.2% → 98.0% (test split 89.4% → 98.9%), accuracy drop 3.9 → 0 points; pooled
+features' cosine to fp32 0.76 before. Keeping the probe's classifier ``Gemm`` or the "unknown" score's
+Mahalanobis ``MatMul``s in float changed neither the classes nor (beyond noise) the "unknown" answers there,
+so nothing is excluded; the scheme records the quantised op types and the (empty) exclusion list. On x86 CPUs
 without VNNI, u8×s8 products go through ``VPMADDUBSW``, whose 16-bit intermediate sums can saturate; there
 the weights are quantised to 7 bits (``reduce_range``), as ONNX Runtime's documentation advises. Which
 scheme was used is recorded in the file's metadata.
@@ -469,6 +478,12 @@ def _calibration_images(meta: ModelMeta, data_dir: str | None, n: int, source: s
     return at_model_size(train.subset(idx), meta).permute(0, 2, 3, 1).contiguous().numpy()
 
 
+QUANT_OPS = ("Conv", "MatMul", "Gemm")  # the products: where int8 saves time
+# activations ONNX Runtime folds into the range of the product before them (see the module docstring); named
+# alone they are not quantised
+FUSED_ACTIVATIONS = ("Clip", "Relu")
+
+
 def _quantize(fp32: Path, out: Path, calib: np.ndarray, meta: ModelMeta) -> dict:
     import onnx
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
@@ -487,6 +502,7 @@ def _quantize(fp32: Path, out: Path, calib: np.ndarray, meta: ModelMeta) -> dict
 
     reduce_range = _is_x86() and not has_vnni()
     scheme = {"format": "QDQ", "weights": "int8 per-channel", "activations": "uint8", "calibration": "MinMax",
+              "op_types": list(QUANT_OPS), "fused_activations": list(FUSED_ACTIVATIONS), "excluded_nodes": [],
               "calibration_images": int(len(calib)), "calibration_split": "train", "reduce_range": reduce_range,
               "why_reduce_range": "x86 without VNNI: 7-bit weights avoid VPMADDUBSW saturation" if reduce_range
               else "VNNI (or not x86): full 8-bit weights"}
@@ -499,7 +515,7 @@ def _quantize(fp32: Path, out: Path, calib: np.ndarray, meta: ModelMeta) -> dict
         except Exception:  # noqa: BLE001 - pre-processing only helps; quantise the plain graph without it
             src = fp32
         quantize_static(str(src), str(out), Reader(calib), quant_format=QuantFormat.QDQ,
-                        op_types_to_quantize=["Conv", "MatMul", "Gemm"], per_channel=True,
+                        op_types_to_quantize=[*QUANT_OPS, *FUSED_ACTIVATIONS], per_channel=True,
                         reduce_range=reduce_range, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
                         extra_options={"ActivationSymmetric": False, "WeightSymmetric": True})
     proto = onnx.load(str(out))
