@@ -81,8 +81,9 @@ def probe_source(spec: str, *, val_split: float | None = None, data_dir: str | N
         return _probe_pack(spec)
     try:
         source = resolve_source(spec)
-        if source.describe is not None:
-            return source.describe(spec, data_dir=data_dir, val_split=val_split, sample=sample)
+        if source.describe is not None:  # a DataProbe, or its fields as a dict
+            facts = source.describe(spec, data_dir=data_dir, val_split=val_split, sample=sample)
+            return facts if facts is None or isinstance(facts, DataProbe) else DataProbe(**facts)
         listing = source.listing(spec, data_dir=data_dir, splits=("train", "val"), task=None, classes=None)
     except (DatasetError, ConfigError, OSError, ValueError):
         return None  # load_data reports the problem in its own words

@@ -49,7 +49,8 @@ class Source:
     claims: Callable[[str], bool]
     listing: Callable[..., Listing]  # (spec, *, data_dir, splits, task, classes) -> Listing
     # (spec, *, data_dir, val_split, sample) -> imgrec.data.probe.DataProbe | None: the facts the recipe is
-    # chosen from (counts, sizes, channels); None: described from the listing (imgrec.data.probe.probe_listing)
+    # chosen from (counts, sizes, channels: a DataProbe or a dict of its fields); None: described from the
+    # listing (imgrec.data.probe.probe_listing)
     describe: Callable[..., object] | None = None
 
 
@@ -113,13 +114,15 @@ def _named_listing(spec: str, *, data_dir=None, splits=SPLITS, task=None, classe
     return Listing(name, "named", list(ds.classes), parts, ds.flip)
 
 
-def _named_describe(spec: str, *, data_dir=None, val_split=None, sample=0):
-    """A named dataset's facts as it records them (imgrec.data.named.NamedDataset): no file is read."""
-    from imgrec.data.probe import DataProbe
+def _named_describe(spec: str, *, data_dir=None, val_split=None, sample=0) -> dict:
+    """A named dataset's facts as it records them (imgrec.data.named.NamedDataset): no file is read. The fields
+    of imgrec.data.probe.DataProbe as a dict (the probe imports this module, not the other way round)."""
     ds = named.NAMED[named.canonical_name(spec)]
     n, k = ds.train_images, len(ds.classes)
     n_val = ds.val_images if val_split is None else int(round(val_split * n)) if val_split < 1 else int(val_split)
-    return DataProbe("named", n - n_val, k, [n // k] * k, ds.channels, ds.side, ds.side, ds.side, 1.0, 1.0, 0)
+    return {"kind": "named", "n_train": n - n_val, "num_classes": k, "counts": [n // k] * k,
+            "channels": ds.channels, "min_side": ds.side, "median_side": ds.side, "max_side": ds.side,
+            "aspect_min": 1.0, "aspect_max": 1.0, "sampled": 0}
 
 
 def _is_csv(spec: str) -> bool:
