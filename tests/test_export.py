@@ -270,6 +270,49 @@ def test_int8_export(trained_run, tmp_path, monkeypatch):
     assert meta["precision"] == "int8" and json.loads(meta["export"])["quantization"]["reduce_range"] is True
     assert OnnxClassifier(out).meta.precision == "int8"
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+    _assert_int8_unknown_refit(trained_run[0], out, result, meta)
+
+
+def _assert_int8_unknown_refit(model_dir: Path, out: Path, result, meta: dict) -> None:
+    """The int8 file's "unknown" threshold is the accept-rate quantile of the int8 graph's own ood_score over
+    the validation images the check ran on (computed here with a plain ONNX Runtime session), the scheme says
+    so, and at it the file accepts about the accept rate of them."""
+    from imgrec.data.dataset import load_run_split
+    from imgrec.infer.runtime import load_model
+    _, model_meta = load_model(model_dir)
+    assert model_meta.unknown, "the shared fixture should have an \"unknown\" score"
+    rate, t32 = float(model_meta.unknown["accept_rate"]), float(model_meta.unknown["threshold"])
+    images = load_run_split(model_meta, None, None, "val", None).data.images[:CHECK_LIMIT]
+    sess = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
+    pixels = images.permute(0, 2, 3, 1).contiguous().numpy()
+    scores = np.concatenate([sess.run(["ood_score"], {"pixels": pixels[i:i + 256]})[0]
+                             for i in range(0, len(pixels), 256)]).astype(np.float64)
+    entry = json.loads(meta["unknown"])
+    want = float(np.quantile(scores, 1.0 - rate))
+    assert entry["threshold"] == pytest.approx(want, rel=1e-4, abs=1e-4) and entry["accept_rate"] == rate
+    assert entry["val_quantiles"][0] == pytest.approx(scores.min(), rel=1e-4, abs=1e-4)
+    record = json.loads(meta["export"])["quantization"]["unknown_threshold"]
+    assert record["refit"] is True and record["images"] == len(images) == result.check.n
+    assert record["threshold"] == entry["threshold"] and record["fp32_threshold"] == pytest.approx(t32)
+    accepted = float((scores >= entry["threshold"]).mean())
+    assert abs(accepted - rate) <= 0.03, (accepted, rate)
+    assert result.check.unknown_accept == pytest.approx(accepted, abs=1e-9)
+    assert 0.0 <= result.check.unknown_agreement <= 1.0 and "refit on" in result.check.summary()
+    clf = OnnxClassifier(out)  # what `imgrec predict --model model.int8.onnx` answers with
+    assert clf.unknown_threshold == entry["threshold"]
+    assert clf.set_accept_rate(rate) == pytest.approx(entry["threshold"], rel=1e-9)
+
+
+def test_int8_unknown_refit_needs_enough_validation_images():
+    entry = {"score": "mahalanobis_layers", "accept_rate": 0.95, "threshold": -3.0, "val_quantiles": [-9.0, 0.0]}
+    few = export_mod._refit_unknown(entry, np.linspace(-20, -10, export_mod.MIN_REFIT_VAL - 1))
+    assert few["refit"] is False and few["images"] == export_mod.MIN_REFIT_VAL - 1 and "entry" not in few
+    assert "kept the fp32 threshold" in few["why"] and few["fp32_threshold"] == -3.0
+    scores = np.linspace(-20, -10, 101)
+    enough = export_mod._refit_unknown(entry, scores)
+    assert enough["refit"] is True and enough["threshold"] == pytest.approx(np.quantile(scores, 0.05))
+    assert enough["entry"]["threshold"] == enough["threshold"] and len(enough["entry"]["val_quantiles"]) > 2
+    assert entry["threshold"] == -3.0  # the fp32 entry itself is left as it was
 
 
 # -- broken or hostile exported models ----------------------------------------------------------------

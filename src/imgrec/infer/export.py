@@ -56,6 +56,16 @@ without VNNI, u8×s8 products go through ``VPMADDUBSW``, whose 16-bit intermedia
 the weights are quantised to 7 bits (``reduce_range``), as ONNX Runtime's documentation advises. Which
 scheme was used is recorded in the file's metadata.
 
+**int8 "unknown" threshold.** Quantisation noise shifts the early layers' channel statistics that the
+multi-layer "unknown" score reads, so the int8 graph's ``ood_score`` runs lower than fp32's: on the
+EfficientNet-Lite0 probe above, fp32's threshold rejected ~41% of the validation images instead of 5%. So an
+int8 export checked on the model's validation split refits the threshold and the quantile table on the int8
+graph's own scores of those images (the check's pass, at the model's accept rate) and writes them into the
+int8 file's metadata "unknown" entry (the fp32 file keeps its own); the scheme's ``unknown_threshold`` says
+whether it was refit, on how many images, and the acceptance at both thresholds. Under ``MIN_REFIT_VAL``
+images (or when checked on other data) the fp32 threshold is kept and the scheme says so. The check compares
+the "unknown" answers of PyTorch and of the file, each at its own threshold.
+
 **Formats.** ``FORMATS`` at the end of this module: one ``ExportFormat`` per format (file names, suffixes, the
 function that writes the file and the one that runs it for the check). Adding a format is one entry there and
 those two functions.
@@ -206,7 +216,12 @@ class CheckResult:
     resize_agreement: float | None = None    # folder data: exported graph on the original-size pixels
     resize_n: int = 0
     max_dood: float | None = None            # max |Δ ood_score| / max(1, |score|), when the graph has the score
-    unknown_agreement: float | None = None   # share of images with the same "unknown" answer
+    unknown_agreement: float | None = None   # share of images with the same "unknown" answer (each side at its
+    #                                          own threshold: the int8 file's is refit on its own scores)
+    unknown_accept: float | None = None      # share of the images the exported score accepts at its own threshold
+    unknown_accept_reference_t: float | None = None  # ... at PyTorch's (fp32) threshold
+    # int8 export on the validation split: {"refit", "images", "fp32_threshold", "threshold"?, "why"?, "entry"?}
+    unknown_refit: dict | None = None
     passed: bool = True
     failures: list[str] = field(default_factory=list)
 
@@ -220,7 +235,12 @@ class CheckResult:
             s += f", in-graph resize agreement {self.resize_agreement * 100:.2f}% on {self.resize_n} originals"
         if self.max_dood is not None:
             s += (f", ood_score max relative |Δ| {self.max_dood:.1e}, same \"unknown\" answer on "
-                  f"{self.unknown_agreement * 100:.2f}%")
+                  f"{self.unknown_agreement * 100:.2f}%, exported accepts {self.unknown_accept * 100:.1f}%")
+        if self.unknown_refit is not None:
+            r = self.unknown_refit
+            s += (f" at its threshold refit on {r['images']} validation images ({r['threshold']:.4g}; "
+                  f"{self.unknown_accept_reference_t * 100:.1f}% at fp32's {r['fp32_threshold']:.4g})"
+                  if r["refit"] else f" ({r['why']})")
         return s
 
 
@@ -309,10 +329,11 @@ def export_model(model_dir: str | os.PathLike, out: str | os.PathLike | None = N
         seconds = time.perf_counter() - t0
         log(f"exported {meta.name} to {fmt}{' int8' if int8 else ''} in {seconds:.1f} s; checking against PyTorch")
         result = check_export(model, meta, tmp, fmt=fmt, int8=int8, data=check_data, data_dir=data_dir, model_dir=model_dir,
-                              limit=check_limit, source=source, split=split, on_bad_image=on_bad_image)
+                              limit=check_limit, source=source, split=split, on_bad_image=on_bad_image, refit_unknown=int8)
         if not result.passed:
             raise ModelFileError(f"{out}: not written: the export does not match PyTorch: {'; '.join(result.failures)}"
                                  f" ({result.summary()})")
+        _write_unknown_refit(tmp, result, quant, log)
         size = tmp.stat().st_size
     return ExportResult(out, fmt, "int8" if int8 else "fp32", size, seconds, result, quant)
 
@@ -560,10 +581,13 @@ def _check_images(meta: ModelMeta, data, data_dir: str | None, limit: int | None
 def check_export(model: nn.Module, meta: ModelMeta, path: str | os.PathLike, *, fmt: str = "onnx",
                  int8: bool = False, data=None, data_dir: str | None = None, limit: int | None = None,
                  batch_size: int = 256, source: str | None = None, split: str | None = None,
-                 on_bad_image: str | None = None, model_dir: str | os.PathLike | None = None) -> CheckResult:
+                 on_bad_image: str | None = None, model_dir: str | os.PathLike | None = None,
+                 refit_unknown: bool = False) -> CheckResult:
     """Run PyTorch (fp32, the model directory's own forward pass) and the exported file at ``path`` over the
     validation split (or the files in ``data``) and compare top-1 classes and probabilities, and the
-    out-of-distribution scores and "unknown" answers when the graph computes them."""
+    out-of-distribution scores and "unknown" answers when the graph computes them. ``refit_unknown`` (int8
+    export): when the images are the validation split, the exported file's "unknown" threshold is refit on
+    its own scores of them (``res.unknown_refit``; the caller writes it into the file)."""
     from imgrec.infer.predictor import Classifier
 
     spec = _format(fmt)
@@ -587,7 +611,8 @@ def check_export(model: nn.Module, meta: ModelMeta, path: str | os.PathLike, *, 
         same = [int(run(torch.from_numpy(o)[None], 1).argmax(1)) == int(t) for o, t in zip(originals, top_ref)]
         res.resize_agreement, res.resize_n = float(np.mean(same)), len(same)
     if spec.check_unknown is not None and reference.unknown_score is not None:
-        spec.check_unknown(res, reference, path, images, batch_size, int8)
+        refit = refit_unknown and data is None and what.endswith(" validation split")
+        spec.check_unknown(res, reference, path, images, batch_size, int8, refit)
     if res.agreement < tol.min_agreement:
         res.failures.append(f"top-1 agreement {res.agreement * 100:.2f}% < {tol.min_agreement * 100:.1f}%")
     if tol.max_dprob is not None and res.max_dprob > tol.max_dprob:
@@ -600,9 +625,12 @@ def check_export(model: nn.Module, meta: ModelMeta, path: str | os.PathLike, *, 
     return res
 
 
-def _check_unknown(res: CheckResult, reference, path, images: torch.Tensor, batch_size: int, int8: bool) -> None:
+def _check_unknown(res: CheckResult, reference, path, images: torch.Tensor, batch_size: int, int8: bool,
+                   refit: bool = False) -> None:
     """Compare the graph's ood_score with PyTorch's (relative to the score's size: Mahalanobis distances run
-    into the hundreds) and the "unknown" answers at the stored threshold."""
+    into the hundreds) and the "unknown" answers, each side at its own threshold: PyTorch's from model.json,
+    the file's from its metadata, or (``refit``: int8 export on the validation split) refit on the file's own
+    scores of these images (see ``_refit_unknown``)."""
     from imgrec.infer.ort import OnnxClassifier
     exported = OnnxClassifier(path, device="cpu")
     if exported.unknown_threshold is None:
@@ -611,10 +639,62 @@ def _check_unknown(res: CheckResult, reference, path, images: torch.Tensor, batc
     _, ref = reference.scored(images, batch_size)
     _, exp = exported.scored(images.numpy(), batch_size)
     res.max_dood = float((np.abs(ref - exp) / np.maximum(1.0, np.abs(ref))).max()) if len(ref) else 0.0
-    t = reference.unknown_threshold
-    res.unknown_agreement = float(((ref < t) == (exp < t)).mean()) if len(ref) else 1.0
+    t_ref, t_exp = reference.unknown_threshold, exported.unknown_threshold
+    if refit:
+        res.unknown_refit = _refit_unknown(exported.unknown, exp)
+        t_exp = res.unknown_refit.get("threshold", t_exp)
+    accept = (lambda s, t: float((s >= t).mean()) if len(s) else 1.0)  # mark_unknown: "unknown" below t
+    res.unknown_accept, res.unknown_accept_reference_t = accept(exp, t_exp), accept(exp, t_ref)
+    res.unknown_agreement = float(((ref < t_ref) == (exp < t_exp)).mean()) if len(ref) else 1.0
     if not int8 and res.max_dood > FP32_TOLERANCE.max_dprob:
         res.failures.append(f"max relative |Δ ood_score| {res.max_dood:.2e} > {FP32_TOLERANCE.max_dprob:.0e}")
+
+
+# validation images below which no "unknown" threshold is refit: its quantile would be noise (as
+# imgrec.engine.choices.MIN_UNKNOWN_VAL, below which training chooses none)
+MIN_REFIT_VAL = 20
+
+
+def _refit_unknown(entry: dict, scores: np.ndarray) -> dict:
+    """The int8 graph's "unknown" threshold and quantile table refit on its own validation scores, at the
+    model's accept rate (as imgrec.infer.ood.unknown_entry chose the fp32 ones): quantisation noise shifts the
+    early layers' channel statistics the multi-layer score reads, so the int8 score runs lower than fp32's and
+    at fp32's threshold a transferred EfficientNet-Lite0 rejected ~41% of its validation images, not 5%.
+    Returns what the export scheme records, with the new metadata entry under "entry" when refit."""
+    from imgrec.infer.ood import quantile_table, threshold_from_table
+    n, t32 = int(len(scores)), float(entry["threshold"])
+    if n < MIN_REFIT_VAL:
+        return {"refit": False, "images": n, "fp32_threshold": t32,
+                "why": f"{n} validation images < {MIN_REFIT_VAL}: kept the fp32 threshold, not refit for int8"}
+    table = quantile_table(scores)
+    t = threshold_from_table(table, float(entry["accept_rate"]))
+    new = {**entry, "threshold": t, "val_quantiles": table, "chosen_on": f"val ({n} images, int8 graph)",
+           "fp32_threshold": t32}
+    return {"refit": True, "images": n, "fp32_threshold": t32, "threshold": t, "entry": new}
+
+
+def _write_unknown_refit(path: Path, result: CheckResult, scheme: dict, log: Callable[[str], None]) -> None:
+    """Record the check's "unknown" refit (if any) in the int8 file: the refit entry as its metadata "unknown"
+    (what OnnxClassifier answers with, and its accept-rate table) and what was done in the export scheme."""
+    refit = result.unknown_refit
+    if refit is None:
+        return
+    import onnx
+    record = {k: v for k, v in refit.items() if k != "entry"}
+    record.update(accept_at_fp32_threshold=result.unknown_accept_reference_t, accept=result.unknown_accept,
+                  agreement_with_pytorch=result.unknown_agreement)
+    scheme["unknown_threshold"] = record
+    props = {"export": json.dumps({"quantization": scheme})}
+    if refit["refit"]:
+        props["unknown"] = json.dumps({k: v for k, v in refit["entry"].items() if k != "file"})
+        log(f"int8 \"unknown\" threshold refit on {refit['images']} validation images: {refit['threshold']:.4g} "
+            f"(fp32 {refit['fp32_threshold']:.4g}); accepts {result.unknown_accept * 100:.1f}% of them "
+            f"({result.unknown_accept_reference_t * 100:.1f}% at fp32's)")
+    else:
+        log(f"int8 \"unknown\" threshold: {refit['why']}")
+    proto = onnx.load(str(path))
+    _set_metadata(proto, props)
+    onnx.save(proto, str(path))
 
 
 def _run_torchscript(path: str | os.PathLike) -> Runner:
