@@ -411,7 +411,8 @@ def run_imgrec(data: Path, run: Path, extra: list[str], logs: Path, label: str, 
     res["wall_s"] = round(wall, 2)
     res["first_line"] = _first_line(err).replace(str(data), "DIR").replace(str(run), "RUN")
     if rc != 0:
-        res["error"] = (err.strip().splitlines() or [f"exit {rc}"])[-1].replace(str(data), "DIR")
+        res["error"] = (f"killed by signal {-rc} after {wall:.0f} s" if rc < 0 else
+                        (err.strip().splitlines() or [f"exit {rc}"])[-1].replace(str(data), "DIR"))
         return res
     meta = {}
     try:
