@@ -188,11 +188,10 @@ def adapt_to_data(probe, current: dict, explicit: set[str]) -> tuple[dict, str]:
 # benchmarks/transfer.py against training from scratch, fine-tuning and fastai's fine_tune
 # (benchmarks/results/transfer.md). Grey images and large collections of small images keep the from-scratch
 # recipes, which were measured better there (Fashion-MNIST, the grey folders of benchmarks/defaults.py).
-TRANSFER_SIZE = 128          # px for larger folders: a forward pass at 224 px costs 3-8x one at 128 px
-TRANSFER_FULL_SIZE_MAX = 600  # training images up to which the backbone's own size (224 px) is used: the
-                              # features then cost seconds, and on the photo suite 224 px gained 2-6 points on
-                              # the 100- and 150-image folders, 1 point less on the 432-image one
-                              # (benchmarks/results/transfer.md)
+# px: a forward pass at 224 px costs 3-8x one at 128 px, and the backbone's own 224 px did not pay on the photo suite
+# (benchmarks/results/transfer.md): with the default's probe, +1.8 and +2.7 points on the 100- and 150-image folders,
+# -4.5 on the 432-image one (one run each, 80-180 test images)
+TRANSFER_SIZE = 128
 TRANSFER_MIN_SIDE = 24       # median side below which images are too small to be photos worth transferring to
 
 
@@ -223,7 +222,7 @@ def _transfer_changes(probe, chosen, put, changes: dict, explicit: set[str]) -> 
     put("weights", str(path))
     put("probe", True)
     put("epochs", 0)  # the probe is the whole training: fine-tuning costs 10-20x for less on new photos
-    put("image_size", bb.image_size if probe.n_train <= TRANSFER_FULL_SIZE_MAX else TRANSFER_SIZE)
+    put("image_size", TRANSFER_SIZE)
     put("tta_flip", True)
     put("amp", "auto")
     per_class = probe.n_train / max(1, probe.num_classes)

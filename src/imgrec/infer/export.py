@@ -398,6 +398,8 @@ def _metadata(meta: ModelMeta, precision: str, extra: dict | None = None) -> dic
         # the graph's probabilities are already divided by it; imgrec.infer.ort reads it so that eval of the
         # file computes its calibrated numbers from the "logits" output as eval of the model directory does
         "temperature": repr(float(meta.temperature)),
+        # a model trained from pretrained weights inherits their licence: it travels with every export
+        **({"backbone": json.dumps(meta.training.get("backbone"))} if (meta.training or {}).get("backbone") else {}),
         # the "unknown" answer: the graph's ood_score output is compared with this threshold (any accept rate:
         # the validation quantiles); absent when the model has none
         **({"unknown": json.dumps({k: v for k, v in meta.unknown.items() if k != "file"})} if meta.unknown else {}),
