@@ -5,7 +5,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from imgrec.cli.common import add_json_option, print_json
+from imgrec.cli.common import add_json_option, existing_folder, print_json
 from imgrec.modeldir import RunDir
 
 
@@ -21,7 +21,7 @@ def add_parsers(sub) -> None:
     p.add_argument("--model", required=True, help="model directory (a run directory)")
     p.add_argument("--device", default="auto", help="auto (default), cpu, cuda, cuda:N, mps")
     p.add_argument("--data", help="dataset (default: the one it was trained on)")
-    p.add_argument("--data-dir", help="folder holding the named dataset's IDX files (default: the run's)")
+    p.add_argument("--data-dir", type=existing_folder, help="folder holding the named dataset's IDX files (default: the run's)")
     p.add_argument("--split", default="val", choices=("val", "test", "train"),
                    help="split to fit on (default val; test only when asked, and then the test numbers no longer "
                         "measure the calibration honestly)")

@@ -14,6 +14,25 @@ WHICH_OPTION = ("--which", {"default": "best", "choices": ("best", "last"), "hel
 BOOL = {"action": argparse.BooleanOptionalAction, "default": None}  # --name/--no-name, None when not given
 
 
+def val_split_value(text: str) -> float:
+    """--val-split where no config validates it (data pack): a finite positive fraction or count."""
+    import math
+    v = float(text)
+    if not (math.isfinite(v) and v > 0):
+        raise argparse.ArgumentTypeError(f"must be a fraction (<1) or a count (≥1) of images, got {text[:40]!r}")
+    return v
+
+
+def existing_folder(text: str) -> str:
+    """--data-dir: a folder that exists (argparse says so in one usage line); one given but missing was ignored,
+    and the data found elsewhere (the cache, a download) used instead."""
+    import os
+    if not os.path.isdir(text):
+        shown = text if len(text) <= 200 else text[:200] + "…"
+        raise argparse.ArgumentTypeError(f"{shown!r} is not a folder (it holds the named dataset's IDX files)")
+    return text
+
+
 def add_options(p, options) -> None:
     """Add the rows of a declarative option table to a parser or argument group, in order: ``(flag or tuple of
     flags, {argparse keywords})``."""
@@ -52,7 +71,7 @@ def eval_data_options(default_split: str = "test, else val") -> tuple:
     """--data/--data-dir/--split/--on-bad-image: a labelled split to evaluate on. Each defaults to what the
     model directory recorded of its run (data source, validation split, bad-image policy)."""
     return (("--data", {"help": "dataset (default: the one it was trained on)"}),
-            ("--data-dir", {"help": DATA_DIR_HELP + " (default: the run's)"}),
+            ("--data-dir", {"type": existing_folder, "help": DATA_DIR_HELP + " (default: the run's)"}),
             ("--split", {"default": None, "choices": ("test", "val", "train"),
                          "help": f"split to use (default: {default_split})"}),
             bad_image_option(None, BAD_IMAGE_HELP + "; default: what the run was trained with"))

@@ -5,19 +5,19 @@ from __future__ import annotations
 
 import sys
 
-from imgrec.cli.common import (DATA_DIR_HELP, SOURCE_HELP, VAL_SPLIT_HELP, add_command, bad_image_option, json_option,
-                               print_json)
+from imgrec.cli.common import (DATA_DIR_HELP, SOURCE_HELP, VAL_SPLIT_HELP, add_command, bad_image_option,
+                               existing_folder, json_option, print_json, val_split_value)
 
 EXIT_CHECK_FAILED = 1  # --strict found leakage or conflicting duplicates (bad input exits 2)
 
 
 SOURCE = ("source", {"help": SOURCE_HELP})
-DATA_DIR = ("--data-dir", {"help": DATA_DIR_HELP})
+DATA_DIR = ("--data-dir", {"type": existing_folder, "help": DATA_DIR_HELP})
 CHANNELS = ("--channels", {"type": int, "choices": (1, 3)})
 
 EXPORT_SAMPLES_OPTIONS = (
     ("--data", {"default": "fashion-mnist"}),
-    ("--data-dir", {}),
+    DATA_DIR,
     ("--split", {"default": "test", "choices": ("train", "val", "test")}),
     ("--count", {"type": int, "default": 8}),
     ("--out", {"required": True}),
@@ -76,7 +76,7 @@ PACK_OPTIONS = (
     ("--out", {"required": True, "help": "the pack's folder (must not exist, or be empty)"}),
     ("--image-size", {"type": int, "help": "square side in pixels (default 28 for named datasets, 32 for files)"}),
     ("--channels", {"type": int, "choices": (1, 3), "help": "default: the data's own"}),
-    ("--val-split", {"type": float, "help": VAL_SPLIT_HELP}),
+    ("--val-split", {"type": val_split_value, "help": VAL_SPLIT_HELP}),
     ("--split-seed", {"type": int, "default": 0}),
     ("--train-limit", {"type": int, "help": "pack only the first N training images"}),
     DATA_DIR,

@@ -4,7 +4,7 @@ from __future__ import annotations
 import sys
 
 from imgrec.cli.common import (BOOL, DATA_DIR_HELP, DEVICE_HELP, VAL_SPLIT_HELP, add_command, add_options,
-                               bad_image_option, json_option, print_json)
+                               bad_image_option, existing_folder, json_option, print_json)
 
 # the flags named otherwise than their config field; every other flag whose name is a field of DataConfig,
 # ModelConfig or TrainConfig sets that field (RunConfig.update finds the section), so a new field needs only
@@ -42,7 +42,7 @@ STORE_TRUE = {"action": "store_true", "default": None}  # a flag that, when not 
 DATA_OPTIONS = (
     ("--data", {"help": "fashion-mnist, mnist, an image folder, a CSV list, or a pack from `imgrec data pack` (a "
                         "folder, s3://, gs://) (default fashion-mnist)"}),
-    ("--data-dir", {"help": DATA_DIR_HELP}),
+    ("--data-dir", {"type": existing_folder, "help": DATA_DIR_HELP}),
     ("--image-size", {"type": int}),
     ("--channels", {"type": int, "choices": (1, 3)}),
     ("--val-split", {"type": float, "help": VAL_SPLIT_HELP}),
@@ -184,6 +184,8 @@ def cmd_train(args) -> int:
     cfg = resolve_config(args.recipe, args.config, overrides, adapt=not args.resume)
     out = Path(args.out) if args.out else default_run_dir(cfg.data.data, cfg.model.name)
     args.out = str(out)  # for the resume hint after Ctrl-C
+    if not args.resume:
+        _check_inputs(cfg, out, args.overwrite)
     if args.nproc is not None:
         _check_nproc(args.nproc)
         if args.nproc > 1 and not distributed.launched():
@@ -222,6 +224,36 @@ def cmd_train(args) -> int:
     if distributed.launched():
         _leave_now(0)
     return 0
+
+
+def _check_inputs(cfg, out, overwrite: bool) -> None:
+    """What can be checked before the recipe and "training …" lines are printed, so that a bad --data, --weights
+    or --out is the only line said: the data source is one imgrec knows, the weights are a file, and the run
+    directory is not a file nor under one (nor a name the file system refuses), nor a finished run to keep."""
+    import errno
+    import os
+    import stat
+
+    from imgrec.data.sources import resolve_source
+    from imgrec.errors import ConfigError, DatasetError, ModelFileError
+    from imgrec.modeldir import RunDir
+    try:
+        resolve_source(cfg.data.data)
+    except OSError as e:
+        raise DatasetError(f"{str(cfg.data.data)[:200]}: cannot be read ({e.strerror or e})") from None
+    w = cfg.model.weights
+    if w is not None and not os.path.isfile(w):
+        raise ModelFileError(f"{str(w)[:200]}: weights file not found" + (" (a folder)" if os.path.isdir(w) else ""))
+    try:
+        is_dir = stat.S_ISDIR(os.stat(out).st_mode)
+    except OSError as e:  # missing is fine (made by the run); under a file, or a name too long, is not
+        if e.errno != errno.ENOENT:
+            raise ConfigError(f"{str(out)[:200]}: cannot be a run directory ({e.strerror or e})") from None
+        is_dir = True
+    if not is_dir:
+        raise ConfigError(f"{str(out)[:200]}: --out is a file, not a run directory")
+    if not overwrite and out.exists() and RunDir(out).holds_run():  # said again, as the run says it, by the run
+        raise ConfigError(f"{out}: already holds a run; use --resume to continue it or --overwrite to replace it")
 
 
 def _saved_config(out):

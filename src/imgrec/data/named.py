@@ -56,6 +56,8 @@ def search_dirs(name: str, data_dir: str | os.PathLike | None = None) -> list[Pa
     ds = NAMED[name]
     roots: list[Path] = []
     if data_dir:
+        if not os.path.isdir(data_dir):  # given but missing: not silently replaced by the data found elsewhere
+            raise DatasetError(f"{str(data_dir)[:200]}: no such folder (data_dir holds the named dataset's IDX files)")
         roots.append(Path(data_dir))
     if os.environ.get("IMGREC_DATA"):
         roots.append(Path(os.environ["IMGREC_DATA"]))
