@@ -112,7 +112,7 @@ def test_large_small_image_data_is_left_alone_and_explicit_settings_win():
 
 
 def test_guard_rails_speak(tmp_path, fmnist_arrays):
-    data = user_folder(tmp_path / "photos", fmnist_arrays, per_class=20)
+    data = user_folder(tmp_path / "photos", fmnist_arrays, per_class=40)  # 12 val images (6: too few)
     r = run_cli("train", "--data", data, "--out", tmp_path / "run", "--model", "simple_cnn", "--batch-size", "256",
                 "--epochs", "3", "--val-last", "1", "--lr", "1e-6")
     assert r.returncode == 0, r.stderr
@@ -204,3 +204,21 @@ def test_probe_reads_headers_only_and_skips_junk(tmp_path, fmnist_arrays):
     p = probe_source(str(data))
     assert p.kind == "folder" and p.num_classes == 3 and sum(p.counts) == 30 and p.channels == 3
     assert 20 <= p.min_side <= p.median_side <= p.max_side < 150 and p.sampled == 30
+
+
+@pytest.mark.parametrize("k,n_val,best,said", [
+    (2, 4, 1.0, None),              # 4 images at 100%: not "near chance"
+    (2, 4, 0.5, "too few validation images to judge"),
+    (3, 6, 0.5, "too few validation images to judge"),
+    (10, 5000, 0.55, None),         # at least halfway from chance to perfect
+    (10, 5000, 0.12, "is near chance (0.100 for 10 classes)"),
+    (3, 12, 0.33, "is near chance (0.333 for 3 classes)"),
+])
+def test_guard_rails_near_chance_only_when_the_split_can_tell(k, n_val, best, said, capsys):
+    from types import SimpleNamespace
+
+    from imgrec.engine.callbacks import GuardRails
+    GuardRails(k, n_val).on_train_end(SimpleNamespace(best_acc=best, best_epoch=2, baseline=None))
+    err = capsys.readouterr().err
+    assert (said in err) if said else err == "", err
+    assert not ("near chance" in err and "too few" in err)

@@ -189,12 +189,17 @@ class GuardRails(Callback):
     def on_train_end(self, trainer):
         if self.task != "classification" or (trainer.best_epoch < 0 and not trainer.baseline) or self.k < 2:
             return
-        chance = 1.0 / self.k
-        n_val = self.n_val
+        chance, best = 1.0 / self.k, trainer.best_acc
+        halfway = (1 + chance) / 2  # at least halfway from a guess to perfect is never "near chance"
         # near chance: within two standard errors of a guess, or less than a tenth of the way to perfect
-        margin = max(2 * math.sqrt(chance * (1 - chance) / n_val), 0.1 * (1 - chance))
-        if trainer.best_acc <= chance + margin:
-            self._say(f"the best validation accuracy {trainer.best_acc:.3f} is near chance ({chance:.3f} for "
+        margin = max(2 * math.sqrt(chance * (1 - chance) / self.n_val), 0.1 * (1 - chance))
+        if best >= halfway:
+            return
+        if chance + margin >= halfway:  # two standard errors reach halfway: the split cannot tell learning from luck
+            self._say(f"too few validation images to judge ({self.n_val} for {self.k} classes): the best validation "
+                      f"accuracy {best:.3f} (chance {chance:.3f}) says little; hold out more with --val-split")
+        elif best <= chance + margin:
+            self._say(f"the best validation accuracy {best:.3f} is near chance ({chance:.3f} for "
                       f"{self.k} classes): the model has not learned. Try more --epochs, a smaller --batch-size or "
                       f"--lr, or check the labels (imgrec data check)")
 
