@@ -239,3 +239,30 @@ def test_bank_labels_and_width_checked_at_load(trained_run, tmp_path):
         d = _make(case, trained_run[0], tmp_path / case)
         with pytest.raises(ModelFileError, match=needle):
             load_bank(d, entry, num_classes=10, width=load_bank(trained_run[0], entry).features.shape[1])
+
+
+# what a model directory recorded of its data (run_data_settings), read by eval and explain: a list where a
+# path goes, a string where a number goes
+DATA_CASES = {
+    "source-a-list": (["data", "source"], ["fashion-mnist", "mnist"]),
+    "source-a-number": (["data", "source"], 3),
+    "val-split-a-string": (["data", "val_split"], "0.1"),
+    "val-split-nan": (["data", "val_split"], float("nan")),
+    "config-val-split-a-string": (["config", "data", "val_split"], "many"),
+    "config-data-a-list": (["config", "data", "data"], ["fashion-mnist"]),
+    "on-bad-image-a-list": (["data", "on_bad_image"], ["skip"]),
+    "split-seed-negative": (["data", "split_seed"], -3),
+}
+
+
+@pytest.mark.parametrize("case", list(DATA_CASES))
+@pytest.mark.parametrize("command", [("eval", "--split", "val"), ("explain", "--steps", "--neighbours", "2")])
+def test_recorded_data_settings_refused_in_one_line(case, command, trained_run, image, tmp_path):
+    dst = shutil.copytree(trained_run[0], tmp_path / "model")
+    meta = json.loads((dst / "model.json").read_text())
+    _meta(*DATA_CASES[case])[1](meta)
+    (dst / "model.json").write_text(json.dumps(meta))
+    extra = [image, "--out", tmp_path / "x.png"] if command[0] == "explain" else []
+    r = run_cli(*command, "--model", dst, *extra, "--device", "cpu", cwd=tmp_path)
+    assert_clean_error(r, "model.json")
+    assert len(r.stderr.strip().splitlines()) == 1, r.stderr

@@ -251,8 +251,35 @@ def run_data_settings(meta: ModelMeta, data: str | None = None, data_dir: str | 
     ``source``, ``data_dir``, ``on_bad_image``, ``val_split``, ``split_seed``, ``same_source``. The validation
     split and the bad-image policy are the run's own so that ``eval``/``report``/``export`` see the images
     training saw (a run trained with ``--on-bad-image skip`` skips the same files again)."""
+    import math
+
+    from imgrec.errors import ModelFileError
+
+    def recorded(key: str, value, ok: bool, what: str):  # a handed model.json's entry, or one line saying why not
+        if value is not None and not ok:
+            raise ModelFileError(f"model.json: data.{key} must be {what}, got {type(value).__name__} "
+                                 f"{str(value)[:40]!r}")
+        return value
+
     # an exported file's metadata (imgrec.infer.ort) has ``data`` but no ``config``
-    d, cfg = dict(meta.data or {}), dict((getattr(meta, "config", None) or {}).get("data") or {})
+    d, cfg = meta.data or {}, (getattr(meta, "config", None) or {})
+    cfg = cfg.get("data") if isinstance(cfg, dict) else None
+    if not isinstance(d, dict) or not isinstance(cfg or {}, dict):
+        raise ModelFileError("model.json: data and config.data must be mappings")
+    d, cfg = dict(d), dict(cfg or {})
+    for where in (d, cfg):
+        for key, text in (("source", "a dataset name or path"), ("data", "a dataset name or path"),
+                          ("data_dir", "a folder")):
+            recorded(key, where.get(key), isinstance(where.get(key), str), text)
+        recorded("on_bad_image", where.get("on_bad_image"), where.get("on_bad_image") in ("fail", "skip"),
+                 "fail or skip")
+        v = where.get("val_files")
+        recorded("val_files", v, isinstance(v, list) and all(isinstance(f, str) for f in v), "a list of paths")
+        v = where.get("val_split")
+        recorded("val_split", v, isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+                 and v > 0, "a positive fraction or count")
+        v = where.get("split_seed")
+        recorded("split_seed", v, isinstance(v, int) and not isinstance(v, bool) and 0 <= v < 2**32, "a seed")
     spec = data or d.get("source") or cfg.get("data")
     same = bool(spec) and spec == (d.get("source") or cfg.get("data"))
     policy = on_bad_image or d.get("on_bad_image") or cfg.get("on_bad_image") or "fail"
