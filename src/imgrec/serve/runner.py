@@ -196,9 +196,10 @@ def bind_socket(host: str, port: int):
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     try:
         sock.bind((host, int(port)))
-    except (OSError, UnicodeError, OverflowError) as e:  # address in use, not this machine's, unknown host name
-        sock.close()
-        raise ConfigError(f"cannot listen on {host}:{port}: {getattr(e, 'strerror', None) or e}") from None
+    except (OSError, UnicodeError, OverflowError, TypeError) as e:  # address in use, not this machine's, unknown
+        sock.close()                                                  # host name, one that is not text (TypeError)
+        shown = host[:100].encode("utf-8", "backslashreplace").decode()
+        raise ConfigError(f"cannot listen on {shown}:{port}: {getattr(e, 'strerror', None) or e}") from None
     sock.set_inheritable(True)  # for --workers: the worker processes share it
     return sock
 
