@@ -328,3 +328,49 @@ def test_chart_notes_follow_the_run_settings_and_the_bins():
                                              "temperature": 0.7})
     assert "under-confident" in notes["calibration"] and "because" not in notes["curves"]
     assert "T = 0.7" in notes["calibration_after"] and "−5.0 points" in notes["calibration_after"]
+
+
+def test_many_classes_are_capped_on_the_page_and_in_eval_text(tmp_path, capsys):
+    """2,000 classes printed 22 MB (eval) and a 56 MB page (report): the worst and best classes, a line for the
+    rest, no confusion matrix beyond 30 classes; ``Report.numbers`` (report --json) keeps every class."""
+    from imgrec.cli.evaluate import print_per_class_and_matrix
+    from imgrec.modeldir import ModelMeta
+    from imgrec.models import create_model
+    k = 300
+    classes = [f"class{i:04d}" for i in range(k)]
+    torch.manual_seed(0)
+    meta = ModelMeta(model={"name": "lenet5"}, classes=classes, image_size=28, channels=1, mean=[0.5], std=[0.5],
+                     data={"source": "synthetic"})
+    clf = Classifier(create_model("lenet5", num_classes=k, in_chans=1, image_size=28), meta, device="cpu")
+    rng = np.random.RandomState(0)
+    images = torch.from_numpy(rng.randint(0, 256, (2 * k, 1, 28, 28), dtype=np.uint8))
+    report = build_report(clf, ImageData(images, torch.arange(2 * k) % k), split="val", model_dir=tmp_path)
+    page = Page(report.html)
+    assert page.errors == []
+    assert len(rows(page.ids["per-class"])) <= 41  # heading + 20 worst + 20 best
+    assert "260 more classes (all in --json)" in text(page.ids["per-class-more"])
+    assert "confusion-matrix" not in page.ids and "confusion-left-out" in page.ids
+    embedded = json.loads(page.ids["report-numbers"]["text"])
+    assert len(embedded["eval"]["per_class"]) == 40 and "confusion_matrix" not in embedded["eval"]
+    assert len(report.numbers["eval"]["per_class"]) == k and len(report.numbers["eval"]["confusion_matrix"]) == k
+
+    # eval's text with 2,000 classes, from synthetic numbers: tens of lines, not 22 MB
+    k = 2000
+    f1 = np.linspace(0, 1, k)[np.random.RandomState(1).permutation(k)]
+    res = {"classes": [f"c{i}" for i in range(k)], "confusion_matrix": [[0] * k for _ in range(k)],
+           "per_class": [{"class": f"c{i}", "precision": f, "recall": f, "f1": f, "support": 3}
+                         for i, f in enumerate(f1)]}
+    capsys.readouterr()
+    print_per_class_and_matrix(res)
+    out = capsys.readouterr().out
+    assert len(out) < 5000 and "… 1,960 more classes (all in --json)" in out
+    assert "too many to print (all in --json)" in out
+    shown = [ln.split()[0] for ln in out.splitlines()[2:42]]
+    assert shown[0] == f"c{int(np.argmin(f1))}" and shown[-1] == f"c{int(np.argmax(f1))}"
+
+    # up to 30 classes: every row and the matrix, as before
+    res = {"classes": ["a", "b"], "confusion_matrix": [[1, 0], [0, 1]],
+           "per_class": [{"class": c, "precision": 1.0, "recall": 1.0, "f1": 1.0, "support": 1} for c in "ab"]}
+    print_per_class_and_matrix(res)
+    out = capsys.readouterr().out
+    assert "more classes" not in out and "confusion matrix (rows: true, columns: predicted)" in out

@@ -110,13 +110,26 @@ def cmd_eval(args) -> int:
               f"ECE {b['ece']:.4f} → {a['ece']:.4f}   NLL {b['nll']:.4f} → {a['nll']:.4f}   "
               f"Brier {b['brier']:.4f} → {a['brier']:.4f}")
     print()
+    print_per_class_and_matrix(res)
+    return 0
+
+
+def print_per_class_and_matrix(res: dict) -> None:
+    """The per-class table (the worst and best classes of many, with a line for the rest) and the confusion
+    matrix (up to MATRIX_MAX_CLASSES classes): 2,000 classes printed 22 MB. ``--json`` keeps every class."""
+    from imgrec.eval.metrics import MATRIX_MAX_CLASSES, more_classes_line, worst_and_best
+    rows, hidden = worst_and_best(res["per_class"])
     print(fmt_table([[r["class"], f"{r['precision']:.4f}", f"{r['recall']:.4f}", f"{r['f1']:.4f}", r["support"]]
-                     for r in res["per_class"]], ["class", "precision", "recall", "f1", "support"]))
-    print("\nconfusion matrix (rows: true, columns: predicted)")
+                     for r in rows], ["class", "precision", "recall", "f1", "support"]))
+    if hidden:
+        print(f"{more_classes_line(hidden)}; above: the {len(rows) // 2} worst and best by F1")
     k = len(res["classes"])
+    if k > MATRIX_MAX_CLASSES:
+        print(f"\nconfusion matrix: {k:,} classes, too many to print (all in --json)")
+        return
+    print("\nconfusion matrix (rows: true, columns: predicted)")
     print(fmt_table([[res["classes"][i][:12]] + [str(v) for v in res["confusion_matrix"][i]] for i in range(k)],
                     ["true \\ pred"] + [str(j) for j in range(k)]))
-    return 0
 
 
 def print_multilabel(args, clf, res: dict) -> None:
@@ -124,9 +137,13 @@ def print_multilabel(args, clf, res: dict) -> None:
     print(f"mAP macro {res['map_macro']:.4f}   mAP micro {res['map_micro']:.4f}   F1 macro {res['f1_macro']:.4f}   "
           f"F1 micro {res['f1_micro']:.4f}\nexact match {res['exact_match']:.4f}   Hamming loss "
           f"{res['hamming_loss']:.4f}   loss {res['loss']:.4f}   (decisions at the per-label thresholds)\n")
+    from imgrec.eval.metrics import more_classes_line, worst_and_best
+    rows, hidden = worst_and_best(res["per_class"])
     print(fmt_table([[r["class"], f"{r['threshold']:.3f}", f"{r['precision']:.4f}", f"{r['recall']:.4f}",
                       f"{r['f1']:.4f}", "-" if r["ap"] is None else f"{r['ap']:.4f}", r["support"]]
-                     for r in res["per_class"]], ["label", "threshold", "precision", "recall", "f1", "AP", "support"]))
+                     for r in rows], ["label", "threshold", "precision", "recall", "f1", "AP", "support"]))
+    if hidden:
+        print(f"{more_classes_line(hidden)}; above: the {len(rows) // 2} worst and best by F1")
 
 
 def _need_report_extra() -> None:

@@ -109,3 +109,21 @@ def summarize(logits: torch.Tensor, target: torch.Tensor, classes: list[str], to
                        "support": prf["support"][i]} for i, c in enumerate(classes)],
         "confusion_matrix": cm.tolist(),
     }
+
+
+# what a text table or a page shows of many classes (2,000 classes printed 22 MB); --json keeps every class
+PER_CLASS_SHOWN = 20       # the worst and the best this many, by F1
+MATRIX_MAX_CLASSES = 30    # a confusion matrix is printed as numbers up to this many classes
+
+
+def worst_and_best(per_class: list[dict], n: int = PER_CLASS_SHOWN, key: str = "f1") -> tuple[list[dict], int]:
+    """The per-class rows to show and how many are left out: all of them, in order, up to ``2 n`` classes;
+    otherwise the ``n`` worst by ``key`` (worst first) and then the ``n`` best (best last), ties by position."""
+    if len(per_class) <= 2 * n:
+        return list(per_class), 0
+    order = sorted(range(len(per_class)), key=lambda i: (per_class[i][key], i))
+    return [per_class[i] for i in order[:n] + order[-n:]], len(per_class) - 2 * n
+
+
+def more_classes_line(hidden: int) -> str:
+    return f"… {hidden:,} more classes (all in --json)"

@@ -24,7 +24,8 @@ import numpy as np
 import torch
 
 from imgrec.eval.evaluate import evaluate
-from imgrec.eval.metrics import expected_calibration_error, has_topk
+from imgrec.eval.metrics import (MATRIX_MAX_CLASSES, expected_calibration_error, has_topk,
+                                 worst_and_best)
 
 __all__ = ["Report", "build_report", "wilson_interval", "chart_notes", "read_metrics_csv", "png_data_uri", "image_data_uri"]
 
@@ -135,11 +136,14 @@ def _add_neighbours(gallery: list[dict], clf, data, model_dir, bundle) -> None:
                             "label": nb["label"], "similarity": nb["similarity"], "index": nb["index"]} for nb in near]
 
 
-def _class_samples(split, classes: list[str], per_class: int) -> list[dict]:
-    """The first ``per_class`` images of each class of a split (first, not random: the report is reproducible)."""
+def _class_samples(split, classes: list[str], per_class: int, only: set[str] | None = None) -> list[dict]:
+    """The first ``per_class`` images of each class of a split (first, not random: the report is reproducible);
+    of the classes in ``only`` when given."""
     labels = split.labels.numpy()
     rows = []
     for c, name in enumerate(classes):
+        if only is not None and name not in only:
+            continue
         idx = np.nonzero(labels == c)[0][:per_class]
         rows.append({"class": name, "images": [image_data_uri(split.images[i]) for i in idx]})
     return rows
@@ -254,16 +258,38 @@ def _build_single_label_report(clf, data, *, bundle, split: str, data_name: str 
         "calibration_after": calibration_after, "cal": results.get("calibration"),
         "temperature_split": (clf.meta.inference.get("temperature") or {}).get("split", "validation")
         if isinstance(getattr(clf.meta, "inference", None), dict) else "validation",
-        "classes": classes, "cm": cm.tolist(),
+        "classes": classes, "cm": cm.tolist(), "per_class_hidden": 0,
         "pairs": pairs, "gallery": gallery, "misclassified": int(len(wrong)), "max_gallery": max_gallery,
         "counts": counts, "count_splits": list(counts),
-        "samples": _class_samples(sample_split, classes, samples_per_class),
         "sample_split": "train" if sample_split is not data else split,
         "curves": curves, "figures": figures, "numbers": numbers,
         "notes": chart_notes(clf.meta, calibration, calibration_after if temperature != 1.0 else None),
         "generated": time.strftime("%Y-%m-%d %H:%M:%S"), "eval_seconds": eval_seconds,
     }
+    context.update(_capped_for_page(results, numbers, sample_split, samples_per_class))
     return Report(_render(context), numbers)
+
+
+HEATMAP_MAX_CLASSES = 100  # the confusion heat map is drawn up to this many classes (2,000 took most of a minute)
+
+
+def _capped_for_page(results: dict, numbers: dict, sample_split, samples_per_class: int) -> dict:
+    """What the page shows of many classes (2,000 classes made a 56 MB page): the worst and best classes' rows
+    and samples, the confusion matrix as numbers up to MATRIX_MAX_CLASSES classes, and the numbers embedded
+    without what the page leaves out. ``Report.numbers`` (``imgrec report --json``) keeps every class."""
+    classes = results["classes"]
+    rows, hidden = worst_and_best(results["per_class"])
+    if not hidden and len(classes) <= MATRIX_MAX_CLASSES:
+        return {"samples": _class_samples(sample_split, classes, samples_per_class)}
+    out: dict[str, Any] = {"r": {**results, "per_class": rows}, "per_class_hidden": hidden}
+    out["samples"] = _class_samples(sample_split, classes, samples_per_class, {r["class"] for r in rows})
+    page_eval = {k: v for k, v in results.items() if k != "confusion_matrix"}
+    page_eval["per_class"] = rows
+    out["numbers"] = {**numbers, "eval": page_eval, "left_out": "per-class rows beyond the worst and best "
+                      "and the confusion matrix: imgrec eval --json has them"}
+    if len(classes) > MATRIX_MAX_CLASSES:
+        out["cm"] = None
+    return out
 
 
 def _calibrations(logits: torch.Tensor, labels: torch.Tensor, temperature: float, n_bins: int):
@@ -316,7 +342,8 @@ def _figures(curves, cm, classes, calibration, calibration_after, temperature: f
     from imgrec.eval import plots
     return {
         "curves": png_data_uri(plots.training_curves(curves)) if curves else None,
-        "confusion": png_data_uri(plots.confusion_heatmaps(cm, classes)),
+        "confusion": png_data_uri(plots.confusion_heatmaps(cm, classes)) if len(classes) <= HEATMAP_MAX_CLASSES
+        else None,
         "reliability": png_data_uri(plots.reliability_diagram(calibration["bins"], calibration["ece"],
                                                               "raw scores, T = 1")),
         "reliability_after": png_data_uri(plots.reliability_diagram(
