@@ -248,7 +248,7 @@ def _check_inputs(cfg, out, overwrite: bool) -> None:
         is_dir = stat.S_ISDIR(os.stat(out).st_mode)
     except OSError as e:  # missing is fine (made by the run); under a file, or a name too long, is not
         if e.errno != errno.ENOENT:
-            raise ConfigError(f"{str(out)[:200]}: cannot be a run directory ({e.strerror or e})") from None
+            raise ConfigError(f"{str(out)[:200]}: not writable as a run directory ({e.strerror or e})") from None
         is_dir = True
     if not is_dir:
         raise ConfigError(f"{str(out)[:200]}: --out is a file, not a run directory")
