@@ -200,6 +200,8 @@ def gaussian_problem(means: np.ndarray, precision: np.ndarray) -> str | None:
             not np.isfinite(means).all() or not np.isfinite(precision).all():
         return "means and precision must be finite numbers"
     p = precision.astype(np.float64)
+    if not p.size:  # a tapped layer whose every channel was constant on the training images: nothing to score
+        return None
     if not np.allclose(p, p.T, rtol=1e-4, atol=1e-6 * max(1.0, float(np.abs(p).max()))):
         return "the precision matrix is not symmetric"
     try:
