@@ -222,11 +222,11 @@ def serve(model_dir: str | os.PathLike, settings: ServeSettings | None = None, *
     _check_process_options(port, workers, threads)
     n = _set_threads(threads, workers, resolve_backend(model_dir, backend))
     clf = load_classifier(model_dir, which, device, backend, n)
+    # bound before anything more is said, so that a busy port is a one-line error rather than a uvicorn log line
+    sock = bind_socket(host, port)
     neighbours = load_neighbours(clf, model_dir, settings)
     if host not in _LOOPBACK:
         log.warning("listening on %s: anyone who can reach this address can use the model", host)
-
-    sock = bind_socket(host, port)  # here, so that a busy port is a one-line error rather than a uvicorn log line
     bound_port = sock.getsockname()[1]
     print(f"imgrec: serving {clf.name} ({len(clf.classes)} classes) from {model_dir} on "
           f"http://{host if ':' not in host else f'[{host}]'}:{bound_port}/ (API docs at /docs)", flush=True)
