@@ -214,3 +214,27 @@ def test_real_imagenet_weights_beat_training_from_scratch_on_photos(tmp_path):
     import onnx
     props = {p.key: p.value for p in onnx.load(str(tmp_path / "transfer" / "model.onnx")).metadata_props}
     assert json.loads(props["backbone"])["licence"] == "Apache-2.0"
+
+
+def test_the_probe_is_on_by_default_only_for_a_pretrained_start_with_a_linear_head():
+    from imgrec.config import RunConfig
+    from imgrec.data.dataset import DataBundle, ImageData
+    from imgrec.engine.run import uses_probe
+    data = ImageData(torch.zeros(4, 3, 8, 8, dtype=torch.uint8), torch.tensor([0, 1, 0, 1]))
+    bundle = DataBundle("d", ["a", "b"], data, data, None, 3, 8, [0.5] * 3, [0.5] * 3)
+
+    class Head(torch.nn.Module):
+        def __init__(self, head):
+            super().__init__()
+            self.head = head
+
+        def get_classifier(self):
+            return self.head
+    cfg = RunConfig()
+    assert not uses_probe(cfg, bundle, Head(torch.nn.Linear(4, 2)))  # from scratch: no probe
+    cfg.model.weights = "w.safetensors"
+    assert uses_probe(cfg, bundle, Head(torch.nn.Linear(4, 2)))
+    mlp = Head(torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.ReLU(), torch.nn.Linear(4, 2)))
+    assert not uses_probe(cfg, bundle, mlp)  # VGG-like heads are fine-tuned as before
+    cfg.model.probe = False
+    assert not uses_probe(cfg, bundle, Head(torch.nn.Linear(4, 2)))

@@ -140,7 +140,11 @@ def run(cfg: RunConfig, out: Path, *, resume: bool, overwrite: bool, progress: b
     model, model_kwargs = build_model(cfg, bundle, rank=ctx.rank, resume=resume, progress=progress)
     backbone_normalisation(model, cfg, bundle)
     channels_last = uses_channels_last(cfg)
-    probing = uses_probe(cfg, bundle) and not (resume and has_checkpoint)
+    probing = uses_probe(cfg, bundle, model) and not (resume and has_checkpoint)
+    if not cfg.train.epochs and not probing and not (resume and has_checkpoint):
+        raise ConfigError(f"--epochs 0 trains nothing here: a linear probe needs single-label data in memory and a "
+                          f"classifier that is one linear layer ({cfg.model.name}'s is "
+                          f"{type(model.get_classifier()).__name__}); give --epochs 1 or more")
     plain = _transfer_features(model, bundle, cfg, ctx.device, amp, channels_last, progress) if probing else None
     t = cfg.train
     train_loader, val_loader = build_loaders(bundle, cfg, ctx.device, channels_last, rank=ctx.rank,
@@ -306,11 +310,13 @@ def backbone_normalisation(model, cfg: RunConfig, bundle: DataBundle) -> None:
     bundle.mean, bundle.std = [float(v) for v in mean], [float(v) for v in std]
 
 
-def uses_probe(cfg: RunConfig, bundle: DataBundle) -> bool:
+def uses_probe(cfg: RunConfig, bundle: DataBundle, model=None) -> bool:
     """Whether the run first fits its classifier as a linear probe on frozen features (imgrec.engine.transfer):
-    ``model.probe``, by default when it starts from pretrained weights; single-label data in memory only."""
+    ``model.probe``, by default when it starts from pretrained weights and its classifier is one linear layer
+    (an MLP head, as VGG's, is fine-tuned as before); single-label data in memory only."""
     m = cfg.model
-    on = m.probe if m.probe is not None else bool(m.pretrained or m.weights)
+    linear = model is None or isinstance(getattr(model, "get_classifier", lambda: None)(), torch.nn.Linear)
+    on = m.probe if m.probe is not None else bool(m.pretrained or m.weights) and linear
     return bool(on) and bundle.task != "multilabel" and hasattr(bundle.train, "images")
 
 
