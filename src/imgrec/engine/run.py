@@ -291,16 +291,13 @@ def build_model(cfg: RunConfig, bundle: DataBundle, *, rank: int = 0, resume: bo
     return model, model_kwargs
 
 
-# ImageNet's channel statistics, for torchvision's pretrained weights (timm's carry their own in pretrained_cfg)
-IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
-
-
 def backbone_normalisation(model, cfg: RunConfig, bundle: DataBundle) -> None:
     """A model started from pretrained weights sees its images normalised as its backbone was trained (timm's
     ``pretrained_cfg`` mean/std, else ImageNet's), not with the data's own statistics: a frozen backbone's
     BatchNorm layers expect exactly that input. Grey images get the mean of the three channels' numbers."""
     if not (cfg.model.pretrained or cfg.model.weights):
         return
+    from imgrec.models.weights import IMAGENET_MEAN, IMAGENET_STD  # torchvision's weights; timm's carry their own
     pcfg = getattr(model, "pretrained_cfg", None) or {}
     mean, std = tuple(pcfg.get("mean") or IMAGENET_MEAN), tuple(pcfg.get("std") or IMAGENET_STD)
     if len(mean) != 3 or len(std) != 3:

@@ -33,11 +33,11 @@ from pathlib import Path
 
 from imgrec.errors import ConfigError, ModelFileError, first_line
 
-__all__ = ["Backbone", "BACKBONES", "backbone", "hub_cache", "cached_weights", "available_backbones",
-           "fetch_weights", "verify_file", "add_weights", "list_weights", "DEFAULT_ENDPOINT"]
+__all__ = ["IMAGENET_MEAN", "IMAGENET_STD", "Backbone", "BACKBONES", "backbone", "hub_cache", "cached_weights",
+           "available_backbones", "fetch_weights", "verify_file", "add_weights", "list_weights", "DEFAULT_ENDPOINT"]
 
 DEFAULT_ENDPOINT = "https://huggingface.co"
-_IMAGENET_MEAN, _IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 _TF_MEAN = _TF_STD = (0.5, 0.5, 0.5)  # TensorFlow's EfficientNet-Lite ports take inputs in [-1, 1]
 
 
@@ -66,18 +66,18 @@ BACKBONES: dict[str, Backbone] = {b.name: b for b in (
     Backbone("efficientnet_lite0", "timm:tf_efficientnet_lite0", "timm/tf_efficientnet_lite0.in1k",
              "model.safetensors", "Apache-2.0", 18.8, 4.65, 74.83, 224, _TF_MEAN, _TF_STD),
     Backbone("mobilenetv3_large_100", "timm:mobilenetv3_large_100", "timm/mobilenetv3_large_100.ra_in1k",
-             "model.safetensors", "Apache-2.0", 22.0, 5.48, 75.77, 224, _IMAGENET_MEAN, _IMAGENET_STD),
+             "model.safetensors", "Apache-2.0", 22.0, 5.48, 75.77, 224, IMAGENET_MEAN, IMAGENET_STD),
     Backbone("efficientnet_b0", "timm:efficientnet_b0", "timm/efficientnet_b0.ra_in1k",
-             "model.safetensors", "Apache-2.0", 21.3, 5.29, 77.69, 224, _IMAGENET_MEAN, _IMAGENET_STD),
+             "model.safetensors", "Apache-2.0", 21.3, 5.29, 77.69, 224, IMAGENET_MEAN, IMAGENET_STD),
     Backbone("resnet18", "timm:resnet18.tv_in1k", "timm/resnet18.tv_in1k",
-             "model.safetensors", "BSD-3-Clause", 46.8, 11.69, 69.76, 224, _IMAGENET_MEAN, _IMAGENET_STD,
+             "model.safetensors", "BSD-3-Clause", 46.8, 11.69, 69.76, 224, IMAGENET_MEAN, IMAGENET_STD,
              "resnet18-f37072fd.pth"),
     Backbone("convnext_atto", "timm:convnext_atto", "timm/convnext_atto.d2_in1k",
-             "model.safetensors", "Apache-2.0", 14.8, 3.70, 77.01, 224, _IMAGENET_MEAN, _IMAGENET_STD),
+             "model.safetensors", "Apache-2.0", 14.8, 3.70, 77.01, 224, IMAGENET_MEAN, IMAGENET_STD),
     Backbone("efficientnet_lite1", "timm:tf_efficientnet_lite1", "timm/tf_efficientnet_lite1.in1k",
              "model.safetensors", "Apache-2.0", 21.9, 5.42, 76.64, 240, _TF_MEAN, _TF_STD),
     Backbone("resnet50", "timm:resnet50.tv2_in1k", "timm/resnet50.tv2_in1k",
-             "model.safetensors", "BSD-3-Clause", 102.4, 25.56, 80.85, 176, _IMAGENET_MEAN, _IMAGENET_STD,
+             "model.safetensors", "BSD-3-Clause", 102.4, 25.56, 80.85, 176, IMAGENET_MEAN, IMAGENET_STD,
              "resnet50-11ad3fa6.pth"),
 )}
 
